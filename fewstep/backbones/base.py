@@ -1,0 +1,89 @@
+"""The backbone interface: every family is seen through x0(x_t, t, cond, guidance).
+
+Adapters implement `native` (the network's own output) and `x0_from_native`; classifier-free
+guidance is applied here, in x0 space, which is exact because x0 is affine in the native output
+(shared spec README section 5).
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from fewstep.schedule import Schedule
+
+Cond = dict  # str -> tensor with the batch first; one entry per conditioning input of the network
+
+
+def cond_index(cond: Cond, idx) -> Cond:
+    return {k: v[idx] for k, v in cond.items()}
+
+
+def cond_cat(conds: Sequence[Cond]) -> Cond:
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def cond_to(cond: Cond, device) -> Cond:
+    return {k: v.to(device) for k, v in cond.items()}
+
+
+class Backbone(nn.Module):
+    """A denoiser of one family in the shared time convention.
+
+    Subclasses set `family`, `schedule`, `latent_shape` (C, H, W), and implement `native`,
+    `x0_from_native`, `_encode` (prompts or labels -> Cond), `null` and `decode`.
+    """
+
+    family: str = "abstract"
+    schedule: Schedule
+    latent_shape: tuple[int, int, int]
+
+    def __init__(self):
+        super().__init__()
+        self._cond_cache: dict[str, Cond] = {}
+
+    # -- to implement ---------------------------------------------------------------------------
+    def native(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        raise NotImplementedError
+
+    def x0_from_native(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _encode(self, prompts: Sequence) -> Cond:
+        raise NotImplementedError
+
+    def null(self, cond: Cond) -> Cond:
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1], (B, 3, H, W), float32."""
+        raise NotImplementedError
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> latents (training data of the toy teachers, real-image critics)."""
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float = 1.0) -> torch.Tensor:
+        """Guided x0-prediction D^w = D(null) + w (D(c) - D(null)); w = 1: conditional only."""
+        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
+        if guidance == 1.0:
+            return self.x0_from_native(x_t, t, self.native(x_t, t, cond))
+        both = cond_cat([cond, self.null(cond)])
+        x_in, t_in = torch.cat([x_t, x_t]), torch.cat([t, t])
+        x0_c, x0_u = self.x0_from_native(x_in, t_in, self.native(x_in, t_in, both)).chunk(2)
+        return x0_u + guidance * (x0_c - x0_u)
+
+    def encode(self, prompts: Sequence) -> Cond:
+        """Conditioning for a prompt set, computed once per distinct set and cached."""
+        key = hashlib.sha256("\x1f".join(map(str, prompts)).encode()).hexdigest()
+        if key not in self._cond_cache:
+            with torch.no_grad():
+                self._cond_cache[key] = self._encode(list(prompts))
+        return self._cond_cache[key]

@@ -1,0 +1,61 @@
+"""The workflow config: load, validate against the JSON schema, check plugin names.
+
+Used by the Snakefile (so a bad config stops the DAG before any job) and by every CLI verb.
+Only light imports here: `snakemake -n` must answer fast.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from fewstep.registry import BACKBONES, METRICS, UnknownNameError
+
+REPO = Path(__file__).resolve().parent.parent
+SCHEMA = REPO / "workflows" / "schemas" / "config.schema.yaml"
+DEFAULT = REPO / "workflows" / "config" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _where(error: jsonschema.ValidationError) -> str:
+    return "/".join(str(p) for p in error.absolute_path) or "<top level>"
+
+
+def validate(config: dict, source: str = "config") -> dict:
+    """Raise ConfigError naming the offending key; return the config unchanged if it is valid."""
+    schema = yaml.safe_load(SCHEMA.read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config),
+                    key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"  {_where(e)}: {e.message}" for e in errors[:10]]
+        raise ConfigError(f"{source} does not match {SCHEMA.name}:\n" + "\n".join(lines))
+    try:
+        for fam in config["families"]:
+            BACKBONES.check(fam)
+        for metric in config["metrics"]:
+            METRICS.check(metric)
+    except UnknownNameError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    stray = set(config["teachers"]["guidance"]) - set(config["families"])
+    missing = set(config["families"]) - set(config["teachers"]["guidance"])
+    if stray or missing:
+        raise ConfigError(f"{source}: teachers/guidance must name exactly the families; "
+                          f"missing {sorted(missing)}, not a family {sorted(stray)}")
+    return config
+
+
+def load(path: str | Path | None = None) -> dict:
+    path = Path(path) if path else DEFAULT
+    try:
+        config = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(config).__name__}")
+    return validate(config, source=str(path))
