@@ -25,6 +25,11 @@ def cond_cat(conds: Sequence[Cond]) -> Cond:
     return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
 
+def cond_where(mask: torch.Tensor, a: Cond, b: Cond) -> Cond:
+    """Per sample: a where mask is true, else b (label dropout for classifier-free guidance)."""
+    return {k: torch.where(mask.reshape(-1, *([1] * (a[k].ndim - 1))), a[k], b[k]) for k in a}
+
+
 def cond_to(cond: Cond, device) -> Cond:
     return {k: v.to(device) for k, v in cond.items()}
 
@@ -79,6 +84,18 @@ class Backbone(nn.Module):
         x_in, t_in = torch.cat([x_t, x_t]), torch.cat([t, t])
         x0_c, x0_u = self.x0_from_native(x_in, t_in, self.native(x_in, t_in, both)).chunk(2)
         return x0_u + guidance * (x0_c - x0_u)
+
+    def native_target(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The native output that maps to the clean x0: the regression target of a denoising loss.
+
+        x0_from_native is affine in the output o, x0 = a + b o (spec README section 5), so
+        o* = (x0 - a) / b with a = x0_from_native(o = 0) and b = x0_from_native(o = 1) - a:
+        eps for SDXL, eps - x0 for SD3, x0 - eps for SiT, without a per-family formula.
+        """
+        xd = x_t.double()
+        a = self.x0_from_native(xd, t, torch.zeros_like(xd))
+        b = self.x0_from_native(xd, t, torch.ones_like(xd)) - a
+        return ((x0.double() - a) / b).to(x_t.dtype)
 
     def encode(self, prompts: Sequence) -> Cond:
         """Conditioning for a prompt set, computed once per distinct set and cached."""

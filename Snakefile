@@ -1,0 +1,33 @@
+# fewstep: one DAG from prompts to leaderboard. Stages live in workflows/rules/*.smk.
+# The default config is the toy world; `--configfile` selects another, `--config k=v` overrides.
+import sys
+
+from fewstep.config import validate
+
+configfile: "workflows/config/default.yaml"
+
+
+onstart:
+    pass
+
+
+validate(config, source="workflow config")
+
+FEWSTEP = f"{sys.executable} -m fewstep"
+THREADS_ENV = "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
+FAMILIES = config["families"]
+STEPS = config["eval"]["steps"]
+SEEDS = " ".join(map(str, config["eval"]["seeds"]))
+
+
+include: "workflows/rules/prompts.smk"
+include: "workflows/rules/teachers.smk"
+include: "workflows/rules/sample.smk"
+include: "workflows/rules/score.smk"
+include: "workflows/rules/report.smk"
+
+
+rule all:
+    input:
+        "reports/leaderboard.md",
+        "results/mlflow/tracked.json",

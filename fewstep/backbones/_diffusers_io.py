@@ -1,0 +1,243 @@
+"""Shared loading, saving and text handling of the diffusers-pipeline families (SDXL, SD3).
+
+A family adapter declares its folder layout as `Part`s (sub-folder, library, class); this module
+checks the files with weights.require_files before importing diffusers or transformers, loads each
+part with the real class's from_pretrained, and writes the same layout back with save_pretrained,
+so a toy teacher trained here ships as an ordinary diffusers folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from fewstep.backbones.base import Backbone
+from fewstep.backbones.codec import PixelCodec, VAECodec
+from fewstep.backbones.weights import ALTERNATIVES_SEP, require_files, resolve
+
+VAE = "vae"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One sub-folder of a diffusers pipeline folder, as model_index.json names it."""
+
+    name: str  # sub-folder, e.g. "text_encoder_2"
+    library: str  # "diffusers" or "transformers"
+    cls: str  # class name inside the library; tokenizers load through AutoTokenizer
+    kind: str  # "model", "tokenizer" or "scheduler"
+
+    def expected_files(self) -> list[str]:
+        if self.kind == "tokenizer":
+            return [f"{self.name}/tokenizer_config.json"]
+        if self.kind == "scheduler":
+            return [f"{self.name}/scheduler_config.json"]
+        stem = "diffusion_pytorch_model" if self.library == "diffusers" else "model"
+        legacy = "diffusion_pytorch_model.bin" if self.library == "diffusers" else "pytorch_model.bin"
+        options = [f"{stem}.safetensors", f"{stem}.safetensors.index.json", legacy]
+        return [f"{self.name}/config.json",
+                ALTERNATIVES_SEP.join(f"{self.name}/{o}" for o in options)]
+
+    def load(self, folder: Path, dtype: torch.dtype | None = None):
+        if self.kind == "tokenizer":
+            from transformers import AutoTokenizer  # the toy word tokenizer loads this way too
+            return AutoTokenizer.from_pretrained(folder / self.name)
+        cls = getattr(importlib.import_module(self.library), self.cls)
+        kwargs = {} if dtype is None else {"torch_dtype": dtype}
+        return cls.from_pretrained(folder / self.name, **kwargs)
+
+
+VAE_PART = Part(VAE, "diffusers", "AutoencoderKL", "model")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); re-save the model folder") from err
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    """Frozen and in eval mode: text encoders and VAEs are never trained by the harness."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Random initialisation from `seed` without disturbing the caller's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def as_hw(resolution) -> tuple[int, int]:
+    """An image size given as an int (square) or (height, width) -> (height, width)."""
+    h, w = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    if int(h) <= 0 or int(w) <= 0:
+        raise ValueError(f"resolution {resolution!r}: height and width must be positive")
+    return int(h), int(w)
+
+
+def codec_for(vae) -> tuple[torch.nn.Module, int]:
+    """VAECodec(vae) in fp32 (the SDXL VAE is not fp16-safe) and its downsampling factor, or
+    PixelCodec with factor 1 for a pixel-space toy teacher (no vae/ folder)."""
+    if vae is None:
+        return PixelCodec(), 1
+    return VAECodec(freeze(vae.float())), 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+class TextStack:
+    """Frozen tokenizers and text encoders, kept outside the backbone's module tree.
+
+    They are not parameters of the denoiser (an optimiser over backbone.parameters() never sees
+    them), and a deep copy of the backbone (critic, EMA) shares them instead of copying gigabytes.
+    """
+
+    def __init__(self, tokenizers: dict, encoders: dict):
+        self.tokenizers = dict(tokenizers)
+        self.encoders = {name: freeze(enc) for name, enc in encoders.items()}
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def to(self, device) -> "TextStack":
+        for enc in self.encoders.values():
+            enc.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.encoders.values())).device
+
+    def token_ids(self, tokenizer: str, prompts: Sequence[str], max_length: int) -> torch.Tensor:
+        """Pad and truncate to max_length, as the diffusers SDXL/SD3 pipelines do."""
+        out = self.tokenizers[tokenizer](list(prompts), padding="max_length", max_length=max_length,
+                                          truncation=True, return_tensors="pt")
+        return out.input_ids.to(self.device)
+
+
+class DiffusersBackbone(Backbone):
+    """What SDXL and SD3 share: the folder layout, the text stack, the codec, latent shapes.
+
+    Subclasses set `family`, `PIPELINE_CLASS`, `DENOISER` (a Part), `TEXT_PARTS`
+    ((encoder Part, tokenizer Part) pairs) and `SCHEDULER_CLASS`, and implement the maths.
+    """
+
+    PIPELINE_CLASS: str
+    DENOISER: Part
+    TEXT_PARTS: tuple[tuple[Part, Part], ...]
+    SCHEDULER_CLASS: str
+
+    def __init__(self, denoiser, text: TextStack | None, scheduler_config: dict, vae=None,
+                 resolution=None):
+        super().__init__()
+        setattr(self, self.DENOISER.name, denoiser)  # registered as a submodule (unet/transformer)
+        self.text = text
+        self.scheduler_config = dict(scheduler_config)
+        self.codec, self.vae_scale_factor = codec_for(vae)
+        h, w = as_hw(resolution or denoiser.config.sample_size * self.vae_scale_factor)
+        f = self.vae_scale_factor
+        if h % f or w % f:
+            raise ValueError(f"{self.family}: resolution {h}x{w} is not divisible by the VAE's "
+                             f"downsampling factor {f}; use a multiple of {f}")
+        self.resolution = (h, w)
+        self.latent_shape = (int(denoiser.config.in_channels), h // f, w // f)
+
+    # -- the denoiser and the text stack ---------------------------------------------------------
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The trainable network (UNet or transformer)."""
+        return getattr(self, self.DENOISER.name)
+
+    def release_text_encoders(self) -> None:
+        """Free the text encoders (e.g. T5-XXL) once every prompt set is encoded and cached."""
+        self.text = None
+
+    def _text_stack(self) -> TextStack:
+        if self.text is None:
+            raise RuntimeError(
+                f"{self.family}: this prompt set is not in the encoding cache and the text encoders "
+                "were not loaded (or were released); encode every prompt set before "
+                "release_text_encoders(), or load with text_encoders=True")
+        if self.text.device != self.device:
+            self.text.to(self.device)
+        return self.text
+
+    def _run_network_dtype(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.denoiser.dtype)
+
+    # -- codec ----------------------------------------------------------------------------------
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.codec.decode(latents)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.codec.encode(images)
+
+    # -- folders ---------------------------------------------------------------------------------
+    @classmethod
+    def _parts(cls, with_text: bool) -> list[Part]:
+        text = [p for pair in cls.TEXT_PARTS for p in pair] if with_text else []
+        return [cls.DENOISER, *text, Part("scheduler", "diffusers", cls.SCHEDULER_CLASS, "scheduler")]
+
+    @classmethod
+    def _load_parts(cls, path, dtype=None, text_encoders: bool = True) -> dict:
+        """Check files, then load every part of the folder; returns constructor arguments."""
+        parts = cls._parts(text_encoders)
+        expected = ["model_index.json"] + [f for p in parts for f in p.expected_files()]
+        folder = require_files(resolve(path), expected, f"{cls.family} pipeline folder")
+        index = read_json(folder / "model_index.json")
+        if cls.DENOISER.name not in index:
+            raise ValueError(
+                f"{folder}/model_index.json has no {cls.DENOISER.name!r} entry (_class_name="
+                f"{index.get('_class_name')!r}); this is not a {cls.family} pipeline folder")
+        has_vae = (folder / VAE).is_dir()
+        if has_vae:
+            require_files(folder, VAE_PART.expected_files(), f"{cls.family} VAE")
+        load = lambda part: part.load(folder, dtype if part.kind == "model" else None)  # noqa: E731
+        text = None
+        if text_encoders:
+            text = TextStack({t.name: load(t) for _, t in cls.TEXT_PARTS},
+                             {e.name: load(e) for e, _ in cls.TEXT_PARTS})
+        return dict(denoiser=load(cls.DENOISER), text=text,
+                    scheduler_config=read_json(folder / "scheduler/scheduler_config.json"),
+                    vae=VAE_PART.load(folder) if has_vae else None)
+
+    def save_pretrained(self, path) -> Path:
+        """Write the diffusers folder layout (model_index.json and one sub-folder per part)."""
+        if self.text is None:
+            raise RuntimeError(f"{self.family}: cannot save a pipeline folder without its text "
+                               "encoders (they were not loaded or were released)")
+        folder = Path(path).expanduser()
+        folder.mkdir(parents=True, exist_ok=True)
+        objects = {self.DENOISER.name: self.denoiser, **self.text.encoders, **self.text.tokenizers}
+        if isinstance(self.codec, VAECodec):
+            objects[VAE] = self.codec.vae
+        for name, obj in objects.items():
+            obj.save_pretrained(folder / name)
+        write_json(folder / "scheduler/scheduler_config.json", self.scheduler_config)
+        write_json(folder / "model_index.json", self._model_index(objects))
+        return folder
+
+    def _model_index(self, objects: dict) -> dict:
+        import diffusers
+
+        index = {"_class_name": self.PIPELINE_CLASS, "_diffusers_version": diffusers.__version__,
+                 "scheduler": ["diffusers", self.scheduler_config.get("_class_name",
+                                                                      self.SCHEDULER_CLASS)],
+                 VAE: [None, None]}
+        for name, obj in objects.items():
+            library = "diffusers" if type(obj).__module__.startswith("diffusers") else "transformers"
+            index[name] = [library, type(obj).__name__]
+        return index
+

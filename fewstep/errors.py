@@ -1,0 +1,5 @@
+"""Errors whose message is the whole story: the CLI prints them without a traceback."""
+
+
+class FewstepError(Exception):
+    pass

@@ -1,0 +1,18 @@
+rule sample_teacher:
+    input:
+        teacher="results/teachers/{family}",
+        prompts="results/prompts/{family}.jsonl",
+    output:
+        directory("results/samples/{family}/teacher/steps{steps}"),
+    params:
+        guidance=lambda wc: config["teachers"]["guidance"][wc.family],
+        seeds=SEEDS,
+    threads: 1
+    resources:
+        gpu=1,
+    log:
+        "results/logs/samples/{family}/teacher/steps{steps}.log",
+    shell:
+        THREADS_ENV + " {FEWSTEP} sample --teacher {input.teacher} --prompts {input.prompts} "
+        "--steps {wildcards.steps} --guidance {params.guidance} --seeds {params.seeds} "
+        "--out {output} > {log} 2>&1"
