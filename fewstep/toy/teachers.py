@@ -46,13 +46,12 @@ class Recipe:
 
 
 def build(family: str, resolution: int, seed: int) -> Backbone:
-    torch.manual_seed(seed)
     cls = BACKBONES.get(family)
-    kwargs = dict(TOY_ARCH[family], resolution=resolution, pixel_space=True)
+    kwargs = dict(TOY_ARCH[family], resolution=resolution, pixel_space=True, seed=seed)
     if family == "sit":
         kwargs["num_classes"] = len(world.CLASSES)
     else:
-        kwargs["vocab"] = sorted(world.VOCAB)
+        kwargs["words"] = sorted(world.VOCAB)
         kwargs["max_length"] = MAX_TOKENS
     return cls.tiny(**kwargs)
 
