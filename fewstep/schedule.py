@@ -104,6 +104,10 @@ class DiscreteVPSchedule(Schedule):
         n = int(cfg.get("num_train_timesteps", T_TRAIN))
         kind = cfg.get("beta_schedule", "scaled_linear")
         b0, b1 = float(cfg.get("beta_start", 0.00085)), float(cfg.get("beta_end", 0.012))
+        if cfg.get("rescale_betas_zero_snr"):  # would change alphas_cumprod; silently wrong otherwise
+            raise ValueError(
+                "scheduler config: rescale_betas_zero_snr=true is not supported by "
+                "DiscreteVPSchedule; use a checkpoint trained without zero-terminal-SNR rescaling")
         if cfg.get("trained_betas") is not None:
             betas = torch.tensor(cfg["trained_betas"], dtype=torch.float64)
         elif kind == "scaled_linear":

@@ -153,6 +153,12 @@ class DiffusersBackbone(Backbone):
                              f"downsampling factor {f}; use a multiple of {f}")
         self.resolution = (h, w)
         self.latent_shape = (int(denoiser.config.in_channels), h // f, w // f)
+        codec_channels = 3 if vae is None else int(vae.config.latent_channels)
+        if codec_channels != self.latent_shape[0]:
+            raise ValueError(
+                f"{self.family}: the {self.DENOISER.name} takes {self.latent_shape[0]} input channels "
+                f"but the {'VAE has' if vae else 'pixel-space codec (no vae/ folder) has'} "
+                f"{codec_channels}; the folder's parts do not belong together")
 
     # -- the denoiser and the text stack ---------------------------------------------------------
     @property
@@ -241,3 +247,43 @@ class DiffusersBackbone(Backbone):
             index[name] = [library, type(obj).__name__]
         return index
 
+
+
+# -- tiny random models (tests and the toy world) -------------------------------------------------
+def scheduler_config_of(scheduler) -> dict:
+    """The scheduler_config.json content of a diffusers scheduler object (class name included)."""
+    import diffusers
+
+    cfg = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    return {"_class_name": type(scheduler).__name__, "_diffusers_version": diffusers.__version__,
+            **cfg}
+
+
+def tiny_channels(family: str, pixel_space: bool, in_channels: int | None, latent_default: int) -> int:
+    """Pixel space means latents are RGB pixels (3 channels); a VAE gets `latent_default`."""
+    if pixel_space:
+        if in_channels not in (None, 3):
+            raise ValueError(f"{family}.tiny: pixel_space=True needs in_channels=3 (RGB pixels), "
+                             f"got {in_channels}; pass pixel_space=False for a latent model")
+        return 3
+    return int(in_channels or latent_default)
+
+
+def check_width(family: str, width: int, multiple: int = 8) -> int:
+    if width <= 0 or width % multiple:
+        raise ValueError(f"{family}.tiny: width={width} must be a positive multiple of {multiple} "
+                         "(group norm and attention heads split it)")
+    return width
+
+
+def tiny_vae(latent_channels: int, resolution: int, scaling_factor: float,
+             shift_factor: float | None = None, quant_conv: bool = True):
+    """A random two-level AutoencoderKL (downsampling factor 2) with the family's factors."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+        sample_size=resolution, scaling_factor=scaling_factor, shift_factor=shift_factor,
+        use_quant_conv=quant_conv, use_post_quant_conv=quant_conv)

@@ -40,6 +40,7 @@ DEFAULT_VAE = "sd-vae-ft-ema"  # looked up in the weights cache when no VAE fold
 SD_VAE_SCALE = 0.18215  # latent scale hard-coded by upstream sample.py
 CONFIG_FILE, WEIGHTS_FILE, VAE_DIR = "config.json", "model.safetensors", "vae"
 FORMAT_VERSION = 1
+OFFICIAL_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
 class SiTBackbone(Backbone):
@@ -55,11 +56,8 @@ class SiTBackbone(Backbone):
         self.schedule = FlowSchedule()
         self.sit_cfg_first3_channels = bool(sit_cfg_first3_channels)
         cfg = net.config
+        self.num_classes = cfg.num_classes  # the null label; a plain int (stubbed nets in tests)
         self.latent_shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-
-    @property
-    def num_classes(self) -> int:
-        return self.net.config.num_classes
 
     @property
     def pixel_space(self) -> bool:
@@ -117,14 +115,16 @@ class SiTBackbone(Backbone):
         """A small random SiT of the same classes (toy world, tests). pixel_space=False adds a
         tiny random AutoencoderKL that halves the resolution. adaln_zero=False makes the fresh
         network's output non-zero (tests)."""
-        torch.manual_seed(seed)
-        codec = PixelCodec() if pixel_space else VAECodec(_tiny_vae(in_channels, resolution),
-                                                          scaling_factor=SD_VAE_SCALE)
         size = resolution if pixel_space else resolution // 2
         config = SiTConfig(input_size=size, patch_size=patch_size, in_channels=in_channels,
                            hidden_size=hidden, depth=depth, num_heads=num_heads,
                            num_classes=num_classes, learn_sigma=learn_sigma)
-        return cls(SiTNet(config, adaln_zero=adaln_zero), codec, sit_cfg_first3_channels)
+        with torch.random.fork_rng(devices=[]):  # seeded build, caller's RNG stream untouched
+            torch.manual_seed(seed)
+            codec = PixelCodec() if pixel_space else VAECodec(_tiny_vae(in_channels, resolution),
+                                                              scaling_factor=SD_VAE_SCALE)
+            net = SiTNet(config, adaln_zero=adaln_zero)
+        return cls(net, codec, sit_cfg_first3_channels)
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write config.json + model.safetensors (+ vae/ as a diffusers folder)."""
@@ -151,17 +151,22 @@ class SiTBackbone(Backbone):
                         ) -> "SiTBackbone":
         """Load (a) a folder written by save_pretrained, or (b) an official SiT checkpoint file
         (e.g. SiT-XL-2-256x256.pt) with a VAE folder: `vae`, else `sd-vae-ft-ema` in the weights
-        cache; pixel_space=True uses no VAE. Relative paths are looked up in the weights cache."""
+        cache; pixel_space=True uses no VAE. A bare name (no folder part) is looked up in the
+        weights cache ($FEWSTEP_WEIGHTS), any other path is used as is."""
         where = Path(resolve(path))
         if where.is_dir() or not where.suffix:
             return _load_own_folder(cls, where, vae, sit_cfg_first3_channels)
+        if where.suffix not in OFFICIAL_SUFFIXES:
+            raise ValueError(f"{where}: expected a folder written by save_pretrained or an "
+                             f"official SiT checkpoint file ({', '.join(OFFICIAL_SUFFIXES)})")
         require_files(where.parent, [where.name], "official SiT checkpoint")
         net = _load_official_net(where, num_heads, prefer)
         codec = PixelCodec() if pixel_space else _load_vae_codec(vae if vae is not None
                                                                  else DEFAULT_VAE)
         if pixel_space and net.config.in_channels != 3:
             raise ValueError(f"pixel_space=True needs a 3-channel network; {where.name} has "
-                             f"{net.config.in_channels} channels (latent space): give a VAE instead")
+                             f"{net.config.in_channels} channels (latent space): give a VAE "
+                             "instead")
         return cls(net, codec, bool(sit_cfg_first3_channels))
 
 
@@ -188,7 +193,8 @@ def _label_id(label, position: int, num_classes: int) -> int:
                          f" pass integer class ids 0..{num_classes - 1} (or strings of them)"
                          ) from None
     if not 0 <= value < num_classes:
-        raise ValueError(f"SiT label at position {position} is {value}, outside 0..{num_classes - 1}"
+        raise ValueError(f"SiT label at position {position} is {value}, outside "
+                         f"0..{num_classes - 1}"
                          f" (the null label {num_classes} is added by guidance, not passed in)")
     return value
 
@@ -256,5 +262,6 @@ def _load_into(net: SiTNet, state: dict, source: Path) -> None:
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"weights in {source} do not fit the SiT config {net.config}: {err}") from err
+        raise ValueError(f"weights in {source} do not fit the SiT config {net.config}: "
+                         f"{err}") from err
     net.eval()

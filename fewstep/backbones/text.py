@@ -36,14 +36,14 @@ def _check_words(words: Iterable[str], pre_tokenizer) -> list[str]:
     seen: dict[str, None] = {}
     for word in words:
         word = str(word).lower()
+        if word in SPECIAL_TOKENS:
+            raise ValueError(f"build_word_tokenizer: {word!r} is a reserved special token")
         pieces = [p for p, _ in pre_tokenizer.pre_tokenize_str(word)]
         if pieces != [word]:
             raise ValueError(
                 f"build_word_tokenizer: the word {word!r} would be split into {pieces} by the "
                 "whitespace/punctuation pre-tokenizer, so it could never be looked up; "
                 "pass its pieces as separate words")
-        if word in SPECIAL_TOKENS:
-            raise ValueError(f"build_word_tokenizer: {word!r} is a reserved special token")
         seen.setdefault(word, None)
     if not seen:
         raise ValueError("build_word_tokenizer: the word list is empty")

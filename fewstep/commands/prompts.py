@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 from fewstep.io import write_text
 from fewstep.registry import BACKBONES
@@ -15,20 +14,28 @@ def add_arguments(p):
 
 
 def eval_prompts(family: str, n: int) -> list[dict]:
-    """Text families: GenEval-grammar prompts; SiT: class labels cycled to n prompt ids."""
+    """Text families: the first n held-out GenEval-grammar prompts.
+
+    SiT (class-conditional): every class, repeated round(n / classes) times (at least once) under
+    distinct prompt ids, so classes stay balanced and the set size stays close to n.
+    """
     from fewstep.toy import world
 
     BACKBONES.check(family)
     if family != "sit":
+        available = len(world.prompt_set("eval"))
+        if n > available:
+            raise ValueError(f"eval.prompts = {n}, but the toy world holds out {available} "
+                             f"prompts; set eval.prompts <= {available} (and add seeds for more images)")
         return world.prompt_set("eval", n=n)
-    reps = math.ceil(n / len(world.CLASSES))
+    reps = max(1, round(n / len(world.CLASSES)))
     rows = []
     for rep in range(reps):
         for label in range(len(world.CLASSES)):
             meta = dict(world.class_meta(label))
-            meta.update(prompt_id=f"class{label:03d}-r{rep}", label=label)
+            meta["prompt_id"] = f"{meta['prompt_id']}-r{rep}"
             rows.append(meta)
-    return rows[:n]
+    return rows
 
 
 def run(args):

@@ -28,7 +28,7 @@ def sample_images(backbone, rows, seeds, steps, guidance, batch):
     images = []
     for i in tqdm(range(0, len(jobs), batch), desc=f"sample {steps} steps", leave=False):
         chunk = jobs[i:i + batch]
-        conds = [r.get("label", r["prompt"]) for r, _ in chunk]
+        conds = [r.get("class_label", r["prompt"]) for r, _ in chunk]
         noise = sample_noise([r["prompt_id"] for r, _ in chunk], [s for _, s in chunk],
                              backbone.latent_shape)
         with torch.no_grad():

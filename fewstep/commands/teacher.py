@@ -14,7 +14,7 @@ def add_arguments(p):
                         "check: verify a teacher folder's hashes")
     p.add_argument("--family", required=True)
     p.add_argument("--out", help="teacher folder to write (train, install) or check")
-    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--resolution", type=int, default=16)
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)

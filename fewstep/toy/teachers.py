@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -35,7 +36,7 @@ TOY_ARCH = {
 @dataclass
 class Recipe:
     family: str
-    resolution: int = 32
+    resolution: int = 16
     steps: int = 3000
     batch: int = 64
     lr: float = 2e-3
@@ -67,8 +68,9 @@ def training_conditions(backbone: Backbone, family: str, seed: int):
 
 def render_training_batch(family, metas, idx, seeds, resolution):
     if family == "sit":
-        imgs = [world.render_class(int(i), int(s), resolution)[0] for i, s in zip(idx, seeds)]
-        return torch.from_numpy(__import__("numpy").stack(imgs)).permute(0, 3, 1, 2).float() / 255
+        imgs = np.stack([world.render_class(int(i), int(s), resolution)[0] for i, s in zip(idx, seeds)])
+        # convert in numpy: small torch copies are slow on a loaded 2-core machine
+        return torch.from_numpy(np.ascontiguousarray(imgs.transpose(0, 3, 1, 2), np.float32) / 255.0)
     return world.render_batch([metas[i] for i in idx], [int(s) for s in seeds], resolution)
 
 

@@ -1,0 +1,97 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fewstep import config
+from fewstep.errors import FewstepError
+from fewstep.io import atomic_path, write_json
+from fewstep.noise import sample_noise
+from fewstep.prompts import read_prompts
+from fewstep.registry import METRICS, Registry, UnknownNameError
+
+
+def test_noise_depends_only_on_prompt_and_seed():
+    ids, seeds = ["a", "b", "c", "d"], [0, 1, 0, 7]
+    full = sample_noise(ids, seeds, (3, 4, 4))
+    parts = torch.cat([sample_noise(ids[i:i + 1], seeds[i:i + 1], (3, 4, 4)) for i in range(4)])
+    torch.testing.assert_close(full, parts, rtol=0, atol=0)
+    reordered = sample_noise(ids[::-1], seeds[::-1], (3, 4, 4))
+    torch.testing.assert_close(reordered, full.flip(0), rtol=0, atol=0)
+    assert not torch.equal(full[0], full[2])  # same seed, other prompt: other noise
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        sample_noise(ids, seeds[:2], (1,))
+
+
+def test_registry_did_you_mean_and_lazy_import():
+    reg = Registry("widget", "fewstep.no_such_group", {"json_dump": "json:dumps"})
+    with pytest.raises(UnknownNameError, match="Did you mean 'json_dump'"):
+        reg.get("json_dumb")
+    assert reg.get("json_dump") is json.dumps
+    with pytest.raises(UnknownNameError, match="Known metrics"):
+        METRICS.check("fid_toy_x")
+
+
+def test_config_errors_name_the_culprit(tmp_path):
+    cfg = config.load()
+    cfg["teachers"]["sorce"] = "shipped"
+    with pytest.raises(config.ConfigError, match="teachers: Additional properties.*'sorce'"):
+        config.validate(cfg)
+    cfg = config.load()
+    cfg["metrics"] = ["toy_fd"]
+    with pytest.raises(config.ConfigError, match="Did you mean 'toy_fid'"):
+        config.validate(cfg)
+    cfg = config.load()
+    cfg["families"] = ["sdxl", "sd3"]
+    with pytest.raises(config.ConfigError, match="guidance must name exactly the families"):
+        config.validate(cfg)
+    with pytest.raises(config.ConfigError, match="cannot read config file"):
+        config.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("world: [unclosed\n")
+    with pytest.raises(config.ConfigError, match="not valid YAML"):
+        config.load(bad)
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.mkdir()
+            (tmp / "half.png").write_text("x")
+            raise RuntimeError("killed")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    write_json(tmp_path / "a.json", {"x": 1})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
+
+
+def test_prompt_file_errors(tmp_path):
+    p = tmp_path / "p.jsonl"
+    with pytest.raises(FewstepError, match="cannot read prompt file"):
+        read_prompts(p)
+    p.write_text('{"prompt_id": "a", "prompt": "x"}\nnot json\n')
+    with pytest.raises(FewstepError, match="line 2: not JSON"):
+        read_prompts(p)
+    p.write_text('{"prompt_id": "a", "prompt": "x"}\n{"prompt_id": "a", "prompt": "y"}\n')
+    with pytest.raises(FewstepError, match="duplicate prompt_id 'a'"):
+        read_prompts(p)
+    p.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(FewstepError, match="not UTF-8"):
+        read_prompts(p)
+
+
+def test_cli_help_lists_verbs():
+    out = subprocess.run([sys.executable, "-m", "fewstep", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for verb in ("prompts", "teacher", "sample", "score", "track", "report"):
+        assert verb in out.stdout
+
+
+def test_cli_prints_clear_error_without_traceback(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "fewstep", "prompts", "--family", "sdlx",
+                          "--n", "3", "--out", str(tmp_path / "p.jsonl")], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "Did you mean 'sdxl'" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "p.jsonl").exists()
