@@ -19,6 +19,7 @@ import torch
 from fewstep.backbones.base import Backbone
 from fewstep.backbones.codec import PixelCodec, VAECodec
 from fewstep.backbones.weights import ALTERNATIVES_SEP, require_files, resolve
+from fewstep.io import atomic_path
 
 VAE = "vae"
 
@@ -38,18 +39,19 @@ class Part:
         if self.kind == "scheduler":
             return [f"{self.name}/scheduler_config.json"]
         stem = "diffusion_pytorch_model" if self.library == "diffusers" else "model"
-        legacy = "diffusion_pytorch_model.bin" if self.library == "diffusers" else "pytorch_model.bin"
+        legacy = f"{stem}.bin" if self.library == "diffusers" else "pytorch_model.bin"
         options = [f"{stem}.safetensors", f"{stem}.safetensors.index.json", legacy]
         return [f"{self.name}/config.json",
                 ALTERNATIVES_SEP.join(f"{self.name}/{o}" for o in options)]
 
     def load(self, folder: Path, dtype: torch.dtype | None = None):
+        """from_pretrained of the real class; dtype applies to models only."""
         if self.kind == "tokenizer":
             from transformers import AutoTokenizer  # the toy word tokenizer loads this way too
-            return AutoTokenizer.from_pretrained(folder / self.name)
+            return AutoTokenizer.from_pretrained(folder / self.name, local_files_only=True)
         cls = getattr(importlib.import_module(self.library), self.cls)
-        kwargs = {} if dtype is None else {"torch_dtype": dtype}
-        return cls.from_pretrained(folder / self.name, **kwargs)
+        kwargs = {"dtype": dtype} if dtype is not None and self.kind == "model" else {}
+        return cls.from_pretrained(folder / self.name, local_files_only=True, **kwargs)
 
 
 VAE_PART = Part(VAE, "diffusers", "AutoencoderKL", "model")
@@ -65,6 +67,11 @@ def read_json(path: Path) -> dict:
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x0 conversions return float32 at least, even for a bf16 x_t (spec README section 3)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:
@@ -83,7 +90,8 @@ def seeded(seed: int):
 
 def as_hw(resolution) -> tuple[int, int]:
     """An image size given as an int (square) or (height, width) -> (height, width)."""
-    h, w = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    pair = isinstance(resolution, (tuple, list))
+    h, w = tuple(resolution) if pair else (resolution, resolution)
     if int(h) <= 0 or int(w) <= 0:
         raise ValueError(f"resolution {resolution!r}: height and width must be positive")
     return int(h), int(w)
@@ -156,8 +164,8 @@ class DiffusersBackbone(Backbone):
         codec_channels = 3 if vae is None else int(vae.config.latent_channels)
         if codec_channels != self.latent_shape[0]:
             raise ValueError(
-                f"{self.family}: the {self.DENOISER.name} takes {self.latent_shape[0]} input channels "
-                f"but the {'VAE has' if vae else 'pixel-space codec (no vae/ folder) has'} "
+                f"{self.family}: the {self.DENOISER.name} takes {self.latent_shape[0]} input "
+                f"channels but the {'VAE has' if vae else 'pixel-space codec (no vae/ folder) has'} "
                 f"{codec_channels}; the folder's parts do not belong together")
 
     # -- the denoiser and the text stack ---------------------------------------------------------
@@ -173,8 +181,8 @@ class DiffusersBackbone(Backbone):
     def _text_stack(self) -> TextStack:
         if self.text is None:
             raise RuntimeError(
-                f"{self.family}: this prompt set is not in the encoding cache and the text encoders "
-                "were not loaded (or were released); encode every prompt set before "
+                f"{self.family}: this prompt set is not in the encoding cache and the text "
+                "encoders were not loaded (or were released); encode every prompt set before "
                 "release_text_encoders(), or load with text_encoders=True")
         if self.text.device != self.device:
             self.text.to(self.device)
@@ -182,6 +190,10 @@ class DiffusersBackbone(Backbone):
 
     def _run_network_dtype(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.denoiser.dtype)
+
+    @property
+    def pixel_space(self) -> bool:
+        return isinstance(self.codec, PixelCodec)
 
     # -- codec ----------------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -194,7 +206,8 @@ class DiffusersBackbone(Backbone):
     @classmethod
     def _parts(cls, with_text: bool) -> list[Part]:
         text = [p for pair in cls.TEXT_PARTS for p in pair] if with_text else []
-        return [cls.DENOISER, *text, Part("scheduler", "diffusers", cls.SCHEDULER_CLASS, "scheduler")]
+        scheduler = Part("scheduler", "diffusers", cls.SCHEDULER_CLASS, "scheduler")
+        return [cls.DENOISER, *text, scheduler]
 
     @classmethod
     def _load_parts(cls, path, dtype=None, text_encoders: bool = True) -> dict:
@@ -210,12 +223,11 @@ class DiffusersBackbone(Backbone):
         has_vae = (folder / VAE).is_dir()
         if has_vae:
             require_files(folder, VAE_PART.expected_files(), f"{cls.family} VAE")
-        load = lambda part: part.load(folder, dtype if part.kind == "model" else None)  # noqa: E731
         text = None
         if text_encoders:
-            text = TextStack({t.name: load(t) for _, t in cls.TEXT_PARTS},
-                             {e.name: load(e) for e, _ in cls.TEXT_PARTS})
-        return dict(denoiser=load(cls.DENOISER), text=text,
+            text = TextStack({t.name: t.load(folder) for _, t in cls.TEXT_PARTS},
+                             {e.name: e.load(folder, dtype) for e, _ in cls.TEXT_PARTS})
+        return dict(denoiser=cls.DENOISER.load(folder, dtype), text=text,
                     scheduler_config=read_json(folder / "scheduler/scheduler_config.json"),
                     vae=VAE_PART.load(folder) if has_vae else None)
 
@@ -225,14 +237,14 @@ class DiffusersBackbone(Backbone):
             raise RuntimeError(f"{self.family}: cannot save a pipeline folder without its text "
                                "encoders (they were not loaded or were released)")
         folder = Path(path).expanduser()
-        folder.mkdir(parents=True, exist_ok=True)
         objects = {self.DENOISER.name: self.denoiser, **self.text.encoders, **self.text.tokenizers}
         if isinstance(self.codec, VAECodec):
             objects[VAE] = self.codec.vae
-        for name, obj in objects.items():
-            obj.save_pretrained(folder / name)
-        write_json(folder / "scheduler/scheduler_config.json", self.scheduler_config)
-        write_json(folder / "model_index.json", self._model_index(objects))
+        with atomic_path(folder) as tmp:  # a half-written folder never looks like a model
+            for name, obj in objects.items():
+                obj.save_pretrained(tmp / name)
+            write_json(tmp / "scheduler/scheduler_config.json", self.scheduler_config)
+            write_json(tmp / "model_index.json", self._model_index(objects))
         return folder
 
     def _model_index(self, objects: dict) -> dict:
@@ -243,7 +255,7 @@ class DiffusersBackbone(Backbone):
                                                                       self.SCHEDULER_CLASS)],
                  VAE: [None, None]}
         for name, obj in objects.items():
-            library = "diffusers" if type(obj).__module__.startswith("diffusers") else "transformers"
+            library = type(obj).__module__.split(".")[0]  # "diffusers" or "transformers"
             index[name] = [library, type(obj).__name__]
         return index
 
@@ -259,7 +271,8 @@ def scheduler_config_of(scheduler) -> dict:
             **cfg}
 
 
-def tiny_channels(family: str, pixel_space: bool, in_channels: int | None, latent_default: int) -> int:
+def tiny_channels(family: str, pixel_space: bool, in_channels: int | None,
+                  latent_default: int) -> int:
     """Pixel space means latents are RGB pixels (3 channels); a VAE gets `latent_default`."""
     if pixel_space:
         if in_channels not in (None, 3):

@@ -13,8 +13,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from fewstep.backbones._diffusers_io import (DiffusersBackbone, Part, TextStack, check_width,
-                                             scheduler_config_of, seeded, tiny_channels, tiny_vae)
+from fewstep.backbones._diffusers_io import (DiffusersBackbone, Part, TextStack, at_least_fp32,
+                                             check_width, scheduler_config_of, seeded,
+                                             tiny_channels, tiny_vae)
 from fewstep.backbones.base import Cond
 from fewstep.schedule import FlowSchedule
 
@@ -80,7 +81,8 @@ class SD3Backbone(DiffusersBackbone):
     @classmethod
     def tiny(cls, resolution: int = 32, in_channels: int | None = None, words=None,
              pixel_space: bool = True, width: int = 32, text_width: int = 16,
-             max_length: int = 16, seed: int = 0, shift: float = 3.0) -> "SD3Backbone":
+             max_length: int = 16, seed: int = 0, shift: float = 3.0,
+             layers: int = 2) -> "SD3Backbone":
         """Random tiny versions of the real classes: a two-layer MMDiT (patch 2), CLIP-L
         (text_width), CLIP-G (2 x text_width), T5 (4 x text_width), optional 16-channel VAE."""
         from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
@@ -99,13 +101,14 @@ class SD3Backbone(DiffusersBackbone):
                     tokenizers["tokenizer"], text_width, projection=True),
                 "text_encoder_2": toy_text.tiny_clip_text_model(
                     tokenizers["tokenizer_2"], 2 * text_width, projection=True),
-                "text_encoder_3": toy_text.tiny_t5_encoder(tokenizers["tokenizer_3"], 4 * text_width)}
+                "text_encoder_3": toy_text.tiny_t5_encoder(
+                    tokenizers["tokenizer_3"], 4 * text_width)}
             vae = (None if pixel_space else
                    tiny_vae(channels, resolution, SD3_VAE_SCALE, SD3_VAE_SHIFT, quant_conv=False))
             side = resolution // (1 if vae is None else 2)
             transformer = SD3Transformer2DModel(
                 sample_size=side, patch_size=2, in_channels=channels, out_channels=channels,
-                num_layers=2, attention_head_dim=8, num_attention_heads=width // 8,
+                num_layers=layers, attention_head_dim=8, num_attention_heads=width // 8,
                 joint_attention_dim=4 * text_width, caption_projection_dim=width,
                 pooled_projection_dim=3 * text_width, pos_embed_max_size=side // 2)
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
@@ -130,8 +133,9 @@ class SD3Backbone(DiffusersBackbone):
         tokens on the sequence axis; pooled = CLIP-L and CLIP-G pooled outputs concatenated."""
         text = self._text_stack()
         clip_hidden, pooled = self._clip_embeds(text, prompts)
-        (t5_part, t5_tokenizer_part) = self.TEXT_PARTS[2]
-        t5_length = min(T5_MAX_SEQUENCE_LENGTH, text.tokenizers[t5_tokenizer_part.name].model_max_length)
+        t5_part, t5_tokenizer_part = self.TEXT_PARTS[2]
+        t5_tokenizer = text.tokenizers[t5_tokenizer_part.name]
+        t5_length = min(T5_MAX_SEQUENCE_LENGTH, t5_tokenizer.model_max_length)
         ids = text.token_ids(t5_tokenizer_part.name, prompts, t5_length)
         t5_hidden = text.encoders[t5_part.name](ids).last_hidden_state
         clip_hidden = F.pad(clip_hidden, (0, t5_hidden.shape[-1] - clip_hidden.shape[-1]))
@@ -162,4 +166,4 @@ class SD3Backbone(DiffusersBackbone):
 
     def x0_from_native(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """x0 = x_t − t·v̂, in float64."""
-        return self.schedule.x0_from_v(x_t, out, t)
+        return self.schedule.x0_from_v(at_least_fp32(x_t), out, t)

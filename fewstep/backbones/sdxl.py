@@ -12,8 +12,9 @@ from typing import Sequence
 
 import torch
 
-from fewstep.backbones._diffusers_io import (DiffusersBackbone, Part, TextStack, check_width,
-                                             scheduler_config_of, seeded, tiny_channels, tiny_vae)
+from fewstep.backbones._diffusers_io import (DiffusersBackbone, Part, TextStack, at_least_fp32,
+                                             check_width, scheduler_config_of, seeded,
+                                             tiny_channels, tiny_vae)
 from fewstep.backbones.base import Cond
 from fewstep.schedule import DiscreteVPSchedule
 
@@ -38,8 +39,8 @@ class SDXLBackbone(DiffusersBackbone):
         super().__init__(denoiser, text, scheduler_config, vae, resolution)
         prediction = scheduler_config.get("prediction_type", "epsilon")
         if prediction != "epsilon":
-            raise ValueError(f"sdxl: scheduler prediction_type {prediction!r} is not supported; the "
-                             "SDXL adapter expects an epsilon-prediction checkpoint")
+            raise ValueError(f"sdxl: scheduler prediction_type {prediction!r} is not supported; "
+                             "the SDXL adapter expects an epsilon-prediction checkpoint")
         self.schedule = DiscreteVPSchedule.from_scheduler_config(self.scheduler_config)
         self._check_conditioning_widths()
 
@@ -75,7 +76,8 @@ class SDXLBackbone(DiffusersBackbone):
     @classmethod
     def tiny(cls, resolution: int = 32, in_channels: int | None = None, words=None,
              pixel_space: bool = True, width: int = 32, text_width: int = 16,
-             max_length: int = 16, seed: int = 0) -> "SDXLBackbone":
+             max_length: int = 16, seed: int = 0,
+             layers_per_block: int = 1) -> "SDXLBackbone":
         """Random tiny versions of the real classes: a two-level UNet with text_time embedding,
         CLIP-L (text_width) and CLIP-G (2 x text_width, with projection), optional tiny VAE."""
         from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
@@ -96,7 +98,7 @@ class SDXLBackbone(DiffusersBackbone):
             factor = 1 if vae is None else 2
             unet = UNet2DConditionModel(
                 sample_size=resolution // factor, in_channels=channels, out_channels=channels,
-                block_out_channels=(width, 2 * width), layers_per_block=1, norm_num_groups=8,
+                block_out_channels=(width, 2 * width), layers_per_block=layers_per_block, norm_num_groups=8,
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
                 attention_head_dim=(width // 8, 2 * width // 8), use_linear_projection=True,
@@ -153,4 +155,4 @@ class SDXLBackbone(DiffusersBackbone):
 
     def x0_from_native(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """x0 = (x_t − σ ε̂)/α, in float64 (DMD2's SDXL conversion)."""
-        return self.schedule.x0_from_eps(x_t, out, t)
+        return self.schedule.x0_from_eps(at_least_fp32(x_t), out, t)

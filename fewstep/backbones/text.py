@@ -98,7 +98,8 @@ def clip_text_config(tokenizer, hidden_size: int = 16, num_layers: int = 2, num_
 
 def tiny_clip_text_model(tokenizer, hidden_size: int = 16, projection: bool = False,
                          projection_dim: int | None = None, **config_kw):
-    """A random CLIPTextModel (SDXL's CLIP-L) or CLIPTextModelWithProjection (CLIP-G; SD3's both)."""
+    """A random CLIPTextModel (SDXL's CLIP-L), or CLIPTextModelWithProjection (CLIP-G, and both
+    CLIP encoders of SD3)."""
     config = clip_text_config(tokenizer, hidden_size, projection_dim=projection_dim, **config_kw)
     cls = CLIPTextModelWithProjection if projection else CLIPTextModel
     return cls(config).eval()

@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fewstep.errors import FewstepError
+
 WEIGHTS_ENV = "FEWSTEP_WEIGHTS"
 DEFAULT_WEIGHTS_ROOT = "~/.cache/fewstep/weights"
 ALTERNATIVES_SEP = "|"  # "a|b" in an expected-file list: either file will do
 
 
-class MissingWeightsError(FileNotFoundError):
+class MissingWeightsError(FileNotFoundError, FewstepError):
     """A weights folder or some of its files are missing; the message says what and where."""
 
     def __str__(self):  # FileNotFoundError would print only errno-style fields

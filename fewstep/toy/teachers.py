@@ -27,8 +27,8 @@ MAX_TOKENS = 16         # toy prompts are at most 12 words
 
 # Tiny architectures of the real classes, sized for a 2-core CPU (see toy-feasibility.md).
 TOY_ARCH = {
-    "sdxl": dict(width=32),
-    "sd3": dict(width=64),
+    "sdxl": dict(width=32, layers_per_block=1),
+    "sd3": dict(width=64, layers=4, shift=1.0),
     "sit": dict(hidden=96, depth=4),
 }
 
