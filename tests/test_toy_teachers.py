@@ -1,0 +1,64 @@
+"""The teacher recipe runs end to end on every family (a short run; the DAG's teacher_train rule)."""
+import json
+
+import pytest
+import torch
+
+from fewstep.noise import sample_noise
+from fewstep.sampling import nfe_of, sample_ode
+from fewstep.toy import teachers, world
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = {}
+    for family in ("sdxl", "sd3", "sit"):
+        folder = tmp_path_factory.mktemp("teachers") / family
+        info = teachers.train(teachers.Recipe(family=family, resolution=16, steps=3, batch=4),
+                              folder, progress=False)
+        out[family] = (folder, info)
+    return out
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "sit"])
+def test_recipe_writes_a_verifiable_teacher(trained, family):
+    folder, info = trained[family]
+    assert info["recipe"]["family"] == family and info["recipe"]["steps"] == 3
+    assert json.loads((folder / "recipe.json").read_text())["sha256"] == info["sha256"]
+    assert teachers.verify(folder)["sha256"] == info["sha256"]
+    backbone = teachers.load(folder)
+    assert backbone.family == family and backbone.latent_shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "sit"])
+def test_teacher_samples_decode_to_images(trained, family):
+    backbone = teachers.load(trained[family][0]).eval()
+    rows = [world.class_meta(0) if family == "sit" else world.prompt_set("eval", n=1)[0]] * 2
+    conds = [r.get("class_label", r["prompt"]) for r in rows]
+    noise = sample_noise(["p0", "p1"], [0, 0], backbone.latent_shape)
+    x0 = sample_ode(backbone, noise, backbone.encode(conds), steps=2, guidance=2.0)
+    images = backbone.decode(x0)
+    assert images.shape == (2, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
+    assert nfe_of(2, 2.0) == 4 and nfe_of(2, 1.0) == 2
+
+
+def test_tampered_teacher_is_refused(trained):
+    folder, _ = trained["sd3"]
+    weights = next(p for p in folder.rglob("*.safetensors"))
+    original = weights.read_bytes()
+    try:
+        weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        with pytest.raises(ValueError, match="differ from recipe.json"):
+            teachers.verify(folder)
+    finally:
+        weights.write_bytes(original)
+
+
+def test_one_step_sampler_returns_the_x0_prediction(trained):
+    backbone = teachers.load(trained["sd3"][0]).eval()
+    cond = backbone.encode(["a photo of a circle"])
+    noise = sample_noise(["p"], [3], backbone.latent_shape)
+    with torch.no_grad():
+        expected = backbone.x0(noise, torch.ones(1), cond, 1.5)
+    torch.testing.assert_close(sample_ode(backbone, noise, cond, 1, 1.5), expected)
