@@ -5,6 +5,7 @@ Verbs import their heavy dependencies lazily so `fewstep --help` answers at once
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from fewstep.errors import FewstepError
@@ -46,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except (FewstepError, FileNotFoundError, ValueError, KeyError) as err:
-        known = _is_clear_error(err)
-        if not known:
+        # our checks raise these with the whole story in the message; FEWSTEP_DEBUG=1 shows where
+        if os.environ.get("FEWSTEP_DEBUG") or not _is_clear_error(err):
             raise
         print(f"fewstep {argv[0]}: error: {err}", file=sys.stderr)
         return 2
@@ -58,7 +59,7 @@ def _is_clear_error(err: Exception) -> bool:
     from fewstep.config import ConfigError
     from fewstep.registry import UnknownNameError
 
-    clear = (FewstepError, ConfigError, UnknownNameError)
+    clear = (FewstepError, ConfigError, UnknownNameError, ValueError, FileNotFoundError)
     try:
         from fewstep.backbones.weights import MissingWeightsError
         clear += (MissingWeightsError,)

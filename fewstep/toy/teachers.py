@@ -84,9 +84,22 @@ def denoising_loss(backbone: Backbone, x0: torch.Tensor, cond, gen: torch.Genera
     return torch.nn.functional.mse_loss(backbone.native(x_t, t, cond), target)
 
 
+def ema_decay(target: float, step: int) -> float:
+    """Warm-up of the EMA decay, min(target, (1 + s) / (10 + s)): a short run must not average
+    in its first, untrained weights (0.999 ** 1000 = 0.37 of the weight would sit there)."""
+    return min(target, (1.0 + step) / (10.0 + step))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for pe, pt in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pt, 1.0 - decay)
+
+
 def files_sha256(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "recipe.json"}
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "recipe.json" and not p.name.startswith(".")}
 
 
 def train(recipe: Recipe, out: Path, progress: bool = True) -> dict:
@@ -116,9 +129,7 @@ def train(recipe: Recipe, out: Path, progress: bool = True) -> dict:
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         sched.step()
-        with torch.no_grad():
-            for pe, pt in zip(ema.parameters(), teacher.parameters()):
-                pe.lerp_(pt, 1.0 - recipe.ema_decay)
+        ema_update(ema, teacher, ema_decay(recipe.ema_decay, step))
         losses.append(loss.item())
     return save(ema, recipe, out, losses, time.time() - start)
 

@@ -1,0 +1,359 @@
+"""Toy FID (and KID) through clean-fid with the toy feature network as a custom extractor.
+
+How the toy FID keeps to clean-fid's code path (metrics.md section 3):
+* Images are read and featurised by clean-fid itself: `cleanfid.fid.get_files_features`, i.e. its
+  ResizeDataset (PIL -> RGB uint8 -> resizer -> float tensor in [0, 255]) and its batch loop that
+  calls the custom extractor under no_grad on the device. This is what `compute_fid` runs inside;
+  we call that layer because `compute_fid` returns only a number and we need per-image features
+  for the bootstrap over prompts and for KID.
+* Mode "clean", with one deviation: clean mode resizes to 299 px for Inception, which would make a
+  32 px toy extractor see an upsampled-then-downsampled image. We pass clean-fid's own clean
+  resizer (`make_resizer("PIL", quantize_after=False, "bicubic")`, float32 per channel, no
+  re-quantisation) with the output size set to the extractor's input size instead of 299. For
+  samples at the extractor's resolution this resize is the identity. The identity records
+  mode "clean" and this resize policy.
+* The file list is the manifest's, never a glob, so stray files cannot enter (pitfalls.md A.7).
+* The Frechet distance is ours (same formula; matrix square root by symmetric eigendecomposition),
+  so it does not depend on `scipy.linalg.sqrtm`'s signature (`disp=` was removed in SciPy 1.18).
+* KID uses clean-fid's `kernel_distance`, with NumPy's global RNG seeded and then restored.
+* Reference statistics are built once from renders of the prompt set and cached in a file keyed by
+  (reference set, resolution, extractor hash, resize policy); never in the package folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from metrics.base import Metric, MetricResult
+from metrics.sampleset import SampleSet, load_sample_set
+from metrics.stats import (DEFAULT_LEVEL, DEFAULT_RESAMPLES, BootstrapCI, align_pairs, bootstrap,
+                           group_indices)
+
+MODE = "clean"
+REFERENCE_VERSION = "1"
+
+
+def single_blas_thread():
+    """Limit BLAS to one thread for small linear algebra; a no-op without threadpoolctl.
+
+    Once torch is imported, OpenBLAS's thread pool fights torch's OpenMP pool: a 64x64 eigvalsh
+    or KID's kernel sums run 10-20x slower (measured). One thread is faster at these sizes.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FEWSTEP_CACHE_DIR", "results/cache"))
+
+
+# ------------------------------------------------------------------------------- the formula
+
+def psd_sqrt(mat: np.ndarray) -> np.ndarray:
+    """Square root of a symmetric positive semi-definite matrix (negative eigenvalues -> 0)."""
+    sym = (mat + mat.T) / 2.0
+    values, vectors = np.linalg.eigh(sym)
+    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+
+
+def trace_sqrt_product(sigma: np.ndarray, sqrt_ref: np.ndarray) -> float:
+    """Tr((sigma @ ref)^1/2) = sum of sqrt(eigenvalues of R sigma R), R = ref^1/2 (symmetric)."""
+    inner = sqrt_ref @ sigma @ sqrt_ref
+    values = np.linalg.eigvalsh((inner + inner.T) / 2.0)
+    return float(np.sqrt(np.clip(values, 0.0, None)).sum())
+
+
+def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    feats = np.asarray(features, dtype=np.float64)
+    if feats.ndim != 2 or len(feats) < 2:
+        raise ValueError(f"need at least 2 feature vectors (N, D); got shape {feats.shape}")
+    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, sqrt_sigma2=None) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), without scipy's sqrtm."""
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"feature dimensions differ: {mu1.shape} vs {mu2.shape}; "
+                         "were both sets featurised by the same extractor?")
+    root = psd_sqrt(sigma2) if sqrt_sigma2 is None else sqrt_sigma2
+    diff = mu1 - mu2
+    value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, root)
+    return float(max(value, 0.0))  # tiny negatives are rounding, not information
+
+
+def kid_from_features(feats1: np.ndarray, feats2: np.ndarray, seed: int = 0) -> float:
+    """clean-fid's KID on precomputed features; its subsets come from NumPy's global RNG."""
+    from cleanfid.fid import kernel_distance
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        return float(kernel_distance(np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)))
+    finally:
+        np.random.set_state(state)
+
+
+# --------------------------------------------------------------- features through clean-fid
+
+def clean_resizer(size: int):
+    """clean-fid's clean-mode resizer (PIL bicubic on float32 channels), to the extractor's size."""
+    from cleanfid.resize import make_resizer
+    return make_resizer("PIL", False, "bicubic", (size, size))
+
+
+def resize_policy(size: int) -> str:
+    return f"clean-fid make_resizer(PIL, bicubic, float32, no re-quantisation) -> {size}x{size}"
+
+
+def extract_features(paths, extractor, *, device="cpu", batch_size: int = 64) -> np.ndarray:
+    """(N, D) features of image files in the given order, via clean-fid's file-feature loop."""
+    from cleanfid.fid import get_files_features
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise ValueError("no image files to featurise")
+    feats = get_files_features(paths, model=extractor, num_workers=0, batch_size=batch_size,
+                               device=torch.device(device), mode=MODE,
+                               custom_fn_resize=clean_resizer(extractor.size), verbose=False)
+    if feats.shape[0] != len(paths) or not np.isfinite(feats).all():
+        raise RuntimeError(f"feature extraction returned {feats.shape} for {len(paths)} files, "
+                           "or non-finite values")
+    return feats.astype(np.float64)
+
+
+# ----------------------------------------------------------------------- reference statistics
+
+@dataclass(frozen=True)
+class ReferenceSpec:
+    """Renders of a prompt set: renders_per_prompt images per prompt, seeds seed_offset + j.
+
+    The prompts are a toy-world split, or (prompt_file) a prompt .jsonl of GenEval-format rows,
+    such as a family's held-out set (class-conditional SiT sets included). Only the file's
+    content enters the identity, through its sha256, never its path.
+    """
+    split: str = "eval"
+    n_prompts: int | None = None          # None: the whole split
+    renders_per_prompt: int = 32
+    seed_offset: int = 1_000_000          # far from sampling seeds, so renders are independent
+    resolution: int = 32
+    prompt_file: str | None = None
+
+    def metas(self) -> list[dict]:
+        if self.prompt_file is not None:
+            from fewstep.prompts import read_prompts
+            return read_prompts(self.prompt_file)[:self.n_prompts]
+        from fewstep.toy import world
+        return world.prompt_set(self.split, n=self.n_prompts)
+
+    def identity(self) -> dict:
+        lines = "\n".join(json.dumps(m, sort_keys=True) for m in self.metas())
+        fields = {k: v for k, v in asdict(self).items() if k != "prompt_file"}
+        if self.prompt_file is not None:
+            fields["split"] = "prompt-file"
+        return {"kind": "toy-render", "version": REFERENCE_VERSION, **fields,
+                "prompt_set_sha256": hashlib.sha256(lines.encode()).hexdigest()}
+
+
+@dataclass
+class ReferenceStats:
+    features: np.ndarray
+    mu: np.ndarray
+    sigma: np.ndarray
+    sqrt_sigma: np.ndarray
+    prompt_ids: list[str]
+    identity: dict
+
+    @property
+    def stats_sha256(self) -> str:
+        return hashlib.sha256(self.mu.tobytes() + self.sigma.tobytes()).hexdigest()
+
+
+def _render_reference_folder(spec: ReferenceSpec, folder: Path) -> list[Path]:
+    """Write the reference renders as PNGs, so they take the same decode path as samples."""
+    from fewstep.toy import world
+    paths = []
+    for i, meta in enumerate(spec.metas()):
+        for j in range(spec.renders_per_prompt):
+            image, _ = world.render(meta, spec.seed_offset + j, spec.resolution)
+            paths.append(folder / f"{i:05d}_{j:04d}.png")
+            Image.fromarray(image, mode="RGB").save(paths[-1], format="PNG")
+    return paths
+
+
+def reference_key(spec: ReferenceSpec, extractor) -> tuple[str, dict]:
+    ident = {"reference": spec.identity(), "extractor_sha256": extractor.sha256,
+             "mode": MODE, "resize": resize_policy(extractor.size)}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest(), ident
+
+
+def build_reference(spec: ReferenceSpec, extractor, cache_dir=None, *, device="cpu",
+                    batch_size: int = 64) -> ReferenceStats:
+    """Reference features and statistics, from the cache file if present, else rendered now."""
+    key, ident = reference_key(spec, extractor)
+    path = Path(cache_dir or default_cache_dir()) / "toy_fid" / f"reference-{key[:20]}.npz"
+    prompt_ids = [m["prompt_id"] for m in spec.metas()]
+    if path.is_file():
+        with np.load(path) as data:
+            if json.loads(str(data["identity"])) == ident:
+                return _stats(data["features"], prompt_ids, ident)
+    with tempfile.TemporaryDirectory(prefix="toyfid-ref-") as tmp:
+        feats = extract_features(_render_reference_folder(spec, Path(tmp)), extractor,
+                                 device=device, batch_size=batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}.npz")
+    np.savez(tmp_path, features=feats, identity=json.dumps(ident, sort_keys=True))
+    os.replace(tmp_path, path)
+    return _stats(feats, prompt_ids, ident)
+
+
+def _stats(feats: np.ndarray, prompt_ids: list[str], ident: dict) -> ReferenceStats:
+    mu, sigma = gaussian_stats(feats)
+    return ReferenceStats(np.asarray(feats, np.float64), mu, sigma, psd_sqrt(sigma), prompt_ids, ident)
+
+
+# --------------------------------------------------------------------------------- the metric
+
+def _load_extractor(feature_net, cache_dir):
+    from fewstep.toy.features import ToyFeatureNet, load_feature_net, toy_feature_extractor
+    if isinstance(feature_net, ToyFeatureNet):
+        return toy_feature_extractor(feature_net)
+    if feature_net is not None:
+        return toy_feature_extractor(load_feature_net(feature_net))
+    return toy_feature_extractor(default_feature_net(cache_dir))
+
+
+def default_feature_net(cache_dir=None):
+    """The default-recipe feature net, trained once (about a minute) and cached by its recipe."""
+    from fewstep.toy.features import (FEATURE_NET_VERSION, TrainRecipe, load_feature_net,
+                                      save_feature_net, train_feature_net)
+    recipe = json.dumps({"version": FEATURE_NET_VERSION, **asdict(TrainRecipe())}, sort_keys=True)
+    name = f"feature-net-{hashlib.sha256(recipe.encode()).hexdigest()[:16]}.safetensors"
+    path = Path(cache_dir or default_cache_dir()) / "toy_fid" / name
+    if path.is_file():
+        return load_feature_net(path)
+    print(f"toy_fid: training the default feature net once; cached at {path}")
+    net = train_feature_net()
+    save_feature_net(net, path)
+    return net
+
+
+@dataclass
+class ToyFID(Metric):
+    """FID of a sample set against renders of its prompt set, in toy feature-net space."""
+    name = "toy_fid"
+    version = "1"
+    higher_is_better = False
+
+    feature_net: object = field(default=None, repr=False)  # ToyFeatureNet, .safetensors path, None
+    reference_split: str = "eval"
+    reference_prompts: str | None = None    # a prompt .jsonl instead of a split (see ReferenceSpec)
+    renders_per_prompt: int = 32
+    cache_dir: str | Path | None = None
+    device: str = "cpu"
+    batch_size: int = 64
+    n_resamples: int = DEFAULT_RESAMPLES
+    level: float = DEFAULT_LEVEL
+    seed: int = 0
+    min_n: int = 1000                       # fewer samples: marked not comparable (pitfalls B.8)
+
+    def __post_init__(self):
+        self.extractor = _load_extractor(self.feature_net, self.cache_dir)
+
+    def reference(self, resolution: int) -> ReferenceStats:
+        spec = ReferenceSpec(self.reference_split, None, self.renders_per_prompt,
+                             resolution=resolution, prompt_file=self.reference_prompts)
+        return build_reference(spec, self.extractor, self.cache_dir, device=self.device,
+                               batch_size=self.batch_size)
+
+    def features(self, ss: SampleSet) -> np.ndarray:
+        return extract_features(ss.image_paths(), self.extractor, device=self.device,
+                                batch_size=self.batch_size)
+
+    def identity(self, ref: ReferenceStats, ss: SampleSet) -> dict:
+        cleanfid_version = importlib.metadata.version("clean-fid")
+        return {"metric": self.name, "version": self.version, "mode": MODE,
+                "implementation": f"clean-fid {cleanfid_version} get_files_features + fewstep "
+                                  "frechet_distance (eigh)",
+                "resize": resize_policy(self.extractor.size), "extractor": self.extractor.name,
+                "extractor_sha256": self.extractor.sha256, "resolution": list(ss.resolution),
+                "sample_prompt_set_sha256": ss.prompt_set_sha256(),
+                "reference": ref.identity["reference"], "reference_stats_sha256": ref.stats_sha256,
+                "batch_size": self.batch_size}
+
+    def score(self, sample_set_folder, expected=None, resolution=None, allow_blank=False,
+              **ctx) -> MetricResult:
+        """allow_blank: accept constant images (a toy model may legitimately draw an empty canvas)."""
+        ss = load_sample_set(sample_set_folder, expected=expected, resolution=resolution,
+                             allow_blank=allow_blank)
+        height, width = ss.resolution
+        if height != width:
+            raise ValueError(f"toy FID needs square images; {ss.folder} holds {height}x{width}")
+        ref = self.reference(height)
+        _check_prompts(ss, ref, self.reference_split)
+        feats = self.features(ss)
+        _, groups = group_indices(ss.prompt_ids())
+
+        def fid_of(idx):
+            mu, sigma = gaussian_stats(feats[idx])
+            return frechet_distance(mu, sigma, ref.mu, ref.sigma, ref.sqrt_sigma)
+
+        with single_blas_thread():
+            ci = bootstrap(fid_of, groups, n_resamples=self.n_resamples, level=self.level,
+                           seed=self.seed, recentre=True)
+            kid = kid_from_features(feats, ref.features, self.seed)
+        details = {"kid": kid,
+                   "ci_method": ci.method, "ci_level": self.level, "n_resamples": self.n_resamples,
+                   "n_reference": int(len(ref.features)), "min_n": self.min_n,
+                   "comparable": len(ss) >= self.min_n, "blank_images_allowed": bool(allow_blank)}
+        per_sample = [{"prompt_id": r["prompt_id"], "seed": r["seed"], "path": r["path"]}
+                      for r in ss.records]
+        # FID >= 0: a recentred interval around a near-zero FID may dip below 0; clip it there.
+        return self.result(ci.estimate, (max(ci.low, 0.0), ci.high), len(ss), per_sample,
+                           self.identity(ref, ss), details)
+
+    def compare(self, folder_a, folder_b, **load_kw) -> BootstrapCI:
+        """Paired CI of FID(A) - FID(B) on a shared (prompt_id, seed) grid, resampling prompts.
+
+        Both sets are featurised once; each resample draws prompts and recomputes both FIDs on
+        the same prompts and seeds, so shared prompt difficulty cancels (paired design).
+        """
+        a, b = load_sample_set(folder_a, **load_kw), load_sample_set(folder_b, **load_kw)
+        if a.resolution != b.resolution or a.resolution[0] != a.resolution[1]:
+            raise ValueError(f"compare needs square images of one size; got {a.resolution} and "
+                             f"{b.resolution}")
+        _, order_b = align_pairs(a.keys(), b.keys())
+        ref = self.reference(a.resolution[0])
+        _check_prompts(a, ref, self.reference_split)
+        feats_a, feats_b = self.features(a), self.features(b)[order_b]
+        _, groups = group_indices(a.prompt_ids())
+
+        def fid_of(feats, idx):
+            return frechet_distance(*gaussian_stats(feats[idx]), ref.mu, ref.sigma, ref.sqrt_sigma)
+
+        with single_blas_thread():
+            return bootstrap(lambda idx: fid_of(feats_a, idx) - fid_of(feats_b, idx), groups,
+                             n_resamples=self.n_resamples, level=self.level, seed=self.seed,
+                             recentre=True)
+
+
+def _check_prompts(ss: SampleSet, ref: ReferenceStats, split: str) -> None:
+    """Samples must come from the reference's prompt set, or the comparison is meaningless."""
+    unknown = sorted(set(ss.prompt_ids()) - set(ref.prompt_ids))
+    if unknown:
+        raise ValueError(f"{len(unknown)} prompt ids of {ss.folder} are not in the reference prompt "
+                         f"set ({split!r}), e.g. {unknown[:3]}; sample from that split or set "
+                         "reference_split to the split the samples were generated from")

@@ -1,0 +1,58 @@
+# Scoring: the toy feature net (for toy FID) and each family's reference statistics are built once,
+# before the score jobs fan out; each score job runs every configured metric on one sample set.
+rule feature_net:
+    output:
+        "results/metrics/toy_feature_net.safetensors",
+    threads: 2
+    log:
+        "results/logs/metrics/feature_net.log",
+    params:
+        res=config["resolution"],
+    shell:
+        THREADS_ENV + " {FEWSTEP} features --size {params.res} --out {output} > {log} 2>&1"
+
+
+rule fid_reference:
+    input:
+        prompts="results/prompts/{family}.jsonl",
+        net=rules.feature_net.output,
+    output:
+        "results/metrics/fid_reference/{family}.json",
+    params:
+        n=config["fid"]["reference_images"],
+        res=config["resolution"],
+    threads: 1
+    log:
+        "results/logs/metrics/fid_reference/{family}.log",
+    shell:
+        THREADS_ENV + " {FEWSTEP} fid-ref --prompts {input.prompts} --feature-net {input.net} "
+        "--images {params.n} --resolution {params.res} --cache results/cache --out {output} "
+        "> {log} 2>&1"
+
+
+rule score:
+    input:
+        samples="results/samples/{family}/{method}/steps{steps}",
+        prompts="results/prompts/{family}.jsonl",
+        net=rules.feature_net.output,
+        reference="results/metrics/fid_reference/{family}.json",
+    output:
+        "results/scores/{family}/{method}/steps{steps}.json",
+    params:
+        metrics=" ".join(config["metrics"]),
+        seeds=SEEDS,
+        res=config["resolution"],
+        boot=config["bootstrap"],
+        n_ref=config["fid"]["reference_images"],
+        # toy world: an empty canvas is a legitimate bad sample, scored rather than refused
+        blank="--allow-blank" if config["world"] == "toy" else "",
+    threads: 1
+    log:
+        "results/logs/scores/{family}/{method}/steps{steps}.log",
+    shell:
+        THREADS_ENV + " {FEWSTEP} score --samples {input.samples} --prompts {input.prompts} "
+        "--seeds {params.seeds} --resolution {params.res} --metrics {params.metrics} "
+        "--feature-net {input.net} --reference-images {params.n_ref} --cache results/cache "
+        "{params.blank} "
+        "--resamples {params.boot[resamples]} --confidence {params.boot[confidence]} "
+        "--bootstrap-seed {params.boot[seed]} --out {output} > {log} 2>&1"
