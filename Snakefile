@@ -4,11 +4,8 @@ import sys
 
 from fewstep.config import validate
 
-configfile: "workflows/config/default.yaml"
 
-
-onstart:
-    pass
+configfile: f"{workflow.basedir}/workflows/config/default.yaml"
 
 
 validate(config, source="workflow config")

@@ -7,6 +7,7 @@ from fewstep.io import atomic_path
 def add_arguments(p):
     p.add_argument("--size", type=int, default=16, help="image size the extractor sees")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="default: the recipe's")
     p.add_argument("--out", required=True, help=".safetensors file to write")
 
 
@@ -14,7 +15,7 @@ def run(args):
     from fewstep.provenance import record
     from fewstep.toy.features import feature_net_hash, save_feature_net, train_feature_net
 
-    net = train_feature_net(seed=args.seed, size=args.size, verbose=True)
+    net = train_feature_net(steps=args.steps, seed=args.seed, size=args.size, verbose=True)
     with atomic_path(args.out) as tmp:
         save_feature_net(net, tmp)
     record(f"{args.out}.provenance.json", vars(args), seeds=[args.seed],

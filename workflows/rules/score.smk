@@ -8,8 +8,10 @@ rule feature_net:
         "results/logs/metrics/feature_net.log",
     params:
         res=config["resolution"],
+        steps=config["fid"]["feature_net_steps"],
     shell:
-        THREADS_ENV + " {FEWSTEP} features --size {params.res} --out {output} > {log} 2>&1"
+        THREADS_ENV + " {FEWSTEP} features --size {params.res} --steps {params.steps} "
+        "--out {output} > {log} 2>&1"
 
 
 rule fid_reference:
