@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from fewstep.io import write_text
 
 RESULT_FIELDS = ("name", "version", "higher_is_better", "value", "ci_low", "ci_high", "n",
                  "per_sample", "identity", "details")
@@ -60,12 +60,8 @@ class MetricResult:
 
     def save(self, path) -> Path:
         """Write the JSON atomically (temporary file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        tmp.write_text(self.to_json() + "\n")
-        os.replace(tmp, path)
-        return path
+        write_text(path, self.to_json() + "\n")
+        return Path(path)
 
     @classmethod
     def load(cls, path) -> "MetricResult":
