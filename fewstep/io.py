@@ -22,7 +22,9 @@ def atomic_path(path: str | os.PathLike):
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+            # a folder cannot be renamed onto another: move the old one aside into the scratch
+            # folder (deleted below), so the target is missing only between two renames
+            os.rename(path, tmp.parent / f".old-{path.name}")
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
+
+from fewstep.io import atomic_path
 
 MANIFEST = "manifest.jsonl"
 REQUIRED_KEYS = ("prompt_id", "prompt", "seed", "family", "method", "nfe", "path")
@@ -113,17 +112,11 @@ def write_sample_set(folder, images, records: Sequence[dict], *, overwrite: bool
         raise SampleSetError(folder, problems)
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} already exists; pass overwrite=True to replace it")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_path(folder) as tmp:
         tmp.mkdir()
         for img, row in zip(arr, rows):
             Image.fromarray(img, mode="RGB").save(tmp / row["path"], format="PNG")
         (tmp / MANIFEST).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-        _replace_folder(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return folder
 
 
@@ -131,17 +124,6 @@ def _completed_record(index: int, record: dict) -> dict:
     row = dict(record)
     row.setdefault("path", default_image_name(index))
     return row
-
-
-def _replace_folder(tmp: Path, folder: Path) -> None:
-    """Rename tmp onto folder; an existing folder is moved aside first and deleted afterwards."""
-    if not folder.exists():
-        os.rename(tmp, folder)
-        return
-    old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(folder, old)
-    os.rename(tmp, folder)
-    shutil.rmtree(old)
 
 
 # ----------------------------------------------------------------------------------------- reading

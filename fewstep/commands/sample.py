@@ -47,7 +47,8 @@ def run(args):
     from metrics.sampleset import write_sample_set
 
     rows = read_prompts(args.prompts)
-    backbone = teachers.load(Path(args.teacher)).eval()
+    recipe = teachers.verify(Path(args.teacher))
+    backbone = teachers.load(Path(args.teacher), verified=recipe).eval()
     torch.manual_seed(0)  # nothing random should remain, but make that explicit
     images, jobs = sample_images(backbone, rows, args.seeds, args.steps, args.guidance, args.batch)
     nfe = nfe_of(args.steps, args.guidance)
@@ -57,5 +58,5 @@ def run(args):
     with atomic_path(args.out) as tmp:
         write_sample_set(tmp, images, records)
         record(tmp / "provenance.json", vars(args), seeds=args.seeds,
-               teacher_recipe=teachers.verify(Path(args.teacher)))
+               teacher_recipe=recipe)
     print(f"wrote {len(records)} images ({backbone.family}, {args.steps} steps, NFE {nfe}) to {args.out}")
