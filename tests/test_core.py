@@ -95,3 +95,24 @@ def test_cli_prints_clear_error_without_traceback(tmp_path):
     assert out.returncode == 2
     assert "Did you mean 'sdxl'" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_every_cli_verb_imports():
+    import importlib
+
+    from fewstep.cli import VERBS
+
+    for verb, (module, _) in VERBS.items():
+        mod = importlib.import_module(module)
+        assert callable(mod.add_arguments) and callable(mod.run), verb
+
+
+def test_cli_config_verb_validates(tmp_path):
+    good = subprocess.run([sys.executable, "-m", "fewstep", "config"], capture_output=True, text=True)
+    assert good.returncode == 0, good.stderr
+    assert "valid" in good.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("world: toy\nfamilies: [sdxl]\nmetricz: [toy_fid]\n")
+    out = subprocess.run([sys.executable, "-m", "fewstep", "config", str(bad)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "metricz" in out.stderr and "Traceback" not in out.stderr
