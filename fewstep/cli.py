@@ -14,12 +14,14 @@ VERBS = {
     "prompts": ("fewstep.commands.prompts", "write a family's held-out prompt set"),
     "teacher": ("fewstep.commands.teacher", "train, install or check a toy teacher"),
     "features": ("fewstep.commands.features", "train the toy feature extractor (toy FID)"),
+    "train": ("fewstep.commands.train", "distil a teacher with a method (resumable, torchrun-ready)"),
     "sample": ("fewstep.commands.sample", "sample a teacher at a number of steps into a sample set"),
     "fid-ref": ("fewstep.commands.fidref", "build FID reference statistics"),
     "score": ("fewstep.commands.score", "score a sample set with the configured metrics"),
     "track": ("fewstep.commands.track", "push scored runs to MLflow (idempotent)"),
     "report": ("fewstep.commands.report", "write the leaderboard"),
     "config": ("fewstep.commands.configcmd", "validate a workflow config"),
+    "profile": ("fewstep.commands.profile", "install a Snakemake profile (slurm) where --profile finds it"),
 }
 
 

@@ -67,7 +67,11 @@ BACKBONES = Registry("backbone family", "fewstep.backbones", {
     "sd3": "fewstep.backbones.sd3:SD3Backbone",
     "sit": "fewstep.backbones.sit:SiTBackbone",
 }, plural="backbone families")
-METHODS = Registry("method", "fewstep.methods", {})
+METHODS = Registry("method", "fewstep.methods", {
+    "dummy": "methods.dummy:Dummy",
+    "dmd": "methods.dmd:DMD",
+    "dmd2": "methods.dmd2:DMD2",
+})
 METRICS = Registry("metric", "fewstep.metrics", {
     "toy_fid": "metrics.fid:ToyFID",
     "toy_geneval": "metrics.geneval:ToyGenEval",

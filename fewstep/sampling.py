@@ -33,3 +33,24 @@ def sample_ode(backbone: Backbone, noise: torch.Tensor, cond: Cond, steps: int,
             return x0  # the last step lands on clean data: its x0-prediction is the sample
         x = backbone.schedule.ddim_step(x, x0, torch.tensor(t), torch.tensor(t_next))
     return x
+
+
+@torch.no_grad()
+def sample_student(generator: Backbone, noise: torch.Tensor, cond: Cond, grid, theta: float,
+                   step_noise=None, guidance: float = 1.0) -> torch.Tensor:
+    """A few-step generator's sampler: x0_i = G(x_i, t_i, c); x_{i+1} = alpha x0_i + sigma (cos theta
+    eps_hat + sin theta xi_i) at t_{i+1} (spec README section 3); returns the last x0-prediction.
+
+    theta = pi/2 re-noises with fresh noise (DMD2, dmd2.md 5.1), 0 is deterministic (CDM),
+    eta pi/2 is RTDMD's CPS. `step_noise(i)` gives xi_i (per-sample seeded in the DAG).
+    """
+    x = noise
+    x0 = noise
+    for i, t in enumerate(grid):
+        t_vec = torch.full((x.shape[0],), float(t), device=x.device)
+        x0 = generator.x0(x, t_vec, cond, guidance)
+        if i + 1 < len(grid):
+            xi = step_noise(i) if theta else None
+            x = generator.schedule.ddim_step(x, x0, t_vec, torch.full_like(t_vec, float(grid[i + 1])),
+                                             xi, theta)
+    return x0

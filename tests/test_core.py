@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 import torch
 
 from fewstep import config
@@ -116,3 +117,20 @@ def test_cli_config_verb_validates(tmp_path):
     out = subprocess.run([sys.executable, "-m", "fewstep", "config", str(bad)],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "metricz" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_profile_install_links_the_repository_profile(tmp_path):
+    from fewstep.commands.profile import PROFILES, install
+    from fewstep.errors import FewstepError
+
+    target = install("slurm", dest=str(tmp_path))
+    assert target.resolve() == (PROFILES / "slurm").resolve()
+    assert install("slurm", dest=str(tmp_path)) == target  # idempotent
+    cfg = yaml.safe_load((target / "config.yaml").read_text())
+    assert cfg["executor"] == "slurm" and cfg["slurm-status-command"] == "squeue"
+    with pytest.raises(FewstepError, match="known"):
+        install("slrum", dest=str(tmp_path))
+    other = tmp_path / "other"
+    (other / "slurm").mkdir(parents=True)
+    with pytest.raises(FewstepError, match="--force"):
+        install("slurm", dest=str(other))

@@ -60,6 +60,11 @@ class SiTBackbone(Backbone):
         self.latent_shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
 
     @property
+    def denoiser(self) -> nn.Module:
+        """The trainable network (what methods fine-tune and checkpoints store)."""
+        return self.net
+
+    @property
     def pixel_space(self) -> bool:
         return isinstance(self.codec, PixelCodec)
 

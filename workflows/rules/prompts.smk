@@ -3,6 +3,7 @@ rule prompts:
         "results/prompts/{family}.jsonl",
     params:
         n=config["eval"]["prompts"],
+    priority: 1000  # seconds of work that unblock the sampling jobs
     log:
         "results/logs/prompts/{family}.log",
     shell:

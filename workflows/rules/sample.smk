@@ -8,6 +8,8 @@ rule sample_teacher:
         guidance=lambda wc: config["teachers"]["guidance"][wc.family],
         seeds=SEEDS,
     threads: 1
+    # longest jobs first (cost grows with steps), so the last job to finish is a short one
+    priority: lambda wc: int(wc.steps)
     resources:
         gpu=1,
     log:

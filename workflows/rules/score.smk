@@ -3,7 +3,9 @@
 rule feature_net:
     output:
         "results/metrics/toy_feature_net.safetensors",
-    threads: 2
+    # one thread and first in line: it trains beside the sampling jobs instead of after them
+    threads: 1
+    priority: 100
     log:
         "results/logs/metrics/feature_net.log",
     params:
@@ -20,6 +22,7 @@ rule fid_reference:
         net=rules.feature_net.output,
     output:
         "results/metrics/fid_reference/{family}.json",
+    priority: 50
     params:
         n=config["fid"]["reference_images"],
         res=config["resolution"],

@@ -1,0 +1,73 @@
+"""fewstep train: distil a teacher with a registered method (resumes from its run folder).
+
+Under torchrun every rank runs this command; rank 0 writes checkpoints and the model folder.
+Exit status 75 means "stopped by SIGTERM/SIGUSR1 after saving a checkpoint": rerun to resume.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def add_arguments(p):
+    p.add_argument("--method", required=True, help="registered method name (dmd, dmd2, ...)")
+    p.add_argument("--teacher", required=True, help="teacher folder (fewstep teacher install/train)")
+    p.add_argument("--preset", default=None, help="named preset of the method (e.g. toy)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="option overrides, YAML values (steps=200 generator_grid=[1.0,0.5])")
+    p.add_argument("--run-dir", required=True, help="checkpoints and metrics.jsonl (resume state)")
+    p.add_argument("--out", required=True, help="model folder to write when training ends")
+    p.add_argument("--resolution", type=int, default=16)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not KEY=VALUE")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def run(args):
+    import torch
+
+    from fewstep.engine import distributed
+    from fewstep.engine.loop import STOP_EXIT, StopRequested, Trainer
+    from fewstep.engine.run import build_method, export, toy_context
+    from fewstep.provenance import record
+    from fewstep.registry import METHODS
+    from fewstep.toy import teachers
+
+    METHODS.check(args.method)
+    overrides = parse_overrides(args.set)
+    info = distributed.init(args.device)
+    recipe = teachers.verify(Path(args.teacher))
+    teacher = teachers.load(Path(args.teacher), verified=recipe).to(info.device)
+    family = recipe["recipe"]["family"]
+    ctx = toy_context(teacher, family, args.resolution, 0, info)
+    method = build_method(args.method, teacher, ctx, args.preset, overrides)
+    trainer = Trainer(method, Path(args.run_dir), info)
+    try:
+        state = trainer.run(progress=not args.no_progress)
+    except StopRequested as stop:
+        print(f"fewstep train: {stop}", file=sys.stderr)
+        return STOP_EXIT
+    finally:
+        distributed.barrier(info)
+    if info.main:
+        exported = export(method, trainer, Path(args.out),
+                          {"preset": args.preset, "overrides": overrides,
+                           "teacher_sha256": recipe.get("sha256"),
+                           "resumed_from": state.resumed_from})
+        record(Path(args.out).with_name(Path(args.out).name + ".provenance.json"), vars(args),
+               seeds=[method.opt.seed], student=exported["student"])
+        print(f"trained {args.method} on {family} for {state.step} iterations -> {args.out} "
+              f"(NFE {exported['student']['nfe']})")
+    distributed.shutdown(info)
+    return 0

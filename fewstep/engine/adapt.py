@@ -1,0 +1,70 @@
+"""Trainable copies of a backbone: full fine-tune or peft LoRA, optional gradient checkpointing.
+
+LoRA targets default per family. SDXL follows DMD2's list (attention, projections, feed-forward,
+convolutions, down/up-samplers, time embedding; dmd2.md section 2); SD3 and SiT take the attention
+and MLP projections (RTDMD uses attention projections on SD3; a harness choice, recorded).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from fewstep.backbones.base import Backbone
+
+LORA_TARGETS = {
+    "sdxl": ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+             "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
+             "time_emb_proj"),
+    "sd3": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+    "sit": ("qkv", "attn_out", "mlp_in", "mlp_out"),
+}
+
+
+def trainable_copy(backbone: Backbone, opt=None) -> Backbone:
+    """Deep copy whose denoiser trains (text encoders and codec stay frozen and shared/copied)."""
+    net = copy.deepcopy(backbone)
+    net.requires_grad_(False)
+    net.denoiser.requires_grad_(True)
+    net.denoiser.train()
+    if opt is not None and opt.lora_rank > 0:
+        add_lora(net, opt.lora_rank, opt.lora_alpha or opt.lora_rank, opt.lora_targets)
+    if opt is not None and opt.grad_checkpointing:
+        enable_checkpointing(net.denoiser)
+    return net
+
+
+def add_lora(backbone: Backbone, rank: int, alpha: float, targets=()) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = list(targets or LORA_TARGETS[backbone.family])
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
+                        init_lora_weights="gaussian")
+    inject_adapter_in_model(config, backbone.denoiser)
+    for name, p in backbone.denoiser.named_parameters():
+        p.requires_grad_("lora_" in name)
+
+
+def enable_checkpointing(denoiser: nn.Module) -> None:
+    if hasattr(denoiser, "enable_gradient_checkpointing"):
+        denoiser.enable_gradient_checkpointing()
+    elif hasattr(denoiser, "gradient_checkpointing"):
+        denoiser.gradient_checkpointing = True
+    else:
+        raise ValueError(f"{type(denoiser).__name__} has no gradient checkpointing switch")
+
+
+@torch.no_grad()
+def merged_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
+    """The denoiser's weights with any LoRA merged, under the base architecture's key names."""
+    work = copy.deepcopy(denoiser)
+    lora_layers = [m for m in work.modules() if hasattr(m, "merge") and hasattr(m, "base_layer")]
+    for layer in lora_layers:
+        layer.merge()
+    out = {}
+    for key, value in work.state_dict().items():
+        if "lora_" in key:
+            continue
+        out[key.replace(".base_layer.", ".")] = value.detach().contiguous().cpu()
+    return out

@@ -1,0 +1,107 @@
+"""What a method may ask of the engine during an iteration: randomness, prompts, real data, reward.
+
+Randomness is derived from (seed, iteration, stream name) and, for rank-local draws, the rank, so
+a resumed run draws exactly what the uninterrupted run drew, without saving data-loader state,
+and draws that must agree across ranks (stop index, schedule length, shared t) come from the
+`shared` generators, which are identical on every rank by construction (spec README section 6).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from fewstep.backbones.base import Backbone, Cond, cond_index
+
+
+def _seed(*parts) -> int:
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class PromptBatch:
+    """A batch of conditions: metadata rows (toy world: GenEval format), their conditioning,
+    and a group id per row (rows drawn as K repeats of one prompt share a group)."""
+
+    metas: list[dict]
+    cond: Cond
+    groups: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.metas)
+
+
+class PromptPool:
+    """A fixed pool of training conditions, encoded once, drawn from by index."""
+
+    def __init__(self, metas: list[dict], cond: Cond):
+        if not metas:
+            raise ValueError("the training prompt pool is empty")
+        self.metas, self.cond = metas, cond
+
+    def draw(self, n: int, gen: torch.Generator, repeat: int = 1) -> PromptBatch:
+        idx = torch.randint(len(self.metas), (n,), generator=gen)
+        idx = idx.repeat_interleave(repeat)
+        groups = torch.arange(n).repeat_interleave(repeat)
+        return PromptBatch([self.metas[i] for i in idx.tolist()], cond_index(self.cond, idx), groups)
+
+
+class Context:
+    """Per-run services; `step` is set by the loop before each iteration."""
+
+    def __init__(self, teacher: Backbone, pool: PromptPool, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, device: torch.device | str = "cpu",
+                 real_images: Callable | None = None, reward: Callable | None = None,
+                 autocast: bool = False):
+        self.teacher, self.pool = teacher, pool
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.device = torch.device(device)
+        self._real_images, self.reward = real_images, reward
+        self.autocast_enabled = autocast and self.device.type == "cuda"
+        self.step = 0
+
+    # -- randomness ---------------------------------------------------------------------------
+    def gen(self, stream: str) -> torch.Generator:
+        """Rank-local generator for this iteration and stream (CPU; tensors move to the device)."""
+        return torch.Generator().manual_seed(_seed(self.seed, self.step, stream, "rank", self.rank))
+
+    def shared_gen(self, stream: str) -> torch.Generator:
+        """Generator identical on every rank (rank-synchronised draws)."""
+        return torch.Generator().manual_seed(_seed(self.seed, self.step, stream, "shared"))
+
+    def randn(self, shape, stream: str) -> torch.Tensor:
+        return torch.randn(tuple(shape), generator=self.gen(stream)).to(self.device)
+
+    def randn_like(self, x: torch.Tensor, stream: str) -> torch.Tensor:
+        return torch.randn(x.shape, generator=self.gen(stream)).to(x)
+
+    def uniform(self, n: int, low: float, high: float, stream: str, shared: bool = False) -> torch.Tensor:
+        g = self.shared_gen(stream) if shared else self.gen(stream)
+        return (low + (high - low) * torch.rand(n, generator=g, dtype=torch.float64)).to(self.device)
+
+    def randint(self, low: int, high: int, n: int, stream: str, shared: bool = False) -> torch.Tensor:
+        """Integers in [low, high] inclusive."""
+        g = self.shared_gen(stream) if shared else self.gen(stream)
+        return torch.randint(low, high + 1, (n,), generator=g).to(self.device)
+
+    # -- data ---------------------------------------------------------------------------------
+    def prompts(self, n: int, stream: str = "prompts", repeat: int = 1) -> PromptBatch:
+        batch = self.pool.draw(n, self.gen(stream), repeat)
+        batch.cond = {k: v.to(self.device) for k, v in batch.cond.items()}
+        return batch
+
+    def real(self, n: int, stream: str = "real") -> tuple[torch.Tensor, PromptBatch]:
+        """Real latents with their own captions (DMD2's GAN data)."""
+        if self._real_images is None:
+            raise RuntimeError("this run has no real data; the method needs `real_images`")
+        batch = self.prompts(n, stream + "/prompts")
+        images = self._real_images(batch.metas, self.gen(stream))
+        with torch.no_grad():
+            latents = self.teacher.encode_images(images.to(self.device))
+        return latents, batch
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast_enabled)

@@ -1,0 +1,112 @@
+"""Distribution-matching building blocks shared by DMD, DMD2 and AMD.
+
+One generator G_theta (teacher copy) and one critic D_F (teacher copy, the "fake score"), the
+DM gradient of shared spec README section 6 (DMD Eq. 7-8, Algorithm 2) and the critic's denoising
+loss on the native target. Times follow each family: SDXL draws integers k on the DMD2 grid
+(k in {20..980} for DM, {0..999} for the critic), flow families draw continuous t.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fewstep import losses
+from fewstep.engine.adapt import trainable_copy
+from fewstep.engine.method import Method, StudentSpec, student_grid
+from fewstep.engine.options import TrainOptions
+from fewstep.schedule import TimeSampler
+
+
+@dataclass
+class DMOptions(TrainOptions):
+    teacher_guidance: float = 1.0        # omega of D_T^omega (x0-space CFG); critic is unguided
+    dm_t_range: tuple[float, float] = (0.02, 0.98)  # fractions of T (SDXL integer rule) or t
+    dm_t_shift: float = 1.0              # shift of DM times on flow families (dmd2.dm_t_shift)
+    critic_t_clip: tuple[float, float] = (0.001, 0.999)  # flow critics: U(0,1) clipped (harness)
+    generator_grid: tuple[float, ...] = (1.0,)  # fractions of the time range, 1 = noise
+    grid_shift: float = 1.0              # shift applied to the grid on flow families
+    normaliser_teacher: str = "guided"   # dmd.normaliser_teacher: guided | unguided
+
+
+class DistributionMatching(Method):
+    """Generator + critic initialised from the teacher; helpers for the DM and critic losses."""
+
+    Options = DMOptions
+
+    def __init__(self, teacher, options, ctx):
+        super().__init__(teacher, options, ctx)
+        if options.normaliser_teacher not in ("guided", "unguided"):
+            raise ValueError("normaliser_teacher must be 'guided' or 'unguided', "
+                             f"got {options.normaliser_teacher!r}")
+        self._generator = trainable_copy(teacher, options)
+        self.critic = trainable_copy(teacher)  # full copy: LoRA applies to the generator only
+        self.critic.requires_grad_(False)
+        self.critic.denoiser.requires_grad_(True)
+        self.grid = student_grid(teacher, options.generator_grid, options.grid_shift)
+        discrete = teacher.schedule.kind != "flow"
+        lo, hi = options.dm_t_range
+        self.dm_times = TimeSampler("grid", lo, hi) if discrete else \
+            TimeSampler("uniform", lo, hi, shift=options.dm_t_shift)
+        self.critic_times = TimeSampler("grid", 0.0, 1.0) if discrete else \
+            TimeSampler("uniform", *options.critic_t_clip)
+
+    # -- networks ------------------------------------------------------------------------------
+    def networks(self):
+        return {"generator": self.generator.denoiser, "critic": self.critic.denoiser}
+
+    def student(self) -> StudentSpec:
+        from fewstep.engine.method import RENOISE
+        return StudentSpec(self.grid, theta=RENOISE if len(self.grid) > 1 else 0.0)
+
+    def draw_t(self, sampler: TimeSampler, n: int, stream: str) -> torch.Tensor:
+        return sampler.sample(n, self.ctx.gen(stream)).float().to(self.ctx.device)
+
+    def generate(self, z, cond, grad: bool = True, stop: int = 0, stream: str = "gen"):
+        """x_hat = G(x_stop, t_stop, c); x_stop from a no-grad rollout when stop > 0."""
+        x_in = z if stop == 0 else self.rollout_input(z, cond, stop, stream)
+        t = torch.full((z.shape[0],), self.grid[stop], device=z.device)
+        with torch.set_grad_enabled(grad):
+            return self.generator.x0(x_in, t, cond)
+
+    def rollout_input(self, z, cond, stop: int, stream: str):
+        """DMD2 backward simulation (dmd2.md 5.2): rollout from independent noise z' to stop-1, then
+        x_stop = F_{t_stop}(x0_{stop-1}, z) re-noised with the batch noise z."""
+        z_prime = self.ctx.randn_like(z, f"{stream}/z_prime")
+        x = self.rollout(z_prime, cond, self.grid, stop - 1, theta=torch.pi / 2, stream=stream)
+        t_prev = torch.full((z.shape[0],), self.grid[stop - 1], device=z.device)
+        with torch.no_grad():
+            x0_prev = self.generator.x0(x, t_prev, cond)
+            t_stop = torch.full_like(t_prev, self.grid[stop])
+            return self.generator.schedule.add_noise(x0_prev, z, t_stop)
+
+    # -- losses --------------------------------------------------------------------------------
+    def teacher_and_critic(self, x, cond, stream: str = "dm"):
+        """(x_t, t, p_T^omega, p_F) at a fresh DM time; no gradient anywhere (DMD Alg. 2 steps 1-3)."""
+        t = self.draw_t(self.dm_times, x.shape[0], f"{stream}/t")
+        eps = self.ctx.randn_like(x, f"{stream}/eps")
+        with torch.no_grad():
+            x_t = self.teacher.schedule.add_noise(x.detach(), eps, t)
+            p_real = self.teacher.x0(x_t, t, cond, self.opt.teacher_guidance)
+            p_fake = self.critic.x0(x_t, t, cond)
+        return x_t, t, p_real, p_fake
+
+    def dm_loss(self, x, cond, stream: str = "dm") -> tuple[torch.Tensor, dict]:
+        """L_DM = 1/2 mean (x - sg(x - g))^2 with g = (p_F - p_T) / mean|x - p_T| (DMD Eq. 7-8)."""
+        x_t, t, p_real, p_fake = self.teacher_and_critic(x, cond, stream)
+        g = losses.dm_gradient(x, p_real, p_fake)
+        if self.opt.normaliser_teacher == "unguided" and self.opt.teacher_guidance != 1.0:
+            with torch.no_grad():
+                p_plain = self.teacher.x0(x_t, t, cond)
+            g = losses.dm_gradient(x, p_plain, p_plain + (p_fake - p_real))
+        return losses.dm_surrogate(x, g), {"dm_grad_abs": float(g.abs().mean())}
+
+    def critic_loss(self, x, cond, stream: str = "critic", weight=None) -> torch.Tensor:
+        """Denoising loss of D_F on sg(x) over the full range, native target (DMD Eq. 6)."""
+        x = x.detach()
+        t = self.draw_t(self.critic_times, x.shape[0], f"{stream}/t")
+        eps = self.ctx.randn_like(x, f"{stream}/eps")
+        x_t = self.critic.schedule.add_noise(x, eps, t)
+        pred = self.critic.native(x_t, t, cond)
+        target = self.critic.native_target(x_t, t, x)
+        return losses.native_mse(pred, target, weight)

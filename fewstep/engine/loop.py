@@ -1,0 +1,189 @@
+"""The one training loop: plans, optimisers, clipping, EMA, checkpoints, signals, NaN guard.
+
+SIGTERM, and SIGUSR1 (which SLURM sends before a time limit when asked to), make the loop finish
+the current iteration, save a checkpoint and exit with STOP_EXIT; the retried job resumes from
+that checkpoint and continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fewstep.engine import checkpoint
+from fewstep.engine.distributed import DistInfo, any_rank, average_gradients, barrier, broadcast_module
+from fewstep.engine.method import Method
+from fewstep.errors import FewstepError
+
+STOP_EXIT = 75  # EX_TEMPFAIL: stopped by a signal after saving; rerun to resume
+
+
+class NonFiniteLossError(FewstepError):
+    pass
+
+
+class StopRequested(Exception):
+    """Raised after the checkpoint is saved; the CLI turns it into exit status STOP_EXIT."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"stopped by signal {signum} after iteration {step}; checkpoint saved, "
+                         f"rerun the same command to resume")
+        self.step, self.signum = step, signum
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    resumed_from: int | None = None
+    last: dict = field(default_factory=dict)
+    ema_updates: int = 0
+
+
+class _Signals:
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def ema_decay(method: Method, updates: int) -> float:
+    d = method.opt.ema_decay
+    return min(d, (1 + updates) / (10 + updates)) if method.opt.ema_warmup else d
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
+        if e.dtype.is_floating_point:
+            e.lerp_(p.to(e.dtype), 1.0 - decay)
+        else:
+            e.copy_(p)
+
+
+class Trainer:
+    def __init__(self, method: Method, run_dir: Path, info: DistInfo | None = None):
+        self.method, self.run_dir = method, Path(run_dir)
+        self.info = info or DistInfo()
+        opt = method.opt
+        self.nets = method.networks()
+        self.params = {n: [p for p in m.parameters() if p.requires_grad] for n, m in self.nets.items()}
+        self.optimizers = {n: torch.optim.AdamW(self.params[n], lr=method.lr(n), betas=tuple(opt.betas),
+                                                weight_decay=method.weight_decay(n))
+                           for n in self.nets}
+        warm = max(1, int(opt.warmup))
+        self.schedulers = {n: torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / warm))
+                           for n, o in self.optimizers.items()}
+        self.emas = {"generator": copy.deepcopy(self.nets["generator"]).requires_grad_(False)} \
+            if opt.ema_decay > 0 else {}
+        self.state = RunState()
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def resume(self) -> None:
+        folder = checkpoint.latest(self.run_dir)
+        if folder is None:
+            for module in self.nets.values():
+                broadcast_module(module, self.info)
+            return
+        saved = checkpoint.load(folder, self.nets, self.emas, self.optimizers, self.schedulers)
+        self.state.step = self.state.resumed_from = saved["step"]
+        self.state.ema_updates = saved["extra"].get("ema_updates", 0)
+
+    def save(self) -> None:
+        if self.info.main:
+            checkpoint.save(self.run_dir, self.state.step, self.nets, self.emas, self.optimizers,
+                            self.schedulers, {"ema_updates": self.state.ema_updates})
+        barrier(self.info)
+
+    # -- one iteration ----------------------------------------------------------------------------
+    def update(self, net: str, scratch: dict) -> dict:
+        method, step = self.method, self.state.step
+        opt = self.optimizers[net]
+        opt.zero_grad(set_to_none=True)
+        with method.ctx.autocast():
+            loss, scalars = method.loss(net, scratch)
+        if not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLossError(f"iteration {step}: the {net} loss of {method.name} is "
+                                     f"{loss.item()}; stopping (last checkpoint kept)")
+        loss.backward(inputs=self.params[net])
+        average_gradients(self.params[net], self.info)
+        row = {f"{net}/loss": float(loss.detach())}
+        if method.opt.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(self.params[net], method.opt.grad_clip)
+            if not torch.isfinite(norm):
+                raise NonFiniteLossError(f"iteration {step}: the {net} gradient norm of "
+                                         f"{method.name} is {norm.item()}; stopping")
+            row[f"{net}/grad_norm"] = float(norm)
+        opt.step()
+        method.after_update(net)
+        row.update({f"{net}/{k}": float(v.detach()) if torch.is_tensor(v) else float(v)
+                    for k, v in scalars.items()})
+        return row
+
+    def iteration(self) -> dict:
+        method = self.method
+        method.ctx.step = self.state.step
+        scratch: dict = {}
+        row = {"step": self.state.step}
+        for net in method.plan(self.state.step):
+            row.update(self.update(net, scratch))
+        for sched in self.schedulers.values():
+            sched.step()  # every iteration, whatever the plan (DMD2 steps both schedulers)
+        if self.emas and self.state.step % method.opt.ema_every == 0:
+            decay = ema_decay(method, self.state.ema_updates)
+            ema_update(self.emas["generator"], self.nets["generator"], decay)
+            self.state.ema_updates += 1
+        return row
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self, progress: bool = True) -> RunState:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.resume()
+        opt = self.method.opt
+        log_path = self.run_dir / "metrics.jsonl"
+        _truncate_log(log_path, self.state.step)
+        bar = tqdm(total=opt.steps, initial=self.state.step, desc=f"train {self.method.name}",
+                   disable=not (progress and self.info.main))
+        with _Signals() as signals, open(log_path, "a") as log:
+            while self.state.step < opt.steps:
+                start = time.perf_counter()
+                row = self.iteration()
+                row["seconds"] = time.perf_counter() - start
+                self.state.step += 1
+                self.state.last = row
+                if self.info.main and (row["step"] % max(1, opt.log_every) == 0):
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                bar.update(1)
+                stop = any_rank(bool(signals.signum), self.info)
+                if stop or self.state.step % opt.checkpoint_every == 0 or self.state.step == opt.steps:
+                    self.save()
+                if stop:
+                    bar.close()
+                    raise StopRequested(self.state.step, signals.signum or signal.SIGTERM)
+        bar.close()
+        return self.state
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop logged rows of iterations that will run again."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < step]
+    path.write_text("".join(line + "\n" for line in keep))

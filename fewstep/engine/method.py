@@ -1,0 +1,140 @@
+"""The Method base class: what a distillation method tells the engine.
+
+A method owns its networks and losses; the engine owns the loop. Per iteration the engine asks
+`plan(step)` which networks update and in which order, and for each of them calls
+`loss(net, scratch)`, back-propagates into that network's parameters only, clips and steps its
+optimiser, then calls `after_update(net)`. `scratch` is a dict shared by the iteration's updates
+(for example the generator sample that both the generator and the critic losses use).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fewstep.backbones.base import Backbone
+from fewstep.engine.context import Context
+from fewstep.engine.options import TrainOptions
+
+
+@dataclass
+class StudentSpec:
+    """How to sample the trained generator: t-grid, re-noising angle, guidance, NFE.
+
+    theta: the angle of the step x_t' = alpha(t') x0 + sigma(t') (cos theta eps_hat + sin theta xi)
+    (spec README section 3): 0 deterministic DDIM/Euler (CDM), pi/2 fresh re-noising (DMD2's
+    multi-step sampler), eta * pi/2 for RTDMD's CPS.
+    """
+
+    grid: list[float]
+    theta: float = 0.0
+    guidance: float = 1.0
+
+    @property
+    def nfe(self) -> int:
+        return len(self.grid) * (1 if self.guidance == 1.0 else 2)
+
+    def to_dict(self) -> dict:
+        return {"grid": list(map(float, self.grid)), "theta": float(self.theta),
+                "guidance": float(self.guidance), "nfe": self.nfe}
+
+
+def frozen(module: nn.Module) -> nn.Module:
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def trainable_copy(backbone: Backbone) -> Backbone:
+    """A trainable deep copy (text encoders are shared, not copied; see TextStack)."""
+    net = copy.deepcopy(backbone)
+    net.train()
+    net.requires_grad_(False)
+    net.denoiser.requires_grad_(True)
+    return net
+
+
+def student_grid(backbone: Backbone, fractions, shift: float = 1.0) -> list[float]:
+    """t-values of a few-step grid given as fractions of the time range, 1 = noise.
+
+    Discrete VP (SDXL): k = 999 - round(1000 (1 - u)), so [1, .75, .5, .25] -> k = [999, 749, 499,
+    249] (DMD2's 4-step grid; 1-step at u = 0.4 gives k = 399). Flow families: t = shift(u).
+    """
+    from fewstep.schedule import shift as shift_map
+
+    sched = backbone.schedule
+    if sched.kind == "flow":
+        return [float(v) for v in shift_map(torch.tensor(list(fractions), dtype=torch.float64), shift)]
+    ks = [999 - round(1000 * (1 - float(u))) for u in fractions]
+    return [float(sched.t_of_k(k)) for k in ks]
+
+
+class Method:
+    """Base class. Subclasses set `name`, `Options`, `PRESETS`, and implement the hooks."""
+
+    name = "abstract"
+    fidelity = "faithful"  # "faithful" | "reconstructed" (shown in reports)
+    Options = TrainOptions
+    PRESETS: dict[str, dict] = {}
+
+    def __init__(self, teacher: Backbone, options, ctx: Context):
+        self.teacher = frozen(teacher)
+        self.opt = options
+        self.ctx = ctx
+
+    # -- to implement ---------------------------------------------------------------------------
+    def networks(self) -> dict[str, nn.Module]:
+        """Trainable modules by name ("generator" first); each gets its own optimiser."""
+        raise NotImplementedError
+
+    def plan(self, step: int) -> list[str]:
+        """Networks updated at this iteration, in order (two-time-scale rules live here)."""
+        return list(self.networks())
+
+    def loss(self, net: str, scratch: dict) -> tuple[torch.Tensor, dict]:
+        """(scalar loss for `net`, scalars to log)."""
+        raise NotImplementedError
+
+    def after_update(self, net: str) -> None:
+        """Called after `net`'s optimiser step (CDM's fake-teacher merge)."""
+
+    def student(self) -> StudentSpec:
+        raise NotImplementedError
+
+    @property
+    def generator(self) -> Backbone:
+        return self._generator
+
+    # -- per-network optimiser settings ---------------------------------------------------------
+    def lr(self, net: str) -> float:
+        if net == "generator" or self.opt.critic_lr is None:
+            return self.opt.lr
+        return self.opt.critic_lr
+
+    def weight_decay(self, net: str) -> float:
+        if net == "generator" or self.opt.critic_weight_decay is None:
+            return self.opt.weight_decay
+        return self.opt.critic_weight_decay
+
+    # -- helpers shared by the methods -----------------------------------------------------------
+    def rollout(self, z: torch.Tensor, cond, grid: list[float], stop: int, theta: float,
+                stream: str) -> torch.Tensor:
+        """No-grad run of the generator's sampler from z through grid[:stop]; returns x at grid[stop].
+
+        With stop = 0 the result is z itself (pure noise at the first grid time).
+        """
+        x = z
+        sched = self.generator.schedule
+        with torch.no_grad():
+            for i in range(stop):
+                t = torch.full((x.shape[0],), grid[i], device=x.device)
+                x0 = self.generator.x0(x, t, cond)
+                xi = self.ctx.randn_like(x, f"{stream}/xi{i}")
+                x = sched.ddim_step(x, x0, t, torch.full_like(t, grid[i + 1]), xi, theta)
+        return x
+
+
+RENOISE = math.pi / 2  # theta of DMD2's multi-step sampler: x_t' = F_t'(x0, fresh eps)

@@ -1,0 +1,92 @@
+"""Assemble a training run (teacher, data, method, trainer) and export the trained student.
+
+The exported model folder holds `generator.safetensors` (the denoiser's weights, LoRA merged,
+EMA weights when the method keeps an EMA) and `student.json` (method, preset, resolved options,
+sampler spec, teacher hashes); `fewstep sample --student` reads exactly these.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from fewstep.engine.adapt import merged_state_dict
+from fewstep.engine.context import Context, PromptPool
+from fewstep.engine.distributed import DistInfo
+from fewstep.engine.loop import Trainer
+from fewstep.engine.options import as_dict, resolve
+from fewstep.io import atomic_path
+from fewstep.registry import METHODS
+
+STUDENT_FILE, WEIGHTS_FILE = "student.json", "generator.safetensors"
+
+
+def toy_real_images(family: str, resolution: int):
+    """Renders of the toy world for given metadata rows: the GAN's real data, own captions."""
+    from fewstep.toy import world
+
+    def render(metas, gen: torch.Generator) -> torch.Tensor:
+        seeds = torch.randint(0, 2**31 - 1, (len(metas),), generator=gen).tolist()
+        if family == "sit":
+            imgs = np.stack([world.render_class(m["class_label"], s, resolution)[0]
+                             for m, s in zip(metas, seeds)])
+            return torch.from_numpy(np.ascontiguousarray(imgs.transpose(0, 3, 1, 2), np.float32) / 255.0)
+        return world.render_batch(metas, seeds, resolution)
+
+    return render
+
+
+def toy_context(teacher, family: str, resolution: int, seed: int, info: DistInfo,
+                reward=None, autocast: bool = True) -> Context:
+    from fewstep.toy.teachers import training_conditions
+
+    metas, cond = training_conditions(teacher, family, seed)
+    return Context(teacher, PromptPool(metas, cond), seed=seed, rank=info.rank,
+                   world_size=info.world_size, device=info.device,
+                   real_images=toy_real_images(family, resolution), reward=reward, autocast=autocast)
+
+
+def build_method(name: str, teacher, ctx: Context, preset: str | None = None,
+                 overrides: dict | None = None):
+    cls = METHODS.get(name)
+    options = resolve(cls.Options, cls.PRESETS, preset, overrides, method=name)
+    ctx.seed = options.seed
+    return cls(teacher, options, ctx)
+
+
+def export(method, trainer: Trainer, out: Path, extra: dict) -> dict:
+    """Write the student (EMA weights when kept) atomically."""
+    source = trainer.emas.get("generator", trainer.nets["generator"])
+    spec = method.student()
+    info = {"method": method.name, "fidelity": method.fidelity, "family": method.teacher.family,
+            "student": spec.to_dict(), "options": as_dict(method.opt),
+            "weights": "ema" if "generator" in trainer.emas else "raw",
+            "iterations": trainer.state.step, **extra}
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        save_file(merged_state_dict(source), str(tmp / WEIGHTS_FILE))
+        (tmp / STUDENT_FILE).write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
+    return info
+
+
+def load_student(model_dir: Path, teacher):
+    """(generator backbone, student.json) from an exported model folder and its teacher."""
+    import copy
+
+    from fewstep.errors import FewstepError
+
+    model_dir = Path(model_dir)
+    for name in (STUDENT_FILE, WEIGHTS_FILE):
+        if not (model_dir / name).is_file():
+            raise FewstepError(f"{model_dir} is not a trained student: {name} is missing "
+                               f"(written by `fewstep train --out`)")
+    info = json.loads((model_dir / STUDENT_FILE).read_text())
+    if info["family"] != teacher.family:
+        raise FewstepError(f"{model_dir} holds a {info['family']} student but the teacher is "
+                           f"{teacher.family}")
+    generator = copy.deepcopy(teacher)
+    generator.denoiser.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE)))
+    return generator.eval(), info
