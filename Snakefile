@@ -10,6 +10,14 @@ configfile: f"{workflow.basedir}/workflows/config/default.yaml"
 
 validate(config, source="workflow config")
 
+
+wildcard_constraints:
+    family="[a-z0-9_]+",
+    method="[A-Za-z0-9_-]+",
+    run="[A-Za-z0-9_-]+",
+    set="steps[0-9]+|student",
+    steps="[0-9]+",
+
 FEWSTEP = f"{sys.executable} -m fewstep"
 THREADS_ENV = "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
 FAMILIES = config["families"]
@@ -20,6 +28,7 @@ SEEDS = " ".join(map(str, config["eval"]["seeds"]))
 include: "workflows/rules/prompts.smk"
 include: "workflows/rules/teachers.smk"
 include: "workflows/rules/sample.smk"
+include: "workflows/rules/train.smk"
 include: "workflows/rules/score.smk"
 include: "workflows/rules/report.smk"
 

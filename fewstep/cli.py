@@ -14,6 +14,7 @@ VERBS = {
     "prompts": ("fewstep.commands.prompts", "write a family's held-out prompt set"),
     "teacher": ("fewstep.commands.teacher", "train, install or check a toy teacher"),
     "features": ("fewstep.commands.features", "train the toy feature extractor (toy FID)"),
+    "pairs": ("fewstep.commands.pairs", "teacher ODE noise-image pairs (DMD's regression loss)"),
     "train": ("fewstep.commands.train", "distil a teacher with a method (resumable, torchrun-ready)"),
     "sample": ("fewstep.commands.sample", "sample a teacher at a number of steps into a sample set"),
     "fid-ref": ("fewstep.commands.fidref", "build FID reference statistics"),

@@ -10,7 +10,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from fewstep.registry import BACKBONES, METRICS, UnknownNameError
+from fewstep.registry import BACKBONES, METHODS, METRICS, UnknownNameError
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = REPO / "workflows" / "schemas" / "config.schema.yaml"
@@ -38,6 +38,10 @@ def validate(config: dict, source: str = "config") -> dict:
             BACKBONES.check(fam)
         for metric in config["metrics"]:
             METRICS.check(metric)
+        for method in config["distill"]["methods"]:
+            METHODS.check(method)
+        for method in list(config["distill"]["stages"]) + list(config["distill"]["overrides"]):
+            METHODS.check(method)
     except UnknownNameError as err:
         raise ConfigError(f"{source}: {err}") from None
     stray = set(config["teachers"]["guidance"]) - set(config["families"])

@@ -71,6 +71,9 @@ METHODS = Registry("method", "fewstep.methods", {
     "dummy": "methods.dummy:Dummy",
     "dmd": "methods.dmd:DMD",
     "dmd2": "methods.dmd2:DMD2",
+    "amd": "methods.amd:AMD",
+    "rtdmd": "methods.rtdmd:RTDMD",
+    "cdm": "methods.cdm:CDM",
 })
 METRICS = Registry("metric", "fewstep.metrics", {
     "toy_fid": "metrics.fid:ToyFID",

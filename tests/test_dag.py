@@ -17,6 +17,8 @@ TINY = {
     "eval": {"prompts": 6, "seeds": [0, 1], "steps": [1, 2]},
     "fid": {"reference_images": 36, "feature_net_steps": 20},
     "bootstrap": {"resamples": 50, "confidence": 0.95, "seed": 0},
+    "distill": {"methods": ["dummy"], "preset": "toy", "stages": {}, "overrides": {"dummy": {"steps": 3}},
+                "pairs": {"count": 4, "steps": 2}},
 }
 
 

@@ -9,7 +9,9 @@ from fewstep.io import atomic_path
 def add_arguments(p):
     p.add_argument("--teacher", required=True, help="teacher folder (fewstep teacher install/train)")
     p.add_argument("--prompts", required=True, help="prompt .jsonl (fewstep prompts)")
-    p.add_argument("--steps", type=int, required=True, help="sampler steps")
+    p.add_argument("--steps", type=int, help="teacher sampler steps (not with --student)")
+    p.add_argument("--student", help="trained model folder (fewstep train --out): sample the "
+                                     "student with its own sampler instead of the teacher")
     p.add_argument("--guidance", type=float, default=1.0, help="CFG scale in x0 space")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--batch", type=int, default=256)
@@ -37,6 +39,53 @@ def sample_images(backbone, rows, seeds, steps, guidance, batch):
     return torch.cat(images), jobs
 
 
+def sample_student_images(generator, spec, rows, seeds, batch):
+    """Images of a trained student, same per-(prompt, seed) noise as the teacher (paired design);
+    the re-noising noise of step i is its own per-sample stream "step{i}"."""
+    import torch
+    from tqdm import tqdm
+
+    from fewstep.noise import sample_noise
+    from fewstep.sampling import sample_student
+
+    jobs = [(r, s) for r in rows for s in seeds]
+    images = []
+    for i in tqdm(range(0, len(jobs), batch), desc=f"sample student NFE {spec['nfe']}", leave=False):
+        chunk = jobs[i:i + batch]
+        ids, chunk_seeds = [r["prompt_id"] for r, _ in chunk], [s for _, s in chunk]
+        conds = [r.get("class_label", r["prompt"]) for r, _ in chunk]
+        noise = sample_noise(ids, chunk_seeds, generator.latent_shape)
+
+        def step_noise(k, ids=ids, chunk_seeds=chunk_seeds):
+            return sample_noise(ids, chunk_seeds, generator.latent_shape, stream=f"step{k}")
+
+        with torch.no_grad():
+            x0 = sample_student(generator, noise, generator.encode(conds), spec["grid"],
+                                spec["theta"], step_noise, spec["guidance"])
+            images.append(generator.decode(x0))
+    return torch.cat(images), jobs
+
+
+def run_student(args, backbone, recipe, rows):
+    from fewstep.engine.run import load_student
+    from fewstep.provenance import record
+    from metrics.sampleset import write_sample_set
+
+    generator, info = load_student(Path(args.student), backbone)
+    spec = info["student"]
+    images, jobs = sample_student_images(generator, spec, rows, args.seeds, args.batch)
+    records = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "seed": s,
+                "family": generator.family, "method": info["method"], "nfe": spec["nfe"],
+                "steps": len(spec["grid"]), "guidance": spec["guidance"], "meta": r}
+               for r, s in jobs]
+    with atomic_path(args.out) as tmp:
+        write_sample_set(tmp, images, records)
+        record(tmp / "provenance.json", vars(args), seeds=args.seeds, teacher_recipe=recipe,
+               student=info)
+    print(f"wrote {len(records)} images ({generator.family}, {info['method']}, NFE {spec['nfe']}) "
+          f"to {args.out}")
+
+
 def run(args):
     import torch
 
@@ -49,6 +98,10 @@ def run(args):
     rows = read_prompts(args.prompts)
     recipe = teachers.verify(Path(args.teacher))
     backbone = teachers.load(Path(args.teacher), verified=recipe).eval()
+    if args.student:
+        return run_student(args, backbone, recipe, rows)
+    if args.steps is None:
+        raise ValueError("give --steps (teacher sampling) or --student (a trained model folder)")
     torch.manual_seed(0)  # nothing random should remain, but make that explicit
     images, jobs = sample_images(backbone, rows, args.seeds, args.steps, args.guidance, args.batch)
     nfe = nfe_of(args.steps, args.guidance)

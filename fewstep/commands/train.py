@@ -17,6 +17,9 @@ def add_arguments(p):
                    help="option overrides, YAML values (steps=200 generator_grid=[1.0,0.5])")
     p.add_argument("--run-dir", required=True, help="checkpoints and metrics.jsonl (resume state)")
     p.add_argument("--out", required=True, help="model folder to write when training ends")
+    p.add_argument("--reward", default=None,
+                   help="toy reward network (.safetensors, `fewstep features --seed 1`) for "
+                        "reward-guided methods (AMD, RTDMD)")
     p.add_argument("--resolution", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--no-progress", action="store_true")
@@ -50,7 +53,11 @@ def run(args):
     recipe = teachers.verify(Path(args.teacher))
     teacher = teachers.load(Path(args.teacher), verified=recipe).to(info.device)
     family = recipe["recipe"]["family"]
-    ctx = toy_context(teacher, family, args.resolution, 0, info)
+    reward = None
+    if args.reward:
+        from metrics.toy_reward import load_toy_reward
+        reward = load_toy_reward(args.reward)
+    ctx = toy_context(teacher, family, args.resolution, 0, info, reward=reward)
     method = build_method(args.method, teacher, ctx, args.preset, overrides)
     trainer = Trainer(method, Path(args.run_dir), info)
     try:

@@ -68,6 +68,9 @@ def export(method, trainer: Trainer, out: Path, extra: dict) -> dict:
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         save_file(merged_state_dict(source), str(tmp / WEIGHTS_FILE))
+        for name, module in trainer.nets.items():  # the other networks, for staged methods (RTDMD)
+            if name != "generator":
+                save_file(merged_state_dict(module), str(tmp / f"{name}.safetensors"))
         (tmp / STUDENT_FILE).write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
     return info
 

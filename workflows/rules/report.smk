@@ -1,4 +1,6 @@
 SCORES = expand("results/scores/{family}/teacher/steps{steps}.json", family=FAMILIES, steps=STEPS)
+SCORES += expand("results/scores/{family}/{method}/student.json", family=FAMILIES,
+                 method=config["distill"]["methods"])
 
 
 rule track:

@@ -37,12 +37,12 @@ rule fid_reference:
 
 rule score:
     input:
-        samples="results/samples/{family}/{method}/steps{steps}",
+        samples="results/samples/{family}/{method}/{set}",
         prompts="results/prompts/{family}.jsonl",
         net=rules.feature_net.output,
         reference="results/metrics/fid_reference/{family}.json",
     output:
-        "results/scores/{family}/{method}/steps{steps}.json",
+        "results/scores/{family}/{method}/{set}.json",
     params:
         metrics=" ".join(config["metrics"]),
         seeds=SEEDS,
@@ -53,7 +53,7 @@ rule score:
         blank="--allow-blank" if config["world"] == "toy" else "",
     threads: 1
     log:
-        "results/logs/scores/{family}/{method}/steps{steps}.log",
+        "results/logs/scores/{family}/{method}/{set}.log",
     shell:
         THREADS_ENV + " {FEWSTEP} score --samples {input.samples} --prompts {input.prompts} "
         "--seeds {params.seeds} --resolution {params.res} --metrics {params.metrics} "

@@ -1,0 +1,125 @@
+# Distillation: every configured method on every family's teacher, then its student sampled on
+# the held-out prompts with the same per-(prompt, seed) noise as the teacher (paired design).
+# Which extra inputs a method reads (DMD: teacher pairs; reward-guided methods: the toy reward)
+# mirrors each method class's `requires` (tests/test_engine.py checks the two agree).
+DISTILL = config["distill"]
+REQUIRES = {"dmd": ["pairs"], "amd": ["reward"], "rtdmd": ["reward"]}
+
+
+def _runs():
+    """run name -> (method, preset, run it starts from); staged methods expand to one run per stage."""
+    runs = {}
+    for method in DISTILL["methods"]:
+        presets = DISTILL["stages"].get(method, [DISTILL["preset"]])
+        previous = None
+        for i, preset in enumerate(presets):
+            name = method if i == len(presets) - 1 else f"{method}-stage{i + 1}"
+            runs[name] = (method, preset, previous)
+            previous = name
+    return runs
+
+
+RUNS = _runs()
+
+
+def _train_inputs(wc):
+    method, _, previous = RUNS[wc.run]
+    inputs = {"teacher": f"results/teachers/{wc.family}"}
+    if "pairs" in REQUIRES.get(method, []):
+        inputs["pairs"] = f"results/pairs/{wc.family}.safetensors"
+    if "reward" in REQUIRES.get(method, []):
+        inputs["reward"] = "results/metrics/toy_reward_net.safetensors"
+    if previous:
+        inputs["init"] = f"results/models/{wc.family}/{previous}"
+    return inputs
+
+
+def _train_args(wc, input):
+    method, preset, _ = RUNS[wc.run]
+    sets = [f"{k}={v}" for k, v in DISTILL["overrides"].get(method, {}).items()]
+    if "pairs" in input.keys():
+        sets.append(f"pairs={input.pairs}")
+    if "init" in input.keys():
+        sets.append(f"init_from={input.init}")
+    args = f"--method {method} --preset {preset}"
+    if "reward" in input.keys():
+        args += f" --reward {input.reward}"
+    return args + ("" if not sets else " --set " + " ".join(f"'{s}'" for s in sets))
+
+
+rule reward_net:
+    output:
+        "results/metrics/toy_reward_net.safetensors",
+    threads: 1
+    priority: 90
+    params:
+        res=config["resolution"],
+        steps=config["fid"]["feature_net_steps"],
+    log:
+        "results/logs/metrics/reward_net.log",
+    shell:
+        # the toy feature recipe with another seed: the reward shares no weights with toy FID
+        THREADS_ENV + " {FEWSTEP} features --size {params.res} --steps {params.steps} --seed 1 "
+        "--out {output} > {log} 2>&1"
+
+
+rule pairs:
+    input:
+        teacher="results/teachers/{family}",
+    output:
+        pairs="results/pairs/{family}.safetensors",
+        prompts="results/pairs/{family}.json",
+    params:
+        n=DISTILL["pairs"]["count"],
+        steps=DISTILL["pairs"]["steps"],
+        guidance=lambda wc: config["teachers"]["guidance"][wc.family],
+    threads: 1
+    priority: 60
+    resources:
+        gpu=1,
+    log:
+        "results/logs/pairs/{family}.log",
+    shell:
+        THREADS_ENV + " {FEWSTEP} pairs --teacher {input.teacher} --count {params.n} "
+        "--steps {params.steps} --guidance {params.guidance} --out {output.pairs} > {log} 2>&1"
+
+
+rule train:
+    input:
+        unpack(_train_inputs),
+    output:
+        directory("results/models/{family}/{run}"),
+    params:
+        args=_train_args,
+        res=config["resolution"],
+    threads: 1
+    priority: 40
+    resources:
+        gpu=1,
+    log:
+        "results/logs/train/{family}/{run}.log",
+    shell:
+        # the run folder keeps checkpoints outside the output: a retried job resumes from it
+        THREADS_ENV + " {FEWSTEP} train {params.args} --teacher {input.teacher} "
+        "--resolution {params.res} --run-dir results/runs/{wildcards.family}/{wildcards.run} "
+        "--out {output} --no-progress > {log} 2>&1"
+
+
+rule sample_student:
+    input:
+        teacher="results/teachers/{family}",
+        model="results/models/{family}/{method}",
+        prompts="results/prompts/{family}.jsonl",
+    output:
+        directory("results/samples/{family}/{method}/student"),
+    params:
+        seeds=SEEDS,
+    threads: 1
+    priority: 30
+    resources:
+        gpu=1,
+    log:
+        "results/logs/samples/{family}/{method}/student.log",
+    shell:
+        THREADS_ENV + " {FEWSTEP} sample --teacher {input.teacher} --student {input.model} "
+        "--prompts {input.prompts} --seeds {params.seeds} --out {output} > {log} 2>&1"
