@@ -66,6 +66,7 @@ class PairSet:
 class DMD(DistributionMatching):
     name = "dmd"
     Options = DMDOptions
+    requires = ("pairs",)
     PRESETS = PRESETS
 
     def __init__(self, teacher, options, ctx):

@@ -56,7 +56,7 @@ class DMD2(DistributionMatching):
     def __init__(self, teacher, options, ctx):
         super().__init__(teacher, options, ctx)
         self.gan = options.gan_w_G > 0 or options.gan_w_D > 0
-        self.head = make_head(self.critic, options.gan_feature_layer) if self.gan else None
+        self.head = make_head(self.critic, options.gan_feature_layer, options.seed) if self.gan else None
 
     def networks(self):
         critic = nn.ModuleDict({"denoiser": self.critic.denoiser})
@@ -98,8 +98,8 @@ class DMD2(DistributionMatching):
         if self.gan and self.opt.gan_w_G > 0:
             g_gan = losses.gan_generator_loss(self.logits(x, batch.cond, "gan_g"))
             total = total + self.opt.gan_w_G * g_gan
-            stats["gan_g"] = float(g_gan)
-        return total, {"dm": float(dm), **stats}
+            stats["gan_g"] = g_gan
+        return total, {"dm": dm, **stats}
 
     def critic_total(self, scratch):
         if "x" not in scratch:
@@ -107,13 +107,13 @@ class DMD2(DistributionMatching):
         else:
             x, batch = scratch["x"], scratch["batch"]
         loss_f = self.critic_loss(x, batch.cond)
-        stats = {"denoise": float(loss_f)}
+        stats = {"denoise": loss_f}
         if self.gan and self.opt.gan_w_D > 0:
             real, real_batch = self.ctx.real(self.opt.batch)  # real latents, their own captions
             fake_logits = self.logits(x.detach(), batch.cond, "gan_d_fake")
             real_logits = self.logits(real, real_batch.cond, "gan_d_real")
             loss_d = losses.gan_discriminator_loss(fake_logits, real_logits)
-            stats.update(gan_d=float(loss_d), real_logit=float(real_logits.mean()),
-                         fake_logit=float(fake_logits.mean()))
+            stats.update(gan_d=loss_d, real_logit=real_logits.mean(),
+                         fake_logit=fake_logits.mean())
             loss_f = loss_f + self.opt.gan_w_D * loss_d
         return loss_f, stats

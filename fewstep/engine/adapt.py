@@ -29,7 +29,9 @@ def trainable_copy(backbone: Backbone, opt=None) -> Backbone:
     net.denoiser.requires_grad_(True)
     net.denoiser.train()
     if opt is not None and opt.lora_rank > 0:
-        add_lora(net, opt.lora_rank, opt.lora_alpha or opt.lora_rank, opt.lora_targets)
+        with torch.random.fork_rng(devices=[]):  # LoRA init from the run's seed alone
+            torch.manual_seed(opt.seed)
+            add_lora(net, opt.lora_rank, opt.lora_alpha or opt.lora_rank, opt.lora_targets)
     if opt is not None and opt.grad_checkpointing:
         enable_checkpointing(net.denoiser)
     return net

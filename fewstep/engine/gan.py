@@ -84,10 +84,15 @@ class DiscriminatorHead(nn.Module):
         return self.net(features).flatten(1).mean(1)
 
 
-def make_head(critic: Backbone, layer: int | None = None) -> DiscriminatorHead:
+def make_head(critic: Backbone, layer: int | None = None, seed: int = 0) -> DiscriminatorHead:
+    """A randomly initialised head sized to the critic's features; the init depends on `seed` only
+    (not on how much of the global RNG was used before), so reruns build the same head."""
     c, h, w = critic.latent_shape
     with torch.no_grad():
         x = torch.zeros(1, c, h, w, device=critic.device)
         cond = critic.encode([0] if critic.family == "sit" else [""])
         feats = bottleneck_features(critic, x, torch.tensor([0.5], device=x.device), cond, layer)
-    return DiscriminatorHead(feats.shape[1], feats.shape[-1]).to(critic.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = DiscriminatorHead(feats.shape[1], feats.shape[-1])
+    return head.to(critic.device)

@@ -48,14 +48,6 @@ def frozen(module: nn.Module) -> nn.Module:
     return module
 
 
-def trainable_copy(backbone: Backbone) -> Backbone:
-    """A trainable deep copy (text encoders are shared, not copied; see TextStack)."""
-    net = copy.deepcopy(backbone)
-    net.train()
-    net.requires_grad_(False)
-    net.denoiser.requires_grad_(True)
-    return net
-
 
 def student_grid(backbone: Backbone, fractions, shift: float = 1.0) -> list[float]:
     """t-values of a few-step grid given as fractions of the time range, 1 = noise.
@@ -79,6 +71,7 @@ class Method:
     fidelity = "faithful"  # "faithful" | "reconstructed" (shown in reports)
     Options = TrainOptions
     PRESETS: dict[str, dict] = {}
+    requires: tuple[str, ...] = ()  # extra DAG inputs: "pairs" (teacher ODE pairs), "reward"
 
     def __init__(self, teacher: Backbone, options, ctx: Context):
         self.teacher = frozen(teacher)

@@ -1,0 +1,210 @@
+"""The training engine: plans, checkpoints and exact resume, signals, NaN stop, LoRA, data parallel."""
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from fewstep.engine import checkpoint
+from fewstep.engine.distributed import DistInfo
+from fewstep.engine.loop import NonFiniteLossError, StopRequested, Trainer
+from fewstep.engine.run import build_method, export, load_student, toy_context
+from fewstep.errors import FewstepError
+from fewstep.registry import METHODS, UnknownNameError
+from fewstep.toy import teachers
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def sit_teacher():
+    torch.manual_seed(0)
+    return teachers.build("sit", resolution=16, seed=0)
+
+
+def make(teacher, name="dmd2", preset="toy", **overrides):
+    ctx = toy_context(teacher, teacher.family, 16, 0, DistInfo())
+    opts = dict(batch=2, warmup=1, checkpoint_every=1000, log_every=1)
+    if name == "dmd2":
+        opts.update(generator_grid=[1.0, 0.5], ttur_ratio=2)
+    opts.update(overrides)
+    return build_method(name, teacher, ctx, preset, opts)
+
+
+def weights(trainer):
+    return {f"{n}.{k}": v.clone() for n, m in trainer.nets.items() for k, v in m.state_dict().items()}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_continues_exactly(sit_teacher, tmp_path):
+    straight = Trainer(make(sit_teacher, steps=6), tmp_path / "a")
+    straight.run(progress=False)
+    first = Trainer(make(sit_teacher, steps=3), tmp_path / "b")
+    first.run(progress=False)
+    resumed = Trainer(make(sit_teacher, steps=6), tmp_path / "b")
+    state = resumed.run(progress=False)
+    assert state.resumed_from == 3 and state.step == 6
+    assert_same(weights(straight), weights(resumed))
+    for name in ("generator", "critic"):
+        sa = straight.optimizers[name].state_dict()["state"]
+        sb = resumed.optimizers[name].state_dict()["state"]
+        assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+    steps = [int(line.split('"step": ')[1].split(",")[0])
+             for line in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(6))  # logged once per iteration, even across the resume
+
+
+class _Signalling:
+    """Wraps a method's loss to deliver a signal to this process at one iteration."""
+
+    def __init__(self, method, at: int, signum):
+        self.method, self.at, self.signum = method, at, signum
+        original = method.loss
+
+        def loss(net, scratch):
+            if method.ctx.step == self.at and net == method.plan(self.at)[0]:
+                os.kill(os.getpid(), self.signum)
+            return original(net, scratch)
+
+        method.loss = loss
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_saves_checkpoint_and_resume_matches(sit_teacher, tmp_path, signum):
+    straight = Trainer(make(sit_teacher, "dummy", steps=5), tmp_path / "a")
+    straight.run(progress=False)
+    method = make(sit_teacher, "dummy", steps=5)
+    _Signalling(method, at=2, signum=signum)
+    with pytest.raises(StopRequested) as stop:
+        Trainer(method, tmp_path / "b").run(progress=False)
+    assert stop.value.step == 3  # the iteration in flight finishes, then it saves
+    assert checkpoint.latest(tmp_path / "b").name == "step_00000003"
+    resumed = Trainer(make(sit_teacher, "dummy", steps=5), tmp_path / "b")
+    assert resumed.run(progress=False).resumed_from == 3
+    assert_same(weights(straight), weights(resumed))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_nonfinite_loss_stops_with_iteration_and_network(sit_teacher, tmp_path):
+    method = make(sit_teacher, "dummy", steps=5)
+    original = method.loss
+    method.loss = lambda net, scratch: (original(net, scratch)[0] * (float("nan") if method.ctx.step == 2
+                                                                  else 1.0), {})
+    with pytest.raises(NonFiniteLossError, match=r"iteration 2: the generator loss of dummy is nan"):
+        Trainer(method, tmp_path / "run").run(progress=False)
+
+
+def test_ttur_generator_steps_every_rth_iteration(sit_teacher, tmp_path):
+    method = make(sit_teacher, steps=10, ttur_ratio=5, gan_w_G=0.0, gan_w_D=0.0)
+    trainer = Trainer(method, tmp_path)
+    snapshots = []
+    original = trainer.iteration
+
+    def iteration():
+        row = original()
+        snapshots.append({k: v.clone() for k, v in trainer.nets["generator"].state_dict().items()})
+        return row
+
+    trainer.iteration = iteration
+    trainer.run(progress=False)
+    gen_steps = trainer.optimizers["generator"].state_dict()["state"][0]["step"]
+    critic_steps = trainer.optimizers["critic"].state_dict()["state"][0]["step"]
+    assert int(gen_steps) == 2 and int(critic_steps) == 10
+    for i in range(1, 10):
+        changed = any(not torch.equal(snapshots[i][k], snapshots[i - 1][k]) for k in snapshots[i])
+        assert changed == (i == 5), i
+    # both learning-rate schedulers step every iteration, whatever the plan
+    assert all(s.last_epoch == 10 for s in trainer.schedulers.values())
+
+
+def test_teacher_is_never_modified(sit_teacher, tmp_path):
+    before = {k: v.clone() for k, v in sit_teacher.state_dict().items()}
+    Trainer(make(sit_teacher, steps=4), tmp_path).run(progress=False)
+    assert_same(before, sit_teacher.state_dict())
+    assert not any(p.requires_grad for p in sit_teacher.parameters())
+
+
+def test_lora_trains_only_adapters_and_export_merges(sit_teacher, tmp_path):
+    method = make(sit_teacher, "dummy", steps=3, lora_rank=4, lora_alpha=4, lr=1e-2)
+    trainer = Trainer(method, tmp_path / "run")
+    trained = [n for n, p in trainer.nets["generator"].named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+    base_before = {k: v.clone() for k, v in trainer.nets["generator"].state_dict().items() if "lora_" not in k}
+    trainer.run(progress=False)
+    base_after = {k: v for k, v in trainer.nets["generator"].state_dict().items() if "lora_" not in k}
+    assert_same(base_before, base_after)
+    export(method, trainer, tmp_path / "model", {})
+    student, info = load_student(tmp_path / "model", sit_teacher)  # loads into the plain architecture
+    z = torch.randn(2, *sit_teacher.latent_shape)
+    cond = sit_teacher.encode([0, 1])
+    t = torch.ones(2)
+    with torch.no_grad():
+        expected = method.generator.x0(z, t, cond)
+        got = student.x0(z, t, cond)
+    assert torch.allclose(expected, got, atol=1e-5)
+    assert info["method"] == "dummy" and info["student"]["nfe"] == 1
+
+
+def test_registry_and_options_say_what_was_wrong(sit_teacher):
+    with pytest.raises(UnknownNameError, match="Did you mean .*'dmd2'"):
+        METHODS.check("dmd3")
+    with pytest.raises(FewstepError, match="Did you mean 'toy'"):
+        make(sit_teacher, "dmd2", preset="tyo")
+    with pytest.raises(FewstepError, match="Did you mean 'ttur_ratio'"):
+        make(sit_teacher, "dmd2", ttur_raito=3)
+    method = make(sit_teacher, "dmd2", **{"dmd2.gan.w_G": 0.0})  # spec's dotted names work too
+    assert method.opt.gan_w_G == 0.0
+
+
+def test_snakefile_requires_table_matches_the_methods():
+    text = (REPO / "workflows/rules/train.smk").read_text()
+    table = eval(re.search(r"^REQUIRES = (\{.*\})$", text, re.M).group(1))
+    for name in METHODS.names():
+        needs = list(getattr(METHODS.get(name), "requires", ()))
+        assert table.get(name, []) == needs, name
+
+
+def _ddp_worker(rank, world, port, run_dir, queue):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from fewstep.engine import distributed
+
+    info = distributed.init("cpu")
+    teacher = teachers.build("sit", resolution=16, seed=0)
+    ctx = toy_context(teacher, "sit", 16, 0, info)
+    method = build_method("dmd2", teacher, ctx, "toy", dict(
+        steps=3, batch=2, warmup=1, generator_grid=[1.0, 0.5], ttur_ratio=2, checkpoint_every=1000))
+    trainer = Trainer(method, Path(run_dir), info)
+    trainer.run(progress=False)
+    flat = torch.cat([p.detach().reshape(-1) for m in trainer.nets.values() for p in m.parameters()])
+    queue.put((rank, flat.double().sum().item(), flat[:1000].tolist()))
+    distributed.shutdown(info)
+
+
+def test_gloo_data_parallel_keeps_ranks_identical(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, str(tmp_path), queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((r, (s, v)) for r, s, v in (queue.get(timeout=300) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert results[0][1] == results[1][1]  # every rank holds the same weights after averaging
+    assert checkpoint.latest(tmp_path).name == "step_00000003"  # rank 0 saved
