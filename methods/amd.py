@@ -289,8 +289,8 @@ class AMD(DMD2):
         if self.gan and self.opt.gan_w_G > 0:  # DMD2's GAN generator term, unchanged
             g_gan = losses.gan_generator_loss(self.logits(x, batch.cond, "gan_g"))
             total = total + self.opt.gan_w_G * g_gan
-            stats = {**stats, "gan_g": float(g_gan)}
-        return total, {"dm": float(dm), **dm_stats, **stats}
+            stats = {**stats, "gan_g": float(g_gan.detach())}
+        return total, {"dm": float(dm.detach()), **dm_stats, **stats}
 
     def critic_total(self, scratch):
         """DMD2's critic loss with RLS weights W on the native denoising term (amd.md 3.5)."""

@@ -93,12 +93,12 @@ class DMD(DistributionMatching):
             z_ref, y_ref, c_ref = self.pairs.draw(self.opt.batch, self.ctx.gen("pairs"), z.device)
             x_ref = self.generate(z_ref, c_ref)
             reg = self.regression(x_ref, y_ref)
-            stats["reg"] = float(reg)
+            stats["reg"] = reg
             if self.opt.concat_pairs_in_dm:
                 x, cond = torch.cat([x, x_ref]), cond_cat([cond, c_ref])
         dm, dm_stats = self.dm_loss(x, cond)
         scratch["x"], scratch["cond"] = x.detach(), cond
-        return dm + self.opt.lambda_reg * reg, {**stats, "dm": float(dm), **dm_stats}
+        return dm + self.opt.lambda_reg * reg, {**stats, "dm": dm, **dm_stats}
 
     def regression(self, x_ref, y_ref):
         """L2 between decoded images (DMD App. I's alternative to LPIPS)."""

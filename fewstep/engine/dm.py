@@ -99,7 +99,7 @@ class DistributionMatching(Method):
             with torch.no_grad():
                 p_plain = self.teacher.x0(x_t, t, cond)
             g = losses.dm_gradient(x, p_plain, p_plain + (p_fake - p_real))
-        return losses.dm_surrogate(x, g), {"dm_grad_abs": float(g.abs().mean())}
+        return losses.dm_surrogate(x, g), {"dm_grad_abs": g.abs().mean()}
 
     def critic_loss(self, x, cond, stream: str = "critic", weight=None) -> torch.Tensor:
         """Denoising loss of D_F on sg(x) over the full range, native target (DMD Eq. 6)."""
