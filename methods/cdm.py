@@ -41,7 +41,7 @@ class CDMOptions(TrainOptions):
     student_anchors: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)  # inference anchors u (cdm.md 6.2)
     ca_w: float = 7.0                                  # cdm.ca.w, used as-is (omega = 1 + w)
     loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)   # cdm.loss.weights (CA, DM, CDM)
-    ft_ema_from_student: float = 0.999                 # cdm.ft.ema_from_student m: phi <- m phi + (1-m) theta
+    ft_ema_from_student: float = 0.999                 # cdm.ft.ema_from_student m (1.0: no merge)
     norm_floor: float = 0.1                            # cdm.norm_floor
     t_clamp: tuple[float, float] = (0.02, 0.98)        # clamp of every teacher / off-trajectory time
     offtraj_mode: str = "trajectory_eps"               # cdm.offtraj.mode
@@ -74,14 +74,12 @@ PRESETS = {
 
 
 # -- random continuous schedule (cdm.md 3) --------------------------------------------------------
-def draw_fractions(ctx, len_range, u_range, fixed=None) -> torch.Tensor:
+def draw_fractions(ctx, len_range, u_range) -> torch.Tensor:
     """Anchors u (float64, descending, 1.0 first): N ~ U{len_range}, N-1 values u ~ U[u_range].
 
     Both draws come from the rank-synchronised generator, so every rank rolls out the same
     schedule (cdm.md 8 item 8: the official code relies on identically seeded global RNGs).
     """
-    if fixed is not None:
-        return torch.tensor(list(fixed), dtype=torch.float64)
     n = int(ctx.randint(len_range[0], len_range[1], 1, S_LEN, shared=True)[0])
     u = ctx.uniform(n - 1, u_range[0], u_range[1], S_ANCHORS, shared=True).cpu()
     return torch.cat([torch.ones(1, dtype=torch.float64), u.sort(descending=True).values])
@@ -185,6 +183,8 @@ class CDM(Method):
     def __init__(self, teacher, options, ctx):
         if options.ema_every == 0:  # EMA once per student step (cdm.md 5)
             options = replace(options, ema_every=options.update_ratio)
+        if options.fixed_schedule is not None:  # YAML overrides arrive as lists
+            options = replace(options, fixed_schedule=tuple(map(float, options.fixed_schedule)))
         validate(options)
         super().__init__(teacher, options, ctx)
         self._generator = trainable_copy(teacher, options)
@@ -211,7 +211,8 @@ class CDM(Method):
 
     def student_state(self) -> dict:
         if self.opt.lora_rank > 0:  # the critic holds full weights: merge the adapters first
-            return {k: v.to(self.ctx.device) for k, v in merged_state_dict(self.generator.denoiser).items()}
+            merged = merged_state_dict(self.generator.denoiser)
+            return {k: v.to(self.ctx.device) for k, v in merged.items()}
         return self.generator.denoiser.state_dict()
 
     def loss(self, net, scratch):
@@ -221,15 +222,23 @@ class CDM(Method):
     def trajectory(self, scratch: dict):
         """(Anchor, prompts, times), drawn once per iteration and shared by every branch."""
         if "anchor" not in scratch:
-            opt = self.opt
-            u = draw_fractions(self.ctx, opt.schedule_len, opt.schedule_range, opt.fixed_schedule)
-            times = anchor_times(self.teacher.schedule, u, self.shift)
-            batch = self.ctx.prompts(opt.batch, S_PROMPTS)
+            times = self.schedule_times()
+            batch = self.ctx.prompts(self.opt.batch, S_PROMPTS)
             z = self.ctx.randn((len(batch), *self.teacher.latent_shape), S_Z)
             index = self.ctx.randint(0, len(times) - 1, len(batch), S_INDEX)
             scratch["anchor"] = rollout(self.generator, z, batch.cond, times, index)
             scratch["batch"], scratch["times"] = batch, times
         return scratch["anchor"], scratch["batch"], scratch["times"]
+
+    def schedule_times(self) -> list[float]:
+        """This iteration's anchor times (cdm.md 3); a fixed schedule goes through the inference
+        grid's own map, so fixed = inference anchors reproduces the student's sampler exactly
+        (on SDXL round(999 u) would give k = 500, 250 instead of 499, 249)."""
+        opt = self.opt
+        if opt.fixed_schedule is not None:
+            return student_grid(self.teacher, opt.fixed_schedule, self.shift)
+        u = draw_fractions(self.ctx, opt.schedule_len, opt.schedule_range)
+        return anchor_times(self.teacher.schedule, u, self.shift)
 
     def levels(self, n: int, stream: str, hi=1.0) -> torch.Tensor:
         return draw_levels(self.ctx, self.discrete, n, hi, self.opt.t_clamp, stream)
@@ -258,9 +267,10 @@ class CDM(Method):
                 continue
             loss, delta = branch(anchor, batch.cond)
             total = total + weight * loss
-            stats[f"loss_{name}"], stats[f"delta_{name}"] = loss.detach(), delta.abs().mean()
+            stats[f"loss_{name}"] = loss.detach()
+            stats[f"delta_{name}"] = losses.finite_or_zero(delta).abs().mean()
         if not stats:
-            raise FewstepError("cdm: every student loss is off (loss_weights and ca_w); nothing to train")
+            raise FewstepError("cdm: every student loss is off (loss_weights, ca_w); nothing to train")
         return total, stats
 
     def student_x0(self, x_in, t_in, cond):

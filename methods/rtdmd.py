@@ -35,16 +35,21 @@ when no sample survives, the epoch keeps all (the reference pads with zero-advan
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from fewstep import losses
 from fewstep.backbones.base import cond_cat, cond_index
 from fewstep.engine.adapt import trainable_copy
 from fewstep.engine.method import Method, StudentSpec, student_grid
+from fewstep.engine.run import load_student
 from fewstep.engine.options import TrainOptions
 from fewstep.errors import FewstepError
 from fewstep.noise import sample_noise
@@ -256,7 +261,6 @@ def advantages(rewards: dict[str, torch.Tensor], groups, eps: float = 1e-4, weig
 
 def prompt_seed(prompt: str) -> int:
     """First 4 bytes of SHA-256 of the prompt (5.2)."""
-    import hashlib
     return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big")
 
 
@@ -313,7 +317,8 @@ class RTDMD(Method):
         if options.stage not in (1, 2):
             raise FewstepError(f"rtdmd.stage must be 1 or 2, got {options.stage!r}")
         if options.stage == 2 and ctx.reward is None:
-            raise FewstepError("rtdmd stage 2 needs a reward (the run's context has none)")
+            raise FewstepError("rtdmd stage 2 needs a reward: the run's context has none "
+                               "(fewstep train --reward <toy reward net>)")
         generator, critic = self.initial_networks()
         self._generator = trainable_copy(generator, options)  # stage 2: a fresh LoRA on top
         self.critic = trainable_copy(critic)
@@ -402,12 +407,12 @@ class RTDMD(Method):
         target = self.critic.native_target(x_t, t, x0_target)
         weight = critic_weight(self.sched.kind, sigma_t, sigma_ts, self.opt.critic_weight_max)
         loss_ac = losses.native_mse(pred, target, weight)
-        stats = {"ac": float(loss_ac), "s": float(s)}
+        stats = {"ac": float(loss_ac.detach()), "s": float(s)}
         if self.opt.gamma <= 0:
             return loss_ac, stats
         h0 = self.critic.x0_from_native(x_t, t, pred)  # reuse the L_AC prediction
         loss_cons = self.consistency(x_t, t, h0, cond, stream)
-        stats["cons"] = float(loss_cons)
+        stats["cons"] = float(loss_cons.detach())
         return loss_ac + self.opt.gamma * loss_cons, stats
 
     def consistency(self, x_t, t, h0, cond, stream: str):
@@ -436,7 +441,7 @@ class RTDMD(Method):
         xi = self.ctx.randn_like(x_s, f"{stream}/xi")
         g = acdmd_gradient(self.sched, x_s, x_t, t, s_vec, p_real, p_fake, xi, self.theta)
         loss = losses.dm_surrogate(x_s.double(), g)
-        return loss, {"dm": float(loss), "dm_grad_abs": float(g.abs().mean()), "s": float(s)}
+        return loss, {"dm": float(loss.detach()), "dm_grad_abs": float(g.abs().mean()), "s": float(s)}
 
     # -- stage 2 (rtdmd.md 5) ----------------------------------------------------------------
     def epoch(self, scratch) -> Epoch:
@@ -518,7 +523,7 @@ class RTDMD(Method):
         bp = F.relu(self.opt.bp_margin - r_bp).mean()
         final = self.opt.dm_weight * dm + self.opt.bp_weight * bp
         total = (sum(ppo) + final) / (len(ep.selected) + 1)
-        stats = {"ppo": float(sum(ppo)), "bp": float(bp), "reward": ep.reward,
+        stats = {"ppo": float(sum(ppo).detach()), "bp": float(bp.detach()), "reward": ep.reward,
                  "kept": float(ep.keep.float().mean()), **dm_stats}
         return total, stats
 
@@ -526,12 +531,6 @@ class RTDMD(Method):
 def load_stage1(folder: str, teacher):
     """(generator, critic) backbones from a stage-1 model folder: the EMA generator, LoRA merged
     (rtdmd.md 2: "stage-1 EMA LoRA merged"), and the critic."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    from fewstep.engine.run import load_student
-
     if not folder:
         raise FewstepError("rtdmd stage 2 starts from a stage-1 model: set init_from to the folder "
                            "written by `fewstep train --method rtdmd --out` (stage 1)")
@@ -542,7 +541,6 @@ def load_stage1(folder: str, teacher):
     critic_file = Path(folder) / "critic.safetensors"
     if not critic_file.is_file():
         raise FewstepError(f"{folder} has no critic.safetensors; re-export the stage-1 run")
-    import copy
     critic = copy.deepcopy(teacher)
     critic.denoiser.load_state_dict(load_file(str(critic_file)))
     return generator, critic

@@ -1,5 +1,6 @@
 """The walking skeleton, for real: the DAG on a tiny config, teachers trained by the recipe rule."""
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -17,21 +18,34 @@ TINY = {
     "eval": {"prompts": 6, "seeds": [0, 1], "steps": [1, 2]},
     "fid": {"reference_images": 36, "feature_net_steps": 20},
     "bootstrap": {"resamples": 50, "confidence": 0.95, "seed": 0},
-    "distill": {"methods": ["dummy"], "preset": "toy", "stages": {}, "overrides": {"dummy": {"steps": 3}},
-                "pairs": {"count": 4, "steps": 2}},
+    # dummy: the built-in plumbing method; example_plugin: a separately installed package
+    "distill": {"methods": ["dummy", "example_plugin"], "preset": "toy", "stages": {},
+                "overrides": {"dummy": {"steps": 3}}, "pairs": {"count": 4, "steps": 2}},
 }
 
 
-def snakemake(workdir, *args, timeout=900):
+def snakemake(workdir, *args, timeout=900, env=None):
     return subprocess.run([*SNAKEMAKE, "-d", str(workdir), "--cores", "2", *args],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
-def dag_run(tmp_path_factory):
+def plugin_env(tmp_path_factory):
+    """The example method package installed (not into the venv) and put on the path."""
+    site = tmp_path_factory.mktemp("plugin_site")
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                          "--no-build-isolation", "--target", str(site),
+                          str(REPO / "tests" / "plugin_example")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site),
+                                                                       os.environ.get("PYTHONPATH")]))}
+
+
+@pytest.fixture(scope="module")
+def dag_run(tmp_path_factory, plugin_env):
     work = tmp_path_factory.mktemp("dag")
     (work / "tiny.yaml").write_text(yaml.safe_dump(TINY))
-    out = snakemake(work, "all", "--configfile", str(work / "tiny.yaml"))
+    out = snakemake(work, "all", "--configfile", str(work / "tiny.yaml"), env=plugin_env)
     assert out.returncode == 0, out.stderr[-4000:]
     return work
 
@@ -39,7 +53,7 @@ def dag_run(tmp_path_factory):
 def test_dag_writes_leaderboard_with_a_row_per_family_and_steps(dag_run):
     board = (dag_run / "reports" / "leaderboard.md").read_text()
     rows = [line for line in board.splitlines() if line.startswith("| s")]
-    assert len(rows) == 3 * 2
+    assert len(rows) == 3 * (2 + 2)  # two teacher step counts and two trained methods per family
     assert "toy_fid 1 ↓" in board and "toy_geneval 1 ↑" in board
     for family in ("sdxl", "sd3", "sit"):
         assert (dag_run / f"results/teachers/{family}/recipe.json").is_file()
@@ -50,11 +64,21 @@ def test_dag_writes_leaderboard_with_a_row_per_family_and_steps(dag_run):
 
 def test_dag_tracks_one_mlflow_run_per_sample_set(dag_run):
     tracked = json.loads((dag_run / "results/mlflow/tracked.json").read_text())
-    assert len(tracked["runs"]) == 6
+    assert len(tracked["runs"]) == 12
     with sqlite3.connect(dag_run / "results/mlflow/mlflow.db") as db:
         keys = db.execute("select value from tags where key = 'fewstep.key'").fetchall()
         live = db.execute("select count(*) from runs where lifecycle_stage = 'active'").fetchone()[0]
-    assert len(keys) == 6 and live == 6
+    assert len(keys) == 12 and live == 12
+
+
+def test_dag_trains_builtin_and_plugin_methods_and_scores_their_students(dag_run):
+    for family in ("sdxl", "sd3", "sit"):
+        for method, nfe in (("dummy", 1), ("example_plugin", 2)):
+            student = json.loads((dag_run / f"results/models/{family}/{method}/student.json").read_text())
+            assert student["method"] == method and student["student"]["nfe"] == nfe
+            score = json.loads((dag_run / f"results/scores/{family}/{method}/student.json").read_text())
+            assert score["method"] == method and score["nfe"] == nfe
+            assert (dag_run / f"results/runs/{family}/{method}/ckpt/latest").is_file()
 
 
 def test_every_job_records_provenance(dag_run):
@@ -64,8 +88,8 @@ def test_every_job_records_provenance(dag_run):
     assert "git_commit" in prov["environment"] and "device" in prov["environment"]
 
 
-def test_second_run_has_nothing_to_do(dag_run):
-    out = snakemake(dag_run, "all", "-n", "--configfile", str(dag_run / "tiny.yaml"))
+def test_second_run_has_nothing_to_do(dag_run, plugin_env):
+    out = snakemake(dag_run, "all", "-n", "--configfile", str(dag_run / "tiny.yaml"), env=plugin_env)
     assert out.returncode == 0
     assert "Nothing to be done" in out.stdout + out.stderr
 

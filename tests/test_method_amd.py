@@ -114,7 +114,7 @@ def test_s0_without_rls_is_dmd2_bit_for_bit(family, omega, grid):
     grouped_prompts(base.ctx, K)
     for name, net in method.networks().items():
         base.networks()[name].load_state_dict(net.state_dict())
-    for step in (0, 1, 2, 3):  # generator + critic turns and critic-only turns
+    for step in (0, 1):  # a generator + critic turn, then a critic-only turn (r = 2)
         a, b = run_step(method, step), run_step(base, step)
         assert list(a) == list(b) == base.plan(step)
         for name in a:
@@ -122,7 +122,7 @@ def test_s0_without_rls_is_dmd2_bit_for_bit(family, omega, grid):
             for ga, gb in zip(a[name][1], b[name][1]):
                 assert (ga is None and gb is None) or torch.equal(ga, gb), (step, name)
     assert calls, "the reward was computed (and left every draw untouched)"
-    assert a["critic"][2]["reward"] == pytest.approx(a["critic"][2]["reward"])
+    assert "reward" in a["critic"][2] and "reward" in run_step(method, 0)["generator"][2]
 
 
 # -- 10.2 decomposition identity ----------------------------------------------------------------
@@ -223,11 +223,14 @@ def test_direction_and_range(squash):
 
 
 def test_two_sample_groups_hit_the_extremes():
-    """amd.md 3.3: sigma_g -> 0 makes the clipped advantage a sign: alpha, beta = 1 +- s."""
-    adv = amd.advantages(torch.tensor([0.0, 1.0, 5.0, 5.0 + 1e-3]), torch.tensor([0, 0, 1, 1]))
+    """amd.md 3.3: with K = 2, |a| = sigma_g / (sigma_g + eps), a sign up to eps / sigma_g, so
+    alpha, beta sit at 1 +- s whatever the reward gap (once it is large against eps)."""
+    adv = amd.advantages(torch.tensor([0.0, 1.0, 5.0, 5.1]), torch.tensor([0, 0, 1, 1]))
     alpha, beta = amd.coefficients(adv, 0.1)
-    torch.testing.assert_close(alpha, torch.tensor([0.9, 1.1, 0.9, 1.1], dtype=alpha.dtype))
-    torch.testing.assert_close(beta, torch.tensor([1.1, 0.9, 1.1, 0.9], dtype=beta.dtype))
+    torch.testing.assert_close(alpha, torch.tensor([0.9, 1.1, 0.9, 1.1], dtype=alpha.dtype),
+                               rtol=0, atol=3e-3 * 0.1)
+    torch.testing.assert_close(beta, torch.tensor([1.1, 0.9, 1.1, 0.9], dtype=beta.dtype),
+                               rtol=0, atol=3e-3 * 0.1)
 
 
 def test_global_std_centres_per_group():
@@ -276,7 +279,7 @@ def test_critic_loss_is_the_rls_weighted_native_loss():
         x_t = method.critic.schedule.add_noise(x, eps, t)
         per = losses.mean_chw((method.critic.native(x_t, t, batch.cond)
                                - method.critic.native_target(x_t, t, x)) ** 2)
-    assert method.critic_times.lo == 0.0 or method.teacher.schedule.kind == "flow"
+    assert method.critic_times.lo <= 0.001 and method.critic_times.hi >= 0.999  # full range (8.7)
     torch.testing.assert_close(out["critic"][0], (w.float() * per).mean(), rtol=1e-5, atol=1e-7)
     assert not torch.allclose(out["critic"][0], per.mean())
 

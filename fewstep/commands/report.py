@@ -31,13 +31,20 @@ def header(metric_names, example: dict) -> list[str]:
     return cols
 
 
+def method_label(row: dict) -> str:
+    """Method name, flagged when it is not a faithful implementation (spec README section 7)."""
+    student = row.get("sampling_provenance", {}).get("student") or {}
+    fidelity = student.get("fidelity", "faithful")
+    return row["method"] if fidelity == "faithful" else f"{row['method']} ({fidelity})"
+
+
 def render(rows: list[dict]) -> str:
     metric_names = sorted({m for r in rows for m in r["results"]})
     cols = header(metric_names, next(r for r in rows if set(metric_names) <= set(r["results"])))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         n = max(res["n"] for res in r["results"].values())
-        cells = [r["family"], r["method"], str(r["steps"]), str(r["nfe"]), f"{r['guidance']:g}", str(n)]
+        cells = [r["family"], method_label(r), str(r["steps"]), str(r["nfe"]), f"{r['guidance']:g}", str(n)]
         cells += [fmt(r["results"][m]) if m in r["results"] else "not run" for m in metric_names]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
