@@ -55,7 +55,7 @@ class CDMOptions(TrainOptions):
     warmup: int = 100
     ema_decay: float = 0.999
     ema_warmup: bool = True                            # decay min(0.999, (1 + n) / (10 + n))
-    ema_every: int = 0                                 # 0: follow update_ratio (EMA per student step)
+    ema_on: str = "generator_update"                   # EMA once per student step (cdm.md 5)
 
 
 FOUR = (1.0, 0.75, 0.5, 0.25)
@@ -181,8 +181,6 @@ class CDM(Method):
     PRESETS = PRESETS
 
     def __init__(self, teacher, options, ctx):
-        if options.ema_every == 0:  # EMA once per student step (cdm.md 5)
-            options = replace(options, ema_every=options.update_ratio)
         if options.fixed_schedule is not None:  # YAML overrides arrive as lists
             options = replace(options, fixed_schedule=tuple(map(float, options.fixed_schedule)))
         validate(options)

@@ -208,3 +208,21 @@ def test_gloo_data_parallel_keeps_ranks_identical(tmp_path):
         assert p.exitcode == 0
     assert results[0][1] == results[1][1]  # every rank holds the same weights after averaging
     assert checkpoint.latest(tmp_path).name == "step_00000003"  # rank 0 saved
+
+
+def test_ema_ticks_per_iteration_or_per_generator_update(sit_teacher, tmp_path):
+    """ema_on = generator_update: the EMA moves right after each generator step and only then
+    (CDM); ema_on = iteration: every iteration (RTDMD stage 1). Warm-up counts EMA updates."""
+    for ema_on, expected in (("generator_update", 2), ("iteration", 6)):
+        method = make(sit_teacher, steps=6, ttur_ratio=3, ema_decay=0.9, ema_on=ema_on,
+                      gan_w_G=0.0, gan_w_D=0.0)
+        trainer = Trainer(method, tmp_path / ema_on)
+        trainer.run(progress=False)
+        assert trainer.state.ema_updates == expected
+    # a decay-0 EMA after a generator update equals the generator itself
+    method = make(sit_teacher, steps=4, ttur_ratio=2, ema_decay=1e-12, ema_on="generator_update",
+                  gan_w_G=0.0, gan_w_D=0.0)
+    trainer = Trainer(method, tmp_path / "zero")
+    trainer.run(progress=False)  # last generator update at iteration 2, EMA right after it
+    gen, ema = trainer.nets["generator"].state_dict(), trainer.emas["generator"].state_dict()
+    assert all(torch.allclose(gen[k], ema[k]) for k in gen)

@@ -261,7 +261,8 @@ def test_normaliser_floor_and_gradient():
 def test_plan_options_and_errors(sit):
     method = make(sit)
     assert [method.plan(s) for s in range(4)] == [["critic"], ["critic", "generator"]] * 2
-    assert method.opt.ema_every == 2 and method.opt.ema_warmup and method.opt.ema_decay == 0.999
+    assert method.opt.ema_on == "generator_update" and method.opt.ema_every == 1
+    assert method.opt.ema_warmup and method.opt.ema_decay == 0.999
     paper = cdm.PRESETS["cdm-sd3-paper"]
     assert (paper["lr"], paper["critic_lr"], paper["grad_clip"], paper["warmup"]) == (1e-5, 5e-6, 1.0, 100)
     assert cdm.PRESETS["cdm-sit-ext"]["ca_w"] == 0.0 and cdm.PRESETS["cdm-sdxl-ext"]["ca_w"] == 7.0

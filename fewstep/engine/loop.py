@@ -43,6 +43,7 @@ class RunState:
     resumed_from: int | None = None
     last: dict = field(default_factory=dict)
     ema_updates: int = 0
+    ema_ticks: int = 0
 
 
 class _Signals:
@@ -90,6 +91,8 @@ class Trainer:
         warm = max(1, int(opt.warmup))
         self.schedulers = {n: torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / warm))
                            for n, o in self.optimizers.items()}
+        if opt.ema_on not in ("iteration", "generator_update"):
+            raise ValueError(f"ema_on must be 'iteration' or 'generator_update', got {opt.ema_on!r}")
         self.emas = {"generator": copy.deepcopy(self.nets["generator"]).requires_grad_(False)} \
             if opt.ema_decay > 0 else {}
         self.state = RunState()
@@ -104,11 +107,12 @@ class Trainer:
         saved = checkpoint.load(folder, self.nets, self.emas, self.optimizers, self.schedulers)
         self.state.step = self.state.resumed_from = saved["step"]
         self.state.ema_updates = saved["extra"].get("ema_updates", 0)
+        self.state.ema_ticks = saved["extra"].get("ema_ticks", 0)
 
     def save(self) -> None:
         if self.info.main:
             checkpoint.save(self.run_dir, self.state.step, self.nets, self.emas, self.optimizers,
-                            self.schedulers, {"ema_updates": self.state.ema_updates})
+                            self.schedulers, {"ema_updates": self.state.ema_updates, "ema_ticks": self.state.ema_ticks})
         barrier(self.info)
 
     # -- one iteration ----------------------------------------------------------------------------
@@ -141,14 +145,17 @@ class Trainer:
         method.ctx.step = self.state.step
         scratch: dict = {}
         row = {"step": self.state.step}
-        for net in method.plan(self.state.step):
+        plan = method.plan(self.state.step)
+        for net in plan:
             row.update(self.update(net, scratch))
         for sched in self.schedulers.values():
             sched.step()  # every iteration, whatever the plan (DMD2 steps both schedulers)
-        if self.emas and self.state.step % method.opt.ema_every == 0:
-            decay = ema_decay(method, self.state.ema_updates)
-            ema_update(self.emas["generator"], self.nets["generator"], decay)
-            self.state.ema_updates += 1
+        if self.emas and (method.opt.ema_on == "iteration" or "generator" in plan):
+            self.state.ema_ticks += 1
+            if self.state.ema_ticks % method.opt.ema_every == 0:
+                decay = ema_decay(method, self.state.ema_updates)
+                ema_update(self.emas["generator"], self.nets["generator"], decay)
+                self.state.ema_updates += 1
         return row
 
     # -- the loop ---------------------------------------------------------------------------------

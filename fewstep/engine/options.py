@@ -27,7 +27,9 @@ class TrainOptions:
     warmup: int = 0                   # linear LR warm-up iterations (then constant)
     ema_decay: float = 0.0            # generator EMA (0: none); see ema_warmup
     ema_warmup: bool = False          # decay min(ema_decay, (1 + n) / (10 + n)) (CDM, RTDMD stage 2)
-    ema_every: int = 1                # iterations between EMA updates
+    ema_every: int = 1                # EMA ticks between EMA updates (see ema_on)
+    ema_on: str = "iteration"         # what ticks the EMA: every "iteration" (RTDMD stage 1) or
+                                      # every "generator_update" (CDM: EMA inside the student step)
     bf16: bool = True                 # bf16 autocast on CUDA (never on CPU)
     grad_checkpointing: bool = False
     lora_rank: int = 0                # 0: full fine-tune of the generator; > 0: peft LoRA
