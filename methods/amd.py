@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 
 from fewstep import losses
-from fewstep.backbones.base import cond_cat
 from fewstep.errors import FewstepError
 from methods.dmd2 import DMD2, DMD2Options
 from methods.dmd2 import PRESETS as DMD2_PRESETS
@@ -150,14 +149,8 @@ def teacher_branches(teacher, x_t, t, cond, omega: float):
     if omega == 1.0:
         p = teacher.x0(x_t, t, cond)
         return p, p
-    t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
-    x_in, t_in = torch.cat([x_t, x_t]), torch.cat([t, t])
-    out = teacher.native(x_in, t_in, cond_cat([cond, teacher.null(cond)]))
-    p_cond, p_uncond = teacher.x0_from_native(x_in, t_in, out).chunk(2)
-    p_guided = p_uncond + omega * (p_cond - p_uncond)
-    if getattr(teacher, "sit_cfg_first3_channels", False):  # upstream SiT quirk, as in SiT's x0
-        p_guided = torch.cat([p_guided[:, :3], p_cond[:, 3:]], dim=1)
-    return p_cond, p_guided
+    p_cond, p_uncond = teacher.x0_branches(x_t, t, cond)
+    return p_cond, teacher.guide(p_cond, p_uncond, omega)
 
 
 def dsa_direction(p_guided, p_cond, p_fake, alpha, beta) -> torch.Tensor:
@@ -190,6 +183,7 @@ class AMD(DMD2):
 
     name = "amd"
     fidelity = "reconstructed"
+    requires = ("reward",)
     Options = AMDOptions
     PRESETS = PRESETS
 
@@ -197,7 +191,6 @@ class AMD(DMD2):
         check_options(options)
         super().__init__(teacher, options, ctx)
         self.n_prompts = options.batch // options.group_size
-        self._critic_weight = None
         if self.needs_reward and ctx.reward is None:
             raise FewstepError("AMD needs a reward model: train with --reward (the toy reward net "
                                "written by `fewstep features --seed 1`) or pass Context(reward=...); "
@@ -304,13 +297,7 @@ class AMD(DMD2):
             weight = rls_weights(scratch["adv"], scratch["batch"].groups.to(scratch["adv"].device),
                                  self.opt.rls_normalise)
             stats.update(rls_w_min=float(weight.min()), rls_w_max=float(weight.max()))
-        # DMD2's critic_total runs verbatim (same streams, GAN D loss); critic_loss picks up W
-        self._critic_weight = weight
-        try:
-            loss, base = super().critic_total(scratch)
-        finally:
-            self._critic_weight = None
+        # DMD2's critic_total runs verbatim (same streams, GAN D loss) with W on the denoising term
+        scratch["critic_weight"] = weight
+        loss, base = super().critic_total(scratch)
         return loss, {**base, **stats}
-
-    def critic_loss(self, x, cond, stream: str = "critic", weight=None):
-        return super().critic_loss(x, cond, stream, self._critic_weight if weight is None else weight)

@@ -106,7 +106,7 @@ class DMD2(DistributionMatching):
             x, batch = self.sample_x(grad=False)
         else:
             x, batch = scratch["x"], scratch["batch"]
-        loss_f = self.critic_loss(x, batch.cond)
+        loss_f = self.critic_loss(x, batch.cond, weight=scratch.get("critic_weight"))  # AMD's RLS
         stats = {"denoise": loss_f}
         if self.gan and self.opt.gan_w_D > 0:
             real, real_batch = self.ctx.real(self.opt.batch)  # real latents, their own captions

@@ -80,9 +80,18 @@ class Backbone(nn.Module):
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
         if guidance == 1.0:
             return self.x0_from_native(x_t, t, self.native(x_t, t, cond))
+        return self.guide(*self.x0_branches(x_t, t, cond), guidance)
+
+    def x0_branches(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond):
+        """(D(x_t, t, c), D(x_t, t, null)) from one batched call (methods that use both, e.g. AMD)."""
+        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
         both = cond_cat([cond, self.null(cond)])
         x_in, t_in = torch.cat([x_t, x_t]), torch.cat([t, t])
         x0_c, x0_u = self.x0_from_native(x_in, t_in, self.native(x_in, t_in, both)).chunk(2)
+        return x0_c, x0_u
+
+    def guide(self, x0_c: torch.Tensor, x0_u: torch.Tensor, guidance: float) -> torch.Tensor:
+        """D^w = D(null) + w (D(c) - D(null)) in x0 space (spec README section 5)."""
         return x0_u + guidance * (x0_c - x0_u)
 
     def native_target(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:

@@ -80,14 +80,10 @@ class SiTBackbone(Backbone):
         # float32 at least: the conversion itself runs in float64 inside the schedule
         return FlowSchedule.x0_from_sit_u(_at_least_fp32(x_t), out, t)
 
-    def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float = 1.0):
-        if guidance == 1.0 or not self.sit_cfg_first3_channels:
-            return super().x0(x_t, t, cond, guidance)
-        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
-        x_in, t_in = torch.cat([x_t, x_t]), torch.cat([t, t])
-        out = self.native(x_in, t_in, cond_cat([cond, self.null(cond)]))
-        x0_c, x0_u = self.x0_from_native(x_in, t_in, out).chunk(2)
-        guided = x0_u + guidance * (x0_c - x0_u)
+    def guide(self, x0_c: torch.Tensor, x0_u: torch.Tensor, guidance: float) -> torch.Tensor:
+        guided = super().guide(x0_c, x0_u, guidance)
+        if not self.sit_cfg_first3_channels:
+            return guided
         # upstream: channels 0-2 guided, the others keep the conditional branch. x0 is affine in
         # u channel by channel, so doing this in x0 space equals doing it on the velocity.
         return torch.cat([guided[:, :3], x0_c[:, 3:]], dim=1)
