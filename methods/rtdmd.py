@@ -49,8 +49,8 @@ from fewstep import losses
 from fewstep.backbones.base import cond_cat, cond_index
 from fewstep.engine.adapt import trainable_copy
 from fewstep.engine.method import Method, StudentSpec, student_grid
-from fewstep.engine.run import load_student
 from fewstep.engine.options import TrainOptions
+from fewstep.engine.run import load_student
 from fewstep.errors import FewstepError
 from fewstep.noise import sample_noise
 
@@ -309,6 +309,7 @@ class Epoch:
 class RTDMD(Method):
     name = "rtdmd"
     fidelity = "faithful"
+    requires = ("reward",)
     Options = RTDMDOptions
     PRESETS = PRESETS
 

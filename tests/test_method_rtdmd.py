@@ -207,7 +207,8 @@ def test_cps_limits_euler_and_noise_free_last_step(toy):
         assert torch.equal(logp, torch.zeros(3, dtype=torch.float64))
         adv = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
         assert float(R.ppo_loss(logp, logp, adv, 1e-5)) == pytest.approx(float(-adv.mean()))
-    # in a real rollout the last step's stored log-prob is exactly 0 (PPO ratio 1)
+    # in a real rollout the last step's stored log-prob is exactly 0 (PPO ratio 1); the stage-2
+    # sampling code runs on a stage-1 method here, which skips loading a stage-1 folder
     method = make(toy("sd3"), "sd3", "toy-stage2", init_from="", prompts_per_epoch=1,
                   group_size=2, batch=2, stage=1)
     metas, cond, _ = method.epoch_prompts()

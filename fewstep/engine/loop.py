@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,8 +150,12 @@ class Trainer:
         plan = method.plan(self.state.step)
         for net in plan:
             row.update(self.update(net, scratch))
-        for sched in self.schedulers.values():
-            sched.step()  # every iteration, whatever the plan (DMD2 steps both schedulers)
+        with warnings.catch_warnings():
+            # a network outside this iteration's plan has not stepped its optimiser; stepping its
+            # scheduler anyway is intended (DMD2 steps both schedulers every iteration)
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+            for sched in self.schedulers.values():
+                sched.step()
         if self.emas and (method.opt.ema_on == "iteration" or "generator" in plan):
             self.state.ema_ticks += 1
             if self.state.ema_ticks % method.opt.ema_every == 0:
