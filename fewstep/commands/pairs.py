@@ -16,7 +16,7 @@ def add_arguments(p):
     p.add_argument("--steps", type=int, required=True, help="teacher sampler steps")
     p.add_argument("--guidance", type=float, required=True, help="CFG scale (= the DM teacher's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=int, default=64)
     p.add_argument("--out", required=True, help=".safetensors (a .json of prompts is written beside)")
 
 
