@@ -44,11 +44,18 @@ def validate(config: dict, source: str = "config") -> dict:
             METHODS.check(method)
     except UnknownNameError as err:
         raise ConfigError(f"{source}: {err}") from None
-    stray = set(config["teachers"]["guidance"]) - set(config["families"])
-    missing = set(config["families"]) - set(config["teachers"]["guidance"])
-    if stray or missing:
-        raise ConfigError(f"{source}: teachers/guidance must name exactly the families; "
-                          f"missing {sorted(missing)}, not a family {sorted(stray)}")
+    # guidance may name more families than are run (a config file merged over the default keeps
+    # the default's entries), but every run family needs one and every key must be a family
+    guidance = config["teachers"]["guidance"]
+    missing = sorted(set(config["families"]) - set(guidance))
+    if missing:
+        raise ConfigError(f"{source}: teachers/guidance has no entry for {missing}; add "
+                          f"e.g. `{missing[0]}: 2.0`")
+    try:
+        for fam in guidance:
+            BACKBONES.check(fam)
+    except UnknownNameError as err:
+        raise ConfigError(f"{source}: teachers/guidance: {err}") from None
     return config
 
 

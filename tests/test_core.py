@@ -45,8 +45,14 @@ def test_config_errors_name_the_culprit(tmp_path):
     with pytest.raises(config.ConfigError, match="Did you mean 'toy_fid'"):
         config.validate(cfg)
     cfg = config.load()
-    cfg["families"] = ["sdxl", "sd3"]
-    with pytest.raises(config.ConfigError, match="guidance must name exactly the families"):
+    cfg["families"] = ["sit"]
+    config.validate(cfg)  # a subset of families keeps the default's guidance table
+    del cfg["teachers"]["guidance"]["sit"]
+    with pytest.raises(config.ConfigError, match=r"guidance has no entry for \['sit'\]"):
+        config.validate(cfg)
+    cfg["teachers"]["guidance"]["sitt"] = 2.0
+    cfg["families"] = ["sdxl"]
+    with pytest.raises(config.ConfigError, match="Did you mean 'sit'"):
         config.validate(cfg)
     with pytest.raises(config.ConfigError, match="cannot read config file"):
         config.load(tmp_path / "nope.yaml")
