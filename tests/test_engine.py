@@ -226,3 +226,12 @@ def test_ema_ticks_per_iteration_or_per_generator_update(sit_teacher, tmp_path):
     trainer.run(progress=False)  # last generator update at iteration 2, EMA right after it
     gen, ema = trainer.nets["generator"].state_dict(), trainer.emas["generator"].state_dict()
     assert all(torch.allclose(gen[k], ema[k]) for k in gen)
+
+
+def test_cli_overrides_parse_numbers_lists_and_strings():
+    from fewstep.commands.train import parse_overrides
+
+    got = parse_overrides(["lr=1e-4", "steps=20", "generator_grid=[1.0, 0.5]", "regression=l2"])
+    assert got == {"lr": 1e-4, "steps": 20, "generator_grid": [1.0, 0.5], "regression": "l2"}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["lr"])

@@ -36,7 +36,7 @@ class TrainOptions:
     lora_alpha: float = 0.0
     lora_targets: tuple[str, ...] = ()  # module-name patterns; () = the family's defaults
     checkpoint_every: int = 200
-    log_every: int = 10
+    log_every: int = 1                # every iteration: TTUR plans would hide generator rows otherwise
     seed: int = 0
 
 
