@@ -79,6 +79,8 @@ def test_dag_trains_builtin_and_plugin_methods_and_scores_their_students(dag_run
             score = json.loads((dag_run / f"results/scores/{family}/{method}/student.json").read_text())
             assert score["method"] == method and score["nfe"] == nfe
             assert (dag_run / f"results/runs/{family}/{method}/ckpt/latest").is_file()
+            prov = json.loads((dag_run / f"results/models/{family}/{method}/provenance.json").read_text())
+            assert prov["config"]["method"] == method and "git_commit" in prov["environment"]
 
 
 def test_every_job_records_provenance(dag_run):

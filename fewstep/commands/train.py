@@ -49,7 +49,7 @@ def run(args):
     from fewstep.engine import distributed
     from fewstep.engine.loop import STOP_EXIT, StopRequested, Trainer
     from fewstep.engine.run import build_method, export, toy_context
-    from fewstep.provenance import record
+    from fewstep.provenance import environment
     from fewstep.registry import METHODS
     from fewstep.toy import teachers
 
@@ -74,12 +74,11 @@ def run(args):
     finally:
         distributed.barrier(info)
     if info.main:
+        prov = {"config": vars(args), "seeds": [method.opt.seed], "environment": environment()}
         exported = export(method, trainer, Path(args.out),
                           {"preset": args.preset, "overrides": overrides,
                            "teacher_sha256": recipe.get("sha256"),
-                           "resumed_from": state.resumed_from})
-        record(Path(args.out).with_name(Path(args.out).name + ".provenance.json"), vars(args),
-               seeds=[method.opt.seed], student=exported["student"])
+                           "resumed_from": state.resumed_from}, provenance=prov)
         print(f"trained {args.method} on {family} for {state.step} iterations -> {args.out} "
               f"(NFE {exported['student']['nfe']})")
     distributed.shutdown(info)

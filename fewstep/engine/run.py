@@ -57,8 +57,8 @@ def build_method(name: str, teacher, ctx: Context, preset: str | None = None,
     return cls(teacher, options, ctx)
 
 
-def export(method, trainer: Trainer, out: Path, extra: dict) -> dict:
-    """Write the student (EMA weights when kept) atomically."""
+def export(method, trainer: Trainer, out: Path, extra: dict, provenance: dict | None = None) -> dict:
+    """Write the student (EMA weights when kept) and its provenance.json atomically."""
     source = trainer.emas.get("generator", trainer.nets["generator"])
     spec = method.student()
     info = {"method": method.name, "fidelity": method.fidelity, "family": method.teacher.family,
@@ -72,6 +72,9 @@ def export(method, trainer: Trainer, out: Path, extra: dict) -> dict:
             if name != "generator":
                 save_file(merged_state_dict(module), str(tmp / f"{name}.safetensors"))
         (tmp / STUDENT_FILE).write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
+        if provenance is not None:
+            (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True,
+                                                            default=str))
     return info
 
 
