@@ -10,7 +10,9 @@ toy world's choice); LPIPS (`dmd.regression = lpips`) needs VGG-LPIPS weights (i
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -44,15 +46,19 @@ PRESETS = {
 class PairSet:
     """Teacher ODE pairs (z_ref, y_ref) with the prompts they were sampled for."""
 
-    def __init__(self, path: str, teacher):
+    def __init__(self, path: str, teacher, guidance: float):
         if not path:
             raise FewstepError("DMD needs teacher pairs: set the `pairs` option to the file written "
                                "by `fewstep pairs` (the DAG's pairs rule), or lambda_reg = 0")
         data = load_file(path)
         self.z, self.y, self.index = data["z"], data["y"], data["prompt_index"].long()
-        import json
-        from pathlib import Path
-        self.metas = json.loads(Path(path).with_suffix(".json").read_text())["metas"]
+        info = json.loads(Path(path).with_suffix(".json").read_text())
+        if info.get("guidance") != guidance:
+            # dmd.md 8 item 7: pairs from another omega give a biased anchor
+            raise FewstepError(f"teacher pairs {path} were sampled with guidance "
+                               f"{info.get('guidance')} but the DM teacher uses {guidance}; "
+                               f"regenerate them with `fewstep pairs --guidance {guidance}`")
+        self.metas = info["metas"]
         labels = [m.get("class_label", m["prompt"]) for m in self.metas]
         self.cond = teacher.encode(labels)
 
@@ -76,7 +82,8 @@ class DMD(DistributionMatching):
         if options.regression == "lpips":
             raise FewstepError("dmd.regression = lpips needs the VGG-LPIPS weights, which the metrics "
                                "loaders (issue 4) provide; use l2 until then")
-        self.pairs = PairSet(options.pairs, teacher) if options.lambda_reg > 0 else None
+        self.pairs = (PairSet(options.pairs, teacher, options.teacher_guidance)
+                      if options.lambda_reg > 0 else None)
 
     def plan(self, step):
         return ["generator", "critic"]  # one critic update per generator update (no TTUR in v1)

@@ -9,6 +9,7 @@ from fewstep.engine.distributed import DistInfo
 from fewstep.engine.gan import DiscriminatorHead
 from fewstep.engine.loop import Trainer
 from fewstep.engine.run import build_method, toy_context
+from fewstep.errors import FewstepError
 from fewstep.sampling import sample_student
 from fewstep.toy import teachers
 
@@ -127,8 +128,10 @@ def test_regression_is_zero_when_generator_reproduces_pairs(built, tmp_path):
     z = torch.randn(4, *bb.latent_shape)
     y = torch.randn(4, *bb.latent_shape)
     save_file({"z": z, "y": y, "prompt_index": torch.arange(4)}, str(tmp_path / "p.safetensors"))
-    write_json(tmp_path / "p.json", {"metas": metas})
-    m = method(bb, "dmd", lambda_reg=0.25, pairs=str(tmp_path / "p.safetensors"))
+    write_json(tmp_path / "p.json", {"metas": metas, "guidance": 3.0})
+    with pytest.raises(FewstepError, match="sampled with guidance 3.0 but the DM teacher uses 1.0"):
+        method(bb, "dmd", lambda_reg=0.25, pairs=str(tmp_path / "p.safetensors"))
+    m = method(bb, "dmd", lambda_reg=0.25, pairs=str(tmp_path / "p.safetensors"), teacher_guidance=3.0)
     z_ref, y_ref, c_ref = m.pairs.draw(3, torch.Generator().manual_seed(0), "cpu")
     rows = [int(torch.nonzero((z == zr).all(dim=(1, 2, 3)))[0]) for zr in z_ref]
     assert torch.equal(y_ref, y[rows])  # the noise is paired with its own teacher sample

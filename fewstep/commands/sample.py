@@ -19,52 +19,49 @@ def add_arguments(p):
     p.add_argument("--out", required=True, help="sample-set folder to write")
 
 
-def sample_images(backbone, rows, seeds, steps, guidance, batch):
-    """Images (N, 3, H, W) in [0, 1] for every (prompt, seed), in prompt-major order."""
+def sample_jobs(backbone, rows, seeds, batch, desc, draw):
+    """Images (N, 3, H, W) in [0, 1] for every (prompt, seed), in prompt-major order.
+
+    Every sampler starts from the same per-(prompt id, seed) noise (paired design);
+    draw(noise, cond, ids, seeds) returns the clean latents of one chunk.
+    """
     import torch
     from tqdm import tqdm
 
     from fewstep.noise import sample_noise
-    from fewstep.sampling import sample_ode
 
     jobs = [(r, s) for r in rows for s in seeds]
     images = []
-    for i in tqdm(range(0, len(jobs), batch), desc=f"sample {steps} steps", leave=False):
+    for i in tqdm(range(0, len(jobs), batch), desc=desc, leave=False):
         chunk = jobs[i:i + batch]
-        conds = [r.get("class_label", r["prompt"]) for r, _ in chunk]
-        noise = sample_noise([r["prompt_id"] for r, _ in chunk], [s for _, s in chunk],
-                             backbone.latent_shape)
+        ids, chunk_seeds = [r["prompt_id"] for r, _ in chunk], [s for _, s in chunk]
+        cond = backbone.encode([r.get("class_label", r["prompt"]) for r, _ in chunk])
+        noise = sample_noise(ids, chunk_seeds, backbone.latent_shape)
         with torch.no_grad():
-            x0 = sample_ode(backbone, noise, backbone.encode(conds), steps, guidance)
-            images.append(backbone.decode(x0))
+            images.append(backbone.decode(draw(noise, cond, ids, chunk_seeds)))
     return torch.cat(images), jobs
+
+
+def sample_images(backbone, rows, seeds, steps, guidance, batch):
+    from fewstep.sampling import sample_ode
+
+    return sample_jobs(backbone, rows, seeds, batch, f"sample {steps} steps",
+                       lambda noise, cond, ids, sd: sample_ode(backbone, noise, cond, steps, guidance))
 
 
 def sample_student_images(generator, spec, rows, seeds, batch):
-    """Images of a trained student, same per-(prompt, seed) noise as the teacher (paired design);
-    the re-noising noise of step i is its own per-sample stream "step{i}"."""
-    import torch
-    from tqdm import tqdm
-
+    """A trained student's sampler; the re-noising noise of step k is its own per-sample stream
+    "step{k}", so it too depends only on (prompt id, seed)."""
     from fewstep.noise import sample_noise
     from fewstep.sampling import sample_student
 
-    jobs = [(r, s) for r in rows for s in seeds]
-    images = []
-    for i in tqdm(range(0, len(jobs), batch), desc=f"sample student NFE {spec['nfe']}", leave=False):
-        chunk = jobs[i:i + batch]
-        ids, chunk_seeds = [r["prompt_id"] for r, _ in chunk], [s for _, s in chunk]
-        conds = [r.get("class_label", r["prompt"]) for r, _ in chunk]
-        noise = sample_noise(ids, chunk_seeds, generator.latent_shape)
-
-        def step_noise(k, ids=ids, chunk_seeds=chunk_seeds):
+    def draw(noise, cond, ids, chunk_seeds):
+        def step_noise(k):
             return sample_noise(ids, chunk_seeds, generator.latent_shape, stream=f"step{k}")
+        return sample_student(generator, noise, cond, spec["grid"], spec["theta"], step_noise,
+                              spec["guidance"])
 
-        with torch.no_grad():
-            x0 = sample_student(generator, noise, generator.encode(conds), spec["grid"],
-                                spec["theta"], step_noise, spec["guidance"])
-            images.append(generator.decode(x0))
-    return torch.cat(images), jobs
+    return sample_jobs(generator, rows, seeds, batch, f"sample student NFE {spec['nfe']}", draw)
 
 
 def run_student(args, backbone, recipe, rows):

@@ -13,7 +13,7 @@ import torch
 
 from fewstep import losses
 from fewstep.engine.adapt import trainable_copy
-from fewstep.engine.method import Method, StudentSpec, student_grid
+from fewstep.engine.method import RENOISE, Method, StudentSpec, student_grid
 from fewstep.engine.options import TrainOptions
 from fewstep.schedule import TimeSampler
 
@@ -41,8 +41,6 @@ class DistributionMatching(Method):
                              f"got {options.normaliser_teacher!r}")
         self._generator = trainable_copy(teacher, options)
         self.critic = trainable_copy(teacher)  # full copy: LoRA applies to the generator only
-        self.critic.requires_grad_(False)
-        self.critic.denoiser.requires_grad_(True)
         self.grid = student_grid(teacher, options.generator_grid, options.grid_shift)
         discrete = teacher.schedule.kind != "flow"
         lo, hi = options.dm_t_range
@@ -56,7 +54,6 @@ class DistributionMatching(Method):
         return {"generator": self.generator.denoiser, "critic": self.critic.denoiser}
 
     def student(self) -> StudentSpec:
-        from fewstep.engine.method import RENOISE
         return StudentSpec(self.grid, theta=RENOISE if len(self.grid) > 1 else 0.0)
 
     def draw_t(self, sampler: TimeSampler, n: int, stream: str) -> torch.Tensor:
@@ -73,7 +70,7 @@ class DistributionMatching(Method):
         """DMD2 backward simulation (dmd2.md 5.2): rollout from independent noise z' to stop-1, then
         x_stop = F_{t_stop}(x0_{stop-1}, z) re-noised with the batch noise z."""
         z_prime = self.ctx.randn_like(z, f"{stream}/z_prime")
-        x = self.rollout(z_prime, cond, self.grid, stop - 1, theta=torch.pi / 2, stream=stream)
+        x = self.rollout(z_prime, cond, self.grid, stop - 1, theta=RENOISE, stream=stream)
         t_prev = torch.full((z.shape[0],), self.grid[stop - 1], device=z.device)
         with torch.no_grad():
             x0_prev = self.generator.x0(x, t_prev, cond)
@@ -94,11 +91,13 @@ class DistributionMatching(Method):
     def dm_loss(self, x, cond, stream: str = "dm") -> tuple[torch.Tensor, dict]:
         """L_DM = 1/2 mean (x - sg(x - g))^2 with g = (p_F - p_T) / mean|x - p_T| (DMD Eq. 7-8)."""
         x_t, t, p_real, p_fake = self.teacher_and_critic(x, cond, stream)
-        g = losses.dm_gradient(x, p_real, p_fake)
         if self.opt.normaliser_teacher == "unguided" and self.opt.teacher_guidance != 1.0:
+            # dmd.normaliser_teacher = unguided: same numerator, normaliser mean|x - D_T(c)|
             with torch.no_grad():
                 p_plain = self.teacher.x0(x_t, t, cond)
             g = losses.dm_gradient(x, p_plain, p_plain + (p_fake - p_real))
+        else:
+            g = losses.dm_gradient(x, p_real, p_fake)
         return losses.dm_surrogate(x, g), {"dm_grad_abs": g.abs().mean()}
 
     def critic_loss(self, x, cond, stream: str = "critic", weight=None) -> torch.Tensor:

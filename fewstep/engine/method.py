@@ -8,7 +8,6 @@ optimiser, then calls `after_update(net)`. `scratch` is a dict shared by the ite
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
