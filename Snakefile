@@ -15,7 +15,6 @@ wildcard_constraints:
     family="[a-z0-9_]+",
     method="[A-Za-z0-9_-]+",
     run="[A-Za-z0-9_-]+",
-    set="steps[0-9]+|student",
     steps="[0-9]+",
 
 FEWSTEP = f"{sys.executable} -m fewstep"

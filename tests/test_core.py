@@ -140,3 +140,17 @@ def test_profile_install_links_the_repository_profile(tmp_path):
     (other / "slurm").mkdir(parents=True)
     with pytest.raises(FewstepError, match="--force"):
         install("slurm", dest=str(other))
+
+
+@pytest.mark.parametrize("verb, args", [
+    ("sample", ["--teacher", "t", "--prompts", "p.jsonl", "--steps", "1", "2", "--out", "a"]),
+    ("score", ["--samples", "a", "b", "--prompts", "p.jsonl", "--seeds", "0", "--resolution", "16",
+               "--metrics", "toy_fid", "--out", "a.json"]),
+])
+def test_multi_set_verbs_refuse_unpaired_outputs(verb, args, tmp_path):
+    """One output per step count / sample set, checked before anything is loaded or written."""
+    out = subprocess.run([sys.executable, "-m", "fewstep", verb, *args], capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "one" in out.stderr and ("--out" in out.stderr)
+    assert not any(tmp_path.iterdir())

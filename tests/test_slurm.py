@@ -15,7 +15,7 @@ TINY = {
     "teachers": {"source": "train", "train": {"steps": 2, "batch": 4, "lr": 0.002, "seed": 0},
                  "guidance": {"sit": 2.0}},
     "eval": {"prompts": 6, "seeds": [0, 1], "steps": [1]},
-    "fid": {"reference_images": 36, "feature_net_steps": 20},
+    "fid": {"reference_images": 36, "feature_net": "train", "feature_net_steps": 20},
     "bootstrap": {"resamples": 50, "confidence": 0.95, "seed": 0},
     "distill": {"methods": ["dummy"], "preset": "toy", "stages": {}, "overrides": {"dummy": {"steps": 3}},
                 "pairs": {"count": 4, "steps": 2}},

@@ -1,4 +1,6 @@
 """Toy FID through clean-fid with the toy feature net: sanity orderings, CI, caching, contract."""
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import scipy
@@ -191,3 +193,20 @@ def test_extractor_contract(net):
         extractor(torch.rand(2, 3, 299, 299) * 255)
     with pytest.raises(ValueError, match=r"\[0, 255\]"):
         extractor(torch.rand(2, 3, 32, 32))
+
+
+def test_shipped_feature_net_is_the_pinned_default_recipe(net, tmp_path, monkeypatch):
+    from fewstep.toy import features
+    shipped = load_feature_net(features.shipped_feature_net(16))
+    assert shipped.config.size == 16 and shipped.recipe == asdict(features.TrainRecipe())
+    assert shipped.train_summary["count_accuracy"] > 0.9          # a net that sees the toy world
+    with pytest.raises(ValueError, match="fid.feature_net: train"):
+        features.shipped_feature_net(24)
+    # a self-consistent file that is not the pinned one (someone replaced it) is refused
+    monkeypatch.setattr(features, "SHIPPED_DIR", tmp_path)
+    save_feature_net(net, tmp_path / "toy_feature_net_16.safetensors")
+    with pytest.raises(ValueError, match="pinned"):
+        features.shipped_feature_net(16)
+    (tmp_path / "toy_feature_net_16.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="toy_feature_net_16.safetensors"):
+        features.shipped_feature_net(16)

@@ -1,4 +1,9 @@
-"""fewstep sample: a teacher at n steps on a prompt set, written as a sample set."""
+"""fewstep sample: a teacher at n steps (or a trained student) on a prompt set, written as a sample set.
+
+Several step counts in one call (`--steps 1 2 4 8 32 --out a b c d e`) load the teacher and encode
+the prompts once: on the toy world a process's start-up (imports, loading) costs as much as
+sampling a short set, so the DAG samples all of a family's teacher sets in one job.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,14 +14,16 @@ from fewstep.io import atomic_path
 def add_arguments(p):
     p.add_argument("--teacher", required=True, help="teacher folder (fewstep teacher install/train)")
     p.add_argument("--prompts", required=True, help="prompt .jsonl (fewstep prompts)")
-    p.add_argument("--steps", type=int, help="teacher sampler steps (not with --student)")
+    p.add_argument("--steps", type=int, nargs="+",
+                   help="teacher sampler steps, one set per value (not with --student)")
     p.add_argument("--student", help="trained model folder (fewstep train --out): sample the "
                                      "student with its own sampler instead of the teacher")
     p.add_argument("--guidance", type=float, default=1.0, help="CFG scale in x0 space")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--batch", type=int, default=64,
                    help="images per forward (64: fastest per image on CPU for the toy teachers)")
-    p.add_argument("--out", required=True, help="sample-set folder to write")
+    p.add_argument("--out", required=True, nargs="+",
+                   help="sample-set folder(s) to write: one per --steps value, one for --student")
 
 
 def sample_jobs(backbone, rows, seeds, batch, desc, draw):
@@ -84,30 +91,49 @@ def run_student(args, backbone, recipe, rows):
           f"to {args.out}")
 
 
+def check_outputs(args):
+    """One output folder per step count (or exactly one for a student), named before any work."""
+    if args.student:
+        if args.steps is not None or len(args.out) != 1:
+            raise ValueError("--student samples one set: give one --out and no --steps")
+        return
+    if args.steps is None:
+        raise ValueError("give --steps (teacher sampling) or --student (a trained model folder)")
+    if len(args.steps) != len(args.out):
+        raise ValueError(f"--steps has {len(args.steps)} values but --out has {len(args.out)} "
+                         "folders: give one output folder per step count, in the same order")
+
+
+def run_teacher(args, backbone, recipe, rows, steps, out):
+    from fewstep.provenance import record
+    from fewstep.sampling import nfe_of
+    from metrics.sampleset import write_sample_set
+
+    images, jobs = sample_images(backbone, rows, args.seeds, steps, args.guidance, args.batch)
+    nfe = nfe_of(steps, args.guidance)
+    records = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "seed": s,
+                "family": backbone.family, "method": "teacher", "nfe": nfe, "steps": steps,
+                "guidance": args.guidance, "meta": r} for r, s in jobs]
+    with atomic_path(out) as tmp:
+        write_sample_set(tmp, images, records)
+        record(tmp / "provenance.json", {**vars(args), "steps": steps, "out": out},
+               seeds=args.seeds, teacher_recipe=recipe)
+    print(f"wrote {len(records)} images ({backbone.family}, {steps} steps, NFE {nfe}) to {out}")
+
+
 def run(args):
     import torch
 
     from fewstep.prompts import read_prompts
-    from fewstep.provenance import record
-    from fewstep.sampling import nfe_of
     from fewstep.toy import teachers
-    from metrics.sampleset import write_sample_set
 
+    check_outputs(args)
     rows = read_prompts(args.prompts)
     recipe = teachers.verify(Path(args.teacher))
     backbone = teachers.load(Path(args.teacher), verified=recipe).eval()
     if args.student:
+        args.out = args.out[0]
         return run_student(args, backbone, recipe, rows)
-    if args.steps is None:
-        raise ValueError("give --steps (teacher sampling) or --student (a trained model folder)")
     torch.manual_seed(0)  # nothing random should remain, but make that explicit
-    images, jobs = sample_images(backbone, rows, args.seeds, args.steps, args.guidance, args.batch)
-    nfe = nfe_of(args.steps, args.guidance)
-    records = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "seed": s,
-                "family": backbone.family, "method": "teacher", "nfe": nfe, "steps": args.steps,
-                "guidance": args.guidance, "meta": r} for r, s in jobs]
-    with atomic_path(args.out) as tmp:
-        write_sample_set(tmp, images, records)
-        record(tmp / "provenance.json", vars(args), seeds=args.seeds,
-               teacher_recipe=recipe)
-    print(f"wrote {len(records)} images ({backbone.family}, {args.steps} steps, NFE {nfe}) to {args.out}")
+    for steps, out in zip(args.steps, args.out):
+        run_teacher(args, backbone, recipe, rows, steps, out)

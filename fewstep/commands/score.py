@@ -1,11 +1,15 @@
-"""fewstep score: every configured metric on one sample set, into one score .json."""
+"""fewstep score: every configured metric on sample sets of one prompt set, one score .json each.
+
+Several sets in one call (`--samples a b --out a.json b.json`) build the metrics once (feature
+net, reference statistics): the DAG scores all of a family's teacher sets in one job.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 
 def add_arguments(p):
-    p.add_argument("--samples", required=True, help="sample-set folder")
+    p.add_argument("--samples", required=True, nargs="+", help="sample-set folder(s)")
     p.add_argument("--prompts", required=True, help="the prompt .jsonl it was sampled from")
     p.add_argument("--seeds", type=int, nargs="+", required=True)
     p.add_argument("--resolution", type=int, required=True)
@@ -19,7 +23,7 @@ def add_arguments(p):
     p.add_argument("--resamples", type=int, default=1000)
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--bootstrap-seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, nargs="+", help="one score .json per --samples folder")
 
 
 def build_metric(name: str, args, class_conditional: bool):
@@ -38,28 +42,39 @@ def build_metric(name: str, args, class_conditional: bool):
 
 
 def run(args):
-    import json
-
-    from fewstep.io import write_json
     from fewstep.prompts import read_prompts
     from fewstep.registry import METRICS
-    from metrics.sampleset import read_manifest
 
+    if len(args.samples) != len(args.out):
+        raise ValueError(f"--samples has {len(args.samples)} folders but --out has {len(args.out)} "
+                         "files: give one score file per sample set, in the same order")
     for name in args.metrics:
         METRICS.check(name)
     rows = read_prompts(args.prompts)
     expected = [(r["prompt_id"], s) for r in rows for s in args.seeds]
     class_conditional = all("class_label" in r for r in rows)
+    metrics = {name: build_metric(name, args, class_conditional) for name in args.metrics}
+    for samples, out in zip(args.samples, args.out):
+        score_set(args, metrics, expected, samples, out)
+
+
+def score_set(args, metrics, expected, samples, out):
+    import json
+
+    from fewstep.io import write_json
+    from metrics.sampleset import read_manifest
+
     results = {}
-    for name in args.metrics:
-        metric = build_metric(name, args, class_conditional)
-        result = metric.score(args.samples, expected=expected, resolution=args.resolution,
+    for name, metric in metrics.items():
+        result = metric.score(samples, expected=expected, resolution=args.resolution,
                               allow_blank=args.allow_blank)
         results[name] = result.to_dict()
-        print(f"{name} {result.version}: {result.value:.4f} [{result.ci_low:.4f}, {result.ci_high:.4f}]")
-    first = read_manifest(args.samples)[0][0]
-    prov = json.loads((Path(args.samples) / "provenance.json").read_text())
-    write_json(args.out, {
-        "sample_set": str(args.samples), "family": first["family"], "method": first["method"],
+        print(f"{samples} {name} {result.version}: {result.value:.4f} "
+              f"[{result.ci_low:.4f}, {result.ci_high:.4f}]")
+    first = read_manifest(samples)[0][0]
+    prov = json.loads((Path(samples) / "provenance.json").read_text())
+    write_json(out, {
+        "sample_set": str(samples), "family": first["family"], "method": first["method"],
         "steps": first.get("steps"), "nfe": first["nfe"], "guidance": first.get("guidance"),
-        "results": results, "sampling_provenance": prov, "scoring_args": vars(args)})
+        "results": results, "sampling_provenance": prov,
+        "scoring_args": {**vars(args), "samples": samples, "out": out}})

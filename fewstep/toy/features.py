@@ -331,6 +331,33 @@ def load_feature_net(path) -> ToyFeatureNet:
     return net.eval()
 
 
+# ------------------------------------------------------------------------- the shipped net
+
+# The toy FID's extractor is fixed, as Inception's weights are for FID: the shipped net was trained
+# once with the default recipe (`fewstep features --size 16 --steps 1200 --seed 0 --out F`), so toy
+# FIDs compare across runs, machines and torch versions. Its hash is pinned here.
+SHIPPED_DIR = Path(__file__).parent / "feature_nets"
+SHIPPED_SHA256 = {
+    16: "e2bcdefb596301a584146552dee04401ade85657cfc44dd43597b5e6bd9163b3",
+}
+
+
+def shipped_feature_net(size: int) -> Path:
+    """Path of the shipped net for this image size, verified against the pinned hash."""
+    if size not in SHIPPED_SHA256:
+        raise ValueError(f"no shipped toy feature net for {size} px images (shipped: "
+                         f"{sorted(SHIPPED_SHA256)}): set fid.feature_net: train in the config")
+    path = SHIPPED_DIR / f"toy_feature_net_{size}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"shipped toy feature net missing: expected {path} (reinstall "
+                                "fewstep, or set fid.feature_net: train)")
+    net = load_feature_net(path)
+    if net.sha256 != SHIPPED_SHA256[size]:
+        raise ValueError(f"{path}: hash {net.sha256[:12]} is not the pinned "
+                         f"{SHIPPED_SHA256[size][:12]}; the shipped file was replaced")
+    return path
+
+
 # --------------------------------------------------------------- clean-fid extractor contract
 
 class ToyFeatureExtractor:

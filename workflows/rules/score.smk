@@ -1,19 +1,20 @@
 # Scoring: the toy feature net (for toy FID) and each family's reference statistics are built once,
-# before the score jobs fan out; each score job runs every configured metric on one sample set.
+# before the score jobs fan out; a score job runs every configured metric on its sample sets.
 rule feature_net:
     output:
         "results/metrics/toy_feature_net.safetensors",
-    # one thread and first in line: it trains beside the sampling jobs instead of after them
+    # one thread and first in line: with `train` it trains beside the sampling jobs
     threads: 1
     priority: 100
     log:
         "results/logs/metrics/feature_net.log",
     params:
         res=config["resolution"],
+        source=config["fid"]["feature_net"],
         steps=config["fid"]["feature_net_steps"],
     shell:
-        THREADS_ENV + " {FEWSTEP} features --size {params.res} --steps {params.steps} "
-        "--out {output} > {log} 2>&1"
+        THREADS_ENV + " {FEWSTEP} features --source {params.source} --size {params.res} "
+        "--steps {params.steps} --out {output} > {log} 2>&1"
 
 
 rule fid_reference:
@@ -35,29 +36,56 @@ rule fid_reference:
         "> {log} 2>&1"
 
 
-rule score:
+def score_command(samples, out):
+    return (THREADS_ENV + " {FEWSTEP} score --samples " + samples + " --prompts {input.prompts} "
+            "--seeds {params.seeds} --resolution {params.res} --metrics {params.metrics} "
+            "--feature-net {input.net} --reference-images {params.n_ref} --cache results/cache "
+            "{params.blank} "
+            "--resamples {params.boot[resamples]} --confidence {params.boot[confidence]} "
+            "--bootstrap-seed {params.boot[seed]} --out " + out + " > {log} 2>&1")
+
+
+SCORE_PARAMS = dict(
+    metrics=" ".join(config["metrics"]),
+    seeds=SEEDS,
+    res=config["resolution"],
+    boot=config["bootstrap"],
+    n_ref=config["fid"]["reference_images"],
+    # toy world: an empty canvas is a legitimate bad sample, scored rather than refused
+    blank="--allow-blank" if config["world"] == "toy" else "",
+)
+
+
+# A family's teacher sets are scored in one job (metrics built once), like they are sampled.
+rule score_teacher:
     input:
-        samples="results/samples/{family}/{method}/{set}",
+        samples=expand(TEACHER_SETS, family="{family}", steps=STEPS),
         prompts="results/prompts/{family}.jsonl",
         net=rules.feature_net.output,
         reference="results/metrics/fid_reference/{family}.json",
     output:
-        "results/scores/{family}/{method}/{set}.json",
+        expand("results/scores/{family}/teacher/steps{steps}.json", family="{family}", steps=STEPS),
     params:
-        metrics=" ".join(config["metrics"]),
-        seeds=SEEDS,
-        res=config["resolution"],
-        boot=config["bootstrap"],
-        n_ref=config["fid"]["reference_images"],
-        # toy world: an empty canvas is a legitimate bad sample, scored rather than refused
-        blank="--allow-blank" if config["world"] == "toy" else "",
+        **SCORE_PARAMS,
     threads: 1
     log:
-        "results/logs/scores/{family}/{method}/{set}.log",
+        "results/logs/scores/{family}/teacher.log",
     shell:
-        THREADS_ENV + " {FEWSTEP} score --samples {input.samples} --prompts {input.prompts} "
-        "--seeds {params.seeds} --resolution {params.res} --metrics {params.metrics} "
-        "--feature-net {input.net} --reference-images {params.n_ref} --cache results/cache "
-        "{params.blank} "
-        "--resamples {params.boot[resamples]} --confidence {params.boot[confidence]} "
-        "--bootstrap-seed {params.boot[seed]} --out {output} > {log} 2>&1"
+        score_command("{input.samples}", "{output}")
+
+
+rule score_student:
+    input:
+        samples="results/samples/{family}/{method}/student",
+        prompts="results/prompts/{family}.jsonl",
+        net=rules.feature_net.output,
+        reference="results/metrics/fid_reference/{family}.json",
+    output:
+        "results/scores/{family}/{method}/student.json",
+    params:
+        **SCORE_PARAMS,
+    threads: 1
+    log:
+        "results/logs/scores/{family}/{method}/student.log",
+    shell:
+        score_command("{input.samples}", "{output}")
