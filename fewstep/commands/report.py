@@ -50,12 +50,63 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def matching_teacher(rows: list[dict], student: dict) -> tuple[dict | None, str]:
+    """The teacher row of the student's family at the student's NFE; where the teacher was not
+    sampled at that NFE (a guided step costs 2, so a guided teacher has no NFE 1), the one with
+    the smallest NFE above it, which favours the teacher. Returns (row, how it was matched)."""
+    teachers = [r for r in rows if r["family"] == student["family"] and r["method"] == "teacher"]
+    same = [r for r in teachers if r["nfe"] == student["nfe"]]
+    if same:
+        return same[0], "same NFE"
+    above = sorted((r for r in teachers if r["nfe"] > student["nfe"]), key=lambda r: r["nfe"])
+    return (above[0], "next NFE up") if above else (None, "no teacher at or above this NFE")
+
+
+def verdict(student: dict, teacher: dict) -> str:
+    """better / worse when the two confidence intervals are disjoint, else a tie."""
+    up = student["higher_is_better"]
+    if student["ci_low"] > teacher["ci_high"]:
+        return "better" if up else "worse"
+    if student["ci_high"] < teacher["ci_low"]:
+        return "worse" if up else "better"
+    return "tie (CIs overlap)"
+
+
+def against_teacher(rows: list[dict]) -> str:
+    """One line per (student, metric): student and teacher at the same NFE, the difference and
+    whether it exceeds the confidence intervals (disjoint intervals: a conservative test)."""
+    lines = ["| family | method | NFE | teacher NFE | metric | student | teacher | Δ | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in (r for r in rows if r["method"] != "teacher"):
+        teacher, how = matching_teacher(rows, s)
+        for name, res in sorted(s["results"].items()):
+            if teacher is None or name not in teacher["results"]:
+                lines.append(f"| {s['family']} | {method_label(s)} | {s['nfe']} | - | {name} | "
+                             f"{res['value']:.3f} | - | - | {how} |")
+                continue
+            t = teacher["results"][name]
+            nfe = f"{teacher['nfe']}" + ("" if how == "same NFE" else f" ({how})")
+            lines.append(f"| {s['family']} | {method_label(s)} | {s['nfe']} | {nfe} | {name} | "
+                         f"{res['value']:.3f} | {t['value']:.3f} | {res['value'] - t['value']:+.3f} | "
+                         f"{verdict(res, t)} |")
+    return "\n".join(lines)
+
+
 def identities(rows) -> str:
     seen = {}
     for r in rows:
         for name, res in r["results"].items():
             seen.setdefault(name, json.dumps(res.get("identity", {}), sort_keys=True))
     return "\n".join(f"- `{name}`: `{ident}`" for name, ident in sorted(seen.items()))
+
+
+def students_section(rows) -> list[str]:
+    if all(r["method"] == "teacher" for r in rows):
+        return []
+    return ["## Students against their teacher at the same NFE", "",
+            "Each student beside its own teacher sampled with the same per-sample noise at the "
+            "student's NFE (or the next NFE up where the teacher has none). better / worse: the "
+            "two 95 % intervals are disjoint; otherwise a tie.", "", against_teacher(rows), ""]
 
 
 def run(args):
@@ -70,6 +121,7 @@ def run(args):
         "",
         render(rows),
         "",
+        *students_section(rows),
         "## Metric identities",
         "",
         identities(rows),

@@ -1,0 +1,38 @@
+"""The leaderboard's student-vs-teacher section: matching NFE and CI-based verdicts."""
+from fewstep.commands.report import against_teacher, matching_teacher, render, verdict
+
+
+def result(value, half, up=False, version="1"):
+    return {"value": value, "ci_low": value - half, "ci_high": value + half, "n": 8,
+            "higher_is_better": up, "version": version}
+
+
+def row(method, nfe, fid, half=2.0, family="sd3", steps=None):
+    return {"family": family, "method": method, "nfe": nfe, "steps": steps or nfe, "guidance": 1.0,
+            "results": {"toy_fid": result(fid, half)}}
+
+
+TEACHERS = [row("teacher", 2, 200.0, steps=1), row("teacher", 4, 100.0, steps=2),
+            row("teacher", 4, 500.0, family="sit")]
+
+
+def test_matching_teacher_prefers_same_nfe_then_next_up():
+    assert matching_teacher(TEACHERS, row("dmd2", 4, 30.0)) == (TEACHERS[1], "same NFE")
+    assert matching_teacher(TEACHERS, row("dmd", 1, 30.0)) == (TEACHERS[0], "next NFE up")
+    assert matching_teacher(TEACHERS, row("x", 8, 30.0))[0] is None
+
+
+def test_verdict_needs_disjoint_intervals_in_the_metrics_direction():
+    assert verdict(result(30, 2), result(100, 2)) == "better"          # FID: lower is better
+    assert verdict(result(100, 2), result(30, 2)) == "worse"
+    assert verdict(result(98, 2), result(100, 2)) == "tie (CIs overlap)"
+    assert verdict(result(0.9, 0.01, up=True), result(0.5, 0.01, up=True)) == "better"
+
+
+def test_against_teacher_table_lists_every_student_with_its_verdict():
+    rows = TEACHERS + [row("dmd2", 4, 30.0), row("dmd", 1, 243.0)]
+    table = against_teacher(rows)
+    assert "| sd3 | dmd2 | 4 | 4 | toy_fid | 30.000 | 100.000 | -70.000 | better |" in table
+    assert "| sd3 | dmd | 1 | 2 (next NFE up) | toy_fid | 243.000 | 200.000 | +43.000 | worse |" in table
+    assert "teacher |" not in table.split("\n", 2)[2]                   # teachers are not students
+    assert render(rows).count("\n") == len(rows) + 1
