@@ -68,15 +68,76 @@ class MetricResult:
         return cls.from_json(Path(path).read_text())
 
 
+@dataclass(frozen=True)
+class WeightFile:
+    """One file a metric or backbone needs from the weights cache ($FEWSTEP_WEIGHTS).
+
+    path: relative to the cache root (e.g. "hpsv2/HPS_v2.1_compressed.pt"); source: where a user
+    gets it (a Hugging Face repo id and file, or a URL); the harness never downloads it.
+    """
+    path: str
+    source: str
+    note: str = ""
+
+
+def paired_summary(ci, higher_is_better: bool, **extra) -> dict:
+    """A paired difference A - B as a dict, with the verdict its CI supports."""
+    if ci.low > 0 or ci.high < 0:
+        a_higher = ci.low > 0
+        verdict = "better" if a_higher == higher_is_better else "worse"
+    else:
+        verdict = "tie (CI contains 0)"
+    return {"difference": ci.estimate, "ci_low": ci.low, "ci_high": ci.high, "level": ci.level,
+            "method": ci.method, "verdict": verdict, **extra}
+
+
 class Metric:
     """A metric scores a sample-set folder on disk and returns a MetricResult.
 
     Subclasses set `name`, `version` (bump it whenever a change can move the number) and
-    `higher_is_better`, and implement `score`.
+    `higher_is_better`, and implement `score`; metrics with weights list them in `weight_files`
+    (what `fewstep weights check` reports). Differentiable scorers for training share one call
+    signature, `reward(images01 (B, 3, H, W) in [0, 1], metas: list of prompt-row dicts with
+    "prompt") -> (B,) tensor`, higher is better, gradients flowing to the images (see
+    metrics/toy_reward.py).
     """
     name: str = ""
     version: str = ""
     higher_is_better: bool = True
+
+    def weight_files(self) -> list[WeightFile]:
+        """Files this metric reads from the weights cache (none for the toy metrics)."""
+        return []
+
+    # -- paired comparison of two sample sets on one (prompt_id, seed) grid ----------------------
+    def set_statistic(self, rows: list[dict]) -> float:
+        """The metric's value from per-sample rows (default: mean of "score"); override where the
+        metric is not a plain mean (GenEval: mean over tasks)."""
+        return float(sum(r["score"] for r in rows) / len(rows))
+
+    def strata(self, rows: list[dict]):
+        """Bootstrap strata per prompt (None: unstratified)."""
+        return None
+
+    def paired_difference(self, a: MetricResult, b: MetricResult, folder_a=None, folder_b=None,
+                          **load_kw) -> dict:
+        """value(A) - value(B) with a paired cluster-bootstrap CI (prompts resampled, both sets on
+        the same prompts and seeds, so shared prompt difficulty cancels), plus the per-prompt win
+        rate of A over B. Set-level metrics (FID) override this with their own resampling."""
+        from metrics.stats import align_pairs, bootstrap, group_indices, win_rate
+
+        keys_a = [(r["prompt_id"], r["seed"]) for r in a.per_sample]
+        keys_b = [(r["prompt_id"], r["seed"]) for r in b.per_sample]
+        ia, ib = align_pairs(keys_a, keys_b)
+        rows_a, rows_b = [a.per_sample[i] for i in ia], [b.per_sample[i] for i in ib]
+        _, groups = group_indices([r["prompt_id"] for r in rows_a])
+        stats = dict(n_resamples=self.n_resamples, level=self.level, seed=self.seed)
+        ci = bootstrap(lambda idx: self.set_statistic([rows_a[i] for i in idx])
+                       - self.set_statistic([rows_b[i] for i in idx]), groups,
+                       strata=self.strata(rows_a), **stats)
+        wins = win_rate([r["score"] for r in rows_a], keys_a, [r["score"] for r in rows_b], keys_a,
+                        higher_is_better=self.higher_is_better, **stats)
+        return paired_summary(ci, self.higher_is_better, win_rate=wins)
 
     def score(self, sample_set_folder, **ctx) -> MetricResult:
         raise NotImplementedError(

@@ -325,6 +325,14 @@ class ToyFID(Metric):
         return self.result(ci.estimate, (max(ci.low, 0.0), ci.high), len(ss), per_sample,
                            self.identity(ref, ss), details)
 
+    def paired_difference(self, a, b, folder_a=None, folder_b=None, **load_kw) -> dict:
+        """FID is a set statistic: resample prompts and recompute both FIDs (see compare)."""
+        from metrics.base import paired_summary
+
+        if folder_a is None or folder_b is None:
+            raise ValueError("a paired FID difference needs both sample-set folders (features)")
+        return paired_summary(self.compare(folder_a, folder_b, **load_kw), self.higher_is_better)
+
     def compare(self, folder_a, folder_b, **load_kw) -> BootstrapCI:
         """Paired CI of FID(A) - FID(B) on a shared (prompt_id, seed) grid, resampling prompts.
 

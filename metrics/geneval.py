@@ -201,6 +201,14 @@ class ToyGenEval(Metric):
         self.detector = self.detector or ToyExactDetector()
         self.colour = self.colour or DetectedColour()
 
+    def set_statistic(self, rows: list[dict]) -> float:
+        """GenEval overall: the mean over tasks of each task's image accuracy."""
+        return overall_score(np.array([r["tag"] for r in rows]), np.array([r["score"] for r in rows]))
+
+    def strata(self, rows: list[dict]):
+        _, groups = group_indices([r["prompt_id"] for r in rows])
+        return [rows[g[0]]["tag"] for g in groups]
+
     def identity(self, ss: SampleSet) -> dict:
         return {"metric": self.name, "version": self.version, "rules": "geneval (djghosh13) 4.5-4.6",
                 "detector": getattr(self.detector, "name", type(self.detector).__name__),

@@ -51,9 +51,13 @@ def dag_run(tmp_path_factory, plugin_env):
 
 
 def test_dag_writes_leaderboard_with_a_row_per_family_and_steps(dag_run):
-    board = (dag_run / "reports" / "leaderboard.md").read_text()
+    board, students = (dag_run / "reports" / "leaderboard.md").read_text().split(
+        "## Students against their teacher")
     rows = [line for line in board.splitlines() if line.startswith("| s")]
     assert len(rows) == 3 * (2 + 2)  # two teacher step counts and two trained methods per family
+    pairs = [line for line in students.split("## Metric identities")[0].splitlines()
+             if line.startswith("| s")]
+    assert len(pairs) == 3 * 2 * 2    # each student, each metric
     assert "toy_fid 1 ↓" in board and "toy_geneval 1 ↑" in board
     for family in ("sdxl", "sd3", "sit"):
         assert (dag_run / f"results/teachers/{family}/recipe.json").is_file()
@@ -78,6 +82,12 @@ def test_dag_trains_builtin_and_plugin_methods_and_scores_their_students(dag_run
             assert student["method"] == method and student["student"]["nfe"] == nfe
             score = json.loads((dag_run / f"results/scores/{family}/{method}/student.json").read_text())
             assert score["method"] == method and score["nfe"] == nfe
+            # paired with the teacher at its NFE; a guided teacher has no NFE 1, so the next one up
+            against = score["against_teacher"]
+            assert against["teacher_nfe"] == 2
+            assert against["match"] == ("next NFE up" if nfe == 1 else "same NFE")
+            assert set(against["metrics"]) == {"toy_fid", "toy_geneval"}
+            assert all("verdict" in d and d["ci_low"] <= d["ci_high"] for d in against["metrics"].values())
             assert (dag_run / f"results/runs/{family}/{method}/ckpt/latest").is_file()
             prov = json.loads((dag_run / f"results/models/{family}/{method}/provenance.json").read_text())
             assert prov["config"]["method"] == method and "git_commit" in prov["environment"]

@@ -32,7 +32,19 @@ def test_verdict_needs_disjoint_intervals_in_the_metrics_direction():
 def test_against_teacher_table_lists_every_student_with_its_verdict():
     rows = TEACHERS + [row("dmd2", 4, 30.0), row("dmd", 1, 243.0)]
     table = against_teacher(rows)
-    assert "| sd3 | dmd2 | 4 | 4 | toy_fid | 30.000 | 100.000 | -70.000 | better |" in table
-    assert "| sd3 | dmd | 1 | 2 (next NFE up) | toy_fid | 243.000 | 200.000 | +43.000 | worse |" in table
+    assert ("| sd3 | dmd2 | 4 | 4 | toy_fid | 30.000 | 100.000 | -70.000 | - | better (unpaired) |"
+            in table)
+    assert ("| sd3 | dmd | 1 | 2 (next NFE up) | toy_fid | 243.000 | 200.000 | +43.000 | - | "
+            "worse (unpaired) |" in table)
     assert "teacher |" not in table.split("\n", 2)[2]                   # teachers are not students
     assert render(rows).count("\n") == len(rows) + 1
+
+
+def test_against_teacher_uses_the_paired_comparison_when_the_score_step_made_one():
+    student = row("dmd2", 4, 98.0)
+    student["against_teacher"] = {"metrics": {"toy_fid": {
+        "difference": -2.0, "ci_low": -3.0, "ci_high": -1.0, "verdict": "better",
+        "win_rate": {"win_rate": 0.75, "ci_low": 0.6, "ci_high": 0.9}}}}
+    table = against_teacher(TEACHERS + [student])
+    # the unpaired intervals overlap (98 ± 2 vs 100 ± 2); the paired one excludes 0
+    assert "| -2.000 [-3.000, -1.000] | 0.75 [0.60, 0.90] | better |" in table

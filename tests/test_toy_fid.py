@@ -124,6 +124,10 @@ def test_paired_comparison(metric, clean_images, tmp_path):
     shifted = _write(tmp_path / "shifted", _independent_renders(100), 100)
     with pytest.raises(ValueError, match="same .prompt_id, seed. grid"):
         metric.compare(clean, shifted)
+    # the Metric-level paired difference of FID is this resampling, with its verdict
+    summary = metric.paired_difference(None, None, clean, noisy)
+    assert (summary["difference"], summary["ci_high"]) == (diff.estimate, diff.high)
+    assert summary["verdict"] == "better"
 
 
 def test_frechet_distance_closed_form():

@@ -164,3 +164,19 @@ def test_uneven_images_per_prompt_are_refused(tmp_path):
     (folder / "manifest.jsonl").write_text("\n".join(rows[1:]) + "\n")
     with pytest.raises(SampleSetError, match="has 1 images, most prompts have 2"):
         _metric().score(folder)
+
+
+def test_paired_difference_is_the_overall_score_difference_with_a_paired_ci(tmp_path):
+    metas = world.prompt_set("eval")
+    metric = _metric()
+    good = metric.score(_write(tmp_path / "gt", metas))
+    recoloured = metric.score(_write(tmp_path / "rc", metas, _recolour_all))
+    diff = metric.paired_difference(recoloured, good)
+    assert diff["difference"] == pytest.approx(recoloured.value - good.value)  # GenEval overall,
+    assert diff["difference"] != pytest.approx(                                 # not the image mean
+        np.mean([r["score"] for r in recoloured.per_sample]) - 1.0)
+    assert diff["ci_high"] < 0 and diff["verdict"] == "worse"
+    assert diff["win_rate"]["wins"] == 0 and diff["win_rate"]["losses"] > 0
+    same = metric.paired_difference(good, good)
+    assert same["difference"] == same["ci_low"] == same["ci_high"] == 0.0
+    assert same["verdict"].startswith("tie")

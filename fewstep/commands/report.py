@@ -72,23 +72,35 @@ def verdict(student: dict, teacher: dict) -> str:
     return "tie (CIs overlap)"
 
 
+def paired_cells(paired: dict | None, res: dict, t: dict) -> tuple[str, str, str]:
+    """(difference, win rate, verdict): the paired bootstrap of the score step where it ran,
+    else the plain difference with the disjoint-interval verdict."""
+    if paired is None:
+        return f"{res['value'] - t['value']:+.3f}", "-", verdict(res, t) + " (unpaired)"
+    diff = f"{paired['difference']:+.3f} [{paired['ci_low']:+.3f}, {paired['ci_high']:+.3f}]"
+    wins = paired.get("win_rate")
+    rate = f"{wins['win_rate']:.2f} [{wins['ci_low']:.2f}, {wins['ci_high']:.2f}]" if wins else "-"
+    return diff, rate, paired["verdict"]
+
+
 def against_teacher(rows: list[dict]) -> str:
-    """One line per (student, metric): student and teacher at the same NFE, the difference and
-    whether it exceeds the confidence intervals (disjoint intervals: a conservative test)."""
-    lines = ["| family | method | NFE | teacher NFE | metric | student | teacher | Δ | verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """One line per (student, metric): student and teacher at the same NFE, the paired difference
+    with its CI, the per-prompt win rate and the verdict the CI supports."""
+    lines = ["| family | method | NFE | teacher NFE | metric | student | teacher | Δ student − teacher "
+             "[CI] | prompts won | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
     for s in (r for r in rows if r["method"] != "teacher"):
         teacher, how = matching_teacher(rows, s)
+        paired = (s.get("against_teacher") or {}).get("metrics", {})
         for name, res in sorted(s["results"].items()):
+            head = f"| {s['family']} | {method_label(s)} | {s['nfe']} |"
             if teacher is None or name not in teacher["results"]:
-                lines.append(f"| {s['family']} | {method_label(s)} | {s['nfe']} | - | {name} | "
-                             f"{res['value']:.3f} | - | - | {how} |")
+                lines.append(f"{head} - | {name} | {res['value']:.3f} | - | - | - | {how} |")
                 continue
             t = teacher["results"][name]
             nfe = f"{teacher['nfe']}" + ("" if how == "same NFE" else f" ({how})")
-            lines.append(f"| {s['family']} | {method_label(s)} | {s['nfe']} | {nfe} | {name} | "
-                         f"{res['value']:.3f} | {t['value']:.3f} | {res['value'] - t['value']:+.3f} | "
-                         f"{verdict(res, t)} |")
+            diff, rate, word = paired_cells(paired.get(name), res, t)
+            lines.append(f"{head} {nfe} | {name} | {res['value']:.3f} | {t['value']:.3f} | {diff} | "
+                         f"{rate} | {word} |")
     return "\n".join(lines)
 
 
@@ -105,8 +117,11 @@ def students_section(rows) -> list[str]:
         return []
     return ["## Students against their teacher at the same NFE", "",
             "Each student beside its own teacher sampled with the same per-sample noise at the "
-            "student's NFE (or the next NFE up where the teacher has none). better / worse: the "
-            "two 95 % intervals are disjoint; otherwise a tie.", "", against_teacher(rows), ""]
+            "student's NFE (or the next NFE up where the teacher has none). Δ: paired difference "
+            "with its 95 % cluster-bootstrap interval (prompts resampled, both sets on the same "
+            "prompts and seeds); better / worse when the interval excludes 0, else a tie. Prompts "
+            "won: share of prompts where the student's mean per-image score beats the teacher's "
+            "(ties count one half; per-image metrics only).", "", against_teacher(rows), ""]
 
 
 def run(args):

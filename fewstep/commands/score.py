@@ -23,6 +23,10 @@ def add_arguments(p):
     p.add_argument("--resamples", type=int, default=1000)
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--bootstrap-seed", type=int, default=0)
+    p.add_argument("--against", nargs="+", default=[],
+                   help="the teacher's score .json files of this family: each set is also compared "
+                        "with the teacher set at its NFE (or the next one up), paired on the shared "
+                        "noise")
     p.add_argument("--out", required=True, nargs="+", help="one score .json per --samples folder")
 
 
@@ -73,8 +77,37 @@ def score_set(args, metrics, expected, samples, out):
               f"[{result.ci_low:.4f}, {result.ci_high:.4f}]")
     first = read_manifest(samples)[0][0]
     prov = json.loads((Path(samples) / "provenance.json").read_text())
-    write_json(out, {
-        "sample_set": str(samples), "family": first["family"], "method": first["method"],
-        "steps": first.get("steps"), "nfe": first["nfe"], "guidance": first.get("guidance"),
-        "results": results, "sampling_provenance": prov,
-        "scoring_args": {**vars(args), "samples": samples, "out": out}})
+    row = {"sample_set": str(samples), "family": first["family"], "method": first["method"],
+           "steps": first.get("steps"), "nfe": first["nfe"], "guidance": first.get("guidance"),
+           "results": results, "sampling_provenance": prov,
+           "scoring_args": {**vars(args), "samples": samples, "out": out}}
+    if args.against:
+        row["against_teacher"] = against_teacher(args, metrics, expected, row)
+    write_json(out, row)
+
+
+def against_teacher(args, metrics, expected, row) -> dict:
+    """Paired differences (this set - the teacher's set at the same NFE) for every metric."""
+    import json
+
+    from fewstep.commands.report import matching_teacher
+    from metrics.base import MetricResult
+
+    teachers = [json.loads(Path(p).read_text()) for p in args.against]
+    teacher, how = matching_teacher(teachers, row)
+    if teacher is None:
+        return {"match": how}
+    out = {"teacher_set": teacher["sample_set"], "teacher_nfe": teacher["nfe"], "match": how,
+           "metrics": {}}
+    for name, metric in metrics.items():
+        if name not in teacher["results"]:
+            continue
+        mine = MetricResult.from_dict(row["results"][name])
+        theirs = MetricResult.from_dict(teacher["results"][name])
+        out["metrics"][name] = metric.paired_difference(
+            mine, theirs, row["sample_set"], teacher["sample_set"], expected=expected,
+            resolution=args.resolution, allow_blank=args.allow_blank)
+        d = out["metrics"][name]
+        print(f"{row['sample_set']} {name} minus teacher NFE {teacher['nfe']}: "
+              f"{d['difference']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] {d['verdict']}")
+    return out

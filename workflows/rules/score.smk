@@ -36,13 +36,13 @@ rule fid_reference:
         "> {log} 2>&1"
 
 
-def score_command(samples, out):
+def score_command(samples, out, against=""):
     return (THREADS_ENV + " {FEWSTEP} score --samples " + samples + " --prompts {input.prompts} "
             "--seeds {params.seeds} --resolution {params.res} --metrics {params.metrics} "
             "--feature-net {input.net} --reference-images {params.n_ref} --cache results/cache "
             "{params.blank} "
             "--resamples {params.boot[resamples]} --confidence {params.boot[confidence]} "
-            "--bootstrap-seed {params.boot[seed]} --out " + out + " > {log} 2>&1")
+            "--bootstrap-seed {params.boot[seed]} " + against + "--out " + out + " > {log} 2>&1")
 
 
 SCORE_PARAMS = dict(
@@ -74,9 +74,13 @@ rule score_teacher:
         score_command("{input.samples}", "{output}")
 
 
+# A student is also compared with its teacher at the same NFE, paired on the shared noise.
 rule score_student:
     input:
         samples="results/samples/{family}/{method}/student",
+        teacher_sets=expand(TEACHER_SETS, family="{family}", steps=STEPS),
+        teacher_scores=expand("results/scores/{family}/teacher/steps{steps}.json", family="{family}",
+                              steps=STEPS),
         prompts="results/prompts/{family}.jsonl",
         net=rules.feature_net.output,
         reference="results/metrics/fid_reference/{family}.json",
@@ -88,4 +92,4 @@ rule score_student:
     log:
         "results/logs/scores/{family}/{method}/student.log",
     shell:
-        score_command("{input.samples}", "{output}")
+        score_command("{input.samples}", "{output}", "--against {input.teacher_scores} ")
