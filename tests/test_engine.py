@@ -61,6 +61,17 @@ def test_resume_continues_exactly(sit_teacher, tmp_path):
     assert steps == list(range(6))  # logged once per iteration, even across the resume
 
 
+def test_resume_refuses_a_checkpoint_of_another_config(sit_teacher, tmp_path):
+    """Only the run length (steps, checkpoint/log cadence) may change across a resume."""
+    Trainer(make(sit_teacher, steps=2), tmp_path / "run").run(progress=False)
+    with pytest.raises(FewstepError, match=r"lr: 0\.0001 -> 0\.0002.*--run-dir"):
+        Trainer(make(sit_teacher, steps=4, lr=2e-4), tmp_path / "run").run(progress=False)
+    with pytest.raises(FewstepError, match="method: dmd2 -> dmd"):
+        Trainer(make(sit_teacher, "dmd", steps=4, lambda_reg=0.0), tmp_path / "run").run(progress=False)
+    state = Trainer(make(sit_teacher, steps=3, log_every=2), tmp_path / "run").run(progress=False)
+    assert state.resumed_from == 2 and state.step == 3
+
+
 class _Signalling:
     """Wraps a method's loss to deliver a signal to this process at one iteration."""
 

@@ -96,6 +96,11 @@ def _load_prefixed(path: Path, name: str) -> dict:
     return {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
 
 
+def read_extra(folder: Path) -> dict:
+    """The caller's extra record of a checkpoint (step counters, the run's config), no tensors."""
+    return json.loads((Path(folder) / "state.json").read_text()).get("extra", {})
+
+
 def load(folder: Path, networks: dict, emas: dict, optimizers: dict, schedulers: dict) -> dict:
     """Restore everything in place; returns state.json (its "step" is the next iteration)."""
     folder = Path(folder)

@@ -12,7 +12,7 @@ import re
 import signal
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -66,6 +66,30 @@ class _Signals:
             signal.signal(sig, old)
 
 
+# Options that only say how long to run and how often to save or log: a resume may change them
+# (that is how a finished run is extended); any other change makes the checkpoint another run's.
+RUN_LENGTH_OPTIONS = ("steps", "checkpoint_every", "log_every")
+
+
+def run_config(method: Method) -> dict:
+    """The method and its resolved options, minus the run length, as JSON values."""
+    options = {k: v for k, v in asdict(method.opt).items() if k not in RUN_LENGTH_OPTIONS}
+    return json.loads(json.dumps({"method": method.name, **options}, default=str))
+
+
+def check_same_run(saved: dict | None, current: dict, folder) -> None:
+    """Refuse to resume a checkpoint written with another method or other options."""
+    if saved is None:  # a checkpoint from before configs were recorded
+        return
+    changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}".replace("'", "")
+               for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if changed:
+        raise FewstepError(f"the checkpoint {folder} was written by another configuration ("
+                           f"{'; '.join(changed)}); resuming it would mix two runs. Give a new "
+                           "--run-dir, or restore those options (only steps, checkpoint_every "
+                           "and log_every may change across a resume)")
+
+
 def ema_decay(method: Method, updates: int) -> float:
     d = method.opt.ema_decay
     return min(d, (1 + updates) / (10 + updates)) if method.opt.ema_warmup else d
@@ -106,6 +130,7 @@ class Trainer:
             for module in self.nets.values():
                 broadcast_module(module, self.info)
             return
+        check_same_run(checkpoint.read_extra(folder).get("config"), run_config(self.method), folder)
         saved = checkpoint.load(folder, self.nets, self.emas, self.optimizers, self.schedulers)
         self.state.step = self.state.resumed_from = saved["step"]
         self.state.ema_updates = saved["extra"].get("ema_updates", 0)
@@ -114,7 +139,9 @@ class Trainer:
     def save(self) -> None:
         if self.info.main:
             checkpoint.save(self.run_dir, self.state.step, self.nets, self.emas, self.optimizers,
-                            self.schedulers, {"ema_updates": self.state.ema_updates, "ema_ticks": self.state.ema_ticks})
+                            self.schedulers, {"ema_updates": self.state.ema_updates,
+                                              "ema_ticks": self.state.ema_ticks,
+                                              "config": run_config(self.method)})
         barrier(self.info)
 
     # -- one iteration ----------------------------------------------------------------------------
