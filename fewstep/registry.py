@@ -78,4 +78,13 @@ METHODS = Registry("method", "fewstep.methods", {
 METRICS = Registry("metric", "fewstep.metrics", {
     "toy_fid": "metrics.fid:ToyFID",
     "toy_geneval": "metrics.geneval:ToyGenEval",
+    "toy_hps": "metrics.toy_preference:ToyHPS",                  # toy stand-in, HPSv2 slot
+    "toy_imagereward": "metrics.toy_preference:ToyImageReward",  # toy stand-in, ImageReward slot
 })
+
+# Differentiable scorers for reward-guided training: each entry builds one from an optional
+# argument (a file) and a device; a scorer maps (images01 (B, 3, H, W), metas) -> (B,) rewards.
+REWARDS = Registry("reward", "fewstep.rewards", {
+    "toy": "metrics.toy_reward:build_toy_reward",
+})
+

@@ -49,3 +49,17 @@ def load_toy_reward(path: str | Path) -> ToyReward:
     from fewstep.toy.features import load_feature_net
 
     return ToyReward(load_feature_net(path))
+
+
+def build_toy_reward(path: str | None, device="cpu") -> ToyReward:
+    """REWARDS registry entry: the toy reward from its net file (`fewstep features --seed 1`)."""
+    if not path:
+        raise ValueError("the toy reward needs its network file: --reward toy:<file.safetensors> "
+                         "(the DAG's reward_net rule writes results/metrics/toy_reward_net.safetensors)")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"toy reward network {path} not found; train it with `fewstep "
+                                f"features --seed {REWARD_SEED} --out {path}`")
+    reward = load_toy_reward(path)
+    reward.net.to(device)
+    return reward
+

@@ -57,8 +57,9 @@ def test_dag_writes_leaderboard_with_a_row_per_family_and_steps(dag_run):
     assert len(rows) == 3 * (2 + 2)  # two teacher step counts and two trained methods per family
     pairs = [line for line in students.split("## Metric identities")[0].splitlines()
              if line.startswith("| s")]
-    assert len(pairs) == 3 * 2 * 2    # each student, each metric
-    assert "toy_fid 1 ↓" in board and "toy_geneval 1 ↑" in board
+    assert len(pairs) == 3 * 2 * 4    # each student, each metric
+    assert "toy_fid 1 ↓" in board and "toy_geneval 1 ↑" in board and "toy_hps 1 ↑" in board
+    assert "`toy_hps` fills the HPSv2 slot" in board
     for family in ("sdxl", "sd3", "sit"):
         assert (dag_run / f"results/teachers/{family}/recipe.json").is_file()
         score = json.loads((dag_run / f"results/scores/{family}/teacher/steps2.json").read_text())
@@ -86,7 +87,7 @@ def test_dag_trains_builtin_and_plugin_methods_and_scores_their_students(dag_run
             against = score["against_teacher"]
             assert against["teacher_nfe"] == 2
             assert against["match"] == ("next NFE up" if nfe == 1 else "same NFE")
-            assert set(against["metrics"]) == {"toy_fid", "toy_geneval"}
+            assert set(against["metrics"]) == {"toy_fid", "toy_geneval", "toy_hps", "toy_imagereward"}
             assert all("verdict" in d and d["ci_low"] <= d["ci_high"] for d in against["metrics"].values())
             assert (dag_run / f"results/runs/{family}/{method}/ckpt/latest").is_file()
             prov = json.loads((dag_run / f"results/models/{family}/{method}/provenance.json").read_text())

@@ -246,3 +246,26 @@ def test_cli_overrides_parse_numbers_lists_and_strings():
     assert got == {"lr": 1e-4, "steps": 20, "generator_grid": [1.0, 0.5], "regression": "l2"}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_overrides(["lr"])
+
+
+def test_reward_spec_names_a_registered_scorer_or_a_toy_net(tmp_path):
+    """`fewstep train --reward`: a toy reward-net file, `toy:<file>`, or a registered scorer name
+    (the `fewstep.rewards` registry; real scorers come from the metrics package)."""
+    from fewstep.engine.run import build_reward, parse_reward_spec
+    from fewstep.toy.features import save_feature_net, train_feature_net
+
+    path = tmp_path / "reward.safetensors"
+    save_feature_net(train_feature_net(steps=2, seed=1, size=16), path)
+    assert parse_reward_spec(str(path)) == ("toy", str(path))
+    assert parse_reward_spec(f"toy:{path}") == ("toy", str(path))
+    assert parse_reward_spec("clip_score") == ("clip_score", None)
+    reward = build_reward(str(path), "cpu")
+    meta = {"include": [{"class": "circle", "count": 1}]}
+    images = torch.rand(2, 3, 16, 16, requires_grad=True)
+    values = reward(images, [meta, meta])
+    values.sum().backward()
+    assert values.shape == (2,) and images.grad.abs().sum() > 0
+    with pytest.raises(UnknownNameError, match="Did you mean 'toy'"):
+        build_reward("tyo", "cpu")
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        build_reward("toy:missing.safetensors", "cpu")

@@ -104,6 +104,17 @@ def against_teacher(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def stand_ins(rows) -> list[str]:
+    """Say which toy metric fills which real metric's slot (their identities record it)."""
+    seen = {name: res["identity"]["stands_in_for"] for r in rows for name, res in r["results"].items()
+            if res.get("identity", {}).get("stands_in_for")}
+    if not seen:
+        return []
+    return [f"Toy stand-ins: " + "; ".join(
+        f"`{name}` fills the {real} slot (a reward net trained on the toy world, not {real})"
+        for name, real in sorted(seen.items())) + ".", ""]
+
+
 def identities(rows) -> str:
     seen = {}
     for r in rows:
@@ -136,6 +147,7 @@ def run(args):
         "",
         render(rows),
         "",
+        *stand_ins(rows),
         *students_section(rows),
         "## Metric identities",
         "",

@@ -18,8 +18,9 @@ def add_arguments(p):
     p.add_argument("--run-dir", required=True, help="checkpoints and metrics.jsonl (resume state)")
     p.add_argument("--out", required=True, help="model folder to write when training ends")
     p.add_argument("--reward", default=None,
-                   help="toy reward network (.safetensors, `fewstep features --seed 1`) for "
-                        "reward-guided methods (AMD, RTDMD)")
+                   help="the differentiable scorer of reward-guided methods (AMD, RTDMD): a "
+                        "registered name, NAME:ARG, or a toy reward net file (`fewstep features "
+                        "--seed 1`); e.g. toy:results/metrics/toy_reward_net.safetensors")
     p.add_argument("--resolution", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--no-progress", action="store_true")
@@ -48,7 +49,7 @@ def run(args):
 
     from fewstep.engine import distributed
     from fewstep.engine.loop import STOP_EXIT, StopRequested, Trainer
-    from fewstep.engine.run import build_method, export, toy_context
+    from fewstep.engine.run import build_method, build_reward, export, toy_context
     from fewstep.provenance import environment
     from fewstep.registry import METHODS
     from fewstep.toy import teachers
@@ -59,10 +60,7 @@ def run(args):
     recipe = teachers.verify(Path(args.teacher))
     teacher = teachers.load(Path(args.teacher), verified=recipe).to(info.device)
     family = recipe["recipe"]["family"]
-    reward = None
-    if args.reward:
-        from metrics.toy_reward import load_toy_reward
-        reward = load_toy_reward(args.reward)
+    reward = build_reward(args.reward, info.device) if args.reward else None
     ctx = toy_context(teacher, family, args.resolution, 0, info, reward=reward)
     method = build_method(args.method, teacher, ctx, args.preset, overrides)
     trainer = Trainer(method, Path(args.run_dir), info)

@@ -49,6 +49,23 @@ def toy_context(teacher, family: str, resolution: int, seed: int, info: DistInfo
                    real_images=toy_real_images(family, resolution), reward=reward, autocast=autocast)
 
 
+def parse_reward_spec(spec: str) -> tuple[str, str | None]:
+    """`--reward` value -> (registered scorer name, its argument): a path to a file means the toy
+    reward net (backward compatible); otherwise NAME or NAME:ARG."""
+    if spec.endswith(".safetensors") and ":" not in spec:
+        return "toy", spec
+    name, sep, arg = spec.partition(":")
+    return name, (arg if sep else None)
+
+
+def build_reward(spec: str, device):
+    """The differentiable scorer a reward-guided method optimises (REWARDS registry)."""
+    from fewstep.registry import REWARDS
+
+    name, arg = parse_reward_spec(spec)
+    return REWARDS.get(name)(arg, device)
+
+
 def build_method(name: str, teacher, ctx: Context, preset: str | None = None,
                  overrides: dict | None = None):
     cls = METHODS.get(name)

@@ -335,26 +335,40 @@ def load_feature_net(path) -> ToyFeatureNet:
 
 # The toy FID's extractor is fixed, as Inception's weights are for FID: the shipped net was trained
 # once with the default recipe (`fewstep features --size 16 --steps 1200 --seed 0 --out F`), so toy
-# FIDs compare across runs, machines and torch versions. Its hash is pinned here.
+# FIDs compare across runs, machines and torch versions. The toy stand-ins for the HPSv2 and
+# ImageReward slots (metrics/toy_preference.py) are the same recipe with seeds 2 and 3; the
+# training reward of AMD/RTDMD uses seed 1 and is trained in the DAG, so no metric shares weights
+# with it. Each file's hash is pinned here.
 SHIPPED_DIR = Path(__file__).parent / "feature_nets"
+SHIPPED_SEEDS = {"fid": 0, "hps": 2, "imagereward": 3}
+SHIPPED_FILES = {"fid": "toy_feature_net_{size}.safetensors",
+                 "hps": "toy_pref_hps_{size}.safetensors",
+                 "imagereward": "toy_pref_imagereward_{size}.safetensors"}
 SHIPPED_SHA256 = {
-    16: "e2bcdefb596301a584146552dee04401ade85657cfc44dd43597b5e6bd9163b3",
+    ("fid", 16): "e2bcdefb596301a584146552dee04401ade85657cfc44dd43597b5e6bd9163b3",
+    ("hps", 16): "b8678d8909a84cd8e6d3e9a130a9cb46970126be7e777720c4b2e7f9f2c5e218",
+    ("imagereward", 16): "4eaad8f76857a786e6dafd5da0b58056e1e0f1c47fdfab3b6497210dde3eba11",
 }
 
 
-def shipped_feature_net(size: int) -> Path:
-    """Path of the shipped net for this image size, verified against the pinned hash."""
-    if size not in SHIPPED_SHA256:
-        raise ValueError(f"no shipped toy feature net for {size} px images (shipped: "
-                         f"{sorted(SHIPPED_SHA256)}): set fid.feature_net: train in the config")
-    path = SHIPPED_DIR / f"toy_feature_net_{size}.safetensors"
+def shipped_feature_net(size: int, role: str = "fid") -> Path:
+    """Path of a shipped net (role fid | hps | imagereward) for this image size, verified against
+    the pinned hash."""
+    if role not in SHIPPED_FILES:
+        raise ValueError(f"unknown shipped toy net role {role!r}; one of {sorted(SHIPPED_FILES)}")
+    if (role, size) not in SHIPPED_SHA256:
+        shipped = sorted(s for r, s in SHIPPED_SHA256 if r == role)
+        raise ValueError(f"no shipped toy {role} net for {size} px images (shipped: {shipped}): "
+                         "set fid.feature_net: train in the config")
+    path = SHIPPED_DIR / SHIPPED_FILES[role].format(size=size)
     if not path.is_file():
-        raise FileNotFoundError(f"shipped toy feature net missing: expected {path} (reinstall "
+        raise FileNotFoundError(f"shipped toy {role} net missing: expected {path} (reinstall "
                                 "fewstep, or set fid.feature_net: train)")
     net = load_feature_net(path)
-    if net.sha256 != SHIPPED_SHA256[size]:
-        raise ValueError(f"{path}: hash {net.sha256[:12]} is not the pinned "
-                         f"{SHIPPED_SHA256[size][:12]}; the shipped file was replaced")
+    pinned = SHIPPED_SHA256[(role, size)]
+    if net.sha256 != pinned:
+        raise ValueError(f"{path}: hash {net.sha256[:12]} is not the pinned {pinned[:12]}; the "
+                         "shipped file was replaced")
     return path
 
 
