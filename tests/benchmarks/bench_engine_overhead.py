@@ -27,8 +27,8 @@ import torch  # noqa: E402
 
 from fewstep.engine.loop import Trainer, ema_decay, ema_update  # noqa: E402
 from fewstep.toy import teachers  # noqa: E402
-from tests.benchmarks.bench_methods import (SHIPPED, bench_method, reward_net,  # noqa: E402
-                                            stage1_model)
+from tests.benchmarks.bench_methods import (SHIPPED, bench_method, method_spec,  # noqa: E402
+                                            reward_net)
 
 
 class BareLoop:
@@ -92,13 +92,8 @@ def main():
     for family in args.families:
         teacher = teachers.load(SHIPPED / family)
         for spec in args.methods:
-            name, preset, over = spec, "toy", {}
-            if spec == "dmd":
-                over = {"lambda_reg": 0.0}  # pairs come from a DAG rule; the DM part is the cost
-            if spec == "rtdmd-stage2":
-                name, preset = "rtdmd", "toy-stage2"
-                over = {"init_from": stage1_model(family, teacher, tmp, reward)}
-            build = lambda: bench_method(name, preset, family, teacher, reward, over)  # noqa: E731
+            args_ = method_spec(spec, family, teacher, tmp, reward)
+            build = lambda: bench_method(*args_)  # noqa: E731
             engine, bare = compare(build, args.iters, tmp / f"{family}-{spec}")
             ratios.append(engine / bare)
             print(f"{family:6} {spec:13} {engine:11.4f} {bare:10.4f} {engine / bare:6.3f}", flush=True)

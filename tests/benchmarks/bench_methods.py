@@ -47,6 +47,17 @@ def stage1_model(family: str, teacher, tmp: Path, reward) -> str:
     return str(tmp / f"s1-{family}-model")
 
 
+def method_spec(spec: str, family, teacher, tmp: Path, reward):
+    """A benchmark entry (a method name, or rtdmd-stage2) -> bench_method's arguments."""
+    name, preset, over = spec, "toy", {}
+    if spec == "dmd":
+        over = {"lambda_reg": 0.0}  # pairs come from a DAG rule; the DM part is the cost
+    if spec == "rtdmd-stage2":
+        name, preset = "rtdmd", "toy-stage2"
+        over = {"init_from": stage1_model(family, teacher, tmp, reward)}
+    return name, preset, family, teacher, reward, over
+
+
 def bench_method(name, preset, family, teacher, reward, overrides):
     ctx = toy_context(teacher, family, 16, 0, DistInfo(), reward=reward)
     return build_method(name, teacher, ctx, preset, overrides)
@@ -77,13 +88,7 @@ def main():
     for family in args.families:
         teacher = teachers.load(SHIPPED / family)
         for spec in args.methods:
-            name, preset, over = spec, "toy", {}
-            if spec == "dmd":
-                over = {"lambda_reg": 0.0}  # pairs come from a DAG rule; the DM part dominates
-            if spec == "rtdmd-stage2":
-                name, preset = "rtdmd", "toy-stage2"
-                over = {"init_from": stage1_model(family, teacher, tmp, reward)}
-            method = bench_method(name, preset, family, teacher, reward, over)
+            method = bench_method(*method_spec(spec, family, teacher, tmp, reward))
             g, o, steps = time_run(method, args.iters, tmp / f"{family}-{spec}")
             n_gen = sum("generator" in method.plan(s) for s in range(steps))
             est = (n_gen * g + (steps - n_gen) * (o if o == o else 0.0)) / 60
