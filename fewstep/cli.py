@@ -23,6 +23,7 @@ VERBS = {
     "report": ("fewstep.commands.report", "write the leaderboard"),
     "config": ("fewstep.commands.configcmd", "validate a workflow config"),
     "profile": ("fewstep.commands.profile", "install a Snakemake profile (slurm) where --profile finds it"),
+    "weights": ("fewstep.commands.weights", "check that the weight files a config needs are in the cache"),
 }
 
 

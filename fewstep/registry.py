@@ -80,11 +80,15 @@ METRICS = Registry("metric", "fewstep.metrics", {
     "toy_geneval": "metrics.geneval:ToyGenEval",
     "toy_hps": "metrics.toy_preference:ToyHPS",                  # toy stand-in, HPSv2 slot
     "toy_imagereward": "metrics.toy_preference:ToyImageReward",  # toy stand-in, ImageReward slot
+    "fid": "metrics.fid:FID",                                    # clean-fid Inception, cache weights
+    "clip_score": "metrics.clip_score:CLIPScore",                # ViT-L-14-quickgelu, OpenAI
+    "clip_score_dmd2": "metrics.clip_score:CLIPScoreDMD2",       # DMD2's ViT-g-14 protocol
 })
 
 # Differentiable scorers for reward-guided training: each entry builds one from an optional
 # argument (a file) and a device; a scorer maps (images01 (B, 3, H, W), metas) -> (B,) rewards.
 REWARDS = Registry("reward", "fewstep.rewards", {
     "toy": "metrics.toy_reward:build_toy_reward",
+    "clip": "metrics.clip_score:build_clip_reward",
 })
 

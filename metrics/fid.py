@@ -1,4 +1,4 @@
-"""Toy FID (and KID) through clean-fid with the toy feature network as a custom extractor.
+"""FID (and KID) through clean-fid: the toy route (toy feature net) and the real route (Inception).
 
 How the toy FID keeps to clean-fid's code path (metrics.md section 3):
 * Images are read and featurised by clean-fid itself: `cleanfid.fid.get_files_features`, i.e. its
@@ -18,6 +18,20 @@ How the toy FID keeps to clean-fid's code path (metrics.md section 3):
 * KID uses clean-fid's `kernel_distance`, with NumPy's global RNG seeded and then restored.
 * Reference statistics are built once from renders of the prompt set and cached in a file keyed by
   (reference set, resolution, extractor hash, resize policy); never in the package folder.
+
+The real route (`FID`, metrics.md 3.1-3.8) shares that machinery with clean-fid's own Inception:
+* Mode "clean" by default (clean-fid's PIL bicubic float resizer to 299 and the TorchScript
+  Inception); "legacy_tensorflow" and "legacy_pytorch" are named options; the mode is recorded.
+* The Inception file is the one clean-fid would download (its name is read from the installed
+  package) and comes from the weights cache, `$FEWSTEP_WEIGHTS/cleanfid/`: clean-fid's wrapper
+  is built on that folder with download disabled (legacy_pytorch: its state-dict fetch is served
+  the local file), so nothing is fetched and the hard-coded /tmp cache is never used.
+* Protocol (metrics.md 3.8): samples and reference images are brought to the evaluation
+  resolution by the crop policy (centre square crop + Lanczos as DMD/DMD2 do; or patch crops)
+  before clean-fid's resizer. Reference features are built once per (reference folder listing,
+  resolution, crop policy, mode, Inception sha256) and cached like the toy references.
+* The CI resamples prompts and recomputes FID on each resample in float64 torch (same formula;
+  2048-d resamples run on the GPU when there is one); KID as in the toy route.
 """
 from __future__ import annotations
 
@@ -25,6 +39,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import tempfile
 import uuid
@@ -35,7 +50,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metrics.base import Metric, MetricResult
+from metrics.base import Metric, MetricResult, WeightFile
 from metrics.sampleset import SampleSet, load_sample_set
 from metrics.stats import (DEFAULT_LEVEL, DEFAULT_RESAMPLES, BootstrapCI, align_pairs, bootstrap,
                            group_indices)
@@ -122,13 +137,23 @@ def resize_policy(size: int) -> str:
 
 def extract_features(paths, extractor, *, device="cpu", batch_size: int = 64) -> np.ndarray:
     """(N, D) features of image files in the given order, via clean-fid's file-feature loop."""
+    return files_features(paths, extractor, mode=MODE, fn_resize=clean_resizer(extractor.size),
+                          device=device, batch_size=batch_size)
+
+
+def files_features(paths, extractor, *, mode: str, fn_resize=None, image_transform=None,
+                   device="cpu", batch_size: int = 64) -> np.ndarray:
+    """(N, D) float64 features of image files in order, through clean-fid's get_files_features.
+
+    fn_resize: None uses the mode's own resizer; image_transform: uint8 HxWx3 -> uint8, applied
+    by clean-fid before the resizer (the protocol's crop and resize)."""
     from cleanfid.fid import get_files_features
     paths = [str(p) for p in paths]
     if not paths:
         raise ValueError("no image files to featurise")
     feats = get_files_features(paths, model=extractor, num_workers=0, batch_size=batch_size,
-                               device=torch.device(device), mode=MODE,
-                               custom_fn_resize=clean_resizer(extractor.size), verbose=False)
+                               device=torch.device(device), mode=mode, custom_fn_resize=fn_resize,
+                               custom_image_tranform=image_transform, verbose=False)
     if feats.shape[0] != len(paths) or not np.isfinite(feats).all():
         raise RuntimeError(f"feature extraction returned {feats.shape} for {len(paths)} files, "
                            "or non-finite values")
@@ -205,19 +230,29 @@ def build_reference(spec: ReferenceSpec, extractor, cache_dir=None, *, device="c
     """Reference features and statistics, from the cache file if present, else rendered now."""
     key, ident = reference_key(spec, extractor)
     path = Path(cache_dir or default_cache_dir()) / "toy_fid" / f"reference-{key[:20]}.npz"
-    prompt_ids = [m["prompt_id"] for m in spec.metas()]
+
+    def render_and_extract():
+        with tempfile.TemporaryDirectory(prefix="toyfid-ref-") as tmp:
+            return extract_features(_render_reference_folder(spec, Path(tmp)), extractor,
+                                    device=device, batch_size=batch_size)
+
+    feats = cached_features(path, ident, render_and_extract)
+    return _stats(feats, [m["prompt_id"] for m in spec.metas()], ident)
+
+
+def cached_features(path: Path, ident: dict, compute) -> np.ndarray:
+    """Features stored at `path` with their identity; computed by `compute()` and written
+    atomically (temporary file, then rename) when the file is absent or holds another identity."""
     if path.is_file():
         with np.load(path) as data:
             if json.loads(str(data["identity"])) == ident:
-                return _stats(data["features"], prompt_ids, ident)
-    with tempfile.TemporaryDirectory(prefix="toyfid-ref-") as tmp:
-        feats = extract_features(_render_reference_folder(spec, Path(tmp)), extractor,
-                                 device=device, batch_size=batch_size)
+                return data["features"]
+    feats = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}.npz")
     np.savez(tmp_path, features=feats, identity=json.dumps(ident, sort_keys=True))
     os.replace(tmp_path, path)
-    return _stats(feats, prompt_ids, ident)
+    return feats
 
 
 def _stats(feats: np.ndarray, prompt_ids: list[str], ident: dict) -> ReferenceStats:
@@ -365,3 +400,358 @@ def _check_prompts(ss: SampleSet, ref: ReferenceStats, split: str) -> None:
         raise ValueError(f"{len(unknown)} prompt ids of {ss.folder} are not in the reference prompt "
                          f"set ({split!r}), e.g. {unknown[:3]}; sample from that split or set "
                          "reference_split to the split the samples were generated from")
+
+
+# =================================================================================================
+# Real FID/KID: clean-fid's Inception, weights from the weights cache (metrics.md section 3)
+# =================================================================================================
+
+INCEPTION_MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
+MODE_RESIZE = {
+    "clean": "clean-fid clean: PIL bicubic on float32 channels to 299x299, no re-quantisation",
+    "legacy_tensorflow": "clean-fid legacy_tensorflow: no outside resize, the network resizes",
+    "legacy_pytorch": "clean-fid legacy_pytorch: torch bilinear (align_corners=False) to 299x299",
+}
+CROP_POLICIES = {
+    "center": "centre square crop (shorter side), then PIL Lanczos to the evaluation resolution",
+    "none": "PIL Lanczos to the evaluation resolution, no crop (non-square images are squashed)",
+    "patch": "centre crop of the evaluation resolution, no resize (patch FID, e.g. 299 px)",
+}
+CLEANFID_DIR = "cleanfid"                      # folder of the Inception files in the weights cache
+REFERENCES_DIR = "refs"                        # folder of reference image folders in the cache
+REFERENCE_SOURCES = {"coco2014-val": "COCO 2014 val images (cocodataset.org val2014.zip, 40,504 "
+                                     "JPEGs), unpacked into one flat folder"}
+REFERENCE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+REAL_REFERENCE_VERSION = "1"
+
+
+def check_mode_and_crop(mode: str, crop: str) -> None:
+    if mode not in INCEPTION_MODES:
+        raise ValueError(f"unknown FID mode {mode!r}; one of {INCEPTION_MODES} (clean is the "
+                         "default; the legacy modes reproduce older TF/pytorch-fid numbers)")
+    if crop not in CROP_POLICIES:
+        raise ValueError(f"unknown crop policy {crop!r}; one of {sorted(CROP_POLICIES)}")
+
+
+# ------------------------------------------------------------------ the Inception weights file
+
+def inception_url(mode: str) -> str:
+    """Where clean-fid downloads the mode's Inception weights, read from the installed package."""
+    if mode == "legacy_pytorch":
+        from cleanfid.inception_pytorch import FID_WEIGHTS_URL
+        return FID_WEIGHTS_URL
+    from cleanfid.downloads_helper import inception_url as torchscript_url
+    return torchscript_url
+
+
+def inception_weight_file(mode: str) -> WeightFile:
+    url = inception_url(mode)
+    kind = "pytorch-fid state dict" if mode == "legacy_pytorch" else "TorchScript, ~0.1 GB"
+    name = url.rsplit("/", 1)[-1]
+    return WeightFile(f"{CLEANFID_DIR}/{name}", url, f"Inception for FID ({kind})")
+
+
+@contextlib.contextmanager
+def _local_state_dict(path: Path):
+    """clean-fid's pytorch-fid Inception fetches its state dict by URL; serve our local file."""
+    import cleanfid.inception_pytorch as module
+
+    def load_local(url, *args, **kwargs):
+        if url.rsplit("/", 1)[-1] != path.name:
+            raise RuntimeError(f"clean-fid asked for {url}, but the local file is {path.name}")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    original = module.load_state_dict_from_url
+    module.load_state_dict_from_url = load_local
+    try:
+        yield
+    finally:
+        module.load_state_dict_from_url = original
+
+
+class InceptionExtractor:
+    """clean-fid's feature network for a mode, built from the local file with download disabled.
+
+    Called by clean-fid on float batches (B, 3, H, W) in [0, 255] (299 px except in
+    legacy_tensorflow mode, whose network resizes inside); returns (B, 2048)."""
+
+    def __init__(self, mode: str, path: Path, device="cpu"):
+        from fewstep.backbones.weights import file_sha256
+
+        self.mode, self.path = mode, Path(path)
+        self.sha256 = file_sha256(self.path)
+        self.name = f"clean-fid {mode} Inception ({self.path.name})"
+        self.net = self._build(torch.device(device))
+
+    def _build(self, device):
+        if self.mode == "legacy_pytorch":
+            from cleanfid.features import feature_extractor
+            with _local_state_dict(self.path):
+                return feature_extractor("pytorch_inception", device=device, use_dataparallel=False)
+        from cleanfid.inception_torchscript import InceptionV3W
+        # InceptionV3W loads <folder>/inception-2015-12-05.pt: our file, never downloaded
+        net = InceptionV3W(str(self.path.parent), download=False,
+                           resize_inside=self.mode == "legacy_tensorflow")
+        return net.to(device).eval()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def load_inception(mode: str, device="cpu") -> InceptionExtractor:
+    """The mode's Inception from $FEWSTEP_WEIGHTS/cleanfid/, or MissingWeightsError."""
+    from fewstep.backbones.weights import require_entry
+
+    wf = inception_weight_file(mode)
+    return InceptionExtractor(mode, require_entry(wf.path, wf.source, f"FID ({mode} mode)"), device)
+
+
+# ------------------------------------------------------ protocol: evaluation resolution and crop
+
+def _centre_crop(image: Image.Image, height: int, width: int) -> Image.Image:
+    # offsets rounded as torchvision's center_crop does (DMD2's protocol uses it)
+    top = int(round((image.height - height) / 2.0))
+    left = int(round((image.width - width) / 2.0))
+    return image.crop((left, top, left + width, top + height))
+
+
+def protocol_transform(resolution: int, crop: str):
+    """uint8 HxWx3 -> uint8 HxWx3: the protocol's crop and resize, applied to samples and
+    references alike before clean-fid's own resizer (DMD/DMD2 COCO protocols, metrics.md 3.8)."""
+    check_mode_and_crop(MODE, crop)
+
+    def apply(arr: np.ndarray) -> np.ndarray:
+        image = Image.fromarray(np.asarray(arr, dtype=np.uint8))
+        if crop == "patch":
+            if min(image.size) < resolution:
+                raise ValueError(f"patch FID needs images of at least {resolution} px; got "
+                                 f"{image.width}x{image.height}")
+            return np.asarray(_centre_crop(image, resolution, resolution))
+        if crop == "center":
+            side = min(image.size)
+            image = _centre_crop(image, side, side)
+        if image.size != (resolution, resolution):
+            image = image.resize((resolution, resolution), Image.LANCZOS)
+        return np.asarray(image)
+
+    return apply
+
+
+def protocol_policy(resolution: int, crop: str, mode: str) -> str:
+    return f"{CROP_POLICIES[crop]} ({resolution} px); then {MODE_RESIZE[mode]}"
+
+
+# ----------------------------------------------------------------------- reference image folders
+
+def reference_folder(reference: str) -> Path:
+    """A bare name is a folder under $FEWSTEP_WEIGHTS/refs/; anything else is a path."""
+    from fewstep.backbones.weights import is_bare_name, weights_root
+
+    text = os.fspath(reference)
+    if is_bare_name(text):
+        return weights_root() / REFERENCES_DIR / text
+    return Path(text).expanduser()
+
+
+def list_reference_images(folder: Path) -> list[Path]:
+    """The folder's images, sorted; a subfolder or another file stops it (pitfalls.md A.7)."""
+    if not folder.is_dir():
+        from fewstep.backbones.weights import MissingWeightsError
+        raise MissingWeightsError(
+            f"FID reference folder {folder} does not exist. Put the reference images there (one "
+            f"flat folder; a bare name is looked up under $FEWSTEP_WEIGHTS/{REFERENCES_DIR}/) or "
+            "pass the folder's path.")
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    strays = [p.name for p in entries if p.is_dir() or p.suffix.lower() not in REFERENCE_EXTENSIONS]
+    if strays:
+        raise ValueError(f"FID reference folder {folder} holds {len(strays)} entries that are not "
+                         f"images ({', '.join(REFERENCE_EXTENSIONS)}), e.g. {strays[:3]}; keep "
+                         "one flat folder of reference images")
+    if len(entries) < 2:
+        raise ValueError(f"FID reference folder {folder} holds {len(entries)} image(s); need >= 2")
+    return entries
+
+
+def reference_identity(name: str, files: list[Path]) -> dict:
+    """Names the reference set by the hash of its sorted (file name, byte size) list."""
+    listing = "\n".join(f"{p.name}\t{p.stat().st_size}" for p in files)
+    return {"kind": "image-folder", "version": REAL_REFERENCE_VERSION, "name": name,
+            "n_images": len(files), "list_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+
+
+def real_reference_key(reference: dict, extractor_sha256: str, mode: str, resolution: int,
+                       crop: str) -> tuple[str, dict]:
+    """Cache key of reference features: (reference set, resolution, crop policy, extractor)."""
+    ident = {"reference": reference, "extractor_sha256": extractor_sha256, "mode": mode,
+             "resolution": int(resolution), "crop": crop,
+             "policy": protocol_policy(resolution, crop, mode)}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest(), ident
+
+
+def build_real_reference(files: list[Path], name: str, extractor: InceptionExtractor,
+                         resolution: int, crop: str, cache_dir=None, *, device="cpu",
+                         batch_size: int = 64) -> ReferenceStats:
+    """Reference Inception features, from the cache when this key was built before."""
+    key, ident = real_reference_key(reference_identity(name, files), extractor.sha256,
+                                    extractor.mode, resolution, crop)
+    path = Path(cache_dir or default_cache_dir()) / "fid" / f"reference-{key[:20]}.npz"
+    feats = cached_features(path, ident, lambda: files_features(
+        files, extractor, mode=extractor.mode, image_transform=protocol_transform(resolution, crop),
+        device=device, batch_size=batch_size).astype(np.float32))  # Inception emits float32
+    return _stats(feats, [], ident)
+
+
+# ------------------------------------------------------------------- resampled FID (bootstrap)
+
+def fid_resampler(feats: np.ndarray, ref: ReferenceStats, device="cpu"):
+    """fid(idx): FID of the rows idx (duplicates allowed) against the reference, same formula as
+    frechet_distance, in float64 torch on `device` (2048-d resamples are far faster on a GPU)."""
+    dev = torch.device(device)
+    x = torch.as_tensor(np.asarray(feats, np.float64), device=dev)
+    mu_ref = torch.as_tensor(ref.mu, device=dev)
+    root = torch.as_tensor(ref.sqrt_sigma, device=dev)
+    trace_ref = float(np.trace(ref.sigma))
+
+    def fid_of(idx) -> float:
+        rows = x[torch.as_tensor(np.asarray(idx), device=dev)]
+        mu = rows.mean(0)
+        scaled = (rows - mu) / math.sqrt(len(rows) - 1)     # sigma = scaled.T @ scaled
+        projected = scaled @ root                            # R sigma R = projected.T @ projected
+        # the non-zero eigenvalues of P.T P and P P.T agree: use the smaller of the two matrices
+        small = projected @ projected.T if len(rows) < x.shape[1] else projected.T @ projected
+        tr_sqrt = torch.linalg.eigvalsh((small + small.T) / 2).clamp_min(0).sqrt().sum()
+        diff = mu - mu_ref
+        value = diff @ diff + (scaled * scaled).sum() + trace_ref - 2.0 * tr_sqrt
+        return max(float(value), 0.0)  # tiny negatives are rounding, not information
+
+    return fid_of
+
+
+# ------------------------------------------------------------------------------ the FID metric
+
+@dataclass
+class FID(Metric):
+    """FID (and KID) of a sample set against a folder of reference images, clean-fid Inception.
+
+    Samples and references go through the same protocol: crop policy and evaluation resolution
+    (PIL Lanczos, uint8), then clean-fid's mode resizer and Inception. Reference features are
+    built once per (reference set, resolution, crop policy, mode, Inception file) and cached in
+    `cache_dir`/fid. The CI resamples prompts (all seeds of a drawn prompt) and recomputes FID.
+    """
+    name = "fid"
+    version = "1"
+    higher_is_better = False
+
+    reference: str = "coco2014-val"     # bare name: $FEWSTEP_WEIGHTS/refs/<name>/; else a folder
+    eval_resolution: int | None = None  # None: the sample set's size (square sets only)
+    crop: str = "center"
+    mode: str = "clean"
+    cache_dir: str | Path | None = None
+    device: str | None = None           # None: CUDA when available
+    batch_size: int = 64                # fixed and recorded (pitfalls.md A.2)
+    n_resamples: int = DEFAULT_RESAMPLES
+    level: float = DEFAULT_LEVEL
+    seed: int = 0
+    min_n: int = 10_000                 # fewer samples: marked not comparable (pitfalls.md B.8)
+    _extractor: InceptionExtractor | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        check_mode_and_crop(self.mode, self.crop)
+
+    def weight_files(self) -> list[WeightFile]:
+        from fewstep.backbones.weights import is_bare_name
+
+        files = [inception_weight_file(self.mode)]
+        if is_bare_name(os.fspath(self.reference)):
+            source = REFERENCE_SOURCES.get(self.reference, "your reference images, one flat folder")
+            files.append(WeightFile(f"{REFERENCES_DIR}/{self.reference}/", source,
+                                    "reference images; FID statistics are built from them once"))
+        return files
+
+    def _device(self) -> str:
+        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    def extractor(self) -> InceptionExtractor:
+        """The Inception, loaded on first use (building the metric reads no weights)."""
+        if self._extractor is None:
+            self._extractor = load_inception(self.mode, self._device())
+        return self._extractor
+
+    def resolution_for(self, ss: SampleSet) -> int:
+        if self.eval_resolution is not None:
+            return int(self.eval_resolution)
+        height, width = ss.resolution
+        if height != width:
+            raise ValueError(f"FID: {ss.folder} holds {height}x{width} images; set eval_resolution "
+                             "(and crop) to say how they are brought to a square")
+        return height
+
+    def reference_stats(self, resolution: int) -> ReferenceStats:
+        files = list_reference_images(reference_folder(self.reference))
+        return build_real_reference(files, Path(os.fspath(self.reference)).name, self.extractor(),
+                                    resolution, self.crop, self.cache_dir, device=self._device(),
+                                    batch_size=self.batch_size)
+
+    def features(self, ss: SampleSet, resolution: int) -> np.ndarray:
+        return files_features(ss.image_paths(), self.extractor(), mode=self.mode,
+                              image_transform=protocol_transform(resolution, self.crop),
+                              device=self._device(), batch_size=self.batch_size)
+
+    def identity(self, ref: ReferenceStats, ss: SampleSet, resolution: int) -> dict:
+        ex = self.extractor()
+        return {"metric": self.name, "version": self.version, "mode": self.mode,
+                "implementation": f"clean-fid {importlib.metadata.version('clean-fid')} "
+                                  "get_files_features + fewstep frechet_distance (eigh, float64), "
+                                  f"torch {torch.__version__}",
+                "extractor": ex.name, "extractor_sha256": ex.sha256,
+                "resolution": resolution, "crop": self.crop,
+                "policy": protocol_policy(resolution, self.crop, self.mode),
+                "sample_resolution": list(ss.resolution),
+                "sample_prompt_set_sha256": ss.prompt_set_sha256(),
+                "reference": ref.identity["reference"], "reference_stats_sha256": ref.stats_sha256,
+                "batch_size": self.batch_size}
+
+    def score(self, sample_set_folder, expected=None, resolution=None, allow_blank=False,
+              **ctx) -> MetricResult:
+        ss = load_sample_set(sample_set_folder, expected=expected, resolution=resolution,
+                             allow_blank=allow_blank)
+        size = self.resolution_for(ss)
+        ref = self.reference_stats(size)
+        feats = self.features(ss, size)
+        _, groups = group_indices(ss.prompt_ids())
+        ci = bootstrap(fid_resampler(feats, ref, self._device()), groups,
+                       n_resamples=self.n_resamples, level=self.level, seed=self.seed,
+                       recentre=True)
+        details = {"kid": kid_from_features(feats, ref.features, self.seed),
+                   "ci_method": ci.method, "ci_level": self.level, "n_resamples": self.n_resamples,
+                   "n_reference": int(len(ref.features)), "min_n": self.min_n,
+                   "comparable": len(ss) >= self.min_n, "device": self._device(),
+                   "blank_images_allowed": bool(allow_blank)}
+        per_sample = [{"prompt_id": r["prompt_id"], "seed": r["seed"], "path": r["path"]}
+                      for r in ss.records]
+        # FID >= 0: a recentred interval around a near-zero FID may dip below 0; clip it there.
+        return self.result(ci.estimate, (max(ci.low, 0.0), ci.high), len(ss), per_sample,
+                           self.identity(ref, ss, size), details)
+
+    def paired_difference(self, a, b, folder_a=None, folder_b=None, **load_kw) -> dict:
+        """FID is a set statistic: resample prompts and recompute both FIDs (see compare)."""
+        from metrics.base import paired_summary
+
+        if folder_a is None or folder_b is None:
+            raise ValueError("a paired FID difference needs both sample-set folders (features)")
+        return paired_summary(self.compare(folder_a, folder_b, **load_kw), self.higher_is_better)
+
+    def compare(self, folder_a, folder_b, **load_kw) -> BootstrapCI:
+        """Paired CI of FID(A) - FID(B) on a shared (prompt_id, seed) grid, resampling prompts."""
+        a, b = load_sample_set(folder_a, **load_kw), load_sample_set(folder_b, **load_kw)
+        size = self.resolution_for(a)
+        if self.resolution_for(b) != size:
+            raise ValueError(f"compare needs one evaluation resolution; got {a.resolution} and "
+                             f"{b.resolution} without eval_resolution")
+        _, order_b = align_pairs(a.keys(), b.keys())
+        ref = self.reference_stats(size)
+        fid_a = fid_resampler(self.features(a, size), ref, self._device())
+        fid_b = fid_resampler(self.features(b, size)[order_b], ref, self._device())
+        _, groups = group_indices(a.prompt_ids())
+        return bootstrap(lambda idx: fid_a(idx) - fid_b(idx), groups, n_resamples=self.n_resamples,
+                         level=self.level, seed=self.seed, recentre=True)

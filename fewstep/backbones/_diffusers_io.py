@@ -18,7 +18,7 @@ import torch
 
 from fewstep.backbones.base import Backbone
 from fewstep.backbones.codec import PixelCodec, VAECodec
-from fewstep.backbones.weights import ALTERNATIVES_SEP, require_files, resolve
+from fewstep.backbones.weights import ALTERNATIVES_SEP, require_files, resolve, under
 from fewstep.io import atomic_path
 
 VAE = "vae"
@@ -139,13 +139,17 @@ class DiffusersBackbone(Backbone):
     """What SDXL and SD3 share: the folder layout, the text stack, the codec, latent shapes.
 
     Subclasses set `family`, `PIPELINE_CLASS`, `DENOISER` (a Part), `TEXT_PARTS`
-    ((encoder Part, tokenizer Part) pairs) and `SCHEDULER_CLASS`, and implement the maths.
+    ((encoder Part, tokenizer Part) pairs), `SCHEDULER_CLASS`, and `WEIGHTS_NAME` /
+    `WEIGHTS_SOURCE` (the real checkpoint's folder name in the weights cache and where to get
+    it), and implement the maths.
     """
 
     PIPELINE_CLASS: str
     DENOISER: Part
     TEXT_PARTS: tuple[tuple[Part, Part], ...]
     SCHEDULER_CLASS: str
+    WEIGHTS_NAME: str
+    WEIGHTS_SOURCE: str
 
     def __init__(self, denoiser, text: TextStack | None, scheduler_config: dict, vae=None,
                  resolution=None):
@@ -210,10 +214,23 @@ class DiffusersBackbone(Backbone):
         return [cls.DENOISER, *text, scheduler]
 
     @classmethod
+    def expected_files(cls, text_encoders: bool = True) -> list[str]:
+        """Files the loader requires in the pipeline folder ("a|b": either; vae/ is checked apart,
+        as a toy teacher may have none)."""
+        parts = cls._parts(text_encoders)
+        return ["model_index.json"] + [f for p in parts for f in p.expected_files()]
+
+    @classmethod
+    def required_weights(cls) -> list[tuple[str, str]]:
+        """(entry under the weights cache, source) of every file the real checkpoint needs, VAE
+        included: what `fewstep weights check` lists. The folder name is WEIGHTS_NAME."""
+        files = cls.expected_files() + VAE_PART.expected_files()
+        return [(under(cls.WEIGHTS_NAME, f), cls.WEIGHTS_SOURCE) for f in files]
+
+    @classmethod
     def _load_parts(cls, path, dtype=None, text_encoders: bool = True) -> dict:
         """Check files, then load every part of the folder; returns constructor arguments."""
-        parts = cls._parts(text_encoders)
-        expected = ["model_index.json"] + [f for p in parts for f in p.expected_files()]
+        expected = cls.expected_files(text_encoders)
         folder = require_files(resolve(path), expected, f"{cls.family} pipeline folder")
         index = read_json(folder / "model_index.json")
         if cls.DENOISER.name not in index:

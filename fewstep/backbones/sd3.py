@@ -28,6 +28,8 @@ class SD3Backbone(DiffusersBackbone):
     family = "sd3"
     PIPELINE_CLASS = "StableDiffusion3Pipeline"
     SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
+    WEIGHTS_NAME = "stable-diffusion-3-medium-diffusers"  # in the weights cache
+    WEIGHTS_SOURCE = "Hugging Face stabilityai/stable-diffusion-3-medium-diffusers (diffusers folder)"
     DENOISER = Part("transformer", "diffusers", "SD3Transformer2DModel", "model")
     TEXT_PARTS = (
         (Part("text_encoder", "transformers", "CLIPTextModelWithProjection", "model"),

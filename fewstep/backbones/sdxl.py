@@ -26,6 +26,8 @@ class SDXLBackbone(DiffusersBackbone):
     family = "sdxl"
     PIPELINE_CLASS = "StableDiffusionXLPipeline"
     SCHEDULER_CLASS = "EulerDiscreteScheduler"  # what the SDXL base checkpoint ships
+    WEIGHTS_NAME = "stable-diffusion-xl-base-1.0"  # in the weights cache
+    WEIGHTS_SOURCE = "Hugging Face stabilityai/stable-diffusion-xl-base-1.0 (diffusers folder)"
     DENOISER = Part("unet", "diffusers", "UNet2DConditionModel", "model")
     TEXT_PARTS = (
         (Part("text_encoder", "transformers", "CLIPTextModel", "model"),

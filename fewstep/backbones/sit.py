@@ -29,7 +29,7 @@ from fewstep.backbones.base import Backbone, Cond, cond_cat
 from fewstep.backbones.codec import PixelCodec, VAECodec
 from fewstep.backbones.sit_net import (SIT_CONFIGS, SiTConfig, SiTNet,
                                        convert_official_sit_state_dict, infer_official_config)
-from fewstep.backbones.weights import require_files, resolve
+from fewstep.backbones.weights import require_files, resolve, under
 from fewstep.schedule import FlowSchedule
 
 __all__ = ["SiTBackbone", "SiTConfig", "SiTNet", "SIT_CONFIGS", "convert_official_sit_state_dict",
@@ -37,6 +37,9 @@ __all__ = ["SiTBackbone", "SiTConfig", "SiTNet", "SIT_CONFIGS", "convert_officia
 
 OFFICIAL_CHECKPOINT = "SiT-XL-2-256x256.pt"  # the file released with willisma/SiT (download.py)
 DEFAULT_VAE = "sd-vae-ft-ema"  # looked up in the weights cache when no VAE folder is given
+OFFICIAL_CHECKPOINT_SOURCE = "willisma/SiT release (its download.py fetches SiT-XL-2-256x256.pt)"
+DEFAULT_VAE_SOURCE = "Hugging Face stabilityai/sd-vae-ft-ema (diffusers folder)"
+VAE_FILES = ["config.json", "diffusion_pytorch_model.safetensors|diffusion_pytorch_model.bin"]
 SD_VAE_SCALE = 0.18215  # latent scale hard-coded by upstream sample.py
 CONFIG_FILE, WEIGHTS_FILE, VAE_DIR = "config.json", "model.safetensors", "vae"
 FORMAT_VERSION = 1
@@ -146,6 +149,13 @@ class SiTBackbone(Backbone):
         return path
 
     @classmethod
+    def required_weights(cls) -> list[tuple[str, str]]:
+        """(entry under the weights cache, source) of the files the official route needs: the
+        checkpoint and the default VAE folder (what `fewstep weights check` lists)."""
+        vae = [(under(DEFAULT_VAE, f), DEFAULT_VAE_SOURCE) for f in VAE_FILES]
+        return [(OFFICIAL_CHECKPOINT, OFFICIAL_CHECKPOINT_SOURCE), *vae]
+
+    @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, vae: str | os.PathLike | None = None,
                         pixel_space: bool = False, num_heads: int | None = None,
                         prefer: str = "ema", sit_cfg_first3_channels: bool | None = None
@@ -220,9 +230,7 @@ def _tiny_vae(latent_channels: int, resolution: int) -> nn.Module:
 
 
 def _load_vae_codec(folder: str | os.PathLike, scaling_factor: float = SD_VAE_SCALE) -> VAECodec:
-    folder = require_files(resolve(folder), ["config.json", "diffusion_pytorch_model.safetensors"
-                                             "|diffusion_pytorch_model.bin"],
-                           "SD VAE (diffusers AutoencoderKL folder)")
+    folder = require_files(resolve(folder), VAE_FILES, "SD VAE (diffusers AutoencoderKL folder)")
     from diffusers import AutoencoderKL  # heavy: only after the files are known to be there
 
     vae = AutoencoderKL.from_pretrained(folder).eval()

@@ -37,6 +37,9 @@ def _is_bare_name(text: str) -> bool:
             and text not in (".", ".."))
 
 
+is_bare_name = _is_bare_name  # public name, for other caches under the root (FID references)
+
+
 def resolve(path_or_name: str | os.PathLike) -> Path:
     """A path (absolute, relative, or ~) is used as is; a bare name is looked up in the cache."""
     text = os.fspath(path_or_name)
@@ -58,12 +61,17 @@ def _describe(entry: str) -> str:
     return first + (f" (or {', '.join(others)})" if others else "")
 
 
-def _where_hint(folder: Path) -> str:
-    root = weights_root()
+def cache_state() -> str:
+    """How the cache root was chosen, e.g. 'FEWSTEP_WEIGHTS=/data/w; resolved to /data/w'."""
     set_or_not = (f"{WEIGHTS_ENV}={os.environ[WEIGHTS_ENV]}" if os.environ.get(WEIGHTS_ENV)
                   else f"{WEIGHTS_ENV} is unset, so the default {DEFAULT_WEIGHTS_ROOT} is used")
-    return (f"The environment variable {WEIGHTS_ENV} points at the weights cache ({set_or_not}; "
-            f"resolved to {root}). Put the files in {folder}, or put the model folder under "
+    return f"{set_or_not}; resolved to {weights_root()}"
+
+
+def _where_hint(folder: Path) -> str:
+    root = weights_root()
+    return (f"The environment variable {WEIGHTS_ENV} points at the weights cache ({cache_state()}"
+            f"). Put the files in {folder}, or put the model folder under "
             f"{root} and pass its bare name, or pass a path to the folder (./name for one in the "
             "current directory). The harness never downloads weights.")
 
@@ -86,3 +94,64 @@ def require_files(folder: str | os.PathLike, expected: list[str], what: str) -> 
     raise MissingWeightsError(
         f"{what}: the weights folder {folder} {state}; missing {len(missing)} of "
         f"{len(expected)} expected files:\n{listing}\n{_where_hint(folder)}")
+
+
+# -- single cache entries (metrics, `fewstep weights check`) -------------------------------------
+# An entry is a path relative to the cache root; "a|b" means either file will do, and a trailing
+# "/" names a folder that must hold at least one file (e.g. a folder of FID reference images).
+
+def entry_options(entry: str) -> list[str]:
+    return [option.strip() for option in entry.split(ALTERNATIVES_SEP) if option.strip()]
+
+
+def under(folder: str, entry: str) -> str:
+    """The entry with every alternative moved into `folder` (relative to the cache root)."""
+    prefix = folder.rstrip("/")
+    return ALTERNATIVES_SEP.join(f"{prefix}/{option}" for option in entry_options(entry))
+
+
+def _option_present(path: Path, is_folder: bool) -> bool:
+    if is_folder:
+        return path.is_dir() and any(not p.name.startswith(".") for p in path.iterdir())
+    return path.is_file()
+
+
+def find_entry(entry: str, root: Path | None = None) -> Path | None:
+    """The first alternative of the entry present under the cache (or `root`); None if none is."""
+    root = weights_root() if root is None else Path(root)
+    for option in entry_options(entry):
+        path = root / option
+        if _option_present(path, option.endswith("/")):
+            return path
+    return None
+
+
+def require_entry(entry: str, source: str, what: str) -> Path:
+    """The path of a cache entry, or MissingWeightsError naming the file, source and cache."""
+    found = find_entry(entry)
+    if found is not None:
+        return found
+    wanted = " or ".join(str(weights_root() / option) for option in entry_options(entry))
+    raise MissingWeightsError(
+        f"{what}: weights not found: expected {wanted} (source: {source}). Put it there: the "
+        f"environment variable {WEIGHTS_ENV} names the weights cache ({cache_state()}). The "
+        "harness never downloads weights; `fewstep weights check` lists every file a config needs.")
+
+
+_SHA256_CACHE: dict[tuple, str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a (large) weights file, computed once per process for an unchanged file."""
+    import hashlib
+
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+        _SHA256_CACHE[key] = digest.hexdigest()
+    return _SHA256_CACHE[key]
