@@ -83,6 +83,8 @@ METRICS = Registry("metric", "fewstep.metrics", {
     "fid": "metrics.fid:FID",                                    # clean-fid Inception, cache weights
     "clip_score": "metrics.clip_score:CLIPScore",                # ViT-L-14-quickgelu, OpenAI
     "clip_score_dmd2": "metrics.clip_score:CLIPScoreDMD2",       # DMD2's ViT-g-14 protocol
+    "hpsv2.1": "metrics.hpsv2:HPSv2",                            # HPSv2.1 (harness default), x100
+    "hpsv2.0": "metrics.hpsv2:HPSv20",                           # HPSv2.0, separate identity
 })
 
 # Differentiable scorers for reward-guided training: each entry builds one from an optional
@@ -90,5 +92,6 @@ METRICS = Registry("metric", "fewstep.metrics", {
 REWARDS = Registry("reward", "fewstep.rewards", {
     "toy": "metrics.toy_reward:build_toy_reward",
     "clip": "metrics.clip_score:build_clip_reward",
+    "hpsv2": "metrics.hpsv2:build_hps_reward",                   # hpsv2 (v2.1) or hpsv2:v2.0
 })
 

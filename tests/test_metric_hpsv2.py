@@ -1,0 +1,409 @@
+"""HPSv2 (metrics/hpsv2.py) on a tiny random open_clip CLIP saved in the genuine checkpoint layout.
+
+Parity reference: the hpsv2 package (1.2.0, installed with --no-deps, requirements-nodeps.lock) run
+through its own scoring function `hpsv2.img_score.score`, which builds its bundled open_clip
+fork's model and "val" transform (`create_model_and_transforms(..., light_augmentation=True)`,
+i.e. the letterboxing ResizeMaxSize), loads the checkpoint strictly from `{"state_dict": ...}`,
+tokenises with the fork's tokenizer and returns image_features @ text_features.T. The package
+cannot be imported as shipped (metrics.md 1.4), so the test adapts it at import time without
+copying any of it:
+* placeholder modules for `hpsv2`, `hpsv2.src` and `hpsv2.src.open_clip` (their __init__ files
+  would import the benchmark downloader and every fork module), with their search paths pointing
+  at the installed folders; `hpsv2.src.open_clip` then gets the two names img_score imports;
+* a placeholder `clint` (a progress-bar package that `hpsv2.utils` imports and scoring never uses);
+  a placeholder `turtle` only where tkinter is missing (the stray `from turtle import forward`);
+* the wheel lacks the BPE vocabulary file that the fork's tokenizer opens at import; while it is
+  imported, that one missing path is served open_clip 3.3's bundled file of the same name (both
+  are OpenAI CLIP's merges list), and token ids are compared separately below;
+* the model factory call inside `score` is redirected from ViT-H-14 + LAION weights (a 3.94 GB
+  download) to the tiny config with no pretrained weights; everything else is the package's own
+  code, on the CPU (`img_score.device`), where its CUDA autocast is inactive, i.e. fp32.
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import importlib
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from fewstep.backbones.weights import MissingWeightsError
+from metrics.hpsv2 import (CHECKPOINTS, HPSv2, HPSv20, HPSv2Reward, hps_pixels, image_to_tensor01,
+                           letterbox, letterbox_geometry, load_hps)
+from metrics.sampleset import read_manifest, write_sample_set
+
+TINY_CONFIG = {"embed_dim": 16,
+               "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "head_width": 16,
+                              "patch_size": 14},
+               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
+                            "layers": 2}}
+TINY_NAME = "fewstep-test-tiny-hps"
+PROMPTS = ["a red cube on a table", "an oil painting of two blue spheres, &amp; a cat",
+           "a photo of a cat " * 30]                        # the last one is over 77 tokens
+SEEDS = (0, 1)
+HEIGHT, WIDTH = 101, 160                                    # non-square: letterboxing is exercised
+TOL = 1e-5
+
+
+def tiny_model(seed: int):
+    """A random tiny CLIP of open_clip's classes; weights spread wider than the default
+    initialisation so that scores clearly depend on the image and the prompt."""
+    from open_clip.model import CLIP
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIP(**json.loads(json.dumps(TINY_CONFIG)))
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.05 * torch.randn_like(param))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A weights cache holding both HPS files (different random weights), genuine layout."""
+    root = tmp_path_factory.mktemp("weights")
+    for seed, version in enumerate(("v2.1", "v2.0")):
+        path = root / CHECKPOINTS[version].path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": tiny_model(seed).state_dict()}, path)
+    return root
+
+
+@pytest.fixture
+def cache(weights, monkeypatch):
+    monkeypatch.setenv("FEWSTEP_WEIGHTS", str(weights))
+    return weights
+
+
+def smooth_images(n: int, height: int, width: int, seed: int) -> np.ndarray:
+    """uint8 images with structure at several scales (noise alone would make every image alike)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.random((n, 3, 6, 6), dtype=np.float32)
+    base = torch.nn.functional.interpolate(torch.from_numpy(coarse), size=(height, width),
+                                           mode="bilinear", align_corners=False)
+    fine = 0.25 * rng.standard_normal((n, 3, height, width)).astype(np.float32)
+    images = np.clip(base.numpy() + fine, 0, 1).transpose(0, 2, 3, 1)
+    return np.rint(images * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def sample_set(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("samples") / "set"
+    images = smooth_images(len(PROMPTS) * len(SEEDS), HEIGHT, WIDTH, seed=0)
+    records = [{"prompt_id": f"p{i}", "prompt": p, "seed": s, "family": "toy", "method": "test",
+                "nfe": 1} for i, p in enumerate(PROMPTS) for s in SEEDS]
+    write_sample_set(folder, images, records)
+    return folder, images, read_manifest(folder)[0]
+
+
+def tiny_metric(cls=HPSv2, **kw):
+    """The metric on the tiny config; on the CPU (fp32) unless a test asks for CUDA."""
+    return cls(model_config=TINY_CONFIG, n_resamples=200, **{"device": "cpu", **kw})
+
+
+@pytest.fixture(scope="module")
+def scored(weights, sample_set):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEWSTEP_WEIGHTS", str(weights))
+        metric = tiny_metric()
+        return metric, metric.score(sample_set[0])
+
+
+# ------------------------------------------------------------ the hpsv2 package as reference
+
+def _placeholder(name: str, folder: Path) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__path__ = [str(folder)]
+    sys.modules[name] = module
+    return module
+
+
+@contextlib.contextmanager
+def _missing_vocab_served_from(package_root: Path):
+    """While the fork's tokenizer is imported, serve its missing BPE file from open_clip's."""
+    missing = str(package_root / "src" / "open_clip" / "bpe_simple_vocab_16e6.txt.gz")
+    bundled = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    original = gzip.open
+
+    def redirected(path, *args, **kwargs):
+        return original(bundled if str(path) == missing else path, *args, **kwargs)
+
+    gzip.open = redirected
+    try:
+        yield
+    finally:
+        gzip.open = original
+
+
+def _stub_missing_modules() -> list[str]:
+    """clint (always unused by scoring) and turtle (only where tkinter is missing)."""
+    added = []
+    if importlib.util.find_spec("clint") is None:
+        clint, textui = types.ModuleType("clint"), types.ModuleType("clint.textui")
+        textui.progress, clint.textui = None, textui
+        sys.modules.update({"clint": clint, "clint.textui": textui})
+        added += ["clint", "clint.textui"]
+    try:
+        import turtle  # noqa: F401
+    except ImportError:
+        sys.modules["turtle"] = types.SimpleNamespace(forward=None)
+        added.append("turtle")
+    return added
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """(img_score, factory, transform module) of the installed hpsv2 package, adapted as above."""
+    spec = importlib.util.find_spec("hpsv2")
+    if spec is None:
+        pytest.fail("the hpsv2 package is missing: `.venv/bin/python -m pip install --no-deps "
+                    "-r requirements-nodeps.lock` (or run .ci/setup)")
+    root = Path(spec.submodule_search_locations[0])
+    saved = {k: v for k, v in sys.modules.items() if k == "hpsv2" or k.startswith("hpsv2.")}
+    added = _stub_missing_modules()
+    _placeholder("hpsv2", root)
+    _placeholder("hpsv2.src", root / "src")
+    fork = _placeholder("hpsv2.src.open_clip", root / "src" / "open_clip")
+    try:
+        with _missing_vocab_served_from(root):
+            factory = importlib.import_module("hpsv2.src.open_clip.factory")
+        fork.create_model_and_transforms = factory.create_model_and_transforms
+        fork.get_tokenizer = factory.get_tokenizer
+        img_score = importlib.import_module("hpsv2.img_score")
+        config = tmp_path_factory.mktemp("fork-config") / f"{TINY_NAME}.json"
+        config.write_text(json.dumps(TINY_CONFIG))
+        factory.add_model_config(config)
+        yield img_score, factory, importlib.import_module("hpsv2.src.open_clip.transform")
+    finally:
+        for name in [k for k in sys.modules if k == "hpsv2" or k.startswith("hpsv2.")]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+        for name in added:
+            sys.modules.pop(name, None)
+
+
+def package_scores(reference, checkpoint: Path, folder: Path, records, monkeypatch, tmp_path,
+                   device="cpu"):
+    """Per-image cosines from hpsv2.img_score.score, one call per prompt as the package is used
+    (on CUDA it runs under its fp16 autocast; on the CPU in fp32)."""
+    img_score, factory, _ = reference
+
+    def tiny_factory(model_name, pretrained, **kwargs):  # ViT-H-14 + LAION -> the tiny config
+        assert (model_name, pretrained) == ("ViT-H-14", "laion2B-s32B-b79K")
+        return factory.create_model_and_transforms(TINY_NAME, None, **kwargs)
+
+    monkeypatch.setattr(img_score, "create_model_and_transforms", tiny_factory)
+    monkeypatch.setattr(img_score, "device", device)
+    monkeypatch.setattr(img_score, "root_path", str(tmp_path / "hps-root"))
+    img_score.model_dict.clear()
+    out = {}
+    try:
+        for prompt in dict.fromkeys(r["prompt"] for r in records):
+            rows = [r for r in records if r["prompt"] == prompt]
+            values = img_score.score([str(folder / r["path"]) for r in rows], prompt,
+                                     cp=str(checkpoint), hps_version="v2.1")
+            out.update({r["path"]: float(v) for r, v in zip(rows, values)})
+    finally:
+        img_score.model_dict.clear()
+    return np.array([out[r["path"]] for r in records])
+
+
+def test_scores_match_the_hpsv2_package(reference, scored, sample_set, weights, monkeypatch,
+                                        tmp_path):
+    folder, _, records = sample_set
+    metric, result = scored
+    theirs = package_scores(reference, weights / CHECKPOINTS["v2.1"].path, folder, records,
+                            monkeypatch, tmp_path)
+    ours = np.array([row["cosine"] for row in result.per_sample])
+    assert np.ptp(ours) > 1e-3, "scores must depend on the image/prompt for parity to mean anything"
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=TOL)
+    assert result.value == pytest.approx(100 * theirs.mean(), abs=100 * TOL)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast is CUDA-only")
+def test_fp16_autocast_on_cuda_follows_the_package(reference, cache, sample_set, weights,
+                                                   monkeypatch, tmp_path):
+    """The reference precision: cosines rounded to fp16 like the package's (ties, issue #26);
+    batch sizes differ (the package scores one image at a time), hence the fp16-sized tolerance."""
+    folder, _, records = sample_set
+    fp16 = tiny_metric(device="cuda").score(folder)
+    fp32 = tiny_metric(device="cuda", precision="fp32").score(folder)
+    ours = np.array([row["cosine"] for row in fp16.per_sample])
+    assert fp16.identity["precision"] == "fp16-autocast" and fp32.identity["precision"] == "fp32"
+    assert (ours.astype(np.float16).astype(np.float64) == ours).all()
+    theirs = package_scores(reference, weights / CHECKPOINTS["v2.1"].path, folder, records,
+                            monkeypatch, tmp_path, device="cuda")
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=5e-3)
+    np.testing.assert_allclose([row["cosine"] for row in fp32.per_sample], ours, rtol=0, atol=5e-3)
+
+
+@pytest.mark.parametrize("antialias", [True, False])
+def test_transform_matches_the_package_transform(reference, antialias, monkeypatch):
+    """The package's val transform; antialias off is torchvision < 0.17's tensor resize, emulated
+    by handing the package's resize antialias=False."""
+    import torchvision.transforms.functional as tvF
+
+    _, _, transform = reference
+    if not antialias:
+        patched = types.SimpleNamespace(**{n: getattr(tvF, n) for n in dir(tvF)
+                                           if not n.startswith("__")})
+        patched.resize = lambda img, size, interpolation: tvF.resize(img, size, interpolation,
+                                                                    antialias=False)
+        monkeypatch.setattr(transform, "F", patched)
+    val = transform.image_transform(224, is_train=False, resize_longest_max=True)
+    for height, width in [(HEIGHT, WIDTH), (300, 97), (1024, 1024), (64, 64)]:
+        image = Image.fromarray(smooth_images(1, height, width, seed=height)[0])
+        theirs = val(image)
+        ours = hps_pixels(image_to_tensor01(image)[None], antialias=antialias)[0]
+        assert theirs.shape == ours.shape == (3, 224, 224)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=TOL)
+
+
+def test_tokens_match_the_package_tokenizer(reference):
+    _, factory, _ = reference
+    ours = open_clip.get_tokenizer("ViT-H-14")(PROMPTS)
+    theirs = factory.get_tokenizer("ViT-H-14")(PROMPTS)
+    assert ours.shape == (len(PROMPTS), 77)
+    assert torch.equal(ours, theirs)
+
+
+# ------------------------------------------------------------------------- preprocessing
+
+@pytest.mark.parametrize("height, width", [(101, 160), (300, 97)])
+def test_letterbox_pads_black_with_floor_on_left_and_top_and_never_crops(height, width):
+    (new_h, new_w), (left, right, top, bottom) = letterbox_geometry(height, width)
+    assert max(new_h, new_w) == 224 and new_h + top + bottom == 224 and new_w + left + right == 224
+    assert (left, top) == ((224 - new_w) // 2, (224 - new_h) // 2)
+    image = torch.full((1, 3, height, width), 0.5)
+    image[..., :, 0] = 1.0                      # marks at every edge: a centre crop would lose some
+    image[..., :, -1] = 1.0
+    image[..., 0, :] = 1.0
+    image[..., -1, :] = 1.0
+    boxed = letterbox(image)[0, 0]
+    assert boxed.shape == (224, 224)
+    content = boxed[top:top + new_h, left:left + new_w]
+    assert (boxed[:top] == 0).all() and (boxed[top + new_h:] == 0).all()
+    assert (boxed[:, :left] == 0).all() and (boxed[:, left + new_w:] == 0).all()
+    assert (content > 0.25).all()               # padding is only outside the resized image
+    for edge in (content[:, 0], content[:, -1], content[0], content[-1]):
+        assert edge.mean() > 0.75               # every edge mark survives
+
+
+def test_letterbox_examples():
+    assert letterbox_geometry(101, 160) == ((141, 224), (0, 0, 41, 42))   # round(141.4)
+    assert letterbox_geometry(1024, 1024) == ((224, 224), (0, 0, 0, 0))
+    assert letterbox_geometry(224, 160) == ((224, 160), (32, 32, 0, 0))   # padded, not resized
+
+
+def test_antialias_on_and_off_differ():
+    image = torch.from_numpy(smooth_images(1, 1024, 1024, seed=3)).permute(0, 3, 1, 2) / 255.0
+    on, off = hps_pixels(image, antialias=True), hps_pixels(image, antialias=False)
+    assert (on - off).abs().max() > 0.1
+
+
+def test_antialias_is_part_of_the_identity_and_moves_the_score(cache, scored, sample_set):
+    metric_on, on = scored
+    off = tiny_metric(antialias=False)
+    off._hps = metric_on.hps()      # same model: only the preprocessing differs
+    result = off.score(sample_set[0])
+    assert on.identity["preprocessing"]["antialias"] is True
+    assert result.identity["preprocessing"]["antialias"] is False
+    assert abs(result.value - on.value) > 1e-4
+
+
+def test_rgba_alpha_is_dropped():
+    rgb = smooth_images(1, 40, 60, seed=5)[0]
+    alpha = np.random.default_rng(6).integers(0, 256, size=(40, 60, 1), dtype=np.uint8)
+    rgba = Image.fromarray(np.concatenate([rgb, alpha], axis=-1), mode="RGBA")
+    tensor = image_to_tensor01(rgba)
+    assert tensor.shape == (3, 40, 60)
+    torch.testing.assert_close(tensor, torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0)
+
+
+# ----------------------------------------------------------------------- metric and reward
+
+def test_result_scale_ci_and_identity(scored, sample_set):
+    metric, result = scored
+    cosines = np.array([row["cosine"] for row in result.per_sample])
+    assert result.name == "hpsv2.1" and result.higher_is_better and result.n == len(sample_set[2])
+    assert result.value == pytest.approx(100 * cosines.mean(), abs=1e-9)
+    assert result.ci_low <= result.value <= result.ci_high and result.ci_low < result.ci_high
+    assert [row["score"] for row in result.per_sample] == pytest.approx(100 * cosines)
+    ident = result.identity
+    assert ident["checkpoint_file"] == "HPS_v2.1_compressed.pt"
+    assert len(ident["checkpoint_sha256"]) == 64
+    assert ident["precision"].startswith("fp32") and "x100" in ident["scale"]
+    assert ident["images_per_prompt"] == len(SEEDS) and ident["n_prompts"] == len(PROMPTS)
+    assert ident["implementation"] == f"fewstep open_clip route, open_clip {open_clip.__version__}"
+    assert len(ident["prompt_set_sha256"]) == 64
+
+
+def test_reward_equals_metric_and_passes_gradients(cache, scored, sample_set):
+    metric, result = scored
+    _, images, records = sample_set
+    reward = HPSv2Reward(hps=metric.hps())
+    images01 = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0).requires_grad_()
+    metas = [{"prompt": r["prompt"]} for r in records]
+    values = reward(images01, metas)
+    assert values.shape == (len(records),)
+    expected = torch.tensor([row["cosine"] for row in result.per_sample], dtype=values.dtype)
+    torch.testing.assert_close(values.detach(), expected, rtol=0, atol=TOL)
+    again = reward(images01.detach().flip(0), metas[::-1])      # text embeddings now cached
+    torch.testing.assert_close(again.flip(0), values.detach(), rtol=0, atol=TOL)
+    values.sum().backward()
+    assert images01.grad is not None and torch.isfinite(images01.grad).all()
+    assert images01.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cls, file", [(HPSv2, "HPS_v2.1_compressed.pt"),
+                                       (HPSv20, "HPS_v2_compressed.pt")])
+def test_missing_checkpoint_names_file_source_and_variable(cls, file, tmp_path, monkeypatch,
+                                                           sample_set):
+    monkeypatch.setenv("FEWSTEP_WEIGHTS", str(tmp_path / "empty-cache"))
+    metric = tiny_metric(cls)
+    assert [w.path for w in metric.weight_files()] == [f"hpsv2/{file}"]
+    with pytest.raises(MissingWeightsError) as err:
+        metric.score(sample_set[0])
+    for needle in (file, "xswu/HPSv2", "FEWSTEP_WEIGHTS"):
+        assert needle in str(err.value)
+    with pytest.raises(MissingWeightsError, match="xswu/HPSv2"):
+        load_hps(metric.hps_version, checkpoint=tmp_path / "nowhere.pt", config=TINY_CONFIG)
+
+
+def test_versions_have_different_identities(cache, scored, sample_set):
+    _, v21 = scored
+    v20 = tiny_metric(HPSv20).score(sample_set[0])
+    assert (v20.name, v21.name) == ("hpsv2.0", "hpsv2.1")
+    assert v20.identity["checkpoint_file"] == "HPS_v2_compressed.pt"
+    assert v20.identity["checkpoint_sha256"] != v21.identity["checkpoint_sha256"]
+    assert v20.identity != v21.identity and v20.value != v21.value
+
+
+def test_checkpoint_layout_is_checked(tmp_path):
+    state = tiny_model(0).state_dict()
+    bare, partial = tmp_path / "bare.pt", tmp_path / "partial.pt"
+    torch.save(state, bare)
+    torch.save({"state_dict": {k: v for k, v in list(state.items())[1:]}}, partial)
+    with pytest.raises(ValueError, match="state_dict"):
+        load_hps("v2.1", "cpu", bare, TINY_CONFIG)
+    with pytest.raises(ValueError, match="does not match"):
+        load_hps("v2.1", "cpu", partial, TINY_CONFIG)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="v2.1"):
+        HPSv2(hps_version="v2")
+    with pytest.raises(ValueError, match="precision"):
+        HPSv2(precision="bf16")
+    with pytest.raises(ValueError, match="QuickGELU"):
+        load_hps("v2.1", checkpoint=__file__, config={**TINY_CONFIG, "quick_gelu": True})
