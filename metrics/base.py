@@ -109,6 +109,27 @@ class Metric:
         """Files this metric reads from the weights cache (none for the toy metrics)."""
         return []
 
+    def per_image_result(self, ss, scores, identity: dict, extra: dict | None = None,
+                         details: dict | None = None) -> "MetricResult":
+        """Result of a per-image metric: mean score with a cluster-bootstrap CI over prompts, one
+        row per image (extra: more per-image columns, e.g. the raw cosine), count checked."""
+        import numpy as np
+
+        from metrics.stats import cluster_mean_ci
+
+        scores = np.asarray(scores, dtype=np.float64)
+        if len(scores) != len(ss) or not np.isfinite(scores).all():  # pitfalls.md C.12
+            raise RuntimeError(f"scored {len(scores)} images of {len(ss)}, or got NaN/inf")
+        ci = cluster_mean_ci(scores, ss.prompt_ids(), n_resamples=self.n_resamples,
+                             level=self.level, seed=self.seed)
+        extra = extra or {}
+        per_sample = [{"prompt_id": r["prompt_id"], "seed": r["seed"], "path": r["path"],
+                       **{k: float(v[i]) for k, v in extra.items()}, "score": float(scores[i])}
+                      for i, r in enumerate(ss.records)]
+        details = {"ci_method": ci.method, "ci_level": self.level,
+                   "n_resamples": self.n_resamples, **(details or {})}
+        return self.result(ci.estimate, (ci.low, ci.high), len(ss), per_sample, identity, details)
+
     # -- paired comparison of two sample sets on one (prompt_id, seed) grid ----------------------
     def set_statistic(self, rows: list[dict]) -> float:
         """The metric's value from per-sample rows (default: mean of "score"); override where the

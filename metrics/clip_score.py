@@ -41,7 +41,7 @@ from PIL import Image
 
 from metrics.base import Metric, MetricResult, WeightFile
 from metrics.sampleset import SampleSet, load_sample_set
-from metrics.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, cluster_mean_ci
+from metrics.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
 
 SCALES = {"cosine": "raw cosine",
           "torchmetrics": "max(100 * cosine, 0) per image",
@@ -181,8 +181,9 @@ class LoadedCLIP:
 
         cfg, x = self.preprocess_cfg, images01.float()
         if cfg.get("resize_mode", "shortest") != "shortest":
-            raise NotImplementedError(f"CLIPReward supports resize_mode 'shortest' only, not "
-                                      f"{cfg['resize_mode']!r}")
+            raise ValueError(f"CLIPReward supports the 'shortest' resize mode only, but this "
+                             f"model's preprocessing uses {cfg['resize_mode']!r}; use a CLIP "
+                             "variant with a shortest-side resize for training rewards")
         cubic = InterpolationMode.BICUBIC
         if self.variant.square_resize is not None:
             side = self.variant.square_resize
@@ -290,19 +291,10 @@ class CLIPScore(Metric):
         ss = load_sample_set(sample_set_folder, expected=expected, resolution=resolution,
                              allow_blank=allow_blank)
         cosines = self.cosines(ss)
-        if len(cosines) != len(ss):  # count check after scoring (pitfalls.md C.12)
-            raise RuntimeError(f"scored {len(cosines)} images of {len(ss)}")
-        scores = apply_scale(cosines, self.scale)
-        ci = cluster_mean_ci(scores, ss.prompt_ids(), n_resamples=self.n_resamples,
-                             level=self.level, seed=self.seed)
-        per_sample = [{"prompt_id": r["prompt_id"], "seed": r["seed"], "path": r["path"],
-                       "cosine": float(c), "score": float(s)}
-                      for r, c, s in zip(ss.records, cosines, scores)]
-        details = {"mean_cosine": float(np.mean(cosines)), "ci_method": ci.method,
-                   "ci_level": self.level, "n_resamples": self.n_resamples,
-                   "device": str(self.clip().device), "blank_images_allowed": bool(allow_blank)}
-        return self.result(ci.estimate, (ci.low, ci.high), len(ss), per_sample,
-                           self.identity(ss), details)
+        details = {"mean_cosine": float(np.mean(cosines)), "device": str(self.clip().device),
+                   "blank_images_allowed": bool(allow_blank)}
+        return self.per_image_result(ss, apply_scale(cosines, self.scale), self.identity(ss),
+                                     {"cosine": cosines}, details)
 
 
 @dataclass

@@ -44,7 +44,7 @@ from PIL import Image
 
 from metrics.base import Metric, MetricResult, WeightFile
 from metrics.sampleset import SampleSet, load_sample_set
-from metrics.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, cluster_mean_ci
+from metrics.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
 
 ARCHITECTURE = "ViT-H-14"
 INPUT_SIZE = 224
@@ -372,22 +372,13 @@ class HPSv2(Metric):
         ss = load_sample_set(sample_set_folder, expected=expected, resolution=resolution,
                              allow_blank=allow_blank)
         cosines = self.cosines(ss)
-        if len(cosines) != len(ss) or not np.isfinite(cosines).all():  # pitfalls.md C.12
-            raise RuntimeError(f"scored {len(cosines)} images of {len(ss)}, or got NaN/inf")
-        scores = SCALE * cosines
-        ci = cluster_mean_ci(scores, ss.prompt_ids(), n_resamples=self.n_resamples,
-                             level=self.level, seed=self.seed)
-        per_sample = [{"prompt_id": r["prompt_id"], "seed": r["seed"], "path": r["path"],
-                       "cosine": float(c), "score": float(s)}
-                      for r, c, s in zip(ss.records, cosines, scores)]
-        details = {"mean_cosine": float(np.mean(cosines)), "ci_method": ci.method,
-                   "ci_level": self.level, "n_resamples": self.n_resamples,
-                   "device": str(self.hps().device), "precision_requested": self.precision,
-                   "batch_size": self.batch_size, "torch": torch.__version__,
+        details = {"mean_cosine": float(np.mean(cosines)), "device": str(self.hps().device),
+                   "precision_requested": self.precision, "batch_size": self.batch_size,
+                   "torch": torch.__version__,
                    "note": "scores compare best between images of one prompt (HPSv2 issue #9)",
                    "blank_images_allowed": bool(allow_blank)}
-        return self.result(ci.estimate, (ci.low, ci.high), len(ss), per_sample,
-                           self.identity(ss), details)
+        return self.per_image_result(ss, SCALE * cosines, self.identity(ss), {"cosine": cosines},
+                                     details)
 
 
 @dataclass

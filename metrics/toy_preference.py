@@ -20,7 +20,7 @@ import torch
 
 from metrics.base import Metric, MetricResult
 from metrics.sampleset import load_sample_set
-from metrics.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, cluster_mean_ci
+from metrics.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
 
 SLOTS = {"toy_hps": ("hps", "HPSv2"), "toy_imagereward": ("imagereward", "ImageReward")}
 
@@ -66,19 +66,13 @@ class ToyPreference(Metric):
         if reward.net.config.size != ss.resolution[0]:
             raise ValueError(f"{self.slot}: the reward net sees {reward.net.config.size} px images "
                              f"but {ss.folder} holds {ss.resolution[0]} px")
-        scores = self.rewards(ss, reward)
-        ci = cluster_mean_ci(scores, ss.prompt_ids(), n_resamples=self.n_resamples,
-                             level=self.level, seed=self.seed)
-        per_sample = [{"prompt_id": r["prompt_id"], "seed": r["seed"], "path": r["path"],
-                       "score": float(v)} for r, v in zip(ss.records, scores)]
         identity = {"metric": self.slot, "version": self.version,
                     "stands_in_for": SLOTS[self.slot][1], "reward_net_sha256": reward.sha256,
                     "reward": "toy reward (presence + count + clean), metrics/toy_reward.py",
                     "resolution": list(ss.resolution), "prompt_set_sha256": ss.prompt_set_sha256(),
                     "images_per_prompt": len(ss) // len(set(ss.prompt_ids()))}
-        details = {"ci_method": ci.method, "ci_level": self.level, "n_resamples": self.n_resamples,
-                   "blank_images_allowed": bool(allow_blank)}
-        return self.result(ci.estimate, (ci.low, ci.high), len(ss), per_sample, identity, details)
+        return self.per_image_result(ss, self.rewards(ss, reward), identity,
+                                     details={"blank_images_allowed": bool(allow_blank)})
 
 
 @dataclass

@@ -171,3 +171,11 @@ def test_fp16_needs_cuda():
         precision_context("fp16-autocast", torch.device("cpu"))
     with pytest.raises(ValueError, match="unknown precision"):
         CLIPScore(precision="bf16")
+
+
+def test_reward_refuses_a_resize_mode_it_cannot_differentiate(cache):
+    _, variant, _ = cache
+    reward = CLIPReward(variant)
+    reward.clip.preprocess_cfg = {**reward.clip.preprocess_cfg, "resize_mode": "longest"}
+    with pytest.raises(ValueError, match="'shortest' resize mode only.*'longest'"):
+        reward(torch.rand(1, 3, 32, 32), [{"prompt": PROMPTS[0]}])
