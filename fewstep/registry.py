@@ -85,6 +85,7 @@ METRICS = Registry("metric", "fewstep.metrics", {
     "clip_score_dmd2": "metrics.clip_score:CLIPScoreDMD2",       # DMD2's ViT-g-14 protocol
     "hpsv2.1": "metrics.hpsv2:HPSv2",                            # HPSv2.1 (harness default), x100
     "hpsv2.0": "metrics.hpsv2:HPSv20",                           # HPSv2.0, separate identity
+    "imagereward": "metrics.image_reward:ImageRewardScore",      # BLIP reward, x1 (z-score)
 })
 
 # Differentiable scorers for reward-guided training: each entry builds one from an optional
@@ -93,5 +94,6 @@ REWARDS = Registry("reward", "fewstep.rewards", {
     "toy": "metrics.toy_reward:build_toy_reward",
     "clip": "metrics.clip_score:build_clip_reward",
     "hpsv2": "metrics.hpsv2:build_hps_reward",                   # hpsv2 (v2.1) or hpsv2:v2.0
+    "imagereward": "metrics.image_reward:build_image_reward_reward",
 })
 

@@ -1,0 +1,262 @@
+"""ImageReward (Xu et al. 2023), metrics.md section 2, through the installed image-reward package.
+
+Model (metrics.md 2.1): BLIP, a ViT-L/16 image encoder and a BERT-base text encoder that
+cross-attends to the image tokens; the [CLS] output goes through a 768-1024-128-64-16-1 head
+without activations, and the reward is the z-score r = (raw - mean) / std with the package's
+constants. The package's own classes are used (adapted at import time, image_reward_compat), so
+the network is the package's network; only file locations, batching and inference mode are ours.
+
+Files (metrics.md 2.2), from the weights cache only ($FEWSTEP_WEIGHTS/imagereward/): the plain fp32
+state dict `ImageReward.pt` and `med_config.json` (Hugging Face THUDM/ImageReward), and the
+`bert-base-uncased` tokenizer folder (its `vocab.txt`). The state dict is loaded with strict=False
+as the package does, then checked: no unexpected keys, only `position_ids` buffers missing.
+
+Preprocessing: the metric uses the package's own PIL transform (shorter side to 224 bicubic,
+centre crop 224, RGB, CLIP mean/std); ImageReward centre-crops where HPSv2 letterboxes. Text:
+BLIP's bert-base-uncased tokenizer, padded to and truncated at 35 tokens (longer prompts are cut).
+
+Scale: the value is the mean z-scored reward (x1), as RTDMD reports it (1.3024); AMD reports x100
+(88.37). The identity records the scale; the claims audit converts.
+
+`ImageRewardReward` is the differentiable training reward with the tensor preprocessing of the
+package's ReFL trainer (torchvision resize of the shorter side to 224, bicubic, then centre crop
+and CLIP normalisation on tensors): on 224 x 224 images it equals the metric's per-image score.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metrics.base import Metric, MetricResult, WeightFile
+from metrics.image_reward_compat import (MAX_TEXT_TOKENS, build_image_reward, check_key_report)
+from metrics.sampleset import SampleSet, load_sample_set
+from metrics.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
+
+INPUT_SIZE = 224
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HF_SOURCE = "Hugging Face THUDM/ImageReward"
+TEXT_CACHE_LIMIT = 10_000
+
+WEIGHTS = {
+    "checkpoint": WeightFile("imagereward/ImageReward.pt", f"{HF_SOURCE}, file ImageReward.pt",
+                             "ImageReward state dict (BLIP ViT-L/16 + BERT-base + head), 1.79 GB"),
+    "med_config": WeightFile("imagereward/med_config.json", f"{HF_SOURCE}, file med_config.json",
+                             "BLIP-BERT config, 485 B"),
+    "tokenizer": WeightFile("imagereward/bert-base-uncased/vocab.txt",
+                            "Hugging Face google-bert/bert-base-uncased, file vocab.txt",
+                            "BLIP's text tokenizer (the folder may also hold tokenizer_config.json)"),
+}
+
+
+def resolve_files(checkpoint=None, med_config=None, tokenizer=None) -> dict[str, Path]:
+    """Explicit paths where given, else the weights cache; every missing file is named."""
+    from fewstep.backbones.weights import MissingWeightsError, require_entry
+
+    given = {"checkpoint": checkpoint, "med_config": med_config, "tokenizer": tokenizer}
+    paths = {}
+    for key, entry in WEIGHTS.items():
+        if given[key] is None:
+            paths[key] = require_entry(entry.path, entry.source, f"ImageReward ({key})")
+            continue
+        path = Path(given[key]).expanduser()
+        if key == "tokenizer" and path.is_dir():
+            path = path / "vocab.txt"
+        if not path.is_file():
+            raise MissingWeightsError(
+                f"ImageReward ({key}): {path} not found (source: {entry.source}). Pass an existing "
+                f"file, or leave it unset to read $FEWSTEP_WEIGHTS/{entry.path}.")
+        paths[key] = path
+    return paths
+
+
+class LoadedImageReward:
+    """The package's ImageReward model, frozen, with batched scoring under our control."""
+
+    def __init__(self, model, files: dict[str, Path]):
+        self.model, self.files = model, files
+        self._text_cache: dict[str, tuple] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def tokens(self, prompts):
+        """(input_ids, attention_mask) as the package tokenises: pad to / truncate at 35."""
+        text = self.model.blip.tokenizer(list(prompts), padding="max_length", truncation=True,
+                                         max_length=MAX_TEXT_TOKENS, return_tensors="pt")
+        return text.input_ids.to(self.device), text.attention_mask.to(self.device)
+
+    def cached_tokens(self, prompts):
+        if len(self._text_cache) > TEXT_CACHE_LIMIT:
+            self._text_cache.clear()
+        missing = sorted({p for p in prompts if p not in self._text_cache})
+        if missing:
+            for prompt, ids, mask in zip(missing, *self.tokens(missing)):
+                self._text_cache[prompt] = (ids, mask)
+        ids, masks = zip(*(self._text_cache[p] for p in prompts))
+        return torch.stack(ids), torch.stack(masks)
+
+    def rewards(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """z-scored rewards of preprocessed pixels (B, 3, 224, 224) and their prompts' tokens: the
+        package's `score` computation (ViT -> cross-attending BERT -> [CLS] -> head), batched."""
+        blip = self.model.blip
+        image_embeds = blip.visual_encoder(pixels.to(self.device))
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
+        out = blip.text_encoder(ids, attention_mask=mask, encoder_hidden_states=image_embeds,
+                                encoder_attention_mask=image_atts, return_dict=True)
+        raw = self.model.mlp(out.last_hidden_state[:, 0, :].float()).flatten()
+        return (raw - self.model.mean) / self.model.std
+
+
+def load_image_reward(device=None, checkpoint=None, med_config=None, tokenizer=None,
+                      vision: dict | None = None) -> LoadedImageReward:
+    """ImageReward from the weights cache (or explicit files); `vision`: a smaller ViT (tests)."""
+    files = resolve_files(checkpoint, med_config, tokenizer)  # fail fast, before building
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = build_image_reward(files["med_config"], files["tokenizer"].parent, device, vision)
+    state = torch.load(files["checkpoint"], map_location=device, weights_only=True)
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"{files['checkpoint']} is not a state dict (THUDM/ImageReward's "
+                         "ImageReward.pt is a plain fp32 state dict)")
+    try:
+        report = model.load_state_dict(state, strict=False)  # as the package loads it
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"{files['checkpoint']} does not fit the ImageReward model: {err}") from err
+    check_key_report(report.missing_keys, report.unexpected_keys, files["checkpoint"])
+    return LoadedImageReward(model.eval().requires_grad_(False), files)
+
+
+def reward_pixels(images01: torch.Tensor, antialias: bool = True) -> torch.Tensor:
+    """Differentiable preprocessing of the package's ReFL trainer on float images in [0, 1]:
+    shorter side to 224 (bicubic), centre crop 224, CLIP mean/std."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    if images01.ndim != 4 or images01.shape[1] != 3:
+        raise ValueError(f"ImageReward needs images (B, 3, H, W) in [0, 1]; got "
+                         f"{tuple(images01.shape)}")
+    x = images01.float()
+    if min(x.shape[-2:]) != INPUT_SIZE:
+        x = TF.resize(x, INPUT_SIZE, interpolation=InterpolationMode.BICUBIC, antialias=antialias)
+    x = TF.center_crop(x, [INPUT_SIZE, INPUT_SIZE])
+    return TF.normalize(x, CLIP_MEAN, CLIP_STD)
+
+
+def file_pixels(model, paths) -> torch.Tensor:
+    """The package's own PIL transform of image files (metric path, the reference)."""
+    from PIL import Image
+
+    tensors = []
+    for path in paths:
+        with Image.open(path) as image:
+            tensors.append(model.preprocess(image))
+    return torch.stack(tensors)
+
+
+@dataclass
+class ImageRewardScore(Metric):
+    """Mean ImageReward (x1) of a sample set against its prompts, bootstrap CI over prompts.
+
+    checkpoint / med_config / tokenizer replace the cache files; vision_config replaces the
+    ViT-L/16 by a smaller VisionTransformer of the same class (tests only).
+    """
+    name = "imagereward"
+    version = "1"
+    higher_is_better = True
+
+    device: str | None = None
+    batch_size: int = 16
+    checkpoint: str | Path | None = None
+    med_config: str | Path | None = None
+    tokenizer: str | Path | None = None
+    vision_config: dict | None = None
+    n_resamples: int = DEFAULT_RESAMPLES
+    level: float = DEFAULT_LEVEL
+    seed: int = 0
+    _loaded: LoadedImageReward | None = field(default=None, init=False, repr=False)
+
+    def weight_files(self) -> list[WeightFile]:
+        given = {"checkpoint": self.checkpoint, "med_config": self.med_config,
+                 "tokenizer": self.tokenizer}
+        return [entry for key, entry in WEIGHTS.items() if given[key] is None]
+
+    def loaded(self) -> LoadedImageReward:
+        if self._loaded is None:
+            self._loaded = load_image_reward(self.device, self.checkpoint, self.med_config,
+                                             self.tokenizer, self.vision_config)
+        return self._loaded
+
+    def rewards(self, ss: SampleSet) -> np.ndarray:
+        ir, out = self.loaded(), []
+        with torch.inference_mode():
+            for start in range(0, len(ss), self.batch_size):
+                records = ss.records[start:start + self.batch_size]
+                pixels = file_pixels(ir.model, (ss.folder / r["path"] for r in records))
+                ids, mask = ir.tokens(r["prompt"] for r in records)
+                out.append(ir.rewards(pixels, ids, mask).double().cpu().numpy())
+        return np.concatenate(out)
+
+    def identity(self, ss: SampleSet) -> dict:
+        from fewstep.backbones.weights import file_sha256
+
+        ir = self.loaded()
+        vocab = ir.files["tokenizer"]
+        model = ("BLIP ViT-L/16 + BERT-base (image-reward 1.5 classes)" if self.vision_config is None
+                 else f"BLIP, custom ViT {json.dumps(self.vision_config, sort_keys=True)}")
+        n_prompts = len(set(ss.prompt_ids()))
+        return {"metric": self.name, "version": self.version, "model": model,
+                "checkpoint_file": ir.files["checkpoint"].name,
+                "checkpoint_sha256": file_sha256(ir.files["checkpoint"]),
+                "med_config_sha256": file_sha256(ir.files["med_config"]),
+                "vocab_sha256": hashlib.sha256(vocab.read_bytes()).hexdigest(),
+                "formula": f"(head([CLS]) - {ir.model.mean}) / {ir.model.std}",
+                "scale": "x1 (z-scored reward; AMD reports x100)", "precision": "fp32",
+                "preprocessing": "image-reward's PIL transform: shorter side to 224 bicubic, "
+                                 "centre crop 224, RGB, CLIP mean/std",
+                "text": f"bert-base-uncased + [DEC]/[ENC], padded/truncated to {MAX_TEXT_TOKENS}",
+                "resolution": list(ss.resolution), "prompt_set_sha256": ss.prompt_set_sha256(),
+                "n_prompts": n_prompts, "images_per_prompt": len(ss) // n_prompts,
+                "implementation": "fewstep adapter over image-reward "
+                                  f"{importlib.metadata.version('image-reward')}, transformers "
+                                  f"{importlib.metadata.version('transformers')}"}
+
+    def score(self, sample_set_folder, expected=None, resolution=None, allow_blank=False,
+              **ctx) -> MetricResult:
+        self.loaded()  # a missing weight file fails before any image is read
+        ss = load_sample_set(sample_set_folder, expected=expected, resolution=resolution,
+                             allow_blank=allow_blank)
+        rewards = self.rewards(ss)
+        details = {"device": str(self.loaded().device), "batch_size": self.batch_size,
+                   "torch": torch.__version__, "blank_images_allowed": bool(allow_blank)}
+        return self.per_image_result(ss, rewards, self.identity(ss), details=details)
+
+
+class ImageRewardReward:
+    """ImageReward as a training reward: reward(images01, metas) -> (B,), higher is better;
+    the model is frozen, gradients flow to the images (ReFL's tensor preprocessing)."""
+
+    def __init__(self, device=None, antialias: bool = True, loaded: LoadedImageReward | None = None,
+                 **files):
+        self.ir = loaded or load_image_reward(device, **files)
+        self.antialias = antialias
+
+    def __call__(self, images01: torch.Tensor, metas: list[dict]) -> torch.Tensor:
+        if len(metas) != images01.shape[0]:
+            raise ValueError(f"ImageRewardReward needs one prompt row per image; got "
+                             f"{images01.shape[0]} images and {len(metas)} rows")
+        ids, mask = self.ir.cached_tokens([m["prompt"] for m in metas])
+        return self.ir.rewards(reward_pixels(images01, self.antialias), ids, mask)
+
+
+def build_image_reward_reward(arg: str | None = None, device="cpu") -> ImageRewardReward:
+    """REWARDS registry entry: `--reward imagereward`."""
+    if arg:
+        raise ValueError(f"the imagereward reward takes no argument; got {arg!r}")
+    return ImageRewardReward(device=device)
