@@ -187,3 +187,21 @@ def test_get_head_mask_has_transformers_4_55_semantics():
     assert get_head_mask(holder, None, 3) == [None, None, None]
     assert get_head_mask(holder, torch.ones(4), 3).shape == (3, 1, 4, 1, 1)
     assert get_head_mask(holder, torch.ones(3, 4), 3).shape == (3, 1, 4, 1, 1)
+
+
+def test_the_reward_drives_a_reward_guided_method(cache):
+    """AMD on a toy teacher with ImageReward as its reward: the group signal comes from it."""
+    from fewstep.engine.distributed import DistInfo
+    from fewstep.engine.run import build_method, toy_context
+    from fewstep.toy import teachers
+
+    teacher = teachers.build("sit", resolution=16, seed=0)
+    reward = ImageRewardReward(loaded=load_image_reward("cpu", vision=VISION))
+    ctx = toy_context(teacher, "sit", 16, 0, DistInfo(), reward=reward, autocast=False)
+    method = build_method("amd", teacher, ctx, "toy", {"batch": 8})
+    method.ctx.step = 0
+    x, batch, stop = method.sample_groups(grad=True)
+    rewards = method.rewards(x, batch, stop)
+    assert rewards.shape == (8,) and rewards.std() > 0
+    advantage, _ = method.group_signal(x, batch, stop)
+    assert advantage.abs().sum() > 0
