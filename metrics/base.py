@@ -72,7 +72,7 @@ class MetricResult:
 class WeightFile:
     """One file a metric or backbone needs from the weights cache ($FEWSTEP_WEIGHTS).
 
-    path: relative to the cache root (e.g. "hpsv2/HPS_v2.1_compressed.pt"); source: where a user
+    path: relative to the cache root (e.g. "hps/HPS_v2.1_compressed.pt"); source: where a user
     gets it (a Hugging Face repo id and file, or a URL); the harness never downloads it.
     """
     path: str

@@ -4,7 +4,7 @@ Model (metrics.md 1.2): open_clip's ViT-H-14 with plain GELU, built by open_clip
 strictly from the HPS checkpoint (`HPS_v2_compressed.pt` for v2.0, `HPS_v2.1_compressed.pt` for
 v2.1; the state dict sits under a "state_dict" key). Both towers are fine-tuned, so the LAION
 ViT-H-14 weights are never needed. The files come from the weights cache only:
-`$FEWSTEP_WEIGHTS/hpsv2/<file>` (source: Hugging Face xswu/HPSv2).
+`$FEWSTEP_WEIGHTS/hps/<file>` (source: Hugging Face xswu/HPSv2).
 
 Score per (image, prompt): the cosine between the unit-length image and text embeddings; the
 model's logit scale plays no role. Tables report 100 x the mean cosine (e.g. 27.86); per-sample
@@ -58,9 +58,9 @@ TEXT_CACHE_LIMIT = 10_000  # prompts whose text embedding the reward keeps
 HF_SOURCE = "Hugging Face xswu/HPSv2"
 
 CHECKPOINTS = {
-    "v2.0": WeightFile("hpsv2/HPS_v2_compressed.pt", f"{HF_SOURCE}, file HPS_v2_compressed.pt",
+    "v2.0": WeightFile("hps/HPS_v2_compressed.pt", f"{HF_SOURCE}, file HPS_v2_compressed.pt",
                        "HPSv2.0 ViT-H-14 checkpoint, about 1.9 GB"),
-    "v2.1": WeightFile("hpsv2/HPS_v2.1_compressed.pt", f"{HF_SOURCE}, file HPS_v2.1_compressed.pt",
+    "v2.1": WeightFile("hps/HPS_v2.1_compressed.pt", f"{HF_SOURCE}, file HPS_v2.1_compressed.pt",
                        "HPSv2.1 ViT-H-14 checkpoint, about 1.9 GB"),
 }
 

@@ -6,9 +6,9 @@ without activations, and the reward is the z-score r = (raw - mean) / std with t
 constants. The package's own classes are used (adapted at import time, image_reward_compat), so
 the network is the package's network; only file locations, batching and inference mode are ours.
 
-Files (metrics.md 2.2), from the weights cache only ($FEWSTEP_WEIGHTS/imagereward/): the plain fp32
+Files (metrics.md 2.2 and 6), from the weights cache only ($FEWSTEP_WEIGHTS/imagereward/): the plain fp32
 state dict `ImageReward.pt` and `med_config.json` (Hugging Face THUDM/ImageReward), and the
-`bert-base-uncased` tokenizer folder (its `vocab.txt`). The state dict is loaded with strict=False
+`bert-base-uncased` tokenizer folder (`tokenizers/bert-base-uncased/`, its `vocab.txt`). The state dict is loaded with strict=False
 as the package does, then checked: no unexpected keys, only `position_ids` buffers missing.
 
 Preprocessing: the metric uses the package's own PIL transform (shorter side to 224 bicubic,
@@ -49,7 +49,7 @@ WEIGHTS = {
                              "ImageReward state dict (BLIP ViT-L/16 + BERT-base + head), 1.79 GB"),
     "med_config": WeightFile("imagereward/med_config.json", f"{HF_SOURCE}, file med_config.json",
                              "BLIP-BERT config, 485 B"),
-    "tokenizer": WeightFile("imagereward/bert-base-uncased/vocab.txt",
+    "tokenizer": WeightFile("tokenizers/bert-base-uncased/vocab.txt",
                             "Hugging Face google-bert/bert-base-uncased, file vocab.txt",
                             "BLIP's text tokenizer (the folder may also hold tokenizer_config.json)"),
 }

@@ -371,7 +371,7 @@ def test_missing_checkpoint_names_file_source_and_variable(cls, file, tmp_path, 
                                                            sample_set):
     monkeypatch.setenv("FEWSTEP_WEIGHTS", str(tmp_path / "empty-cache"))
     metric = tiny_metric(cls)
-    assert [w.path for w in metric.weight_files()] == [f"hpsv2/{file}"]
+    assert [w.path for w in metric.weight_files()] == [f"hps/{file}"]
     with pytest.raises(MissingWeightsError) as err:
         metric.score(sample_set[0])
     for needle in (file, "xswu/HPSv2", "FEWSTEP_WEIGHTS"):

@@ -46,14 +46,14 @@ def med_config(vocab_size: int) -> dict:
 def weights(tmp_path_factory):
     """A weights cache in the genuine layout holding a tiny random ImageReward."""
     root = tmp_path_factory.mktemp("weights")
-    folder = root / "imagereward"
-    (folder / "bert-base-uncased").mkdir(parents=True)
+    folder, vocab_file = root / "imagereward", root / WEIGHTS["tokenizer"].path
+    folder.mkdir()
+    vocab_file.parent.mkdir(parents=True)
     vocab = SPECIAL + WORDS
-    (folder / "bert-base-uncased" / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    vocab_file.write_text("\n".join(vocab) + "\n")
     (folder / "med_config.json").write_text(json.dumps(med_config(len(vocab) + 2)))
     torch.manual_seed(0)
-    model = build_image_reward(folder / "med_config.json", folder / "bert-base-uncased",
-                               vision=VISION)
+    model = build_image_reward(folder / "med_config.json", vocab_file.parent, vision=VISION)
     with torch.no_grad():  # the package's head init is tiny (std 1/769): widen it so scores vary
         for layer in model.mlp.layers:
             if isinstance(layer, torch.nn.Linear):
