@@ -1,5 +1,7 @@
 # fewstep: one DAG from prompts to leaderboard. Stages live in workflows/rules/*.smk.
 # The default config is the toy world; `--configfile` selects another, `--config k=v` overrides.
+import json
+import shlex
 import sys
 
 from fewstep.config import validate

@@ -44,6 +44,7 @@ def validate(config: dict, source: str = "config") -> dict:
             METHODS.check(method)
     except UnknownNameError as err:
         raise ConfigError(f"{source}: {err}") from None
+    _check_metric_options(config, source)
     # guidance may name more families than are run (a config file merged over the default keeps
     # the default's entries), but every run family needs one and every key must be a family
     guidance = config["teachers"]["guidance"]
@@ -57,6 +58,20 @@ def validate(config: dict, source: str = "config") -> dict:
     except UnknownNameError as err:
         raise ConfigError(f"{source}: teachers/guidance: {err}") from None
     return config
+
+
+def _check_metric_options(config: dict, source: str) -> None:
+    """metric_options: each key a configured metric, each option one of its fields."""
+    from metrics.base import check_metric_options
+
+    for name, options in config.get("metric_options", {}).items():
+        if name not in config["metrics"]:
+            raise ConfigError(f"{source}: metric_options has an entry for {name!r}, which is not "
+                              f"in metrics {config['metrics']}; add it there or drop the entry")
+        try:
+            check_metric_options(name, METRICS.get(name), options)
+        except ValueError as err:
+            raise ConfigError(f"{source}: {err}") from None
 
 
 def load(path: str | Path | None = None) -> dict:

@@ -171,3 +171,33 @@ class Metric:
                             ci_low=float(ci[0]), ci_high=float(ci[1]), n=int(n),
                             per_sample=list(per_sample), identity=dict(identity),
                             details=dict(details or {}))
+
+
+# Options of a metric that a config may not set: bookkeeping, or set by the harness itself.
+RESERVED_OPTIONS = ("n_resamples", "level", "seed")
+
+
+def metric_option_names(cls) -> list[str]:
+    """The options a config may set for a metric class: its public dataclass init fields."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(cls):
+        return []
+    return [f.name for f in dataclasses.fields(cls)
+            if f.init and not f.name.startswith("_") and f.name not in RESERVED_OPTIONS]
+
+
+def check_metric_options(name: str, cls, options) -> None:
+    """Raise ValueError naming an unknown option of a metric, with the close names."""
+    import difflib
+
+    if not isinstance(options, dict):
+        raise ValueError(f"metric_options/{name} must be a mapping of option: value, got "
+                         f"{type(options).__name__}")
+    known = metric_option_names(cls)
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ValueError(f"metric_options/{name}: {cls.__name__} has no option {key!r}.{hint} "
+                             f"Its options: {', '.join(known) or 'none'}")

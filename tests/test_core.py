@@ -62,6 +62,42 @@ def test_config_errors_name_the_culprit(tmp_path):
         config.load(bad)
 
 
+def test_metric_options_are_checked_against_the_metric(tmp_path):
+    """metric_options (e.g. FID's reference and crop) reach the metric; a typo fails validation."""
+    cfg = config.load()
+    cfg["metrics"] = ["toy_fid", "fid"]
+    cfg["metric_options"] = {"fid": {"reference": "coco2014-val", "crop": "center",
+                                     "eval_resolution": 512}}
+    config.validate(cfg)
+    cfg["metric_options"]["fid"]["crpo"] = "center"
+    with pytest.raises(config.ConfigError, match="no option 'crpo'. Did you mean 'crop'"):
+        config.validate(cfg)
+    cfg["metric_options"] = {"hpsv2.1": {"precision": "fp32"}}
+    with pytest.raises(config.ConfigError, match="'hpsv2.1', which is not in metrics"):
+        config.validate(cfg)
+    cfg["metric_options"] = {"fid": {"seed": 3}}  # bootstrap settings come from `bootstrap`
+    with pytest.raises(config.ConfigError, match="no option 'seed'"):
+        config.validate(cfg)
+
+
+def test_score_passes_metric_options_to_the_metric():
+    import argparse
+
+    from fewstep.commands.score import build_metric, json_object
+
+    args = argparse.Namespace(resamples=50, confidence=0.9, bootstrap_seed=1,
+                              metric_options=json_object('{"fid": {"crop": "none", "mode": '
+                                                         '"legacy_pytorch"}}'))
+    metric = build_metric("fid", args, class_conditional=False)
+    assert (metric.crop, metric.mode, metric.n_resamples, metric.level) == (
+        "none", "legacy_pytorch", 50, 0.9)
+    args.metric_options = {"fid": {"crop": "centre"}}
+    with pytest.raises(ValueError, match="unknown crop policy 'centre'"):
+        build_metric("fid", args, class_conditional=False)
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a JSON object"):
+        json_object("[1]")
+
+
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "out"
     with pytest.raises(RuntimeError):

@@ -27,22 +27,43 @@ def add_arguments(p):
                    help="the teacher's score .json files of this family: each set is also compared "
                         "with the teacher set at its NFE (or the next one up), paired on the shared "
                         "noise")
+    p.add_argument("--metric-options", type=json_object, default={},
+                   help='JSON mapping metric -> constructor options, e.g. '
+                        '\'{"fid": {"reference": "coco2014-val", "crop": "center"}}\'')
     p.add_argument("--out", required=True, nargs="+", help="one score .json per --samples folder")
 
 
-def build_metric(name: str, args, class_conditional: bool):
-    from fewstep.registry import METRICS
+def json_object(text: str) -> dict:
+    import argparse
+    import json
 
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def build_metric(name: str, args, class_conditional: bool):
+    """The metric with the run's bootstrap settings and its configured options."""
+    from fewstep.registry import METRICS
+    from metrics.base import check_metric_options
+
+    cls = METRICS.get(name)
+    options = args.metric_options.get(name, {})
+    check_metric_options(name, cls, options)
     stats = dict(n_resamples=args.resamples, level=args.confidence, seed=args.bootstrap_seed)
     if name == "toy_fid":
         from fewstep.commands.fidref import toy_fid
         metric = toy_fid(args.prompts, args.feature_net, args.reference_images, args.cache)
-        for key, value in stats.items():
+        for key, value in {**stats, **options}.items():
             setattr(metric, key, value)
         return metric
     if name == "toy_geneval":  # class-conditional sets hold only GenEval's colors task
-        return METRICS.get(name)(require_all_tasks=not class_conditional, **stats)
-    return METRICS.get(name)(**stats)
+        options = {"require_all_tasks": not class_conditional, **options}
+    return cls(**stats, **options)
 
 
 def run(args):
@@ -54,6 +75,9 @@ def run(args):
                          "files: give one score file per sample set, in the same order")
     for name in args.metrics:
         METRICS.check(name)
+    unused = sorted(set(args.metric_options) - set(args.metrics))
+    if unused:
+        raise ValueError(f"--metric-options names {unused}, which are not in --metrics")
     rows = read_prompts(args.prompts)
     expected = [(r["prompt_id"], s) for r in rows for s in args.seeds]
     class_conditional = all("class_label" in r for r in rows)

@@ -42,7 +42,8 @@ def score_command(samples, out, against=""):
             "--feature-net {input.net} --reference-images {params.n_ref} --cache results/cache "
             "{params.blank} "
             "--resamples {params.boot[resamples]} --confidence {params.boot[confidence]} "
-            "--bootstrap-seed {params.boot[seed]} " + against + "--out " + out + " > {log} 2>&1")
+            "--bootstrap-seed {params.boot[seed]} --metric-options {params.options} " + against
+            + "--out " + out + " > {log} 2>&1")
 
 
 SCORE_PARAMS = dict(
@@ -51,6 +52,8 @@ SCORE_PARAMS = dict(
     res=config["resolution"],
     boot=config["bootstrap"],
     n_ref=config["fid"]["reference_images"],
+    # config strings reach the shell quoted: one JSON argument
+    options=shlex.quote(json.dumps(config.get("metric_options", {}), sort_keys=True)),
     # toy world: an empty canvas is a legitimate bad sample, scored rather than refused
     blank="--allow-blank" if config["world"] == "toy" else "",
 )
