@@ -24,6 +24,7 @@ THREADS_ENV = "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
 FAMILIES = config["families"]
 STEPS = config["eval"]["steps"]
 SEEDS = " ".join(map(str, config["eval"]["seeds"]))
+CLAIMS = f"{workflow.basedir}/reports/claims.yaml"  # data of the repository, not of the workdir
 
 
 include: "workflows/rules/prompts.smk"
@@ -37,4 +38,5 @@ include: "workflows/rules/report.smk"
 rule all:
     input:
         "reports/leaderboard.md",
+        "reports/claims_audit.md",
         "results/mlflow/tracked.json",

@@ -11,7 +11,7 @@ import sys
 from fewstep.errors import FewstepError
 
 VERBS = {
-    "prompts": ("fewstep.commands.prompts", "write a family's held-out prompt set"),
+    "prompts": ("fewstep.commands.prompts", "write a family's held-out prompts or a benchmark set"),
     "teacher": ("fewstep.commands.teacher", "train, install or check a toy teacher"),
     "features": ("fewstep.commands.features", "train the toy feature extractor (toy FID)"),
     "pairs": ("fewstep.commands.pairs", "teacher ODE noise-image pairs (DMD's regression loss)"),
@@ -21,6 +21,7 @@ VERBS = {
     "score": ("fewstep.commands.score", "score a sample set with the configured metrics"),
     "track": ("fewstep.commands.track", "push scored runs to MLflow (idempotent)"),
     "report": ("fewstep.commands.report", "write the leaderboard"),
+    "audit": ("fewstep.commands.audit", "judge the papers' claims against the score files"),
     "config": ("fewstep.commands.configcmd", "validate a workflow config"),
     "profile": ("fewstep.commands.profile", "install a Snakemake profile (slurm) where --profile finds it"),
     "weights": ("fewstep.commands.weights", "check that the weight files a config needs are in the cache"),

@@ -67,6 +67,17 @@ def test_dag_writes_leaderboard_with_a_row_per_family_and_steps(dag_run):
         assert score["nfe"] == 4 and score["results"]["toy_fid"]["n"] == n_prompts * 2
 
 
+def test_dag_writes_the_claims_audit(dag_run):
+    """Every claim gets a verdict; the tiny config trains no paper method, so none was run."""
+    from fewstep.audit import load_claims
+
+    claims, _ = load_claims(REPO / "reports" / "claims.yaml")
+    verdicts = json.loads((dag_run / "results/audit/verdicts.json").read_text())
+    assert {v["claim_id"] for v in verdicts} == {c["id"] for c in claims}
+    assert {v["verdict"] for v in verdicts} == {"not run"}
+    assert "# Claims audit" in (dag_run / "reports/claims_audit.md").read_text()
+
+
 def test_dag_tracks_one_mlflow_run_per_sample_set(dag_run):
     tracked = json.loads((dag_run / "results/mlflow/tracked.json").read_text())
     assert len(tracked["runs"]) == 12

@@ -27,3 +27,20 @@ rule report:
         "results/logs/report.log",
     shell:
         "{FEWSTEP} report --scores {input} --out {output} > {log} 2>&1"
+
+
+# The papers' claims (reports/claims.yaml) judged against the scores: paper-protocol verdicts and,
+# for relative claims, toy-scale evidence from paired differences on the shared noise.
+rule audit:
+    input:
+        claims=CLAIMS,
+        scores=SCORES,
+    output:
+        report="reports/claims_audit.md",
+        verdicts="results/audit/verdicts.json",
+    threads: 1
+    log:
+        "results/logs/audit.log",
+    shell:
+        THREADS_ENV + " {FEWSTEP} audit --claims {input.claims} --scores {input.scores} "
+        "--out {output.report} --json {output.verdicts} > {log} 2>&1"
