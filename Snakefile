@@ -39,4 +39,5 @@ rule all:
     input:
         "reports/leaderboard.md",
         "reports/claims_audit.md",
+        f"reports/{config['mlflow']['experiment']}/index.html",
         "results/mlflow/tracked.json",

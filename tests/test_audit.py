@@ -102,7 +102,7 @@ def test_relative_claims_run_on_the_toy_world_with_the_slot_metric(prompts):
     base = rng.normal(0, 1, 40)
     rows = [row("sdxl", "amd", 4, {"toy_hps": result("toy_hps", base + 0.5)}, prompts),
             row("sdxl", "dmd2", 4, {"toy_hps": result("toy_hps", base)}, prompts)]
-    from fewstep.commands.audit import paired
+    from fewstep.pairing import paired
     real, toy = (audit.judge_relative(claim, rows, w, paired) for w in ("real", "toy"))
     assert real.verdict == "not run" and "hpsv2.1" in real.evidence
     assert toy.verdict == "reproduced" and toy.ours["difference"] == pytest.approx(0.5)

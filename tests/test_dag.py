@@ -78,6 +78,14 @@ def test_dag_writes_the_claims_audit(dag_run):
     assert "# Claims audit" in (dag_run / "reports/claims_audit.md").read_text()
 
 
+def test_dag_writes_the_html_report(dag_run):
+    page = (dag_run / "reports/fewstep-toy/index.html").read_text()
+    assert page.count("<h2>") == 3 + 2  # three families, training cost, claims audit
+    for family in ("sdxl", "sd3", "sit"):
+        assert (dag_run / f"reports/fewstep-toy/img/{family}-grid.png").is_file()
+    assert "against DMD2" not in page  # the tiny config trains no DMD2
+
+
 def test_dag_tracks_one_mlflow_run_per_sample_set(dag_run):
     tracked = json.loads((dag_run / "results/mlflow/tracked.json").read_text())
     assert len(tracked["runs"]) == 12

@@ -10,6 +10,11 @@ from fewstep.io import write_text
 def add_arguments(p):
     p.add_argument("--scores", nargs="+", required=True, help="score .json files (fewstep score)")
     p.add_argument("--out", required=True, help="leaderboard .md to write")
+    p.add_argument("--html", help="folder of the static HTML report (index.html + img/)")
+    p.add_argument("--experiment", default="toy", help="the HTML report's title")
+    p.add_argument("--verdicts", help="fewstep audit's verdicts .json, shown in the HTML report")
+    p.add_argument("--no-dmd2-pairs", action="store_true",
+                   help="skip the paired differences against DMD2 (they rescore feature metrics)")
 
 
 def load_rows(paths) -> list[dict]:
@@ -156,3 +161,11 @@ def run(args):
     ])
     write_text(args.out, text)
     print(f"wrote {args.out} ({len(rows)} rows)")
+    if args.html:
+        from fewstep.pairing import paired
+        from fewstep.reporting.page import build
+
+        verdicts = json.loads(Path(args.verdicts).read_text()) if args.verdicts else None
+        index = build(rows, args.html, args.experiment, verdicts,
+                      None if args.no_dmd2_pairs else paired)
+        print(f"wrote {index}")

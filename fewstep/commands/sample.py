@@ -71,6 +71,29 @@ def sample_student_images(generator, spec, rows, seeds, batch):
     return sample_jobs(generator, rows, seeds, batch, f"sample student NFE {spec['nfe']}", draw)
 
 
+def timing(sample_all, sample_one, n_images: int, batch: int, device, repeats: int = 3):
+    """(images, jobs, timing): the set's wall time and throughput, and the latency of one image at
+    batch 1 (median of `repeats` after a warm-up), the report's latency axis."""
+    import statistics
+    import time
+
+    import torch
+
+    start = time.perf_counter()
+    images, jobs = sample_all()
+    wall = time.perf_counter() - start
+    sample_one()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sample_one()
+        times.append(time.perf_counter() - start)
+    return images, jobs, {"wall_s": wall, "images": n_images, "s_per_image": wall / n_images,
+                          "batch": batch, "latency_s": statistics.median(times),
+                          "latency_repeats": repeats, "threads": torch.get_num_threads(),
+                          "device": str(device)}
+
+
 def run_student(args, backbone, recipe, rows):
     from fewstep.engine.run import load_student
     from fewstep.provenance import record
@@ -78,7 +101,10 @@ def run_student(args, backbone, recipe, rows):
 
     generator, info = load_student(Path(args.student), backbone)
     spec = info["student"]
-    images, jobs = sample_student_images(generator, spec, rows, args.seeds, args.batch)
+    images, jobs, times = timing(
+        lambda: sample_student_images(generator, spec, rows, args.seeds, args.batch),
+        lambda: sample_student_images(generator, spec, rows[:1], args.seeds[:1], 1),
+        len(rows) * len(args.seeds), args.batch, backbone.device)
     records = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "seed": s,
                 "family": generator.family, "method": info["method"], "nfe": spec["nfe"],
                 "steps": len(spec["grid"]), "guidance": spec["guidance"], "meta": r}
@@ -86,7 +112,7 @@ def run_student(args, backbone, recipe, rows):
     with atomic_path(args.out) as tmp:
         write_sample_set(tmp, images, records)
         record(tmp / "provenance.json", vars(args), seeds=args.seeds, teacher_recipe=recipe,
-               student=info)
+               student=info, timing=times)
     print(f"wrote {len(records)} images ({generator.family}, {info['method']}, NFE {spec['nfe']}) "
           f"to {args.out}")
 
@@ -109,7 +135,10 @@ def run_teacher(args, backbone, recipe, rows, steps, out):
     from fewstep.sampling import nfe_of
     from metrics.sampleset import write_sample_set
 
-    images, jobs = sample_images(backbone, rows, args.seeds, steps, args.guidance, args.batch)
+    images, jobs, times = timing(
+        lambda: sample_images(backbone, rows, args.seeds, steps, args.guidance, args.batch),
+        lambda: sample_images(backbone, rows[:1], args.seeds[:1], steps, args.guidance, 1),
+        len(rows) * len(args.seeds), args.batch, backbone.device)
     nfe = nfe_of(steps, args.guidance)
     records = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "seed": s,
                 "family": backbone.family, "method": "teacher", "nfe": nfe, "steps": steps,
@@ -117,7 +146,7 @@ def run_teacher(args, backbone, recipe, rows, steps, out):
     with atomic_path(out) as tmp:
         write_sample_set(tmp, images, records)
         record(tmp / "provenance.json", {**vars(args), "steps": steps, "out": out},
-               seeds=args.seeds, teacher_recipe=recipe)
+               seeds=args.seeds, teacher_recipe=recipe, timing=times)
     print(f"wrote {len(records)} images ({backbone.family}, {steps} steps, NFE {nfe}) to {out}")
 
 

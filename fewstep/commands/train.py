@@ -75,7 +75,7 @@ def run(args):
         prov = {"config": vars(args), "seeds": [method.opt.seed], "environment": environment()}
         exported = export(method, trainer, Path(args.out),
                           {"preset": args.preset, "overrides": overrides,
-                           "teacher_sha256": recipe.get("sha256"),
+                           "teacher_sha256": recipe.get("sha256"), "reward": args.reward,
                            "resumed_from": state.resumed_from}, provenance=prov)
         print(f"trained {args.method} on {family} for {state.step} iterations -> {args.out} "
               f"(NFE {exported['student']['nfe']})")

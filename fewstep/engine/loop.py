@@ -46,6 +46,7 @@ class RunState:
     last: dict = field(default_factory=dict)
     ema_updates: int = 0
     ema_ticks: int = 0
+    seconds: float = 0.0  # iteration wall time summed over every process of the run (resumes too)
 
 
 class _Signals:
@@ -135,12 +136,14 @@ class Trainer:
         self.state.step = self.state.resumed_from = saved["step"]
         self.state.ema_updates = saved["extra"].get("ema_updates", 0)
         self.state.ema_ticks = saved["extra"].get("ema_ticks", 0)
+        self.state.seconds = saved["extra"].get("train_seconds", 0.0)
 
     def save(self) -> None:
         if self.info.main:
             checkpoint.save(self.run_dir, self.state.step, self.nets, self.emas, self.optimizers,
                             self.schedulers, {"ema_updates": self.state.ema_updates,
                                               "ema_ticks": self.state.ema_ticks,
+                                              "train_seconds": self.state.seconds,
                                               "config": run_config(self.method)})
         barrier(self.info)
 
@@ -205,6 +208,7 @@ class Trainer:
                 start = time.perf_counter()
                 row = self.iteration()
                 row["seconds"] = time.perf_counter() - start
+                self.state.seconds += row["seconds"]
                 self.state.step += 1
                 self.state.last = row
                 if self.info.main and (row["step"] % max(1, opt.log_every) == 0):

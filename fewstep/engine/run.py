@@ -81,7 +81,9 @@ def export(method, trainer: Trainer, out: Path, extra: dict, provenance: dict | 
     info = {"method": method.name, "fidelity": method.fidelity, "family": method.teacher.family,
             "student": spec.to_dict(), "options": as_dict(method.opt),
             "weights": "ema" if "generator" in trainer.emas else "raw",
-            "iterations": trainer.state.step, **extra}
+            "iterations": trainer.state.step,
+            "train_seconds": round(trainer.state.seconds, 3),  # the report's training cost
+            "train_threads": torch.get_num_threads(), **extra}
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         save_file(merged_state_dict(source), str(tmp / WEIGHTS_FILE))

@@ -18,15 +18,31 @@ rule track:
         "--out {output} > {log} 2>&1"
 
 
+SAMPLE_SETS = expand(TEACHER_SETS, family=FAMILIES, steps=STEPS)
+SAMPLE_SETS += expand("results/samples/{family}/{method}/student", family=FAMILIES,
+                      method=config["distill"]["methods"])
+EXPERIMENT = config["mlflow"]["experiment"]
+
+
+# The Markdown leaderboard and the static HTML report (tables, plots, sample grids, the audit).
 rule report:
     input:
-        SCORES,
+        scores=SCORES,
+        samples=SAMPLE_SETS,
+        verdicts="results/audit/verdicts.json",
     output:
-        "reports/leaderboard.md",
+        board="reports/leaderboard.md",
+        html=f"reports/{EXPERIMENT}/index.html",
+    params:
+        html=f"reports/{EXPERIMENT}",
+        experiment=shlex.quote(EXPERIMENT),
+    threads: 1
     log:
         "results/logs/report.log",
     shell:
-        "{FEWSTEP} report --scores {input} --out {output} > {log} 2>&1"
+        THREADS_ENV + " {FEWSTEP} report --scores {input.scores} --out {output.board} "
+        "--html {params.html} --experiment {params.experiment} --verdicts {input.verdicts} "
+        "> {log} 2>&1"
 
 
 # The papers' claims (reports/claims.yaml) judged against the scores: paper-protocol verdicts and,

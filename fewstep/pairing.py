@@ -1,0 +1,22 @@
+"""Paired differences between two scored sample sets of one family (shared prompts, seeds and
+per-sample noise), each metric rebuilt from the score file's own scoring arguments so that the
+comparison runs under exactly the protocol that produced the scores (the audit, the HTML report)."""
+from __future__ import annotations
+
+import argparse
+
+
+def paired(metric_name: str, a: dict, b: dict) -> dict:
+    """value(A) - value(B) of one metric with its paired CI (Metric.paired_difference)."""
+    from fewstep.commands.score import build_metric
+    from fewstep.prompts import read_prompts
+    from metrics.base import MetricResult
+
+    args = argparse.Namespace(**{"metric_options": {}, **a["scoring_args"]})
+    rows = read_prompts(args.prompts)
+    metric = build_metric(metric_name, args, all("class_label" in r for r in rows))
+    expected = [(r["prompt_id"], s) for r in rows for s in args.seeds]
+    return metric.paired_difference(
+        MetricResult.from_dict(a["results"][metric_name]),
+        MetricResult.from_dict(b["results"][metric_name]), a["sample_set"], b["sample_set"],
+        expected=expected, resolution=args.resolution, allow_blank=args.allow_blank)
