@@ -86,13 +86,14 @@ def test_dag_writes_the_html_report(dag_run):
     assert "against DMD2" not in page  # the tiny config trains no DMD2
 
 
-def test_dag_tracks_one_mlflow_run_per_sample_set(dag_run):
+def test_dag_tracks_one_mlflow_run_per_model_and_teacher(dag_run):
     tracked = json.loads((dag_run / "results/mlflow/tracked.json").read_text())
-    assert len(tracked["runs"]) == 12
+    assert len(tracked["runs"]) == 9  # per family: the teacher and two trained methods
     with sqlite3.connect(dag_run / "results/mlflow/mlflow.db") as db:
         keys = db.execute("select value from tags where key = 'fewstep.key'").fetchall()
         live = db.execute("select count(*) from runs where lifecycle_stage = 'active'").fetchone()[0]
-    assert len(keys) == 12 and live == 12
+        curves = db.execute("select count(*) from metrics where key like 'train.%'").fetchone()[0]
+    assert len(keys) == 9 and live == 9 and curves > 0
 
 
 def test_dag_trains_builtin_and_plugin_methods_and_scores_their_students(dag_run):

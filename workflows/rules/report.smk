@@ -5,16 +5,22 @@ SCORES += expand("results/scores/{family}/{method}/student.json", family=FAMILIE
 
 rule track:
     input:
-        SCORES,
+        scores=SCORES,
+        models=expand("results/models/{family}/{run}", family=FAMILIES, run=RUNS),
+        report=f"reports/{config['mlflow']['experiment']}/index.html",
     output:
         "results/mlflow/tracked.json",
     params:
         experiment=config["mlflow"]["experiment"],
-        uri=("--tracking-uri " + config["mlflow"]["tracking_uri"]) if config["mlflow"]["tracking_uri"] else "",
+        uri=("--tracking-uri " + shlex.quote(config["mlflow"]["tracking_uri"]))
+        if config["mlflow"]["tracking_uri"] else "",
+        config=shlex.quote(json.dumps(config, sort_keys=True)),
+        grids=f"reports/{config['mlflow']['experiment']}/img",
     log:
         "results/logs/track.log",
     shell:
-        "{FEWSTEP} track --scores {input} --experiment {params.experiment} {params.uri} "
+        "{FEWSTEP} track --scores {input.scores} --experiment {params.experiment} {params.uri} "
+        "--config-json {params.config} --results results --grids {params.grids} "
         "--out {output} > {log} 2>&1"
 
 

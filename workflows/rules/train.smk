@@ -44,7 +44,7 @@ def _train_args(wc, input):
     args = f"--method {method} --preset {preset}"
     if "reward" in input.keys():
         args += f" --reward {input.reward}"
-    return args + ("" if not sets else " --set " + " ".join(f"'{s}'" for s in sets))
+    return args + ("" if not sets else " --set " + " ".join(shlex.quote(s) for s in sets))
 
 
 rule reward_net:
