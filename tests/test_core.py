@@ -178,6 +178,23 @@ def test_profile_install_links_the_repository_profile(tmp_path):
         install("slurm", dest=str(other))
 
 
+def test_profile_install_writes_the_users_partition_and_account(tmp_path):
+    from fewstep.commands.profile import install
+    from fewstep.errors import FewstepError
+
+    target = install("slurm", dest=str(tmp_path), partition="gpu", account="proj42")
+    cfg = yaml.safe_load((target / "config.yaml").read_text())
+    assert cfg["executor"] == "slurm" and cfg["set-resources"]["train"]["runtime"] == 720
+    assert cfg["default-resources"]["slurm_partition"] == "gpu"
+    assert cfg["default-resources"]["slurm_account"] == "proj42"
+    install("slurm", dest=str(tmp_path), partition="debug")  # its own file: updated in place
+    cfg = yaml.safe_load((target / "config.yaml").read_text())
+    assert cfg["default-resources"]["slurm_partition"] == "debug"
+    (target / "config.yaml").write_text("executor: slurm\n")  # hand-made: refused
+    with pytest.raises(FewstepError, match="--force"):
+        install("slurm", dest=str(tmp_path), partition="gpu")
+
+
 @pytest.mark.parametrize("verb, args", [
     ("sample", ["--teacher", "t", "--prompts", "p.jsonl", "--steps", "1", "2", "--out", "a"]),
     ("score", ["--samples", "a", "b", "--prompts", "p.jsonl", "--seeds", "0", "--resolution", "16",

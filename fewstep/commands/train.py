@@ -76,6 +76,7 @@ def run(args):
         exported = export(method, trainer, Path(args.out),
                           {"preset": args.preset, "overrides": overrides,
                            "teacher_sha256": recipe.get("sha256"), "reward": args.reward,
+                           "world_size": info.world_size,
                            "resumed_from": state.resumed_from}, provenance=prov)
         print(f"trained {args.method} on {family} for {state.step} iterations -> {args.out} "
               f"(NFE {exported['student']['nfe']})")

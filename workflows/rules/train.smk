@@ -84,6 +84,13 @@ rule pairs:
         "--steps {params.steps} --guidance {params.guidance} --out {output.pairs} > {log} 2>&1"
 
 
+PROCESSES = DISTILL.get("processes", 1)
+# several ranks: torchrun inside the one job (and its one allocation); the engine picks NCCL on
+# GPUs and gloo on the CPU
+TRAIN_LAUNCH = (f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node "
+                f"{PROCESSES} -m fewstep" if PROCESSES > 1 else FEWSTEP)
+
+
 rule train:
     input:
         unpack(_train_inputs),
@@ -92,15 +99,15 @@ rule train:
     params:
         args=_train_args,
         res=config["resolution"],
-    threads: 1
+    threads: PROCESSES
     priority: 40
     resources:
-        gpu=1,
+        gpu=PROCESSES,
     log:
         "results/logs/train/{family}/{run}.log",
     shell:
         # the run folder keeps checkpoints outside the output: a retried job resumes from it
-        THREADS_ENV + " {FEWSTEP} train {params.args} --teacher {input.teacher} "
+        "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 " + TRAIN_LAUNCH + " train {params.args} --teacher {input.teacher} "
         "--resolution {params.res} --run-dir results/runs/{wildcards.family}/{wildcards.run} "
         "--out {output} --no-progress > {log} 2>&1"
 
