@@ -1,4 +1,5 @@
-"""fewstep prompts: the held-out prompt set of one family, as JSON lines."""
+"""fewstep prompts: the held-out prompt set of one family, or (--set) a benchmark prompt set read
+from the data folder (fewstep.prompt_sets), as JSON lines."""
 from __future__ import annotations
 
 import json
@@ -8,8 +9,17 @@ from fewstep.registry import BACKBONES
 
 
 def add_arguments(p):
-    p.add_argument("--family", required=True, help="backbone family (sdxl, sd3, sit)")
-    p.add_argument("--n", type=int, required=True, help="number of prompts")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--family", help="backbone family (sdxl, sd3, sit)")
+    which.add_argument("--set", dest="prompt_set", metavar="NAME",
+                       help="benchmark prompt set from $FEWSTEP_WEIGHTS/prompts/ (hpdv2, geneval, "
+                            "coco2014-val-captions, imagenet-classes, drawbench); also writes "
+                            "OUT.provenance.json with its sha256")
+    p.add_argument("--n", type=int, help="number of prompts (needed with --family; with --set, "
+                                         "the subset size of coco2014-val-captions)")
+    p.add_argument("--seed", type=int, help="--set only: subset seed (coco2014-val-captions)")
+    p.add_argument("--allow-unofficial", action="store_true",
+                   help="--set only: accept files whose counts differ from the official set")
     p.add_argument("--out", required=True, help="output .jsonl")
 
 
@@ -38,7 +48,25 @@ def eval_prompts(family: str, n: int) -> list[dict]:
     return rows
 
 
+def run_set(args):
+    from fewstep.prompt_sets import load_prompt_set, write_prompt_file
+
+    options = {key: value for key, value in (("n", args.n), ("seed", args.seed))
+               if value is not None}
+    if args.allow_unofficial:
+        options["require_official"] = False
+    prompt_set = load_prompt_set(args.prompt_set, **options)
+    write_prompt_file(prompt_set, args.out)
+    print(f"wrote {len(prompt_set.rows)} prompts of {prompt_set.name} to {args.out}, "
+          f"sha256 {prompt_set.sha256}")
+
+
 def run(args):
+    if args.prompt_set:
+        return run_set(args)
+    if args.n is None or args.seed is not None or args.allow_unofficial:
+        raise ValueError("--family takes --n (the number of prompts) and neither --seed nor "
+                         "--allow-unofficial (those apply to --set)")
     rows = eval_prompts(args.family, args.n)
     write_text(args.out, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     print(f"wrote {len(rows)} prompts for {args.family} to {args.out}")
