@@ -28,7 +28,8 @@ def run(args):
     from fewstep.io import atomic_path, write_json
     from fewstep.noise import sample_noise
     from fewstep.sampling import sample_ode
-    from fewstep.toy import teachers, world
+    from fewstep import teachers
+    from fewstep.toy import world
 
     if args.count < 1:
         raise ValueError(f"--count must be >= 1, got {args.count}")

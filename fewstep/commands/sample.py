@@ -22,6 +22,8 @@ def add_arguments(p):
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--batch", type=int, default=64,
                    help="images per forward (64: fastest per image on CPU for the toy teachers)")
+    p.add_argument("--device", default=None,
+                   help="where to sample (default: cuda when available, else cpu)")
     p.add_argument("--out", required=True, nargs="+",
                    help="sample-set folder(s) to write: one per --steps value, one for --student")
 
@@ -43,9 +45,10 @@ def sample_jobs(backbone, rows, seeds, batch, desc, draw):
         chunk = jobs[i:i + batch]
         ids, chunk_seeds = [r["prompt_id"] for r, _ in chunk], [s for _, s in chunk]
         cond = backbone.encode([r.get("class_label", r["prompt"]) for r, _ in chunk])
-        noise = sample_noise(ids, chunk_seeds, backbone.latent_shape)
+        # the noise is drawn on the CPU (identical on every device), then moved
+        noise = sample_noise(ids, chunk_seeds, backbone.latent_shape).to(backbone.device)
         with torch.no_grad():
-            images.append(backbone.decode(draw(noise, cond, ids, chunk_seeds)))
+            images.append(backbone.decode(draw(noise, cond, ids, chunk_seeds)).float().cpu())
     return torch.cat(images), jobs
 
 
@@ -64,7 +67,8 @@ def sample_student_images(generator, spec, rows, seeds, batch):
 
     def draw(noise, cond, ids, chunk_seeds):
         def step_noise(k):
-            return sample_noise(ids, chunk_seeds, generator.latent_shape, stream=f"step{k}")
+            return sample_noise(ids, chunk_seeds, generator.latent_shape,
+                                stream=f"step{k}").to(generator.device)
         return sample_student(generator, noise, cond, spec["grid"], spec["theta"], step_noise,
                               spec["guidance"])
 
@@ -154,12 +158,13 @@ def run(args):
     import torch
 
     from fewstep.prompts import read_prompts
-    from fewstep.toy import teachers
+    from fewstep import teachers
 
     check_outputs(args)
     rows = read_prompts(args.prompts)
     recipe = teachers.verify(Path(args.teacher))
-    backbone = teachers.load(Path(args.teacher), verified=recipe).eval()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    backbone = teachers.load(Path(args.teacher), verified=recipe, device=device).eval()
     if args.student:
         args.out = args.out[0]
         return run_student(args, backbone, recipe, rows)

@@ -52,7 +52,7 @@ def run(args):
     from fewstep.engine.run import build_method, build_reward, export, toy_context
     from fewstep.provenance import environment
     from fewstep.registry import METHODS
-    from fewstep.toy import teachers
+    from fewstep import teachers
 
     METHODS.check(args.method)
     overrides = parse_overrides(args.set)
