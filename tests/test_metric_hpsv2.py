@@ -5,28 +5,16 @@ through its own scoring function `hpsv2.img_score.score`, which builds its bundl
 fork's model and "val" transform (`create_model_and_transforms(..., light_augmentation=True)`,
 i.e. the letterboxing ResizeMaxSize), loads the checkpoint strictly from `{"state_dict": ...}`,
 tokenises with the fork's tokenizer and returns image_features @ text_features.T. The package
-cannot be imported as shipped (metrics.md 1.4), so the test adapts it at import time without
-copying any of it:
-* placeholder modules for `hpsv2`, `hpsv2.src` and `hpsv2.src.open_clip` (their __init__ files
-  would import the benchmark downloader and every fork module), with their search paths pointing
-  at the installed folders; `hpsv2.src.open_clip` then gets the two names img_score imports;
-* a placeholder `clint` (a progress-bar package that `hpsv2.utils` imports and scoring never uses);
-  a placeholder `turtle` only where tkinter is missing (the stray `from turtle import forward`);
-* the wheel lacks the BPE vocabulary file that the fork's tokenizer opens at import; while it is
-  imported, that one missing path is served open_clip 3.3's bundled file of the same name (both
-  are OpenAI CLIP's merges list), and token ids are compared separately below;
-* the model factory call inside `score` is redirected from ViT-H-14 + LAION weights (a 3.94 GB
-  download) to the tiny config with no pretrained weights; everything else is the package's own
-  code, on the CPU (`img_score.device`), where its CUDA autocast is inactive, i.e. fp32.
+cannot be imported as shipped (metrics.md 1.4); tests/hpsv2_reference.py adapts it at import time
+without copying any of it (placeholder package modules, stubbed clint/turtle, the missing BPE file
+served from open_clip's, token ids compared separately below) and redirects the model factory call
+inside `score` from ViT-H-14 + LAION weights (a 3.94 GB download) to the tiny config with no
+pretrained weights; everything else is the package's own code, on the CPU (`img_score.device`),
+where its CUDA autocast is inactive, i.e. fp32.
 """
 from __future__ import annotations
 
-import contextlib
-import gzip
-import importlib
-import importlib.util
 import json
-import sys
 import types
 from pathlib import Path
 
@@ -37,6 +25,9 @@ import torch
 from PIL import Image
 
 from fewstep.backbones.weights import MissingWeightsError
+# tests/hpsv2_reference.py (pytest's default import mode puts the tests folder on sys.path)
+from hpsv2_reference import (HPSv2PackageMissing, adapted_hpsv2, package_root, redirected_scoring,
+                             scores_per_prompt)
 from metrics.hpsv2 import (CHECKPOINTS, HPSv2, HPSv20, HPSv2Reward, hps_pixels, image_to_tensor01,
                            letterbox, letterbox_geometry, load_hps)
 from metrics.sampleset import read_manifest, write_sample_set
@@ -121,101 +112,25 @@ def scored(weights, sample_set):
 
 # ------------------------------------------------------------ the hpsv2 package as reference
 
-def _placeholder(name: str, folder: Path) -> types.ModuleType:
-    module = types.ModuleType(name)
-    module.__path__ = [str(folder)]
-    sys.modules[name] = module
-    return module
-
-
-@contextlib.contextmanager
-def _missing_vocab_served_from(package_root: Path):
-    """While the fork's tokenizer is imported, serve its missing BPE file from open_clip's."""
-    missing = str(package_root / "src" / "open_clip" / "bpe_simple_vocab_16e6.txt.gz")
-    bundled = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    original = gzip.open
-
-    def redirected(path, *args, **kwargs):
-        return original(bundled if str(path) == missing else path, *args, **kwargs)
-
-    gzip.open = redirected
-    try:
-        yield
-    finally:
-        gzip.open = original
-
-
-def _stub_missing_modules() -> list[str]:
-    """clint (always unused by scoring) and turtle (only where tkinter is missing)."""
-    added = []
-    if importlib.util.find_spec("clint") is None:
-        clint, textui = types.ModuleType("clint"), types.ModuleType("clint.textui")
-        textui.progress, clint.textui = None, textui
-        sys.modules.update({"clint": clint, "clint.textui": textui})
-        added += ["clint", "clint.textui"]
-    try:
-        import turtle  # noqa: F401
-    except ImportError:
-        sys.modules["turtle"] = types.SimpleNamespace(forward=None)
-        added.append("turtle")
-    return added
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """(img_score, factory, transform module) of the installed hpsv2 package, adapted as above."""
-    spec = importlib.util.find_spec("hpsv2")
-    if spec is None:
-        pytest.fail("the hpsv2 package is missing: `.venv/bin/python -m pip install --no-deps "
-                    "-r requirements-nodeps.lock` (or run .ci/setup)")
-    root = Path(spec.submodule_search_locations[0])
-    saved = {k: v for k, v in sys.modules.items() if k == "hpsv2" or k.startswith("hpsv2.")}
-    added = _stub_missing_modules()
-    _placeholder("hpsv2", root)
-    _placeholder("hpsv2.src", root / "src")
-    fork = _placeholder("hpsv2.src.open_clip", root / "src" / "open_clip")
+    """(img_score, factory, transform module) of the installed hpsv2 package, adapted by
+    tests/hpsv2_reference.py, with the tiny config registered in the fork's factory."""
     try:
-        with _missing_vocab_served_from(root):
-            factory = importlib.import_module("hpsv2.src.open_clip.factory")
-        fork.create_model_and_transforms = factory.create_model_and_transforms
-        fork.get_tokenizer = factory.get_tokenizer
-        img_score = importlib.import_module("hpsv2.img_score")
-        config = tmp_path_factory.mktemp("fork-config") / f"{TINY_NAME}.json"
-        config.write_text(json.dumps(TINY_CONFIG))
-        factory.add_model_config(config)
-        yield img_score, factory, importlib.import_module("hpsv2.src.open_clip.transform")
-    finally:
-        for name in [k for k in sys.modules if k == "hpsv2" or k.startswith("hpsv2.")]:
-            del sys.modules[name]
-        sys.modules.update(saved)
-        for name in added:
-            sys.modules.pop(name, None)
+        package_root()
+    except HPSv2PackageMissing as err:
+        pytest.fail(str(err))
+    with adapted_hpsv2({TINY_NAME: TINY_CONFIG}, tmp_path_factory.mktemp("fork-config")) as package:
+        yield package
 
 
 def package_scores(reference, checkpoint: Path, folder: Path, records, monkeypatch, tmp_path,
                    device="cpu"):
     """Per-image cosines from hpsv2.img_score.score, one call per prompt as the package is used
     (on CUDA it runs under its fp16 autocast; on the CPU in fp32)."""
-    img_score, factory, _ = reference
-
-    def tiny_factory(model_name, pretrained, **kwargs):  # ViT-H-14 + LAION -> the tiny config
-        assert (model_name, pretrained) == ("ViT-H-14", "laion2B-s32B-b79K")
-        return factory.create_model_and_transforms(TINY_NAME, None, **kwargs)
-
-    monkeypatch.setattr(img_score, "create_model_and_transforms", tiny_factory)
-    monkeypatch.setattr(img_score, "device", device)
-    monkeypatch.setattr(img_score, "root_path", str(tmp_path / "hps-root"))
-    img_score.model_dict.clear()
-    out = {}
-    try:
-        for prompt in dict.fromkeys(r["prompt"] for r in records):
-            rows = [r for r in records if r["prompt"] == prompt]
-            values = img_score.score([str(folder / r["path"]) for r in rows], prompt,
-                                     cp=str(checkpoint), hps_version="v2.1")
-            out.update({r["path"]: float(v) for r, v in zip(rows, values)})
-    finally:
-        img_score.model_dict.clear()
-    return np.array([out[r["path"]] for r in records])
+    with redirected_scoring(reference, TINY_NAME, device, tmp_path / "hps-root") as img_score:
+        return scores_per_prompt(img_score, [folder / r["path"] for r in records],
+                                 [r["prompt"] for r in records], checkpoint, "v2.1")
 
 
 def test_scores_match_the_hpsv2_package(reference, scored, sample_set, weights, monkeypatch,
