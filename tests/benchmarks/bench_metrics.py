@@ -3,9 +3,11 @@ package doing the same work, both measured side by side in this run, on the same
 prompts, with random weights (no pretrained weights are needed or read).
 
 Rows (--only picks some):
-* toy_fid: ToyFID.score (shipped 16 px toy feature net, reference statistics cached by ToyFID,
-  bootstrap CI and KID included) vs clean-fid's own `compute_fid` on the sample folder and a
-  folder of the same reference renders, with the same feature extractor and resizer.
+* toy_fid: the same work on both sides, ours = ToyFID's features of the set and FID against its
+  cached reference statistics (shipped 16 px toy feature net), vs clean-fid's own `compute_fid` on
+  the sample folder and a folder of the same reference renders, same extractor and resizer.
+* toy_fid+CI: ours = the whole ToyFID.score (set checks, 1000-resample bootstrap CI, KID) against
+  the same clean-fid call: the price of the CI and the gates.
 * hpsv2.1: our HPSv2 metric vs the hpsv2 package's `img_score.score`, called once per prompt as
   users do; the package reloads the checkpoint on every call, which is part of its real cost.
   --arch full: open_clip's ViT-H-14 with random weights saved as an HPS checkpoint (3.9 GB) in a
@@ -62,7 +64,7 @@ sys.path.insert(0, str(REPO / "tests"))  # hpsv2_reference and the parity tests'
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-ROWS = ("toy_fid", "hpsv2.1", "imagereward", "toy_geneval", "toy_hps", "toy_imagereward",
+ROWS = ("toy_fid", "toy_fid+CI", "hpsv2.1", "imagereward", "toy_geneval", "toy_hps", "toy_imagereward",
         "clip_score")
 TOY_SIZE = 16                   # the shipped toy nets' resolution
 FID_RENDERS_PER_PROMPT = 4      # toy_fid reference: renders per eval prompt (61 prompts)
@@ -261,11 +263,15 @@ def cleanfid_side(bench: Bench, ref_folder: Path) -> Side:
     return Side(run)
 
 
-def row_toy_fid(bench: Bench) -> Row:
-    from metrics.fid import ReferenceSpec, ToyFID, _render_reference_folder
+def toy_fid_rows(bench: Bench, full: bool) -> Row:
+    """full=False: ours does the reference's work (features of the set, FID against the cached
+    reference statistics); full=True: the whole metric (set checks, 1000-resample CI, KID)."""
+    from metrics.fid import (ReferenceSpec, ToyFID, _render_reference_folder, frechet_distance,
+                             gaussian_stats)
+    from metrics.sampleset import load_sample_set
 
     spec = ReferenceSpec("eval", None, FID_RENDERS_PER_PROMPT, resolution=TOY_SIZE)
-    ref_folder = bench.tmp / "fid-reference"
+    ref_folder = bench.tmp / ("fid-reference-full" if full else "fid-reference")
     ref_folder.mkdir()
     n_ref = len(_render_reference_folder(spec, ref_folder))
 
@@ -273,11 +279,21 @@ def row_toy_fid(bench: Bench) -> Row:
         metric = ToyFID(feature_net=shipped_net("fid"), renders_per_prompt=FID_RENDERS_PER_PROMPT,
                         cache_dir=bench.tmp / "cache", device=bench.args.device,
                         batch_size=bench.args.batch)
-        return Side(lambda images: np.array([metric.score(images.folder).value]))
+        if full:
+            return Side(lambda images: np.array([metric.score(images.folder).value]))
+        ref = metric.reference(TOY_SIZE)
 
-    note = (f"ref featurises {n_ref} reference renders per call too; ours caches them, adds "
-            "CI + KID")
-    return Row("toy_fid", ours, lambda: cleanfid_side(bench, ref_folder), note, "clean-fid")
+        def value(images: Images) -> np.ndarray:
+            feats = metric.features(load_sample_set(images.folder))
+            mu, sigma = gaussian_stats(feats)
+            return np.array([frechet_distance(mu, sigma, ref.mu, ref.sigma, ref.sqrt_sigma)])
+        return Side(value)
+
+    note = (f"ours: the whole metric (set checks, 1000-resample CI, KID); ref: FID only, "
+            f"featurising its {n_ref} reference renders per call" if full else
+            "same work: features + FID (ours reads its reference statistics from its cache)")
+    return Row("toy_fid+CI" if full else "toy_fid", ours,
+               lambda: cleanfid_side(bench, ref_folder), note, "clean-fid")
 
 
 def row_toy_geneval(bench: Bench) -> Row:
@@ -474,7 +490,8 @@ def row_clip_score(bench: Bench) -> Row:
 
 # ------------------------------------------------------------------------------------ table
 
-BUILDERS = {"toy_fid": row_toy_fid, "hpsv2.1": row_hpsv2, "imagereward": row_image_reward,
+BUILDERS = {"toy_fid": lambda b: toy_fid_rows(b, full=False),
+            "toy_fid+CI": lambda b: toy_fid_rows(b, full=True), "hpsv2.1": row_hpsv2, "imagereward": row_image_reward,
             "toy_geneval": row_toy_geneval,
             "toy_hps": lambda b: row_toy_preference(b, "toy_hps"),
             "toy_imagereward": lambda b: row_toy_preference(b, "toy_imagereward"),
