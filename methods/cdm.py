@@ -190,8 +190,7 @@ class CDM(Method):
         self._generator = trainable_copy(teacher, options)
         self.critic = trainable_copy(teacher)  # F_phi: the student at init (cdm.md 2), full weights
         self.discrete = teacher.schedule.kind != "flow"
-        self.shift = options.schedule_shift if options.schedule_shift is not None \
-            else float(getattr(teacher, "shift", 1.0))
+        self.shift = grid_shift(teacher, options)
         self.grid = student_grid(teacher, options.student_anchors, self.shift)
 
     def networks(self):
@@ -202,8 +201,11 @@ class CDM(Method):
         multiple of update_ratio (cdm.md 5)."""
         return ["critic"] + (["generator"] if (step + 1) % self.opt.update_ratio == 0 else [])
 
-    def student(self) -> StudentSpec:
-        return StudentSpec(self.grid, theta=0.0, guidance=1.0)
+    @classmethod
+    def sampler(cls, teacher, options) -> StudentSpec:
+        """Deterministic steps on the anchor grid, no guidance (cdm.md 5)."""
+        return StudentSpec(student_grid(teacher, options.student_anchors,
+                                        grid_shift(teacher, options)), theta=0.0, guidance=1.0)
 
     def after_update(self, net):
         if net == "critic" and self.opt.ft_ema_from_student < 1.0:
@@ -343,3 +345,10 @@ def validate(opt: CDMOptions) -> None:
                               or any(a <= b for a, b in zip(fixed, fixed[1:]))):
         raise FewstepError(f"cdm option fixed_schedule must start at 1.0 (pure noise) and strictly "
                            f"decrease, got {fixed}")
+
+
+def grid_shift(teacher, options) -> float:
+    """The schedule shift of the student's grid: the option, else the teacher's own."""
+    if options.schedule_shift is not None:
+        return options.schedule_shift
+    return float(getattr(teacher, "shift", 1.0))

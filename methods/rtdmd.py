@@ -350,8 +350,11 @@ class RTDMD(Method):
         gen = (step + 1) % self.opt.generator_every == 0
         return ["critic", "generator"] if gen else ["critic"]  # 4.4
 
-    def student(self):
-        return StudentSpec(self.grid, theta=self.theta, guidance=1.0)
+    @classmethod
+    def sampler(cls, teacher, options) -> StudentSpec:
+        """The CPS sampler on the generator grid, eta pi/2 re-noising, no guidance."""
+        return StudentSpec(student_grid(teacher, options.generator_grid, options.grid_shift),
+                           theta=options.eta * math.pi / 2, guidance=1.0)
 
     def loss(self, net, scratch):
         if self.opt.stage == 1:

@@ -84,8 +84,8 @@ def test_reduction_to_on_trajectory_dm(sit):
     manual = ((x0_g - (x0_g.detach() + (p_t - p_f) / nu)) ** 2).mean()
     torch.testing.assert_close(loss, manual, rtol=1e-5, atol=1e-9)
     for a, b in zip(grads(loss, G.denoiser), grads(manual, G.denoiser)):
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+        if a is not None:  # float32 summation order differs: tolerance relative to the gradient
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
 
 # -- 10.2 extrapolation identities -----------------------------------------------------------------

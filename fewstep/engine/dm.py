@@ -53,8 +53,10 @@ class DistributionMatching(Method):
     def networks(self):
         return {"generator": self.generator.denoiser, "critic": self.critic.denoiser}
 
-    def student(self) -> StudentSpec:
-        return StudentSpec(self.grid, theta=RENOISE if len(self.grid) > 1 else 0.0)
+    @classmethod
+    def sampler(cls, teacher, options) -> StudentSpec:
+        grid = student_grid(teacher, options.generator_grid, options.grid_shift)
+        return StudentSpec(grid, theta=RENOISE if len(grid) > 1 else 0.0)
 
     def draw_t(self, sampler: TimeSampler, n: int, stream: str) -> torch.Tensor:
         return sampler.sample(n, self.ctx.gen(stream)).float().to(self.ctx.device)

@@ -93,8 +93,15 @@ class Method:
     def after_update(self, net: str) -> None:
         """Called after `net`'s optimiser step (CDM's fake-teacher merge)."""
 
+    @classmethod
+    def sampler(cls, teacher: Backbone, options) -> StudentSpec:
+        """How a student of these options samples (grid, re-noising, guidance), from the options
+        and the teacher's schedule alone: a released checkpoint is sampled with its method's
+        preset through this, never with settings read from the checkpoint's folder name."""
+        raise NotImplementedError(f"{cls.__name__} does not define sampler(teacher, options)")
+
     def student(self) -> StudentSpec:
-        raise NotImplementedError
+        return type(self).sampler(self.teacher, self.opt)
 
     @property
     def generator(self) -> Backbone:
