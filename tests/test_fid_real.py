@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from scipy import linalg
 
 from fewstep.backbones.weights import MissingWeightsError
 from metrics import fid as fid_module
