@@ -78,6 +78,7 @@ METHODS = Registry("method", "fewstep.methods", {
 METRICS = Registry("metric", "fewstep.metrics", {
     "toy_fid": "metrics.fid:ToyFID",
     "toy_geneval": "metrics.geneval:ToyGenEval",
+    "geneval_hf_m2f": "metrics.geneval_m2f:GenEvalM2F",         # GenEval route B, approximate
     "toy_hps": "metrics.toy_preference:ToyHPS",                  # toy stand-in, HPSv2 slot
     "toy_imagereward": "metrics.toy_preference:ToyImageReward",  # toy stand-in, ImageReward slot
     "fid": "metrics.fid:FID",                                    # clean-fid Inception, cache weights
