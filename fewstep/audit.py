@@ -27,7 +27,7 @@ RELATIVE_CLAIMS = ("a better", "a not worse")
 TOY_SLOT = {"fid": "toy_fid", "hpsv2.1": "toy_hps", "hpsv2.0": "toy_hps",
             "imagereward": "toy_imagereward", "geneval": "toy_geneval",
             "geneval_hf_m2f": "toy_geneval"}
-PROTOCOL_FIELDS = ("nfe", "resolution", "prompt_set", "n_samples")
+PROTOCOL_FIELDS = ("nfe", "resolution", "prompt_set", "prompt_set_sha256", "n_samples")
 
 
 class ClaimsError(ValueError):
@@ -86,8 +86,9 @@ def protocol_of(row: dict, metric: str) -> dict:
     res = row["results"][metric]
     ident = res.get("identity", {})
     resolution = ident.get("resolution")
+    prompt_set = row.get("prompt_set") or {}
     return {"nfe": row.get("nfe"), "resolution": resolution[0] if resolution else None,
-            "prompt_set": ident.get("prompt_set") or ident.get("prompt_set_sha256"),
+            "prompt_set": prompt_set.get("name"), "prompt_set_sha256": prompt_set.get("sha256"),
             "n_samples": res.get("n"), "identity": ident}
 
 

@@ -91,6 +91,10 @@ def test_absolute_claims_not_run_mismatch_and_match():
     assert "hps_version: claim v2.1, ours v2.0" in audit.judge_absolute(claim, [v20], 0.02).verdict
     good = row("sdxl", "amd", 4, {"hpsv2.1": result("hpsv2.1", [31.3] * 4, identity=ident)})
     assert audit.judge_absolute(claim, [wrong_nfe, good], 0.02).verdict == "reproduced"
+    claim["protocol"].update(prompt_set="drawbench", prompt_set_sha256="aaa")
+    good["prompt_set"] = {"name": "drawbench", "sha256": "bbb"}  # same name, other prompts
+    assert audit.judge_absolute(claim, [good], 0.02).verdict == (
+        "protocol mismatch (prompt_set_sha256: claim aaa, ours bbb)")
 
 
 def test_relative_claims_run_on_the_toy_world_with_the_slot_metric(prompts):

@@ -250,3 +250,21 @@ def test_cli_writes_a_set_and_keeps_family_mode(cache, tmp_path, capsys):
     assert "apply to --set" in capsys.readouterr().err
     assert main(["prompts", "--family", "sdxl", "--n", "2", "--out", str(tmp_path / "z.jsonl")]) == 0
     assert len(read_prompts(tmp_path / "z.jsonl")) == 2
+
+
+def test_scores_name_the_prompt_set_they_were_scored_on(cache, tmp_path):
+    """fewstep score records the set's name and canonical hash from the prompt file's sidecar;
+    a prompt file edited after it was written is refused (its hash no longer matches)."""
+    from fewstep.commands.score import prompt_set_of
+
+    fake_drawbench(cache)
+    out = tmp_path / "drawbench.jsonl"
+    write_prompt_file(load_prompt_set("drawbench", require_official=False), out)
+    named = prompt_set_of(out)
+    assert named["name"] == "drawbench" and named["sha256"] == prompt_file_sha256(out)
+    out.write_text(out.read_text().replace("prompt 1", "prompt one"))
+    with pytest.raises(ValueError, match="does not match its provenance"):
+        prompt_set_of(out)
+    toy = tmp_path / "sdxl.jsonl"
+    toy.write_text('{"prompt_id": "a", "prompt": "a red circle"}\n')
+    assert prompt_set_of(toy)["name"] == "toy-heldout-sdxl"

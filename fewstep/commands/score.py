@@ -86,6 +86,24 @@ def run(args):
         score_set(args, metrics, expected, samples, out)
 
 
+def prompt_set_of(prompts_path) -> dict:
+    """The scored prompt set's name and canonical sha256 (fewstep.prompt_sets): from the prompt
+    file's provenance sidecar when a benchmark set wrote it, else the toy held-out set's."""
+    import json
+
+    from fewstep.prompt_sets import provenance_path, prompt_file_sha256
+
+    sha = prompt_file_sha256(prompts_path)
+    sidecar = provenance_path(prompts_path)
+    if Path(sidecar).is_file():
+        prov = json.loads(Path(sidecar).read_text())
+        if prov["sha256"] != sha:
+            raise ValueError(f"{prompts_path} does not match its provenance {sidecar} (sha256 "
+                             f"{sha[:12]} vs {prov['sha256'][:12]}): rewrite it with fewstep prompts")
+        return {"name": prov["prompt_set"], "sha256": sha}
+    return {"name": f"toy-heldout-{Path(prompts_path).stem}", "sha256": sha}
+
+
 def score_set(args, metrics, expected, samples, out):
     import json
 
@@ -103,6 +121,7 @@ def score_set(args, metrics, expected, samples, out):
     prov = json.loads((Path(samples) / "provenance.json").read_text())
     row = {"sample_set": str(samples), "family": first["family"], "method": first["method"],
            "steps": first.get("steps"), "nfe": first["nfe"], "guidance": first.get("guidance"),
+           "prompt_set": prompt_set_of(args.prompts),
            "results": results, "sampling_provenance": prov,
            "scoring_args": {**vars(args), "samples": samples, "out": out}}
     if args.against:
