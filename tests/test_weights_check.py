@@ -114,3 +114,13 @@ def test_the_check_and_the_loader_share_one_file_list(cache, capsys):
 def test_unknown_names_get_a_did_you_mean(cache, capsys):
     assert main(["weights", "check", "--metrics", "clip_scor"]) == 2
     assert "Did you mean 'clip_score'" in capsys.readouterr().err
+
+
+def test_prompt_sets_are_checked_with_their_data_files(cache, capsys):
+    _touch(cache, "prompts/drawbench/drawbench.csv")
+    code, out = _check(capsys, "--prompt-sets", "drawbench", "hpdv2")
+    assert code == 1
+    status = _status(out)
+    assert status[str(cache / "prompts/drawbench/drawbench.csv")] == "ok"
+    assert status[str(cache / "prompts/hpdv2/photo.json")] == "MISSING"
+    assert "Hugging Face dataset zhwang/HPDv2" in out

@@ -21,6 +21,9 @@ def add_arguments(p):
     p.add_argument("--config", help="workflow config (default: workflows/config/default.yaml)")
     p.add_argument("--metrics", nargs="+", help="metric names to check instead of the config's")
     p.add_argument("--families", nargs="+", help="backbone families instead of the config's")
+    p.add_argument("--prompt-sets", nargs="+", default=[],
+                   help="benchmark prompt sets whose data files to check too (hpdv2, geneval, "
+                        "coco2014-val-captions, imagenet-classes, drawbench)")
     p.add_argument("--world", choices=WORLDS,
                    help="toy: families use the shipped toy teachers (no weights); real: their real "
                         "checkpoints (default: the config's world)")
@@ -110,6 +113,14 @@ def summary(found: dict[str, Path | None], root: Path, world: str) -> str:
             "holds them)")
 
 
+def prompt_set_needs(name: str) -> list[Need]:
+    from fewstep.prompt_sets import PROMPT_SETS, SET_FILES
+
+    if name not in SET_FILES:
+        raise ValueError(f"unknown prompt set {name!r}; known: {sorted(PROMPT_SETS)}")
+    return [Need(f"prompt set {name}", wf.path, wf.source, wf.note) for wf in SET_FILES[name]]
+
+
 def collect(metrics: list[str], families: list[str], world: str) -> dict[str, list[Need]]:
     from fewstep.registry import BACKBONES, METRICS
 
@@ -132,6 +143,8 @@ def run(args) -> int:
     world = args.world or config["world"]
     groups = collect(args.metrics or config["metrics"], args.families or config["families"],
                      world)
+    for name in args.prompt_sets:
+        groups[f"prompt set {name}"] = prompt_set_needs(name)
     root = weights_root()
     found = {need.entry: find_entry(need.entry, root) for needs in groups.values()
              for need in needs}
