@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import warnings
 
 import numpy as np
@@ -284,3 +285,25 @@ def test_reference_folders_are_flat_and_bare_names_live_in_the_cache(tmp_path, m
     assert [w.path for w in FID().weight_files()] == ["cleanfid/inception-2015-12-05.pt",
                                                       "refs/coco2014-val/"]
     assert len(FID(reference=str(folder)).weight_files()) == 1
+
+
+def test_fid_ref_command_builds_the_statistics_the_score_step_reads(cache, folders, tmp_path,
+                                                                    monkeypatch):
+    """`fewstep fid-ref --metric fid` (the DAG's reference rule) fills the cache once; the
+    metric then scores without extracting reference features again."""
+    from fewstep.cli import main
+
+    samples, refs = folders
+    options = {"reference": str(refs), "crop": "center", "device": "cpu"}
+    stamp = tmp_path / "ref.json"
+    main(["fid-ref", "--metric", "fid", "--metric-options", json.dumps(options),
+          "--resolution", "64", "--cache", str(tmp_path / "cache"), "--out", str(stamp)])
+    built = json.loads(stamp.read_text())
+    assert built["n_reference"] == 6 and built["identity"]["crop"] == "center"
+    calls = []
+    original = fid_module.files_features
+    monkeypatch.setattr(fid_module, "files_features",
+                        lambda paths, *a, **k: calls.append(len(paths)) or original(paths, *a, **k))
+    metric = FID(cache_dir=tmp_path / "cache", **options)
+    assert metric.reference_stats(64).stats_sha256 == built["stats_sha256"]
+    assert calls == []  # read from the cache the command filled
