@@ -269,3 +269,21 @@ def test_reward_spec_names_a_registered_scorer_or_a_toy_net(tmp_path):
         build_reward("tyo", "cpu")
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         build_reward("toy:missing.safetensors", "cpu")
+
+
+def test_trainable_weights_are_fp32_masters_of_a_half_precision_teacher():
+    """A bf16 teacher's trainable copy keeps frozen weights in bf16 and trains fp32 parameters
+    (the LoRA adapters, or the whole denoiser without LoRA)."""
+    from fewstep.backbones.sdxl import SDXLBackbone
+    from fewstep.engine.adapt import trainable_copy
+    from fewstep.engine.options import TrainOptions
+
+    teacher = SDXLBackbone.tiny(resolution=16).to(torch.bfloat16)
+    full = trainable_copy(teacher, TrainOptions())
+    assert {p.dtype for p in full.denoiser.parameters()} == {torch.float32}
+    lora = trainable_copy(teacher, TrainOptions(lora_rank=4))
+    dtypes = {p.requires_grad: {q.dtype for q in lora.denoiser.parameters()
+                                if q.requires_grad == p.requires_grad}
+              for p in lora.denoiser.parameters()}
+    assert dtypes[True] == {torch.float32} and dtypes[False] == {torch.bfloat16}
+    assert {p.dtype for p in teacher.denoiser.parameters()} == {torch.bfloat16}  # untouched

@@ -34,7 +34,16 @@ def trainable_copy(backbone: Backbone, opt=None) -> Backbone:
             add_lora(net, opt.lora_rank, opt.lora_alpha or opt.lora_rank, opt.lora_targets)
     if opt is not None and opt.grad_checkpointing:
         enable_checkpointing(net.denoiser)
+    master_weights_fp32(net.denoiser)
     return net
+
+
+def master_weights_fp32(module: torch.nn.Module) -> None:
+    """Trainable parameters in fp32 (a bf16/fp16 teacher's copy keeps its frozen weights in half
+    precision): optimiser updates of 1e-6 relative size vanish in bf16; autocast computes in bf16."""
+    for param in module.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def add_lora(backbone: Backbone, rank: int, alpha: float, targets=()) -> None:
