@@ -21,6 +21,8 @@ VERBS = {
     "score": ("fewstep.commands.score", "score a sample set with the configured metrics"),
     "track": ("fewstep.commands.track", "push scored runs to MLflow (idempotent)"),
     "report": ("fewstep.commands.report", "write the leaderboard"),
+    "release": ("fewstep.commands.release", "a published student's weights as a model folder "
+                                            "(sampled with its method's preset)"),
     "audit": ("fewstep.commands.audit", "judge the papers' claims against the score files"),
     "config": ("fewstep.commands.configcmd", "validate a workflow config"),
     "profile": ("fewstep.commands.profile", "install a Snakemake profile (slurm) where --profile finds it"),

@@ -1,0 +1,64 @@
+"""Released checkpoints: a published student sampled through the harness with its method's preset
+(the sampler never comes from the checkpoint's name), full weights or a merged LoRA."""
+import json
+import re
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fewstep.cli import main
+from fewstep.commands.prompts import eval_prompts
+from fewstep.engine.distributed import DistInfo
+from fewstep.engine.run import build_method, load_student, toy_context
+from fewstep.toy import teachers
+
+TEACHER = teachers.SHIPPED / "sdxl"
+
+
+def perturbed_unet(seed: int):
+    unet = teachers.load(TEACHER).denoiser
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=gen))
+    return unet
+
+
+def test_a_released_unet_folder_is_sampled_with_the_presets_sampler(tmp_path):
+    release = tmp_path / "lcm-8step-1024"  # a misleading name: the preset decides the sampler
+    perturbed_unet(1).save_pretrained(release)
+    model = tmp_path / "model"
+    main(["release", "--method", "dmd2", "--preset", "toy", "--teacher", str(TEACHER),
+          "--weights", str(release), "--out", str(model)])
+    teacher = teachers.load(TEACHER)
+    generator, info = load_student(model, teacher)
+    expected = build_method("dmd2", teacher, toy_context(teacher, "sdxl", 16, 0, DistInfo()),
+                            "toy").student().to_dict()
+    assert info["student"] == expected and info["student"]["nfe"] == 4
+    assert info["fidelity"] == "faithful, released checkpoint" and info["preset"] == "toy"
+    reference = perturbed_unet(1).state_dict()
+    for key, value in generator.denoiser.state_dict().items():
+        assert torch.equal(value, reference[key])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in eval_prompts("sdxl", 2)))
+    main(["sample", "--teacher", str(TEACHER), "--student", str(model), "--prompts", str(prompts),
+          "--seeds", "0", "--device", "cpu", "--out", str(tmp_path / "set")])
+    assert (tmp_path / "set" / "manifest.jsonl").is_file()
+
+
+def test_a_state_dict_file_and_refusals(tmp_path, capsys):
+    path = tmp_path / "student.safetensors"
+    save_file({k: v.contiguous() for k, v in perturbed_unet(2).state_dict().items()}, str(path))
+    main(["release", "--method", "cdm", "--preset", "toy", "--teacher", str(TEACHER),
+          "--weights", str(path), "--out", str(tmp_path / "model")])
+    saved = load_file(str(tmp_path / "model" / "generator.safetensors"))
+    assert torch.equal(saved["conv_in.weight"], perturbed_unet(2).state_dict()["conv_in.weight"])
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"conv_in.weight": torch.zeros(1)}, str(wrong))
+    capsys.readouterr()
+    for weights, message in ((wrong, "does not fit the teacher's UNet2DConditionModel"),
+                             (tmp_path / "none", "released weights .* not found")):
+        code = main(["release", "--method", "cdm", "--preset", "toy", "--teacher", str(TEACHER),
+                     "--weights", str(weights), "--out", str(tmp_path / "bad")])
+        assert code == 2 and re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "bad").exists()
