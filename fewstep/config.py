@@ -45,6 +45,14 @@ def validate(config: dict, source: str = "config") -> dict:
     except UnknownNameError as err:
         raise ConfigError(f"{source}: {err}") from None
     _check_metric_options(config, source)
+    for method, families in config["distill"].get("released", {}).items():
+        if method not in config["distill"]["methods"]:
+            raise ConfigError(f"{source}: distill/released names {method!r}, which is not in "
+                              f"distill/methods {config['distill']['methods']}")
+        unknown = sorted(set(families) - set(config["families"]))
+        if unknown:
+            raise ConfigError(f"{source}: distill/released/{method} names families {unknown} "
+                              f"that are not run (families: {config['families']})")
     # guidance may name more families than are run (a config file merged over the default keeps
     # the default's entries), but every run family needs one and every key must be a family
     guidance = config["teachers"]["guidance"]

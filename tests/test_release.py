@@ -3,6 +3,7 @@
 import json
 import re
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -62,3 +63,32 @@ def test_a_state_dict_file_and_refusals(tmp_path, capsys):
                      "--weights", str(weights), "--out", str(tmp_path / "bad")])
         assert code == 2 and re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_dag_samples_a_released_student_instead_of_training_it(tmp_path):
+    """distill.released swaps one (method, family) cell's training for `fewstep release`; a
+    released method that is not configured is refused before any job."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from fewstep import config
+
+    cfg = {"distill": {"methods": ["dmd2"], "preset": "toy", "stages": {}, "overrides": {},
+                       "pairs": {"count": 4, "steps": 2},
+                       "released": {"dmd2": {"sdxl": {"weights": "/w/dmd2 unet", "lora": True}}}}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(config.REPO / "Snakefile"),
+                          "-d", str(tmp_path), "-n", "-p", "all", "--configfile", str(path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "release --method dmd2 --preset toy --teacher results/teachers/sdxl --weights " \
+           "'/w/dmd2 unet' --lora" in out.stdout
+    assert "--run-dir results/runs/sdxl/dmd2" not in out.stdout  # not trained
+    assert "--run-dir results/runs/sd3/dmd2" in out.stdout
+    loaded = config.load()
+    loaded["distill"]["released"] = {"dummy": {"sdxl": {"weights": "x"}}}
+    with pytest.raises(config.ConfigError, match="'dummy', which is not in distill/methods"):
+        config.validate(loaded)

@@ -6,7 +6,7 @@ SCORES += expand("results/scores/{family}/{method}/student.json", family=FAMILIE
 rule track:
     input:
         scores=SCORES,
-        models=expand("results/models/{family}/{run}", family=FAMILIES, run=RUNS),
+        models=all_model_dirs(),
         report=f"reports/{config['mlflow']['experiment']}/index.html",
     output:
         "results/mlflow/tracked.json",

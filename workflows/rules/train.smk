@@ -20,6 +20,21 @@ def _runs():
 
 
 RUNS = _runs()
+# published students evaluated instead of trained: {method: {family: {weights, lora}}}
+RELEASED = DISTILL.get("released", {})
+
+
+def model_dir(family: str, method: str) -> str:
+    """The model a student set is sampled from: trained by the DAG or a released checkpoint."""
+    if family in RELEASED.get(method, {}):
+        return f"results/released/{family}/{method}"
+    return f"results/models/{family}/{method}"
+
+
+def all_model_dirs() -> list[str]:
+    trained = [f"results/models/{f}/{r}" for f in FAMILIES for r in RUNS
+               if f not in RELEASED.get(RUNS[r][0], {})]
+    return trained + [model_dir(f, m) for m, fams in RELEASED.items() for f in fams]
 
 
 def _train_inputs(wc):
@@ -115,7 +130,7 @@ rule train:
 rule sample_student:
     input:
         teacher="results/teachers/{family}",
-        model="results/models/{family}/{method}",
+        model=lambda wc: model_dir(wc.family, wc.method),
         prompts="results/prompts/{family}.jsonl",
     output:
         directory("results/samples/{family}/{method}/student"),
@@ -130,3 +145,22 @@ rule sample_student:
     shell:
         THREADS_ENV + " {FEWSTEP} sample --teacher {input.teacher} --student {input.model} "
         "--prompts {input.prompts} --seeds {params.seeds} --out {output} > {log} 2>&1"
+
+
+# A published student: its weights as a model folder, sampled with the method's preset sampler.
+rule release:
+    input:
+        teacher="results/teachers/{family}",
+    output:
+        directory("results/released/{family}/{method}"),
+    params:
+        weights=lambda wc: shlex.quote(RELEASED[wc.method][wc.family]["weights"]),
+        lora=lambda wc: "--lora" if RELEASED[wc.method][wc.family].get("lora") else "",
+        preset=lambda wc: shlex.quote(RELEASED[wc.method][wc.family].get("preset", DISTILL["preset"])),
+    threads: 1
+    log:
+        "results/logs/release/{family}/{method}.log",
+    shell:
+        "{FEWSTEP} release --method {wildcards.method} --preset {params.preset} "
+        "--teacher {input.teacher} --weights {params.weights} {params.lora} --out {output} "
+        "> {log} 2>&1"
