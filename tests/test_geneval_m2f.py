@@ -24,15 +24,12 @@ from metrics.geneval_m2f import (APPROXIMATE, COLOUR_TEMPLATES, DETECTOR_WEIGHTS
                                  resized_shape, top_pairs, uses_plain_gelu)
 from metrics.geneval_official import COLOURS
 from metrics.sampleset import write_sample_set
+from test_metric_clip_score import TINY_CONFIG as TINY_CLIP_CONFIG
 
 CAT = GENEVAL_CLASSES.index("cat")
 TINY_CLIP = "fewstep-test-tiny-clip-geneval"
 PLAIN_CLIP = "fewstep-test-tiny-clip-plain-gelu"
-CLIP_CONFIG = {"embed_dim": 16, "quick_gelu": True,
-               "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
-                              "patch_size": 8},
-               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
-                            "layers": 1}}
+CLIP_CONFIG = TINY_CLIP_CONFIG  # the CLIP-score tests' tiny ViT-L-14-quickgelu stand-in
 CLIP_WEIGHTS = "clip/tiny-geneval/open_clip_model.safetensors"
 
 
