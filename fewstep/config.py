@@ -45,6 +45,7 @@ def validate(config: dict, source: str = "config") -> dict:
     except UnknownNameError as err:
         raise ConfigError(f"{source}: {err}") from None
     _check_metric_options(config, source)
+    _check_world(config, source)
     for method, families in config["distill"].get("released", {}).items():
         if method not in config["distill"]["methods"]:
             raise ConfigError(f"{source}: distill/released names {method!r}, which is not in "
@@ -66,6 +67,45 @@ def validate(config: dict, source: str = "config") -> dict:
     except UnknownNameError as err:
         raise ConfigError(f"{source}: teachers/guidance: {err}") from None
     return config
+
+
+def _check_world(config: dict, source: str) -> None:
+    """What each world needs: the toy world its toy teachers; the real world linked checkpoints,
+    benchmark prompt sets and real metrics, and released students (training on real backbones
+    needs a training prompt stream that is not wired into the DAG yet)."""
+    families, teachers = config["families"], config["teachers"]
+    if config["world"] == "toy":
+        if teachers["source"] == "link":
+            raise ConfigError(f"{source}: teachers/source link is for world: real (the toy world "
+                              "uses shipped or trained toy teachers)")
+        missing = [key for key, where in (("fid", config), ("prompts", config["eval"]),
+                                          ("train", teachers)) if key not in where]
+        if missing:
+            raise ConfigError(f"{source}: the toy world needs {missing} (fid: the toy FID's "
+                              "reference and feature net; eval/prompts: held-out prompts per "
+                              "family; teachers/train: the teachers' recipe)")
+        return
+    problems = []
+    if teachers["source"] != "link":
+        problems.append("teachers/source must be link (the real checkpoints in the weights cache)")
+    for key, where in (("link", teachers.get("link", {})),
+                       ("prompt_sets", config["eval"].get("prompt_sets", {}))):
+        missing = sorted(set(families) - set(where))
+        if missing:
+            problems.append(f"{'teachers/link' if key == 'link' else 'eval/prompt_sets'} has no "
+                            f"entry for {missing}")
+    toy = [m for m in config["metrics"] if m.startswith("toy_")]
+    if toy:
+        problems.append(f"toy metrics {toy} score only the toy world; use their real slots "
+                        "(fid, hpsv2.1, imagereward, geneval_hf_m2f, clip_score)")
+    released = config["distill"].get("released", {})
+    untrained = [f"{m} on {f}" for m in config["distill"]["methods"] for f in families
+                 if f not in released.get(m, {})]
+    if untrained:
+        problems.append(f"training on real backbones is not wired into the DAG yet: give a "
+                        f"released checkpoint (distill/released) for {untrained}")
+    if problems:
+        raise ConfigError(f"{source} (world: real):\n  " + "\n  ".join(problems))
 
 
 def _check_metric_options(config: dict, source: str) -> None:

@@ -1,46 +1,79 @@
 # Scoring: the toy feature net (for toy FID) and each family's reference statistics are built once,
 # before the score jobs fan out; a score job runs every configured metric on its sample sets.
-rule feature_net:
-    output:
-        "results/metrics/toy_feature_net.safetensors",
-    # one thread and first in line: with `train` it trains beside the sampling jobs
-    threads: 1
-    priority: 100
-    log:
-        "results/logs/metrics/feature_net.log",
-    params:
-        res=config["resolution"],
-        source=config["fid"]["feature_net"],
-        steps=config["fid"]["feature_net_steps"],
-    shell:
-        THREADS_ENV + " {FEWSTEP} features --source {params.source} --size {params.res} "
-        "--steps {params.steps} --out {output} > {log} 2>&1"
+TOY = config["world"] == "toy"
+METRIC_OPTIONS = config.get("metric_options", {})
+
+if TOY:
+
+    rule feature_net:
+        output:
+            "results/metrics/toy_feature_net.safetensors",
+        # one thread and first in line: with `train` it trains beside the sampling jobs
+        threads: 1
+        priority: 100
+        log:
+            "results/logs/metrics/feature_net.log",
+        params:
+            res=config["resolution"],
+            source=config["fid"]["feature_net"],
+            steps=config["fid"]["feature_net_steps"],
+        shell:
+            THREADS_ENV + " {FEWSTEP} features --source {params.source} --size {params.res} "
+            "--steps {params.steps} --out {output} > {log} 2>&1"
+
+    rule fid_reference:
+        input:
+            prompts="results/prompts/{family}.jsonl",
+            net=rules.feature_net.output,
+        output:
+            "results/metrics/fid_reference/{family}.json",
+        priority: 50
+        params:
+            n=config["fid"]["reference_images"],
+            res=config["resolution"],
+        threads: 1
+        log:
+            "results/logs/metrics/fid_reference/{family}.log",
+        shell:
+            THREADS_ENV + " {FEWSTEP} fid-ref --prompts {input.prompts} --feature-net {input.net} "
+            "--images {params.n} --resolution {params.res} --cache results/cache --out {output} "
+            "> {log} 2>&1"
+
+elif "fid" in config["metrics"]:
+
+    # the real reference set's Inception statistics (reference, crop, evaluation resolution from
+    # metric_options.fid), built once before the score jobs read them from the cache
+    rule fid_reference:
+        output:
+            "results/metrics/fid_reference/{family}.json",
+        priority: 50
+        params:
+            options=shlex.quote(json.dumps(METRIC_OPTIONS.get("fid", {}), sort_keys=True)),
+            res=config["resolution"],
+        resources:
+            gpu=1,
+        log:
+            "results/logs/metrics/fid_reference/{family}.log",
+        shell:
+            "{FEWSTEP} fid-ref --metric fid --metric-options {params.options} "
+            "--resolution {params.res} --cache results/cache --out {output} > {log} 2>&1"
 
 
-rule fid_reference:
-    input:
-        prompts="results/prompts/{family}.jsonl",
-        net=rules.feature_net.output,
-    output:
-        "results/metrics/fid_reference/{family}.json",
-    priority: 50
-    params:
-        n=config["fid"]["reference_images"],
-        res=config["resolution"],
-    threads: 1
-    log:
-        "results/logs/metrics/fid_reference/{family}.log",
-    shell:
-        THREADS_ENV + " {FEWSTEP} fid-ref --prompts {input.prompts} --feature-net {input.net} "
-        "--images {params.n} --resolution {params.res} --cache results/cache --out {output} "
-        "> {log} 2>&1"
+def score_inputs(**inputs):
+    """A score job's inputs: the sets and prompts, plus what its metrics read first."""
+    if TOY:
+        inputs.update(net=rules.feature_net.output,
+                      reference="results/metrics/fid_reference/{family}.json")
+    elif "fid" in config["metrics"]:
+        inputs.update(reference="results/metrics/fid_reference/{family}.json")
+    return inputs
 
 
 def score_command(samples, out, against=""):
+    toy_args = ("--feature-net {input.net} --reference-images {params.n_ref} " if TOY else "")
     return (THREADS_ENV + " {FEWSTEP} score --samples " + samples + " --prompts {input.prompts} "
             "--seeds {params.seeds} --resolution {params.res} --metrics {params.metrics} "
-            "--feature-net {input.net} --reference-images {params.n_ref} --cache results/cache "
-            "{params.blank} "
+            + toy_args + "--cache results/cache {params.blank} "
             "--resamples {params.boot[resamples]} --confidence {params.boot[confidence]} "
             "--bootstrap-seed {params.boot[seed]} --metric-options {params.options} " + against
             + "--out " + out + " > {log} 2>&1")
@@ -51,9 +84,9 @@ SCORE_PARAMS = dict(
     seeds=SEEDS,
     res=config["resolution"],
     boot=config["bootstrap"],
-    n_ref=config["fid"]["reference_images"],
+    n_ref=config.get("fid", {}).get("reference_images"),  # toy FID only
     # config strings reach the shell quoted: one JSON argument
-    options=shlex.quote(json.dumps(config.get("metric_options", {}), sort_keys=True)),
+    options=shlex.quote(json.dumps(METRIC_OPTIONS, sort_keys=True)),
     # toy world: an empty canvas is a legitimate bad sample, scored rather than refused
     blank="--allow-blank" if config["world"] == "toy" else "",
 )
@@ -62,10 +95,8 @@ SCORE_PARAMS = dict(
 # A family's teacher sets are scored in one job (metrics built once), like they are sampled.
 rule score_teacher:
     input:
-        samples=expand(TEACHER_SETS, family="{family}", steps=STEPS),
-        prompts="results/prompts/{family}.jsonl",
-        net=rules.feature_net.output,
-        reference="results/metrics/fid_reference/{family}.json",
+        **score_inputs(samples=expand(TEACHER_SETS, family="{family}", steps=STEPS),
+                       prompts="results/prompts/{family}.jsonl"),
     output:
         expand("results/scores/{family}/teacher/steps{steps}.json", family="{family}", steps=STEPS),
     params:
@@ -80,13 +111,11 @@ rule score_teacher:
 # A student is also compared with its teacher at the same NFE, paired on the shared noise.
 rule score_student:
     input:
-        samples="results/samples/{family}/{method}/student",
-        teacher_sets=expand(TEACHER_SETS, family="{family}", steps=STEPS),
-        teacher_scores=expand("results/scores/{family}/teacher/steps{steps}.json", family="{family}",
-                              steps=STEPS),
-        prompts="results/prompts/{family}.jsonl",
-        net=rules.feature_net.output,
-        reference="results/metrics/fid_reference/{family}.json",
+        **score_inputs(samples="results/samples/{family}/{method}/student",
+                       teacher_sets=expand(TEACHER_SETS, family="{family}", steps=STEPS),
+                       teacher_scores=expand("results/scores/{family}/teacher/steps{steps}.json",
+                                             family="{family}", steps=STEPS),
+                       prompts="results/prompts/{family}.jsonl"),
     output:
         "results/scores/{family}/{method}/student.json",
     params:

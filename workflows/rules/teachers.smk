@@ -15,6 +15,23 @@ if TEACHER["source"] == "shipped":
             "{FEWSTEP} teacher install --family {wildcards.family} --resolution {params.res} "
             "--out {output} > {log} 2>&1"
 
+elif TEACHER["source"] == "link":
+
+    # real checkpoints: a link folder naming the weights in the cache (never a copy)
+    rule teacher_link:
+        output:
+            directory("results/teachers/{family}"),
+        priority: 1000
+        params:
+            weights=lambda wc: shlex.quote(TEACHER["link"][wc.family]),
+            dtype=TEACHER.get("dtype", "bf16"),
+            res=config["resolution"],
+        log:
+            "results/logs/teachers/{family}.log",
+        shell:
+            "{FEWSTEP} teacher link --family {wildcards.family} --weights {params.weights} "
+            "--dtype {params.dtype} --resolution {params.res} --out {output} > {log} 2>&1"
+
 else:
 
     rule teacher_train:

@@ -62,20 +62,22 @@ def _train_args(wc, input):
     return args + ("" if not sets else " --set " + " ".join(shlex.quote(s) for s in sets))
 
 
-rule reward_net:
-    output:
-        "results/metrics/toy_reward_net.safetensors",
-    threads: 1
-    priority: 90
-    params:
-        res=config["resolution"],
-        steps=config["fid"]["feature_net_steps"],
-    log:
-        "results/logs/metrics/reward_net.log",
-    shell:
-        # the toy feature recipe with another seed: the reward shares no weights with toy FID
-        THREADS_ENV + " {FEWSTEP} features --size {params.res} --steps {params.steps} --seed 1 "
-        "--out {output} > {log} 2>&1"
+if config["world"] == "toy":  # the toy reward net of the reward-guided methods
+
+    rule reward_net:
+        output:
+            "results/metrics/toy_reward_net.safetensors",
+        threads: 1
+        priority: 90
+        params:
+            res=config["resolution"],
+            steps=config["fid"]["feature_net_steps"],
+        log:
+            "results/logs/metrics/reward_net.log",
+        shell:
+            # the toy feature recipe with another seed: the reward shares no weights with toy FID
+            THREADS_ENV + " {FEWSTEP} features --size {params.res} --steps {params.steps} --seed 1 "
+            "--out {output} > {log} 2>&1"
 
 
 rule pairs:

@@ -1,0 +1,58 @@
+"""Paper presets as config files (workflows/config/paper/): each validates and builds its DAG on
+the real world: linked teachers, benchmark prompt sets, real metrics with their reference rule,
+released students sampled with their method's preset."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from fewstep import config
+
+PAPER = sorted((config.REPO / "workflows" / "config" / "paper").glob("*.yaml"))
+
+
+def dry_run(tmp_path, configfile):
+    out = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(config.REPO / "Snakefile"),
+                          "-d", str(tmp_path), "-n", "-p", "all", "--configfile", str(configfile)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.parametrize("path", PAPER, ids=[p.stem for p in PAPER])
+def test_paper_config_builds_its_dag(path, tmp_path):
+    cfg = config.load(path)
+    assert cfg["world"] == "real"
+    plan = dry_run(tmp_path, path)
+    family = cfg["families"][0]
+    prompt_set = cfg["eval"]["prompt_sets"][family]["name"]
+    assert f"prompts --set {prompt_set}" in plan
+    assert f"teacher link --family {family} --weights {cfg['teachers']['link'][family]}" in plan
+    assert "--feature-net" not in plan and "toy_" not in plan
+    if "fid" in cfg["metrics"]:
+        assert "fid-ref --metric fid --metric-options" in plan
+    for method, cells in cfg["distill"].get("released", {}).items():
+        assert f"release --method {method} --preset {cells[family]['preset']}" in plan
+    assert "fewstep train" not in plan and " train --method" not in plan
+
+
+def test_real_world_configs_say_what_is_missing(tmp_path):
+    cfg = config.load(PAPER[0])
+    cfg["metrics"] = ["toy_fid", "fid"]
+    cfg["eval"]["prompt_sets"] = {}
+    cfg["distill"]["released"] = {}
+    with pytest.raises(config.ConfigError) as err:
+        config.validate(cfg)
+    text = str(err.value)
+    assert "eval/prompt_sets has no entry for ['sdxl']" in text
+    assert "toy metrics ['toy_fid'] score only the toy world" in text
+    assert "give a released checkpoint (distill/released) for ['dmd2 on sdxl']" in text
+    toy = config.load()
+    toy["teachers"]["source"] = "link"
+    with pytest.raises(config.ConfigError, match="link is for world: real"):
+        config.validate(toy)
+    del toy["fid"]
+    toy["teachers"]["source"] = "shipped"
+    with pytest.raises(config.ConfigError, match=r"the toy world needs \['fid'\]"):
+        config.validate(toy)
