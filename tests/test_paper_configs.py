@@ -56,3 +56,20 @@ def test_real_world_configs_say_what_is_missing(tmp_path):
     toy["teachers"]["source"] = "shipped"
     with pytest.raises(config.ConfigError, match=r"the toy world needs \['fid'\]"):
         config.validate(toy)
+
+
+def test_weights_check_of_a_paper_config_lists_checkpoints_metrics_and_prompt_sets(tmp_path,
+                                                                                   monkeypatch,
+                                                                                   capsys):
+    from fewstep.cli import main
+
+    monkeypatch.setenv("FEWSTEP_WEIGHTS", str(tmp_path))
+    code = main(["weights", "check", "--config", str(config.REPO / "workflows/config/paper/"
+                                                          "rtdmd-sd3-drawbench.yaml")])
+    out = capsys.readouterr().out
+    assert code == 1
+    for group in ("metric clip_score:", "metric hpsv2.1:", "metric imagereward:", "family sd3:",
+                  "prompt set drawbench:"):
+        assert group in out
+    assert "stable-diffusion-3-medium-diffusers" in out and "prompts/drawbench/drawbench.csv" in out
+    assert "released rtdmd on sd3:" in out and str(tmp_path / "rtdmd/sd3-medium-rtdmd") in out

@@ -92,3 +92,14 @@ def test_the_dag_samples_a_released_student_instead_of_training_it(tmp_path):
     loaded["distill"]["released"] = {"dummy": {"sdxl": {"weights": "x"}}}
     with pytest.raises(config.ConfigError, match="'dummy', which is not in distill/methods"):
         config.validate(loaded)
+
+
+def test_a_relative_release_path_is_looked_up_in_the_weights_cache(tmp_path, monkeypatch):
+    from fewstep.commands.release import released_path
+
+    monkeypatch.setenv("FEWSTEP_WEIGHTS", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    assert released_path("dmd2/unet") == tmp_path / "cache" / "dmd2" / "unet"
+    (tmp_path / "local").mkdir()
+    assert released_path("local").resolve() == tmp_path / "local"  # an existing path as given
+    assert released_path(str(tmp_path / "abs")) == tmp_path / "abs"

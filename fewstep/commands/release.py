@@ -29,6 +29,15 @@ def add_arguments(p):
     p.add_argument("--out", required=True, help="model folder to write")
 
 
+def released_path(text: str) -> Path:
+    """An absolute or existing path as given; any other relative path lives in the weights cache
+    ($FEWSTEP_WEIGHTS), where the paper configs name the releases."""
+    from fewstep.backbones.weights import weights_root
+
+    path = Path(text).expanduser()
+    return path if path.is_absolute() or path.exists() else weights_root() / path
+
+
 def files_sha256(path: Path) -> dict[str, str]:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     out = {}
@@ -77,10 +86,11 @@ def run(args):
     cls = METHODS.get(args.method)
     options = resolve(cls.Options, cls.PRESETS, args.preset, parse_overrides(args.set),
                       method=args.method)
-    weights = Path(args.weights)
+    weights = released_path(args.weights)
     if not weights.exists():
         raise FileNotFoundError(f"released weights {weights} not found; give the local folder or "
-                                "file of the published checkpoint")
+                                "file of the published checkpoint (a relative path is looked up "
+                                "in the weights cache, FEWSTEP_WEIGHTS)")
     info = teachers.verify(Path(args.teacher))
     teacher = teachers.load(Path(args.teacher), verified=info)
     spec = cls.sampler(teacher, options)  # from the preset, never from the file name

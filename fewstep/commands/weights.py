@@ -143,7 +143,13 @@ def run(args) -> int:
     world = args.world or config["world"]
     groups = collect(args.metrics or config["metrics"], args.families or config["families"],
                      world)
-    for name in args.prompt_sets:
+    for method, cells in config["distill"].get("released", {}).items():
+        for family, spec in cells.items():
+            groups[f"released {method} on {family}"] = [Need(
+                f"released {method}", spec["weights"] + ("" if Path(spec["weights"]).suffix else "/"),
+                "the method's published checkpoint (a local copy)")]
+    configured = [spec["name"] for spec in config["eval"].get("prompt_sets", {}).values()]
+    for name in dict.fromkeys([*configured, *args.prompt_sets]):
         groups[f"prompt set {name}"] = prompt_set_needs(name)
     root = weights_root()
     found = {need.entry: find_entry(need.entry, root) for needs in groups.values()
