@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from fewstep.io import write_text
+from fewstep.reporting.tables import method_label
 
 
 def add_arguments(p):
@@ -34,13 +35,6 @@ def header(metric_names, example: dict) -> list[str]:
         arrow = "↑" if res["higher_is_better"] else "↓"
         cols.append(f"{m} {res['version']} {arrow}")
     return cols
-
-
-def method_label(row: dict) -> str:
-    """Method name, flagged when it is not a faithful implementation (spec README section 7)."""
-    student = row.get("sampling_provenance", {}).get("student") or {}
-    fidelity = student.get("fidelity", "faithful")
-    return row["method"] if fidelity == "faithful" else f"{row['method']} ({fidelity})"
 
 
 def render(rows: list[dict]) -> str:

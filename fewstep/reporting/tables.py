@@ -23,6 +23,7 @@ def trained_on(row: dict) -> set[str]:
 
 
 def method_label(row: dict) -> str:
+    """Method name, flagged when it is not a faithful implementation (spec README section 7)."""
     fidelity = student_info(row).get("fidelity", "faithful")
     return row["method"] if fidelity == "faithful" else f"{row['method']} ({fidelity})"
 
