@@ -65,9 +65,10 @@ def group_scores(paths) -> dict[str, list[tuple[Path, dict]]]:
 def training_logs(results: Path, family: str, method: str) -> list[tuple[str, Path]]:
     """(prefix, metrics.jsonl) of the method's runs on a family; staged runs get their stage."""
     runs = results / "runs" / family
-    out = [(f"train.{p.name.split('-', 1)[1]}." if "-" in p.name else "train.", p / "metrics.jsonl")
-           for p in sorted(runs.glob(f"{method}*")) if p.name == method
-           or p.name.startswith(f"{method}-stage")]
+    out = [("train." if p.name == method else f"train.{p.name[len(method) + 1:]}.",
+            p / "metrics.jsonl")
+           for p in sorted(runs.glob(f"{method}*"))
+           if p.name == method or p.name.startswith(f"{method}-stage")]
     return [(prefix, path) for prefix, path in out if path.is_file()]
 
 
