@@ -4,18 +4,33 @@ comparison runs under exactly the protocol that produced the scores (the audit, 
 from __future__ import annotations
 
 import argparse
+import json
+
+_BUILT: dict[str, tuple] = {}  # metric + scoring arguments -> (metric, expected grid, args)
+
+
+def metric_for(metric_name: str, scoring_args: dict):
+    """(metric, expected (prompt_id, seed) grid, args), built once per protocol in a process
+    (a feature net and reference statistics are loaded once for many pairs)."""
+    from fewstep.commands.score import build_metric
+    from fewstep.prompts import read_prompts
+
+    key = json.dumps([metric_name, scoring_args], sort_keys=True, default=str)
+    if key not in _BUILT:
+        args = argparse.Namespace(**{"metric_options": {}, **scoring_args})
+        rows = read_prompts(args.prompts)
+        metric = build_metric(metric_name, args, all("class_label" in r for r in rows))
+        expected = [(r["prompt_id"], s) for r in rows for s in args.seeds]
+        _BUILT[key] = (metric, expected, args)
+    return _BUILT[key]
 
 
 def paired(metric_name: str, a: dict, b: dict) -> dict:
     """value(A) - value(B) of one metric with its paired CI (Metric.paired_difference)."""
-    from fewstep.commands.score import build_metric
-    from fewstep.prompts import read_prompts
     from metrics.base import MetricResult
 
-    args = argparse.Namespace(**{"metric_options": {}, **a["scoring_args"]})
-    rows = read_prompts(args.prompts)
-    metric = build_metric(metric_name, args, all("class_label" in r for r in rows))
-    expected = [(r["prompt_id"], s) for r in rows for s in args.seeds]
+    scoring = {k: v for k, v in a["scoring_args"].items() if k not in ("samples", "out")}
+    metric, expected, args = metric_for(metric_name, scoring)
     return metric.paired_difference(
         MetricResult.from_dict(a["results"][metric_name]),
         MetricResult.from_dict(b["results"][metric_name]), a["sample_set"], b["sample_set"],
