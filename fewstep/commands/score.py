@@ -79,11 +79,12 @@ def run(args):
     if unused:
         raise ValueError(f"--metric-options names {unused}, which are not in --metrics")
     rows = read_prompts(args.prompts)
+    prompt_set = prompt_set_of(args.prompts)  # checked before any metric is built, once per job
     expected = [(r["prompt_id"], s) for r in rows for s in args.seeds]
     class_conditional = all("class_label" in r for r in rows)
     metrics = {name: build_metric(name, args, class_conditional) for name in args.metrics}
     for samples, out in zip(args.samples, args.out):
-        score_set(args, metrics, expected, samples, out)
+        score_set(args, metrics, expected, samples, out, prompt_set)
 
 
 def prompt_set_of(prompts_path) -> dict:
@@ -104,7 +105,7 @@ def prompt_set_of(prompts_path) -> dict:
     return {"name": f"toy-heldout-{Path(prompts_path).stem}", "sha256": sha}
 
 
-def score_set(args, metrics, expected, samples, out):
+def score_set(args, metrics, expected, samples, out, prompt_set: dict):
     import json
 
     from fewstep.io import write_json
@@ -121,7 +122,7 @@ def score_set(args, metrics, expected, samples, out):
     prov = json.loads((Path(samples) / "provenance.json").read_text())
     row = {"sample_set": str(samples), "family": first["family"], "method": first["method"],
            "steps": first.get("steps"), "nfe": first["nfe"], "guidance": first.get("guidance"),
-           "prompt_set": prompt_set_of(args.prompts),
+           "prompt_set": prompt_set,
            "results": results, "sampling_provenance": prov,
            "scoring_args": {**vars(args), "samples": samples, "out": out}}
     if args.against:
