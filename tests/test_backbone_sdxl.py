@@ -214,3 +214,19 @@ def test_x0_is_float32_at_least_for_a_bf16_input(saved):
     x, t = noisy_latents(backbone).bfloat16(), torch.tensor([0.5, 0.5])
     eps = torch.randn_like(x)
     assert backbone.x0_from_native(x, t, eps).dtype == torch.float32
+
+
+def test_network_dtype_follows_the_weights_after_a_cast_and_a_copy(saved):
+    """The cached input dtype must change when the denoiser is cast, and a deep copy (critic,
+    EMA) cast on its own must not see the original's cached answer."""
+    backbone, _ = saved
+    copy_ = copy.deepcopy(backbone)
+    assert copy_.network_dtype() == backbone.network_dtype() == torch.float32
+    copy_.denoiser.to(torch.bfloat16)
+    assert copy_.network_dtype() == torch.bfloat16 == copy_.denoiser.dtype
+    assert backbone.network_dtype() == torch.float32
+    x, t, cond = noisy_latents(copy_), torch.tensor([0.5, 0.5]), copy_.encode(PROMPTS)
+    with torch.no_grad():
+        assert copy_.native(x, t, cond).dtype == torch.float32  # bf16 net, fp32 at the boundary
+    copy_.denoiser.float()
+    assert copy_.network_dtype() == torch.float32
