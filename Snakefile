@@ -22,6 +22,7 @@ wildcard_constraints:
 FEWSTEP = f"{sys.executable} -m fewstep"
 THREADS_ENV = "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
 FAMILIES = config["families"]
+TOY = config["world"] == "toy"
 STEPS = config["eval"]["steps"]
 SEEDS = " ".join(map(str, config["eval"]["seeds"]))
 CLAIMS = f"{workflow.basedir}/reports/claims.yaml"  # data of the repository, not of the workdir

@@ -71,8 +71,8 @@ def validate(config: dict, source: str = "config") -> dict:
 
 def _check_world(config: dict, source: str) -> None:
     """What each world needs: the toy world its toy teachers; the real world linked checkpoints,
-    benchmark prompt sets and real metrics, and released students (training on real backbones
-    needs a training prompt stream that is not wired into the DAG yet)."""
+    benchmark prompt sets and real metrics, and for every student it trains (not released) the
+    family's training data and, for reward-guided methods, a real reward."""
     families, teachers = config["families"], config["teachers"]
     if config["world"] == "toy":
         if teachers["source"] == "link":
@@ -98,14 +98,41 @@ def _check_world(config: dict, source: str) -> None:
     if toy:
         problems.append(f"toy metrics {toy} score only the toy world; use their real slots "
                         "(fid, hpsv2.1, imagereward, geneval_hf_m2f, clip_score)")
-    released = config["distill"].get("released", {})
-    untrained = [f"{m} on {f}" for m in config["distill"]["methods"] for f in families
-                 if f not in released.get(m, {})]
-    if untrained:
-        problems.append(f"training on real backbones is not wired into the DAG yet: give a "
-                        f"released checkpoint (distill/released) for {untrained}")
+    problems += _training_data_problems(config)
     if problems:
         raise ConfigError(f"{source} (world: real):\n  " + "\n  ".join(problems))
+
+
+def _training_data_problems(config: dict) -> list[str]:
+    """World real: what each trained (not released) method needs from distill/train_data and
+    distill/rewards, by the method's `requires` (real images for the GAN, a reward)."""
+    from fewstep.registry import METHODS, REWARDS
+
+    distill, problems = config["distill"], []
+    data, rewards = distill.get("train_data", {}), distill.get("rewards", {})
+    released = distill.get("released", {})
+    for method in distill["methods"]:
+        needs = getattr(METHODS.get(method), "requires", ())
+        for family in (f for f in config["families"] if f not in released.get(method, {})):
+            where = f"{method} on {family} (trained, not released)"
+            if "prompts" not in data.get(family, {}):
+                problems.append(f"{where} needs distill/train_data/{family}/prompts (a training "
+                                "prompt file or prompt set name)")
+            if "real" in needs and "real_images" not in data.get(family, {}):
+                problems.append(f"{where} needs distill/train_data/{family}/real_images (the "
+                                "GAN's captioned real images)")
+        trained = any(f not in released.get(method, {}) for f in config["families"])
+        if trained and "reward" in needs:
+            name = rewards.get(method, "").partition(":")[0]
+            if not name or name == "toy":
+                problems.append(f"{method} trains on a reward: set distill/rewards/{method} to "
+                                f"one of {[n for n in REWARDS.names() if n != 'toy']}")
+            else:
+                try:
+                    REWARDS.check(name)
+                except UnknownNameError as err:
+                    problems.append(f"distill/rewards/{method}: {err}")
+    return problems
 
 
 def _check_metric_options(config: dict, source: str) -> None:

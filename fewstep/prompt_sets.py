@@ -356,6 +356,18 @@ def provenance_path(path) -> Path:
     return path.with_name(path.name + ".provenance.json")
 
 
+def load_prompt_file(path) -> PromptSet:
+    """A user's own prompt file (e.g. training captions) as a set named after the file."""
+    from fewstep.prompts import read_prompts
+
+    from fewstep.train_data import resolve_data
+
+    path = resolve_data(path)
+    rows = read_prompts(path)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    return _finish(f"file:{path.name}", rows, {str(path.resolve()): sha}, str(path.resolve()), path)
+
+
 def write_prompt_file(prompt_set: PromptSet, path) -> dict:
     """Write the set as our prompt jsonl (fewstep.prompts) plus `<path>.provenance.json`."""
     prov = {"prompt_set": prompt_set.name, "sha256": prompt_set.sha256, "sha256_rule": HASH_RULE,

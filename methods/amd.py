@@ -183,7 +183,7 @@ class AMD(DMD2):
 
     name = "amd"
     fidelity = "reconstructed"
-    requires = ("reward",)
+    requires = ("reward", "real")
     Options = AMDOptions
     PRESETS = PRESETS
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from fewstep.backbones.base import cond_cat
 from fewstep.engine.dm import DistributionMatching, DMOptions
 from fewstep.errors import FewstepError
+from fewstep.train_data import encode_rows
 
 
 @dataclass
@@ -61,14 +62,13 @@ class PairSet:
             raise FewstepError(f"teacher pairs {path} were sampled with guidance "
                                f"{info.get('guidance')} but the DM teacher uses {guidance}; "
                                f"regenerate them with `fewstep pairs --guidance {guidance}`")
-        self.metas = info["metas"]
-        labels = [m.get("class_label", m["prompt"]) for m in self.metas]
-        self.cond = teacher.encode(labels)
+        self.metas, self.teacher = info["metas"], teacher
 
     def draw(self, n: int, gen: torch.Generator, device):
+        # encoded when drawn: tens of thousands of real pairs' text embeddings do not fit in memory
         i = torch.randint(len(self.z), (n,), generator=gen)
-        idx = self.index[i]
-        cond = {k: v[idx].to(device) for k, v in self.cond.items()}
+        rows = [self.metas[k] for k in self.index[i].tolist()]
+        cond = {k: v.to(device) for k, v in encode_rows(self.teacher, rows).items()}
         return self.z[i].to(device), self.y[i].to(device), cond
 
 

@@ -51,6 +51,7 @@ PRESETS = {
 class DMD2(DistributionMatching):
     name = "dmd2"
     Options = DMD2Options
+    requires = ("real",)  # the GAN's real images with their own captions (dmd2.md 3.2)
     PRESETS = PRESETS
 
     def __init__(self, teacher, options, ctx):

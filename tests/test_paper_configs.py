@@ -32,9 +32,38 @@ def test_paper_config_builds_its_dag(path, tmp_path):
     assert "--feature-net" not in plan and "toy_" not in plan
     if "fid" in cfg["metrics"]:
         assert "fid-ref --metric fid --metric-options" in plan
-    for method, cells in cfg["distill"].get("released", {}).items():
+    released = cfg["distill"].get("released", {})
+    for method, cells in released.items():
         assert f"release --method {method} --preset {cells[family]['preset']}" in plan
-    assert "fewstep train" not in plan and " train --method" not in plan
+    trained = [m for m in cfg["distill"]["methods"] if family not in released.get(m, {})]
+    for method in trained:  # trained on the family's configured prompts, never the toy world's
+        assert f" train --method {method} " in plan
+    assert plan.count(f"--train-prompts results/train_prompts/{family}.jsonl") == len(trained)
+    if not trained:
+        assert " train --method" not in plan and "train_prompts" not in plan
+
+
+def test_training_on_a_real_backbone_reads_its_data_and_reward(tmp_path):
+    """The SiT training preset: prompts and real images from the config, pairs sampled with the
+    guidance of DMD's own preset (not the evaluation guidance), reward names checked."""
+    path = config.REPO / "workflows/config/paper/sit-imagenet256-train.yaml"
+    plan = dry_run(tmp_path, path)
+    assert "prompts --set imagenet-classes --out results/train_prompts/sit.jsonl" in plan
+    assert "--real-data imagenet-train-256" in plan
+    assert "pairs --teacher results/teachers/sit --count 10000 --steps 32 --guidance 1.0 " in plan
+    assert "--nproc_per_node 8 -m fewstep train --method dmd2" in plan
+    cfg = config.load(path)
+    cfg["distill"]["methods"] = ["dmd2", "amd"]
+    del cfg["distill"]["train_data"]["sit"]["real_images"]
+    cfg["distill"]["rewards"] = {"amd": "hpsv3"}
+    with pytest.raises(config.ConfigError) as err:
+        config.validate(cfg)
+    text = str(err.value)
+    assert "dmd2 on sit (trained, not released) needs distill/train_data/sit/real_images" in text
+    assert "distill/rewards/amd: unknown reward 'hpsv3'. Did you mean 'hpsv2'" in text
+    cfg["distill"]["rewards"] = {}
+    with pytest.raises(config.ConfigError, match="amd trains on a reward: set distill/rewards/amd"):
+        config.validate(cfg)
 
 
 def test_real_world_configs_say_what_is_missing(tmp_path):
@@ -47,7 +76,7 @@ def test_real_world_configs_say_what_is_missing(tmp_path):
     text = str(err.value)
     assert "eval/prompt_sets has no entry for ['sdxl']" in text
     assert "toy metrics ['toy_fid'] score only the toy world" in text
-    assert "give a released checkpoint (distill/released) for ['dmd2 on sdxl']" in text
+    assert "dmd2 on sdxl (trained, not released) needs distill/train_data/sdxl/prompts" in text
     toy = config.load()
     toy["teachers"]["source"] = "link"
     with pytest.raises(config.ConfigError, match="link is for world: real"):

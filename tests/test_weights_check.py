@@ -124,3 +124,13 @@ def test_prompt_sets_are_checked_with_their_data_files(cache, capsys):
     assert status[str(cache / "prompts/drawbench/drawbench.csv")] == "ok"
     assert status[str(cache / "prompts/hpdv2/photo.json")] == "MISSING"
     assert "Hugging Face dataset zhwang/HPDv2" in out
+
+
+def test_a_training_config_lists_its_training_data(cache, capsys):
+    paper = DEFAULT.parent / "paper" / "sit-imagenet256-train.yaml"
+    _touch(cache, "imagenet-train-256/metadata.jsonl")
+    code, out = _check(capsys, "--config", str(paper))
+    status = _status(out)
+    assert code == 1 and "training data of sit:" in out
+    assert status[str(cache / "imagenet-train-256/metadata.jsonl")] == "ok"
+    assert status[str(cache / "prompts/imagenet/classes.txt")] == "MISSING"

@@ -15,6 +15,9 @@ def add_arguments(p):
     p.add_argument("--count", type=int, required=True, help="number of pairs")
     p.add_argument("--steps", type=int, required=True, help="teacher sampler steps")
     p.add_argument("--guidance", type=float, required=True, help="CFG scale (= the DM teacher's)")
+    p.add_argument("--prompts", default=None,
+                   help="training prompt file to draw the pairs' prompts from (required for a real "
+                        "teacher; the toy world's training split otherwise)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--out", required=True, help=".safetensors (a .json of prompts is written beside)")
@@ -29,23 +32,20 @@ def run(args):
     from fewstep.noise import sample_noise
     from fewstep.sampling import sample_ode
     from fewstep import teachers
-    from fewstep.toy import world
+    from fewstep.train_data import encode_rows
 
     if args.count < 1:
         raise ValueError(f"--count must be >= 1, got {args.count}")
     recipe = teachers.verify(Path(args.teacher))
     teacher = teachers.load(Path(args.teacher), verified=recipe).eval()
     family = recipe["recipe"]["family"]
-    if family == "sit":
-        metas = [world.class_meta(i % len(world.CLASSES)) for i in range(args.count)]
-    else:
-        metas = world.prompt_set("train", n=args.count, seed=args.seed + 1000)
+    metas = pair_prompts(args, family, recipe["recipe"].get("world") == "real")
     zs, ys = [], []
     for i in tqdm(range(0, args.count, args.batch), desc="teacher pairs"):
         chunk = metas[i:i + args.batch]
         z = sample_noise([f"pair-{i + j}" for j in range(len(chunk))], [args.seed] * len(chunk),
                          teacher.latent_shape, stream="pairs")
-        cond = teacher.encode([m.get("class_label", m["prompt"]) for m in chunk])
+        cond = encode_rows(teacher, chunk)
         zs.append(z)
         ys.append(sample_ode(teacher, z, cond, args.steps, args.guidance))
     tensors = {"z": torch.cat(zs), "y": torch.cat(ys).float(),
@@ -57,3 +57,26 @@ def run(args):
                 "teacher_sha256": recipe.get("sha256")})
     print(f"wrote {args.count} teacher pairs ({family}, {args.steps} steps, w={args.guidance}) "
           f"to {args.out}")
+
+
+def pair_prompts(args, family: str, real: bool) -> list[dict]:
+    """`count` training rows: drawn without replacement from --prompts (cycled when it holds fewer
+    rows, seeded), or the toy world's training split."""
+    import random
+
+    from fewstep.errors import FewstepError
+    from fewstep.prompts import read_prompts
+    from fewstep.toy import world
+
+    if args.prompts:
+        rows = read_prompts(args.prompts)
+        order = list(range(len(rows)))
+        random.Random(args.seed + 1000).shuffle(order)
+        return [rows[order[i % len(rows)]] for i in range(args.count)]
+    if real:
+        raise FewstepError(f"{args.teacher} is a real {family} teacher: give the training prompts "
+                           "the pairs are drawn from with --prompts (config: "
+                           f"distill/train_data/{family}/prompts)")
+    if family == "sit":
+        return [world.class_meta(i % len(world.CLASSES)) for i in range(args.count)]
+    return world.prompt_set("train", n=args.count, seed=args.seed + 1000)

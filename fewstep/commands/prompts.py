@@ -15,6 +15,9 @@ def add_arguments(p):
                        help="benchmark prompt set from $FEWSTEP_WEIGHTS/prompts/ (hpdv2, geneval, "
                             "coco2014-val-captions, imagenet-classes, drawbench); also writes "
                             "OUT.provenance.json with its sha256")
+    which.add_argument("--file", metavar="PATH",
+                       help="a user's prompt file (JSONL rows with prompt_id and prompt, e.g. a "
+                            "training caption set), checked and written with its sha256 sidecar")
     p.add_argument("--n", type=int, help="number of prompts (needed with --family; with --set, "
                                          "the subset size of coco2014-val-captions)")
     p.add_argument("--seed", type=int, help="--set only: subset seed (coco2014-val-captions)")
@@ -61,9 +64,22 @@ def run_set(args):
           f"sha256 {prompt_set.sha256}")
 
 
+def run_file(args):
+    from fewstep.prompt_sets import load_prompt_file, write_prompt_file
+
+    if args.n is not None or args.seed is not None or args.allow_unofficial:
+        raise ValueError("--file takes no --n, --seed or --allow-unofficial: the file is used whole")
+    prompt_set = load_prompt_file(args.file)
+    write_prompt_file(prompt_set, args.out)
+    print(f"wrote {len(prompt_set.rows)} prompts of {args.file} to {args.out}, "
+          f"sha256 {prompt_set.sha256}")
+
+
 def run(args):
     if args.prompt_set:
         return run_set(args)
+    if args.file:
+        return run_file(args)
     if args.n is None or args.seed is not None or args.allow_unofficial:
         raise ValueError("--family takes --n (the number of prompts) and neither --seed nor "
                          "--allow-unofficial (those apply to --set)")

@@ -21,6 +21,12 @@ def add_arguments(p):
                    help="the differentiable scorer of reward-guided methods (AMD, RTDMD): a "
                         "registered name, NAME:ARG, or a toy reward net file (`fewstep features "
                         "--seed 1`); e.g. toy:results/metrics/toy_reward_net.safetensors")
+    p.add_argument("--train-prompts", default=None,
+                   help="prompt file the generator trains on (JSONL, `fewstep prompts`); required "
+                        "for a real teacher, the toy world's training split otherwise")
+    p.add_argument("--real-data", default=None,
+                   help="real images with their own captions for the GAN (DMD2, AMD): a folder "
+                        "with images and metadata.jsonl rows {file_name, prompt | class_label}")
     p.add_argument("--resolution", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--no-progress", action="store_true")
@@ -49,7 +55,8 @@ def run(args):
 
     from fewstep.engine import distributed
     from fewstep.engine.loop import STOP_EXIT, StopRequested, Trainer
-    from fewstep.engine.run import build_method, build_reward, export, toy_context
+    from fewstep.engine.run import build_method, build_reward, data_context, export
+    from fewstep.errors import FewstepError
     from fewstep.provenance import environment
     from fewstep.registry import METHODS
     from fewstep import teachers
@@ -61,7 +68,12 @@ def run(args):
     teacher = teachers.load(Path(args.teacher), verified=recipe).to(info.device)
     family = recipe["recipe"]["family"]
     reward = build_reward(args.reward, info.device) if args.reward else None
-    ctx = toy_context(teacher, family, args.resolution, 0, info, reward=reward)
+    if recipe["recipe"].get("world") == "real" and not args.train_prompts:
+        raise FewstepError(f"{args.teacher} is a real {family} teacher: give its training prompts "
+                           f"with --train-prompts (config: distill/train_data/{family}/prompts); the toy "
+                           "world's prompts only fit toy teachers")
+    ctx = data_context(teacher, family, args.resolution, 0, info, prompts=args.train_prompts,
+                       real=args.real_data, reward=reward)
     method = build_method(args.method, teacher, ctx, args.preset, overrides)
     trainer = Trainer(method, Path(args.run_dir), info)
     try:
@@ -76,6 +88,7 @@ def run(args):
         exported = export(method, trainer, Path(args.out),
                           {"preset": args.preset, "overrides": overrides,
                            "teacher_sha256": recipe.get("sha256"), "reward": args.reward,
+                           "train_prompts": args.train_prompts, "real_data": args.real_data,
                            "world_size": info.world_size,
                            "resumed_from": state.resumed_from}, provenance=prov)
         print(f"trained {args.method} on {family} for {state.step} iterations -> {args.out} "

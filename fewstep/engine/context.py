@@ -55,11 +55,12 @@ class Context:
     def __init__(self, teacher: Backbone, pool: PromptPool, seed: int = 0, rank: int = 0,
                  world_size: int = 1, device: torch.device | str = "cpu",
                  real_images: Callable | None = None, reward: Callable | None = None,
-                 autocast: bool = False):
+                 autocast: bool = False, real_data=None):
         self.teacher, self.pool = teacher, pool
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device = torch.device(device)
-        self._real_images, self.reward = real_images, reward
+        # real_images: toy renders of drawn prompts; real_data: a folder of captioned images
+        self._real_images, self._real_data, self.reward = real_images, real_data, reward
         self.autocast_enabled = autocast and self.device.type == "cuda"
         self.step = 0
 
@@ -95,10 +96,18 @@ class Context:
 
     def real(self, n: int, stream: str = "real") -> tuple[torch.Tensor, PromptBatch]:
         """Real latents with their own captions (DMD2's GAN data)."""
-        if self._real_images is None:
-            raise RuntimeError("this run has no real data; the method needs `real_images`")
-        batch = self.prompts(n, stream + "/prompts")
-        images = self._real_images(batch.metas, self.gen(stream))
+        if self._real_data is not None:
+            from fewstep.train_data import encode_rows
+
+            images, rows = self._real_data.draw(n, self.gen(stream))
+            cond = {k: v.to(self.device) for k, v in encode_rows(self.teacher, rows).items()}
+            batch = PromptBatch(rows, cond, torch.arange(n))
+        elif self._real_images is not None:
+            batch = self.prompts(n, stream + "/prompts")
+            images = self._real_images(batch.metas, self.gen(stream))
+        else:
+            raise RuntimeError("this run has no real data; the method needs real images "
+                               "(`fewstep train --real-data FOLDER`)")
         with torch.no_grad():
             latents = self.teacher.encode_images(images.to(self.device))
         return latents, batch

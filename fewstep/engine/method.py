@@ -70,7 +70,9 @@ class Method:
     fidelity = "faithful"  # "faithful" | "reconstructed" (shown in reports)
     Options = TrainOptions
     PRESETS: dict[str, dict] = {}
-    requires: tuple[str, ...] = ()  # extra DAG inputs: "pairs" (teacher ODE pairs), "reward"
+    # extra DAG inputs: "pairs" (teacher ODE pairs), "reward", "real" (captioned real images;
+    # toy renders in the toy world)
+    requires: tuple[str, ...] = ()
 
     def __init__(self, teacher: Backbone, options, ctx: Context):
         self.teacher = frozen(teacher)

@@ -18,6 +18,7 @@ from fewstep.engine.context import Context, PromptPool
 from fewstep.engine.distributed import DistInfo
 from fewstep.engine.loop import Trainer
 from fewstep.engine.options import as_dict, resolve
+from fewstep.errors import FewstepError
 from fewstep.io import atomic_path
 from fewstep.registry import METHODS
 
@@ -47,6 +48,22 @@ def toy_context(teacher, family: str, resolution: int, seed: int, info: DistInfo
     return Context(teacher, PromptPool(metas, cond), seed=seed, rank=info.rank,
                    world_size=info.world_size, device=info.device,
                    real_images=toy_real_images(family, resolution), reward=reward, autocast=autocast)
+
+
+def data_context(teacher, family: str, resolution: int, seed: int, info: DistInfo,
+                 prompts=None, real=None, reward=None, autocast: bool = True) -> Context:
+    """The run's training data: the toy world's by default; a prompt file (and a real-image
+    folder) when given. Real teachers must be given a prompt file: there is no toy prompt for them."""
+    if prompts is None:
+        if real is not None:
+            raise FewstepError("--real-data needs --train-prompts (the generator's prompt stream)")
+        return toy_context(teacher, family, resolution, seed, info, reward, autocast)
+    from fewstep.train_data import ImageFolder, PromptStream, image_size
+
+    images = ImageFolder(real, image_size(teacher)) if real is not None else None
+    return Context(teacher, PromptStream(prompts, teacher), seed=seed, rank=info.rank,
+                   world_size=info.world_size, device=info.device, real_data=images,
+                   reward=reward, autocast=autocast)
 
 
 def parse_reward_spec(spec: str) -> tuple[str, str | None]:

@@ -1,6 +1,5 @@
 # Scoring: the toy feature net (for toy FID) and each family's reference statistics are built once,
 # before the score jobs fan out; a score job runs every configured metric on its sample sets.
-TOY = config["world"] == "toy"
 METRIC_OPTIONS = config.get("metric_options", {})
 
 if TOY:

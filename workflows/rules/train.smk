@@ -3,7 +3,7 @@
 # Which extra inputs a method reads (DMD: teacher pairs; reward-guided methods: the toy reward)
 # mirrors each method class's `requires` (tests/test_engine.py checks the two agree).
 DISTILL = config["distill"]
-REQUIRES = {"dmd": ["pairs"], "amd": ["reward"], "rtdmd": ["reward"]}
+REQUIRES = {"dmd": ["pairs"], "dmd2": ["real"], "amd": ["reward", "real"], "rtdmd": ["reward"]}
 
 
 def _runs():
@@ -37,13 +37,19 @@ def all_model_dirs() -> list[str]:
     return trained + [model_dir(f, m) for m, fams in RELEASED.items() for f in fams]
 
 
+TRAIN_DATA = DISTILL.get("train_data", {})  # world real: {family: {prompts, real_images}}
+
+
 def _train_inputs(wc):
     method, _, previous = RUNS[wc.run]
+    needs = REQUIRES.get(method, [])
     inputs = {"teacher": f"results/teachers/{wc.family}"}
-    if "pairs" in REQUIRES.get(method, []):
+    if "pairs" in needs:
         inputs["pairs"] = f"results/pairs/{wc.family}.safetensors"
-    if "reward" in REQUIRES.get(method, []):
+    if "reward" in needs and TOY:
         inputs["reward"] = "results/metrics/toy_reward_net.safetensors"
+    if not TOY:  # the real world trains on the configured data; the toy world on its own
+        inputs["prompts"] = f"results/train_prompts/{wc.family}.jsonl"
     if previous:
         inputs["init"] = f"results/models/{wc.family}/{previous}"
     return inputs
@@ -57,9 +63,33 @@ def _train_args(wc, input):
     if "init" in input.keys():
         sets.append(f"init_from={input.init}")
     args = f"--method {method} --preset {preset}"
-    if "reward" in input.keys():
-        args += f" --reward {input.reward}"
+    if "reward" in REQUIRES.get(method, []):
+        reward = input.reward if TOY else DISTILL["rewards"][method]
+        args += f" --reward {shlex.quote(reward)}"
+    if "prompts" in input.keys():
+        args += f" --train-prompts {input.prompts}"
+    if not TOY and "real" in REQUIRES.get(method, []):  # a path or a name in the weights cache
+        args += f" --real-data {shlex.quote(TRAIN_DATA[wc.family]['real_images'])}"
     return args + ("" if not sets else " --set " + " ".join(shlex.quote(s) for s in sets))
+
+
+if not TOY:  # each family's training prompts, checked and hashed once (provenance sidecar)
+
+    def _train_prompt_args(wc):
+        from fewstep.prompt_sets import PROMPT_SETS
+
+        spec = TRAIN_DATA[wc.family]["prompts"]
+        return f"--set {spec}" if spec in PROMPT_SETS else f"--file {shlex.quote(spec)}"
+
+    rule train_prompts:
+        output:
+            "results/train_prompts/{family}.jsonl",
+        params:
+            args=_train_prompt_args,
+        log:
+            "results/logs/train_prompts/{family}.log",
+        shell:
+            "{FEWSTEP} prompts {params.args} --out {output} > {log} 2>&1"
 
 
 if config["world"] == "toy":  # the toy reward net of the reward-guided methods
@@ -80,16 +110,31 @@ if config["world"] == "toy":  # the toy reward net of the reward-guided methods
             "--out {output} > {log} 2>&1"
 
 
+def pairs_guidance() -> float:
+    """The pairs are sampled with the guidance of the DM teacher that uses them (dmd.md 8, item
+    7): the resolved `teacher_guidance` of the (first) run whose method reads pairs."""
+    from fewstep.engine.options import resolve
+    from fewstep.registry import METHODS
+
+    method, preset, _ = next(r for r in RUNS.values() if "pairs" in REQUIRES.get(r[0], []))
+    cls = METHODS.get(method)
+    options = resolve(cls.Options, cls.PRESETS, preset, DISTILL["overrides"].get(method), method)
+    return options.teacher_guidance
+
+
 rule pairs:
     input:
-        teacher="results/teachers/{family}",
+        unpack(lambda wc: {"teacher": f"results/teachers/{wc.family}"} if TOY else
+               {"teacher": f"results/teachers/{wc.family}",
+                "prompts": f"results/train_prompts/{wc.family}.jsonl"}),
     output:
         pairs="results/pairs/{family}.safetensors",
         prompts="results/pairs/{family}.json",
     params:
         n=DISTILL["pairs"]["count"],
         steps=DISTILL["pairs"]["steps"],
-        guidance=lambda wc: config["teachers"]["guidance"][wc.family],
+        guidance=lambda wc: pairs_guidance(),
+        prompts=lambda wc, input: f"--prompts {input.prompts}" if "prompts" in input.keys() else "",
     threads: 1
     priority: 60
     resources:
@@ -98,7 +143,8 @@ rule pairs:
         "results/logs/pairs/{family}.log",
     shell:
         THREADS_ENV + " {FEWSTEP} pairs --teacher {input.teacher} --count {params.n} "
-        "--steps {params.steps} --guidance {params.guidance} --out {output.pairs} > {log} 2>&1"
+        "--steps {params.steps} --guidance {params.guidance} {params.prompts} --out {output.pairs} "
+        "> {log} 2>&1"
 
 
 PROCESSES = DISTILL.get("processes", 1)

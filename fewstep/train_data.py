@@ -1,0 +1,142 @@
+"""Training data outside the toy world: the prompt stream a method distils on, the GAN's real images.
+
+* Prompts: a fewstep prompt file (JSONL rows with `prompt_id` and `prompt`; SiT rows carry
+  `class_label`), e.g. LAION-Aesthetic 6.25+ captions for DMD2 on SDXL (dmd2.md 6.1), the PickScore
+  training prompts for RTDMD's stage 1 (rtdmd.md 6), ImageNet's class ids for SiT. Drawn rows are
+  encoded per batch: a pool of millions of captions cannot be held encoded.
+* Real images: a folder in the Hugging Face *imagefolder* layout, image files plus a
+  `metadata.jsonl` whose rows name the file (`file_name`) and its own caption (`prompt` or `text`)
+  or `class_label`. DMD2's GAN sees real images with their own captions (dmd2.md 3.2); images are
+  resized (shorter side) and centre-cropped to the teacher's resolution, then VAE-encoded by the
+  engine.
+
+Draws take the engine's per-(iteration, stream, rank) generator, so a resumed run reads the same
+rows the uninterrupted run read, without data-loader state.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fewstep.backbones.base import Backbone, Cond
+from fewstep.errors import FewstepError
+from fewstep.prompts import read_prompts
+
+METADATA = "metadata.jsonl"
+CAPTION_KEYS = ("prompt", "text", "class_label")
+
+
+def resolve_data(path) -> Path:
+    """A data path as given when it exists, else a bare name inside the weights cache (like
+    checkpoints); the error of a missing one names both places."""
+    from fewstep.backbones.weights import resolve
+
+    given = Path(path).expanduser()
+    return given if given.exists() else Path(resolve(str(path)))
+
+
+def condition_of(row: dict):
+    """What a backbone encodes for a row: the class id for class-conditional rows, else the text."""
+    return row["class_label"] if "class_label" in row else row["prompt"]
+
+
+class PromptStream:
+    """Training prompts read from a file, encoded when drawn (same `draw` as the toy PromptPool)."""
+
+    def __init__(self, path, teacher: Backbone):
+        self.path, self.teacher = Path(path), teacher
+        self.metas = read_prompts(self.path)
+        if teacher.family == "sit" and any("class_label" not in m for m in self.metas):
+            raise FewstepError(f"training prompts {self.path}: SiT trains on class labels, every "
+                               "row needs `class_label` (e.g. `fewstep prompts --set "
+                               "imagenet-classes`)")
+
+    def __len__(self) -> int:
+        return len(self.metas)
+
+    def draw(self, n: int, gen: torch.Generator, repeat: int = 1):
+        from fewstep.engine.context import PromptBatch
+
+        idx = torch.randint(len(self.metas), (n,), generator=gen)
+        rows = [self.metas[i] for i in idx.tolist()]
+        cond = {k: v.repeat_interleave(repeat, dim=0) for k, v in encode_rows(self.teacher, rows).items()}
+        rows = [r for r in rows for _ in range(repeat)]
+        return PromptBatch(rows, cond, torch.arange(n).repeat_interleave(repeat))
+
+
+def encode_rows(teacher: Backbone, rows: list[dict]) -> Cond:
+    """Conditioning of drawn rows, outside the backbone's per-set cache (every batch differs)."""
+    with torch.no_grad():
+        return teacher._encode([condition_of(r) for r in rows])
+
+
+def image_size(teacher: Backbone) -> tuple[int, int]:
+    """The (height, width) of the images the teacher's codec encodes to its latent shape."""
+    if getattr(teacher, "resolution", None):
+        return tuple(teacher.resolution)
+    vae = getattr(teacher.codec, "vae", None)
+    factor = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+    return teacher.latent_shape[1] * factor, teacher.latent_shape[2] * factor
+
+
+class ImageFolder:
+    """Real images with their own captions (imagefolder layout), at the teacher's resolution."""
+
+    def __init__(self, folder, resolution):
+        self.folder = resolve_data(folder)
+        if not self.folder.is_dir():
+            raise FewstepError(f"real-image folder {folder} not found (looked at {Path(folder)} "
+                               f"and {self.folder}); put the captioned images there (images plus "
+                               f"{METADATA}) or point FEWSTEP_WEIGHTS at the cache holding them")
+        self.size = tuple(resolution) if isinstance(resolution, (tuple, list)) else (resolution,) * 2
+        meta = self.folder / METADATA
+        if not meta.is_file():
+            raise FewstepError(f"real-image folder {self.folder}: {METADATA} is missing; it needs "
+                               "one JSON row per image: {\"file_name\": \"0001.jpg\", \"prompt\": "
+                               "\"...\"} (or \"class_label\": 207 for SiT)")
+        self.rows = [self._check(json.loads(line), i, meta)
+                     for i, line in enumerate(meta.read_text().splitlines(), 1) if line.strip()]
+        if not self.rows:
+            raise FewstepError(f"real-image folder {self.folder}: {METADATA} lists no images")
+
+    def _check(self, row: dict, line: int, meta: Path) -> dict:
+        if "file_name" not in row or not any(k in row for k in CAPTION_KEYS):
+            raise FewstepError(f"{meta}, line {line}: needs `file_name` and one of {CAPTION_KEYS}")
+        if "prompt" not in row and "text" in row:
+            row = {**row, "prompt": row["text"]}
+        return row
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def load(self, row: dict) -> np.ndarray:
+        from PIL import Image
+
+        path = self.folder / row["file_name"]
+        try:
+            with Image.open(path) as image:
+                return centre_crop_resize(image.convert("RGB"), self.size)
+        except OSError as err:
+            raise FewstepError(f"real image {path} (listed in {self.folder / METADATA}) cannot be "
+                               f"read: {err}") from None
+
+    def draw(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, list[dict]]:
+        """n images in [0, 1] (B, 3, H, W) and their rows."""
+        rows = [self.rows[i] for i in torch.randint(len(self.rows), (n,), generator=gen).tolist()]
+        pixels = np.stack([self.load(r) for r in rows]).transpose(0, 3, 1, 2)
+        return torch.from_numpy(np.ascontiguousarray(pixels, np.float32) / 255.0), rows
+
+
+def centre_crop_resize(image, size: tuple[int, int]) -> np.ndarray:
+    """Resize so the image covers (h, w) (bicubic), then crop the centre: no letterbox, no stretch."""
+    from PIL import Image
+
+    h, w = size
+    scale = max(h / image.height, w / image.width)
+    resized = image.resize((max(w, round(image.width * scale)), max(h, round(image.height * scale))),
+                           Image.BICUBIC)
+    left, top = (resized.width - w) // 2, (resized.height - h) // 2
+    return np.asarray(resized.crop((left, top, left + w, top + h)), dtype=np.uint8)
