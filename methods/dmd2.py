@@ -42,7 +42,9 @@ PRESETS = {
                      "grid_shift": 3.0, "backsim": True},
     "dmd2-sit-ext": {**PAPER, "lr": 2e-6, "teacher_guidance": 1.0, "gan_w_G": 3e-3,
                      "gan_w_D": 1e-2, "generator_grid": (1.0,), "backsim": False},
-    "toy": {"lr": 1e-4, "batch": 16, "steps": 600, "warmup": 20, "teacher_guidance": 2.0,
+    # toy: 400 iterations (80 generator updates); SDXL's 4-step student scores toy FID 24.1 at 400
+    # and 22.3 at 600 against the 32-step teacher's 20.8 (AMD inherits this length; issue 5)
+    "toy": {"lr": 1e-4, "batch": 16, "steps": 400, "warmup": 20, "teacher_guidance": 2.0,
             "ttur_ratio": 5, "gan_w_G": 5e-3, "gan_w_D": 1e-2, "generator_grid": FOUR,
             "backsim": True, "checkpoint_every": 200},
 }
