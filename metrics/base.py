@@ -145,17 +145,24 @@ class Metric:
         """value(A) - value(B) with a paired cluster-bootstrap CI (prompts resampled, both sets on
         the same prompts and seeds, so shared prompt difficulty cancels), plus the per-prompt win
         rate of A over B. Set-level metrics (FID) override this with their own resampling."""
-        from metrics.stats import align_pairs, bootstrap, group_indices, win_rate
+        from metrics.stats import align_pairs, bootstrap, cluster_mean_ci, group_indices, win_rate
 
         keys_a = [(r["prompt_id"], r["seed"]) for r in a.per_sample]
         keys_b = [(r["prompt_id"], r["seed"]) for r in b.per_sample]
         ia, ib = align_pairs(keys_a, keys_b)
         rows_a, rows_b = [a.per_sample[i] for i in ia], [b.per_sample[i] for i in ib]
-        _, groups = group_indices([r["prompt_id"] for r in rows_a])
+        prompts = [r["prompt_id"] for r in rows_a]
         stats = dict(n_resamples=self.n_resamples, level=self.level, seed=self.seed)
-        ci = bootstrap(lambda idx: self.set_statistic([rows_a[i] for i in idx])
-                       - self.set_statistic([rows_b[i] for i in idx]), groups,
-                       strata=self.strata(rows_a), **stats)
+        strata = self.strata(rows_a)
+        if type(self).set_statistic is Metric.set_statistic and strata is None:
+            # a plain mean: mean(A) - mean(B) on a resample is the mean of the per-sample
+            # differences, so the vectorised cluster bootstrap draws the same resamples
+            diffs = [ra["score"] - rb["score"] for ra, rb in zip(rows_a, rows_b)]
+            ci = cluster_mean_ci(diffs, prompts, **stats)
+        else:
+            ci = bootstrap(lambda idx: self.set_statistic([rows_a[i] for i in idx])
+                           - self.set_statistic([rows_b[i] for i in idx]),
+                           group_indices(prompts)[1], strata=strata, **stats)
         wins = win_rate([r["score"] for r in rows_a], keys_a, [r["score"] for r in rows_b], keys_a,
                         higher_is_better=self.higher_is_better, **stats)
         return paired_summary(ci, self.higher_is_better, win_rate=wins)

@@ -105,3 +105,33 @@ def test_bad_settings_are_refused():
         cluster_mean_ci([1.0, float("nan")], ["a", "b"])
     with pytest.raises(ValueError, match="one score per prompt"):
         cluster_mean_ci([1.0, 2.0], ["a"])
+
+
+def test_a_plain_mean_metric_pairs_by_the_vectorised_bootstrap_with_the_same_resamples():
+    """Metric.paired_difference takes the vectorised cluster bootstrap of per-sample differences
+    for plain-mean metrics; it must give what the general set-statistic path gives."""
+    from metrics.base import Metric, MetricResult
+
+    class Mean(Metric):
+        name, version, n_resamples, level, seed = "mean", "1", 300, 0.9, 4
+
+    class MeanGeneral(Mean):
+        def set_statistic(self, rows):  # the same statistic, through the general path
+            return float(np.mean([r["score"] for r in rows]))
+
+    rng = np.random.default_rng(0)
+    keys = [(f"p{p}", s) for p in range(17) for s in range(3)]
+    a, b = rng.normal(size=len(keys)), rng.normal(size=len(keys)) + 0.3
+
+    def result(scores, order):
+        rows = [{"prompt_id": keys[i][0], "seed": keys[i][1], "score": float(scores[i])}
+                for i in order]
+        return MetricResult("mean", "1", True, float(np.mean(scores)), 0.0, 0.0, len(rows), rows)
+
+    shuffled = rng.permutation(len(keys))
+    fast = Mean().paired_difference(result(a, range(len(keys))), result(b, shuffled))
+    general = MeanGeneral().paired_difference(result(a, range(len(keys))), result(b, shuffled))
+    assert fast["method"] != general["method"]  # really two paths
+    for key in ("difference", "ci_low", "ci_high"):
+        assert fast[key] == pytest.approx(general[key], abs=1e-12), key
+    assert fast["verdict"] == general["verdict"] and fast["win_rate"] == general["win_rate"]
