@@ -33,3 +33,8 @@ def read_prompts(path) -> list[dict]:
     if not rows:
         raise FewstepError(f"prompt file {path} holds no prompts")
     return rows
+
+
+def condition_of(row: dict):
+    """What a backbone encodes for a row: the class id for class-conditional rows, else the text."""
+    return row["class_label"] if "class_label" in row else row["prompt"]

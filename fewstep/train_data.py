@@ -23,7 +23,7 @@ import torch
 
 from fewstep.backbones.base import Backbone, Cond
 from fewstep.errors import FewstepError
-from fewstep.prompts import read_prompts
+from fewstep.prompts import condition_of, read_prompts
 
 METADATA = "metadata.jsonl"
 CAPTION_KEYS = ("prompt", "text", "class_label")
@@ -36,11 +36,6 @@ def resolve_data(path) -> Path:
 
     given = Path(path).expanduser()
     return given if given.exists() else Path(resolve(str(path)))
-
-
-def condition_of(row: dict):
-    """What a backbone encodes for a row: the class id for class-conditional rows, else the text."""
-    return row["class_label"] if "class_label" in row else row["prompt"]
 
 
 class PromptStream:
@@ -69,8 +64,7 @@ class PromptStream:
 
 def encode_rows(teacher: Backbone, rows: list[dict]) -> Cond:
     """Conditioning of drawn rows, outside the backbone's per-set cache (every batch differs)."""
-    with torch.no_grad():
-        return teacher._encode([condition_of(r) for r in rows])
+    return teacher.encode_uncached([condition_of(r) for r in rows])
 
 
 def image_size(teacher: Backbone) -> tuple[int, int]:

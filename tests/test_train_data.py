@@ -91,6 +91,11 @@ def test_a_real_teacher_trains_on_the_given_prompts_and_images(linked, tmp_path,
     assert "real sdxl teacher: give its training prompts with --train-prompts" in capsys.readouterr().err
     assert not (tmp_path / "m0").exists()
     prompts, real = write_prompts(tmp_path / "train.jsonl"), write_images(tmp_path / "real")
+    # DMD2's GAN needs captioned real images: a clear error on the first draw, no model written
+    assert main(common + ["--train-prompts", str(prompts), "--run-dir", str(tmp_path / "r1"),
+                          "--out", str(tmp_path / "m1")]) == 2
+    assert "needs real images (`fewstep train --real-data FOLDER`" in capsys.readouterr().err
+    assert not (tmp_path / "m1").exists()
     assert main(common + ["--train-prompts", str(prompts), "--real-data", str(real),
                           "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "model")]) == 0
     info = json.loads((tmp_path / "model" / "student.json").read_text())

@@ -110,6 +110,11 @@ class Backbone(nn.Module):
         """Conditioning for a prompt set, computed once per distinct set and cached."""
         key = hashlib.sha256("\x1f".join(map(str, prompts)).encode()).hexdigest()
         if key not in self._cond_cache:
-            with torch.no_grad():
-                self._cond_cache[key] = self._encode(list(prompts))
+            self._cond_cache[key] = self.encode_uncached(prompts)
         return self._cond_cache[key]
+
+    def encode_uncached(self, prompts: Sequence) -> Cond:
+        """Conditioning outside the cache: training batches drawn from a large prompt file
+        differ every time and would only fill it."""
+        with torch.no_grad():
+            return self._encode(list(prompts))

@@ -38,13 +38,14 @@ def sample_jobs(backbone, rows, seeds, batch, desc, draw):
     from tqdm import tqdm
 
     from fewstep.noise import sample_noise
+    from fewstep.prompts import condition_of
 
     jobs = [(r, s) for r in rows for s in seeds]
     images = []
     for i in tqdm(range(0, len(jobs), batch), desc=desc, leave=False):
         chunk = jobs[i:i + batch]
         ids, chunk_seeds = [r["prompt_id"] for r, _ in chunk], [s for _, s in chunk]
-        cond = backbone.encode([r.get("class_label", r["prompt"]) for r, _ in chunk])
+        cond = backbone.encode([condition_of(r) for r, _ in chunk])
         # the noise is drawn on the CPU (identical on every device), then moved
         noise = sample_noise(ids, chunk_seeds, backbone.latent_shape).to(backbone.device)
         with torch.no_grad():

@@ -106,8 +106,11 @@ class Context:
             batch = self.prompts(n, stream + "/prompts")
             images = self._real_images(batch.metas, self.gen(stream))
         else:
-            raise RuntimeError("this run has no real data; the method needs real images "
-                               "(`fewstep train --real-data FOLDER`)")
+            from fewstep.errors import FewstepError
+
+            raise FewstepError("this run has no real data; the method needs real images "
+                               "(`fewstep train --real-data FOLDER`, config distill/train_data/"
+                               "<family>/real_images)")
         with torch.no_grad():
             latents = self.teacher.encode_images(images.to(self.device))
         return latents, batch
