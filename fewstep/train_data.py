@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from fewstep.backbones.base import Backbone, Cond
+from fewstep.engine.context import PromptPool
 from fewstep.errors import FewstepError
 from fewstep.prompts import condition_of, read_prompts
 
@@ -38,28 +39,19 @@ def resolve_data(path) -> Path:
     return given if given.exists() else Path(resolve(str(path)))
 
 
-class PromptStream:
-    """Training prompts read from a file, encoded when drawn (same `draw` as the toy PromptPool)."""
+class PromptStream(PromptPool):
+    """Training prompts read from a file, encoded when drawn (the toy PromptPool's `draw`)."""
 
     def __init__(self, path, teacher: Backbone):
         self.path, self.teacher = Path(path), teacher
-        self.metas = read_prompts(self.path)
+        super().__init__(read_prompts(self.path), cond={})
         if teacher.family == "sit" and any("class_label" not in m for m in self.metas):
             raise FewstepError(f"training prompts {self.path}: SiT trains on class labels, every "
                                "row needs `class_label` (e.g. `fewstep prompts --set "
                                "imagenet-classes`)")
 
-    def __len__(self) -> int:
-        return len(self.metas)
-
-    def draw(self, n: int, gen: torch.Generator, repeat: int = 1):
-        from fewstep.engine.context import PromptBatch
-
-        idx = torch.randint(len(self.metas), (n,), generator=gen)
-        rows = [self.metas[i] for i in idx.tolist()]
-        cond = {k: v.repeat_interleave(repeat, dim=0) for k, v in encode_rows(self.teacher, rows).items()}
-        rows = [r for r in rows for _ in range(repeat)]
-        return PromptBatch(rows, cond, torch.arange(n).repeat_interleave(repeat))
+    def conditions(self, idx: torch.Tensor) -> Cond:
+        return encode_rows(self.teacher, [self.metas[i] for i in idx.tolist()])
 
 
 def encode_rows(teacher: Backbone, rows: list[dict]) -> Cond:
@@ -69,10 +61,7 @@ def encode_rows(teacher: Backbone, rows: list[dict]) -> Cond:
 
 def image_size(teacher: Backbone) -> tuple[int, int]:
     """The (height, width) of the images the teacher's codec encodes to its latent shape."""
-    if getattr(teacher, "resolution", None):
-        return tuple(teacher.resolution)
-    vae = getattr(teacher.codec, "vae", None)
-    factor = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = teacher.codec.downsampling
     return teacher.latent_shape[1] * factor, teacher.latent_shape[2] * factor
 
 

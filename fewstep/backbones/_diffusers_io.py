@@ -102,7 +102,8 @@ def codec_for(vae) -> tuple[torch.nn.Module, int]:
     PixelCodec with factor 1 for a pixel-space toy teacher (no vae/ folder)."""
     if vae is None:
         return PixelCodec(), 1
-    return VAECodec(freeze(vae.float())), 2 ** (len(vae.config.block_out_channels) - 1)
+    codec = VAECodec(freeze(vae.float()))
+    return codec, codec.downsampling
 
 
 class TextStack:

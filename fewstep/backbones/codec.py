@@ -8,6 +8,8 @@ from torch import nn
 class PixelCodec(nn.Module):
     """The toy world's codec: latents are the pixels mapped from [0, 1] to [-1, 1]."""
 
+    downsampling = 1  # image pixels per latent pixel along each side
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return images * 2.0 - 1.0
 
@@ -31,6 +33,11 @@ class VAECodec(nn.Module):
                                     else getattr(cfg, "scaling_factor", 0.18215))
         sf = shift_factor if shift_factor is not None else getattr(cfg, "shift_factor", None)
         self.shift_factor = float(sf or 0.0)
+
+    @property
+    def downsampling(self) -> int:
+        """Image pixels per latent pixel along each side: one halving per extra encoder block."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         mean = self.vae.encode(images.float() * 2.0 - 1.0).latent_dist.mean

@@ -122,12 +122,15 @@ def prompt_set_needs(name: str) -> list[Need]:
 
 
 def train_data_needs(data: dict) -> list[Need]:
-    """A family's training prompt file (unless it names a prompt set) and real-image folder."""
+    """A family's training prompts (a prompt set's data files, or the user's file) and its
+    real-image folder."""
     from fewstep.prompt_sets import PROMPT_SETS
     from fewstep.train_data import METADATA
 
     needs = []
-    if data["prompts"] not in PROMPT_SETS:
+    if data["prompts"] in PROMPT_SETS:
+        needs += prompt_set_needs(data["prompts"])
+    else:
         needs.append(Need("training prompts", data["prompts"],
                           "your training prompt file (JSONL rows with prompt_id and prompt)"))
     if "real_images" in data:
@@ -154,7 +157,6 @@ def collect(metrics: list[str], families: list[str], world: str) -> dict[str, li
 def run(args) -> int:
     from fewstep.backbones.weights import cache_state, find_entry, weights_root
     from fewstep.config import load
-    from fewstep.prompt_sets import PROMPT_SETS
 
     config = load(args.config)
     world = args.world or config["world"]
@@ -167,8 +169,6 @@ def run(args) -> int:
                 "the method's published checkpoint (a local copy)")]
     for family, data in config["distill"].get("train_data", {}).items():
         groups[f"training data of {family}"] = train_data_needs(data)
-        if data["prompts"] in PROMPT_SETS:
-            groups[f"training data of {family}"] += prompt_set_needs(data["prompts"])
     configured = [spec["name"] for spec in config["eval"].get("prompt_sets", {}).values()]
     for name in dict.fromkeys([*configured, *args.prompt_sets]):
         groups[f"prompt set {name}"] = prompt_set_needs(name)

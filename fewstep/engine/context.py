@@ -43,10 +43,14 @@ class PromptPool:
         self.metas, self.cond = metas, cond
 
     def draw(self, n: int, gen: torch.Generator, repeat: int = 1) -> PromptBatch:
+        """n rows drawn with replacement, each repeated `repeat` times (one group per row)."""
         idx = torch.randint(len(self.metas), (n,), generator=gen)
-        idx = idx.repeat_interleave(repeat)
-        groups = torch.arange(n).repeat_interleave(repeat)
-        return PromptBatch([self.metas[i] for i in idx.tolist()], cond_index(self.cond, idx), groups)
+        cond = {k: v.repeat_interleave(repeat, dim=0) for k, v in self.conditions(idx).items()}
+        rows = [self.metas[i] for i in idx.repeat_interleave(repeat).tolist()]
+        return PromptBatch(rows, cond, torch.arange(n).repeat_interleave(repeat))
+
+    def conditions(self, idx: torch.Tensor) -> Cond:
+        return cond_index(self.cond, idx)
 
 
 class Context:
