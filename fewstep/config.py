@@ -5,6 +5,7 @@ Only light imports here: `snakemake -n` must answer fast.
 """
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import jsonschema
@@ -45,6 +46,7 @@ def validate(config: dict, source: str = "config") -> dict:
     except UnknownNameError as err:
         raise ConfigError(f"{source}: {err}") from None
     _check_metric_options(config, source)
+    _check_training(config, source)
     _check_world(config, source)
     for method, families in config["distill"].get("released", {}).items():
         if method not in config["distill"]["methods"]:
@@ -67,6 +69,39 @@ def validate(config: dict, source: str = "config") -> dict:
     except UnknownNameError as err:
         raise ConfigError(f"{source}: teachers/guidance: {err}") from None
     return config
+
+
+def trained_presets(config: dict) -> dict[str, list[str]]:
+    """method -> the presets its training runs use (its stages, else distill/preset); methods
+    released on every run family train nothing."""
+    distill = config["distill"]
+    released = distill.get("released", {})
+    return {m: distill["stages"].get(m, [distill["preset"]]) for m in distill["methods"]
+            if any(f not in released.get(m, {}) for f in config["families"])}
+
+
+def _check_training(config: dict, source: str) -> None:
+    """Every preset a training job will name and every override, resolved by the method's own
+    options now (types and ranges included), so `snakemake -n` refuses them before any job.
+    Released presets are resolved too: the release job names them."""
+    from fewstep.engine.options import resolve
+    from fewstep.errors import FewstepError
+
+    distill = config["distill"]
+    uses = [(m, p, distill["overrides"].get(m), "distill/" + (f"stages/{m}" if m in distill["stages"]
+                                                                 else "preset"))
+            for m, presets in trained_presets(config).items() for p in presets]
+    # a release job names its preset (the distill preset by default) and no overrides
+    uses += [(m, cell.get("preset", distill["preset"]), None, f"distill/released/{m}/{fam}")
+             for m, fams in distill.get("released", {}).items() for fam, cell in fams.items()]
+    uses += [(m, None, o, "distill/overrides") for m, o in distill["overrides"].items()]
+    for method, preset, overrides, where in uses:
+        cls = METHODS.get(method)
+        try:
+            resolve(cls.Options, cls.PRESETS, preset, overrides, method)
+        except FewstepError as err:
+            both = f" with distill/overrides/{method}" if overrides else ""
+            raise ConfigError(f"{source}: {where}{both}: {err}") from None
 
 
 def _check_world(config: dict, source: str) -> None:
@@ -94,6 +129,7 @@ def _check_world(config: dict, source: str) -> None:
         if missing:
             problems.append(f"{'teachers/link' if key == 'link' else 'eval/prompt_sets'} has no "
                             f"entry for {missing}")
+    problems += _prompt_set_problems(config["eval"].get("prompt_sets", {}))
     toy = [m for m in config["metrics"] if m.startswith("toy_")]
     if toy:
         problems.append(f"toy metrics {toy} score only the toy world; use their real slots "
@@ -101,6 +137,29 @@ def _check_world(config: dict, source: str) -> None:
     problems += _training_data_problems(config)
     if problems:
         raise ConfigError(f"{source} (world: real):\n  " + "\n  ".join(problems))
+
+
+def _prompt_set_problems(prompt_sets: dict) -> list[str]:
+    """Each family's benchmark set a registered one, with options its loader takes."""
+    import inspect
+
+    from fewstep.prompt_sets import PROMPT_SETS
+
+    problems = []
+    for family, spec in prompt_sets.items():
+        name = spec["name"]
+        if name not in PROMPT_SETS:
+            close = difflib.get_close_matches(name, PROMPT_SETS, n=3, cutoff=0.5)
+            hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+            problems.append(f"eval/prompt_sets/{family}/name: unknown prompt set {name!r}.{hint} "
+                            f"Known prompt sets: {', '.join(sorted(PROMPT_SETS))}")
+            continue
+        takes = set(inspect.signature(PROMPT_SETS[name]).parameters)
+        extra = sorted(set(spec) - {"name"} - takes)
+        if extra:
+            problems.append(f"eval/prompt_sets/{family}: prompt set {name!r} takes no option(s) "
+                            f"{extra} (its options: {sorted(takes - {'require_official'})})")
+    return problems
 
 
 def _training_data_problems(config: dict) -> list[str]:

@@ -54,6 +54,7 @@ def test_training_on_a_real_backbone_reads_its_data_and_reward(tmp_path):
     assert "--nproc_per_node 8 -m fewstep train --method dmd2" in plan
     cfg = config.load(path)
     cfg["distill"]["methods"] = ["dmd2", "amd"]
+    cfg["distill"]["stages"]["amd"] = ["amd-sit-int"]  # the distill preset is DMD2's
     del cfg["distill"]["train_data"]["sit"]["real_images"]
     cfg["distill"]["rewards"] = {"amd": "hpsv3"}
     with pytest.raises(config.ConfigError) as err:

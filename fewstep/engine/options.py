@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 
 from fewstep.errors import FewstepError
@@ -40,6 +43,24 @@ class TrainOptions:
     seed: int = 0
 
 
+# Ranges of the shared options: a run that trains zero iterations, saves every 0 iterations or
+# keeps an EMA of decay 1 is a mistake, not a setting. A method adds ranges for its own options as
+# `RANGES` on its options class (a ClassVar, so not a field). Brackets as in maths: "[1, inf)".
+RANGES = {"steps": "[1, inf)", "batch": "[1, inf)", "lr": "(0, inf)", "critic_lr": "(0, inf)",
+          "weight_decay": "[0, inf)", "critic_weight_decay": "[0, inf)", "grad_clip": "[0, inf)",
+          "warmup": "[0, inf)", "ema_decay": "[0, 1)", "ema_every": "[1, inf)",
+          "lora_rank": "[0, inf)", "lora_alpha": "[0, inf)", "checkpoint_every": "[1, inf)",
+          "log_every": "[1, inf)", "seed": "[0, inf)"}
+
+
+def in_range(value: float, interval: str) -> bool:
+    """Whether `value` lies in an interval written "[lo, hi)" (inf for no bound)."""
+    lo, hi = (float(v) for v in interval[1:-1].split(","))
+    above = value > lo if interval[0] == "(" else value >= lo
+    below = value < hi if interval[-1] == ")" else value <= hi
+    return math.isfinite(value) and above and below
+
+
 def _canonical(key: str) -> str:
     return key.replace(".", "_").replace("-", "_")
 
@@ -66,11 +87,75 @@ def resolve(cls, presets: dict[str, dict], preset: str | None, overrides: dict |
             close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
             hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
             raise FewstepError(f"unknown {method} option {key!r}.{hint}")
-        default = names[name].default
-        if isinstance(default, tuple) and isinstance(value, list):
-            value = tuple(value)
-        clean[name] = value
+        clean[name] = checked(cls, name, value, method, key)
     return cls(**clean)
+
+
+def checked(cls, name: str, value, method: str = "method", key: str | None = None):
+    """`value` as option `name` of `cls` (lists become tuples, integers floats), or a
+    FewstepError saying what the option takes: a YAML typo must not reach the loop."""
+    hint = typing.get_type_hints(cls)[name]
+    try:
+        value = _coerce(hint, value)
+    except (TypeError, ValueError):
+        raise FewstepError(f"{method} option {key or name}: expected {_describe(hint)}, got "
+                           f"{value!r} ({type(value).__name__})") from None
+    interval = {**RANGES, **getattr(cls, "RANGES", {})}.get(name)
+    if interval and isinstance(value, (int, float)) and not in_range(value, interval):
+        raise FewstepError(f"{method} option {key or name} = {value!r} is out of range: it must "
+                           f"lie in {interval}")
+    return value
+
+
+def _coerce(hint, value):
+    """Check `value` against a field's type hint (int, float, bool, str, X | None, tuple[...])."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value)
+            except (TypeError, ValueError):
+                continue
+        raise TypeError(value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v) for v in value)
+        if len(args) != len(value):
+            raise ValueError(value)
+        return tuple(_coerce(a, v) for a, v in zip(args, value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise TypeError(value)
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(value)
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(value)
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError(value)
+        return value
+    return value  # a type this checker does not know: the method checks it
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0])}"
+        return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
+    return {bool: "true or false", int: "an integer", float: "a number",
+            str: "a string"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def as_dict(options) -> dict:

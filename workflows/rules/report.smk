@@ -11,7 +11,7 @@ rule track:
     output:
         "results/mlflow/tracked.json",
     params:
-        experiment=config["mlflow"]["experiment"],
+        experiment=shlex.quote(config["mlflow"]["experiment"]),
         uri=("--tracking-uri " + shlex.quote(config["mlflow"]["tracking_uri"]))
         if config["mlflow"]["tracking_uri"] else "",
         config=shlex.quote(json.dumps(config, sort_keys=True)),

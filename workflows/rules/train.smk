@@ -62,7 +62,8 @@ def _train_args(wc, input):
         sets.append(f"pairs={input.pairs}")
     if "init" in input.keys():
         sets.append(f"init_from={input.init}")
-    args = f"--method {method} --preset {preset}"
+    # every config string reaches the shell quoted (the preset was also resolved at validation)
+    args = f"--method {shlex.quote(method)} --preset {shlex.quote(preset)}"
     if "reward" in REQUIRES.get(method, []):
         reward = input.reward if TOY else DISTILL["rewards"][method]
         args += f" --reward {shlex.quote(reward)}"
@@ -119,7 +120,7 @@ def pairs_guidance() -> float:
     method, preset, _ = next(r for r in RUNS.values() if "pairs" in REQUIRES.get(r[0], []))
     cls = METHODS.get(method)
     options = resolve(cls.Options, cls.PRESETS, preset, DISTILL["overrides"].get(method), method)
-    return options.teacher_guidance
+    return float(options.teacher_guidance)  # a number by validation; never a config string
 
 
 rule pairs:

@@ -1,0 +1,75 @@
+"""Training options are checked by type and range when resolved, and a config's presets and
+overrides are resolved at validation, so `snakemake -n` refuses them before any job runs."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from fewstep import config
+from fewstep.engine.options import in_range, resolve
+from fewstep.errors import FewstepError
+from fewstep.registry import METHODS
+
+
+def dmd2(**overrides):
+    cls = METHODS.get("dmd2")
+    return resolve(cls.Options, cls.PRESETS, "toy", overrides, "dmd2")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"steps": "abc"}, r"steps: expected an integer, got 'abc'"),
+    ({"steps": -5}, r"steps = -5 is out of range: it must lie in \[1, inf\)"),
+    ({"steps": 0}, r"steps = 0 is out of range"),
+    ({"checkpoint_every": 0}, r"checkpoint_every = 0 is out of range"),
+    ({"lr": 0}, r"lr = 0.0 is out of range: it must lie in \(0, inf\)"),
+    ({"ema_decay": 1.0}, r"ema_decay = 1.0 is out of range: it must lie in \[0, 1\)"),
+    ({"bf16": "yes"}, r"bf16: expected true or false"),
+    ({"batch": True}, r"batch: expected an integer"),
+    ({"batch": 2.5}, r"batch: expected an integer"),
+    ({"betas": [0.9]}, r"betas: expected a list of 2 values"),
+    ({"lr": float("nan")}, r"lr = nan is out of range"),
+    ({"stepz": 3}, r"unknown dmd2 option 'stepz'. Did you mean 'steps'"),
+])
+def test_bad_options_are_refused_with_what_they_take(overrides, message):
+    with pytest.raises(FewstepError, match=message):
+        dmd2(**overrides)
+
+
+def test_good_options_are_coerced_as_before():
+    opt = dmd2(lr=1, betas=[0.0, 0.99], critic_lr=None)
+    assert opt.lr == 1.0 and isinstance(opt.lr, float)
+    assert opt.betas == (0.0, 0.99) and opt.critic_lr is None
+
+
+def test_every_preset_of_every_method_resolves():
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        for preset in cls.PRESETS:
+            resolve(cls.Options, cls.PRESETS, preset, None, name)
+
+
+def test_in_range_reads_interval_brackets():
+    assert in_range(0, "[0, 1)") and not in_range(1, "[0, 1)")
+    assert not in_range(0, "(0, inf)") and in_range(1e9, "[1, inf)")
+    assert not in_range(float("inf"), "[1, inf)")
+
+
+def test_config_validation_resolves_overrides():
+    cfg = config.load()
+    cfg["distill"]["overrides"] = {"dmd2": {"stepz": 3}}
+    with pytest.raises(config.ConfigError, match=r"distill/overrides.*'stepz'.*Did you mean 'steps'"):
+        config.validate(cfg)
+    cfg["distill"]["overrides"] = {"cdm": {"checkpoint_every": 0}}
+    with pytest.raises(config.ConfigError, match="checkpoint_every = 0 is out of range"):
+        config.validate(cfg)
+
+
+def test_dry_run_refuses_a_bad_override(tmp_path):
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"distill": {"overrides": {"dmd2": {"stepz": 3}}}}))
+    out = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(config.REPO / "Snakefile"),
+                          "-d", str(tmp_path), "-n", "all", "--configfile", str(tmp_path / "bad.yaml")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "unknown dmd2 option 'stepz'" in out.stdout + out.stderr
+    assert "train" not in (out.stdout.split("Job stats:")[1] if "Job stats:" in out.stdout else "")
