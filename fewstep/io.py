@@ -9,14 +9,32 @@ import tempfile
 from pathlib import Path
 
 
+class UnsafeTargetError(ValueError):
+    """An output path that would replace the working directory, an ancestor of it, or a folder
+    the caller protects (e.g. `reports/` itself: `reports/.` names it)."""
+
+
+def check_target(path: Path, protect=()) -> None:
+    """Refuse a target that is the working directory, the home folder, an ancestor of either, or
+    a protected folder or an ancestor of one: replacing it would delete what lies inside."""
+    target = Path(os.path.abspath(path))
+    keep = [Path.cwd(), Path.home(), *(Path(os.path.abspath(p)) for p in protect)]
+    for folder in keep:
+        if target == folder or target in folder.parents:
+            raise UnsafeTargetError(f"refusing to replace {target}: it is {folder} or holds it; "
+                                    "give an output path inside its own folder")
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
+def atomic_path(path: str | os.PathLike, protect=()):
     """Yield a temporary sibling path; rename it onto `path` only if the block succeeds.
 
     Works for files and folders. The temporary name starts with '.tmp-' beside the target, so
-    the rename stays on one filesystem and is atomic.
+    the rename stays on one filesystem and is atomic. `protect`: folders the target must not be
+    or hold (the working directory and the home folder always are).
     """
-    path = Path(path)
+    check_target(Path(path), protect)
+    path = Path(os.path.abspath(path))  # "reports/." is reports itself, named so the checks see it
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent)) / path.name
     try:

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 from fewstep.io import write_text
 from fewstep.reporting.tables import method_label
+
+EXPERIMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # as the config schema's mlflow/experiment
 
 
 def add_arguments(p):
@@ -16,6 +20,17 @@ def add_arguments(p):
     p.add_argument("--verdicts", help="fewstep audit's verdicts .json, shown in the HTML report")
     p.add_argument("--no-dmd2-pairs", action="store_true",
                    help="skip the paired differences against DMD2 (they rescore feature metrics)")
+
+
+def html_folder(html: str, board: str) -> Path:
+    """The HTML report's folder: a child of the leaderboard's folder (reports/<experiment>), never
+    that folder itself or anything above it (the atomic write would replace what is there)."""
+    folder, parent = Path(os.path.abspath(html)), Path(os.path.abspath(board)).parent
+    if folder.parent != parent or not EXPERIMENT.fullmatch(folder.name):
+        raise ValueError(f"--html {html}: the HTML report's folder must lie inside {parent.name}/ "
+                         f"(the leaderboard's folder), named like an experiment, e.g. "
+                         f"{parent.name}/fewstep-toy")
+    return folder
 
 
 def load_rows(paths) -> list[dict]:
@@ -153,13 +168,14 @@ def run(args):
         identities(rows),
         "",
     ])
+    html = html_folder(args.html, args.out) if args.html else None  # checked before any write
     write_text(args.out, text)
     print(f"wrote {args.out} ({len(rows)} rows)")
-    if args.html:
+    if html:
         from fewstep.pairing import paired
         from fewstep.reporting.page import build
 
         verdicts = json.loads(Path(args.verdicts).read_text()) if args.verdicts else None
-        index = build(rows, args.html, args.experiment, verdicts,
+        index = build(rows, html, args.experiment, verdicts,
                       None if args.no_dmd2_pairs else paired)
         print(f"wrote {index}")
