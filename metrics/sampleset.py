@@ -3,12 +3,23 @@
 Metrics read sample sets from disk, never tensors in memory, and refuse an incomplete or corrupt set
 instead of shrinking their denominator (pitfalls.md C.12): every problem found is named in one error.
 
-Manifest: one JSON object per line and per image, with the keys in `REQUIRED_KEYS` plus optional task
-metadata under "meta" (the GenEval dict for text-to-image prompts).
+Sets are verified by content, not only structure: a relabelled record, a row with another NFE, two
+images swapped across prompts or an image replaced by another valid PNG are all refused.
+
+Manifest (format 2), one JSON object per line:
+* line 1, the header: {"fewstep_sample_set": 2, the set-level fields (family, method, nfe; steps and
+  guidance when given), "images": the row count, "prompt_set_sha256": hash of the distinct
+  (prompt_id, prompt, meta) triples};
+* then one row per image: prompt_id, prompt, "prompt_sha256" (sha256 of the prompt text), seed,
+  path, "image_sha256" (sha256 of the PNG file's bytes) and task metadata under "meta" (the
+  prompt file's row, which holds the GenEval dict for text-to-image prompts).
+A record (what metrics read) is a row with the header's set-level fields and without the hashes,
+i.e. the dict the writer was given plus its path.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +32,13 @@ from fewstep.io import atomic_path
 
 MANIFEST = "manifest.jsonl"
 REQUIRED_KEYS = ("prompt_id", "prompt", "seed", "family", "method", "nfe", "path")
+SET_KEYS = ("family", "method", "nfe", "steps", "guidance")  # one value per set: in the header
+REQUIRED_SET_KEYS = ("family", "method", "nfe")
+HASH_KEYS = ("prompt_sha256", "image_sha256")  # in manifest rows, not in records
+FORMAT_KEY, FORMAT_VERSION = "fewstep_sample_set", 2
+RESAMPLE = "resample the set (fewstep sample; in the DAG, rerun its sample rule)"
+RESAMPLE_HINT = ("resample it: `fewstep sample --teacher ... --prompts ... --out <folder>` (in the "
+                 "DAG: delete the folder and rerun its sample rule, sample_teacher or sample_student)")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MAX_LISTED_PROBLEMS = 20
 SIDECARS = ("provenance.json",)  # records the sampling job writes beside the images (not images)
@@ -42,10 +60,13 @@ class SampleSetError(ValueError):
 
 @dataclass(frozen=True)
 class SampleSet:
-    """A validated sample set: records in manifest order and the common image size (H, W)."""
+    """A validated sample set: records in manifest order, the common image size (H, W), the
+    manifest's header and the sha256 of the manifest's bytes (what a score file names)."""
     folder: Path
     records: list[dict]
     resolution: tuple[int, int]
+    header: dict
+    manifest_sha256: str
 
     def __len__(self):
         return len(self.records)
@@ -61,13 +82,21 @@ class SampleSet:
 
     def prompt_set_sha256(self) -> str:
         """Hash of the distinct (prompt_id, prompt, meta) triples: names the prompt set scored."""
-        triples = sorted({json.dumps([r["prompt_id"], r["prompt"], r.get("meta")], sort_keys=True)
-                          for r in self.records})
-        return hashlib.sha256("\n".join(triples).encode()).hexdigest()
+        return prompt_set_sha256(self.records)
 
     def load_image(self, index: int) -> np.ndarray:
         """The image as uint8 (H, W, 3)."""
         return read_png_rgb(self.folder / self.records[index]["path"])
+
+
+def prompt_set_sha256(records: Sequence[dict]) -> str:
+    triples = sorted({json.dumps([r["prompt_id"], r["prompt"], r.get("meta")], sort_keys=True)
+                      for r in records})
+    return hashlib.sha256("\n".join(triples).encode()).hexdigest()
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------- writing
@@ -99,24 +128,28 @@ def default_image_name(index: int) -> str:
 def write_sample_set(folder, images, records: Sequence[dict], *, overwrite: bool = False) -> Path:
     """Write images and manifest atomically: into a temporary sibling folder, then one rename.
 
-    `records` hold the manifest keys except "path", which is assigned (`000000.png`, ...) unless given.
+    `records` hold the manifest keys except "path", which is assigned (`000000.png`, ...) unless
+    given; the set-level fields (SET_KEYS) must be equal across records and go once into the header.
     A reader never sees a half-written set: the final folder appears only once everything is on disk.
     """
     folder = Path(folder)
     arr = to_uint8_images(images)
     if len(arr) != len(records):
         raise ValueError(f"{len(arr)} images but {len(records)} records; pass one record per image")
-    rows = [_completed_record(i, r) for i, r in enumerate(records)]
-    problems = _record_problems(rows)
+    records = [_completed_record(i, r) for i, r in enumerate(records)]
+    problems = _record_problems(records) + _set_field_problems(records)
     if problems:
         raise SampleSetError(folder, problems)
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} already exists; pass overwrite=True to replace it")
+    lines = [header_of(records)]
     with atomic_path(folder) as tmp:
         tmp.mkdir()
-        for img, row in zip(arr, rows):
-            Image.fromarray(img, mode="RGB").save(tmp / row["path"], format="PNG")
-        (tmp / MANIFEST).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        for img, record in zip(arr, records):
+            data = png_bytes(img)  # hashed as written: the reader hashes the same file bytes
+            (tmp / record["path"]).write_bytes(data)
+            lines.append(manifest_row(record, hashlib.sha256(data).hexdigest()))
+        (tmp / MANIFEST).write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines))
     return folder
 
 
@@ -126,6 +159,42 @@ def _completed_record(index: int, record: dict) -> dict:
     return row
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image, mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _set_field_problems(records: Sequence[dict]) -> list[str]:
+    """A set is one sampler setting: each set-level field has one value, or is absent, in all."""
+    problems = []
+    for key in SET_KEYS:
+        values = {json.dumps(r.get(key, "<absent>"), sort_keys=True) for r in records}
+        if len(values) > 1:
+            problems.append(f"records disagree on {key} ({', '.join(sorted(values))}): a sample "
+                            "set is one sampler setting; write one set per setting")
+    return problems
+
+
+def header_of(records: Sequence[dict]) -> dict:
+    """The manifest's first line: format, set-level fields, image count, prompt-set hash."""
+    fields = {k: records[0][k] for k in SET_KEYS if k in records[0]}
+    return {FORMAT_KEY: FORMAT_VERSION, **fields, "images": len(records),
+            "prompt_set_sha256": prompt_set_sha256(records)}
+
+
+def manifest_row(record: dict, image_sha256: str) -> dict:
+    row = {k: v for k, v in record.items() if k not in SET_KEYS}
+    return {**row, "prompt_sha256": text_sha256(record["prompt"]), "image_sha256": image_sha256}
+
+
+def record_of(header: dict, row: dict) -> dict:
+    """What metrics read: the row with the header's set-level fields, without the hashes."""
+    record = {k: v for k, v in row.items() if k not in HASH_KEYS}
+    record.update({k: header[k] for k in SET_KEYS if k in header})
+    return dict(sorted(record.items()))  # key order as the writer's sort_keys manifest had it
+
+
 # ----------------------------------------------------------------------------------------- reading
 
 def read_png_rgb(path) -> np.ndarray:
@@ -133,13 +202,55 @@ def read_png_rgb(path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed manifest: its header (None when unusable), raw rows, problems, bytes' sha256."""
+    header: dict | None
+    rows: list[dict]
+    problems: list[str]
+    sha256: str | None = None
+
+
 def read_manifest(folder) -> tuple[list[dict], list[str]]:
-    """Manifest rows and the problems found while parsing them."""
+    """The records (header fields merged in, hashes left out) and the problems found parsing."""
+    m = parse_manifest(folder)
+    return ([record_of(m.header, r) for r in m.rows] if m.header else []), m.problems
+
+
+def parse_manifest(folder) -> Manifest:
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        return [], [f"missing {MANIFEST} in {folder}; write sample sets with write_sample_set"]
+        return Manifest(None, [], [f"missing {MANIFEST} in {folder}; write sample sets with "
+                                   "write_sample_set"])
+    data = path.read_bytes()  # hashed and parsed from the same bytes: the score names what it read
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return Manifest(None, [], [f"{MANIFEST} is not UTF-8 text; {RESAMPLE_HINT}"])
+    lines, problems = _json_lines(text)
+    if not lines and not problems:
+        problems.append(f"{MANIFEST} is empty: a sample set needs at least one image")
+    if not lines:
+        return Manifest(None, [], problems)
+    if FORMAT_KEY not in lines[0]:
+        # the format before hashes: nothing to verify the images against
+        return Manifest(None, [], problems + [
+            f"{MANIFEST} has no header (an old-format set written before image hashes were "
+            f"recorded, or not written by write_sample_set), so its content cannot be verified; "
+            f"{RESAMPLE_HINT}"])
+    header, rows = lines[0], lines[1:]
+    if header[FORMAT_KEY] != FORMAT_VERSION:
+        problems.append(f"{MANIFEST} has format {header[FORMAT_KEY]!r}, this fewstep reads "
+                        f"{FORMAT_VERSION}; {RESAMPLE_HINT}")
+    problems += [f"{MANIFEST} row {i}: a second header; one header, on the first line"
+                 for i, row in enumerate(rows) if FORMAT_KEY in row]
+    return Manifest(header, rows, problems, hashlib.sha256(data).hexdigest())
+
+
+def _json_lines(text: str) -> tuple[list[dict], list[str]]:
+    """The JSON objects of a .jsonl text and the lines that are not JSON objects."""
     rows, problems = [], []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -151,8 +262,6 @@ def read_manifest(folder) -> tuple[list[dict], list[str]]:
             problems.append(f"{MANIFEST} line {lineno}: expected a JSON object")
             continue
         rows.append(row)
-    if not rows and not problems:
-        problems.append(f"{MANIFEST} is empty: a sample set needs at least one image")
     return rows, problems
 
 
@@ -168,6 +277,8 @@ def _record_problems(rows: Sequence[dict]) -> list[str]:
         for key in ("seed", "nfe"):
             if not isinstance(row[key], int) or isinstance(row[key], bool):
                 problems.append(f"{where}: {key} must be an integer, got {row[key]!r}")
+        if not isinstance(row["prompt"], str):
+            problems.append(f"{where}: prompt must be a string, got {row['prompt']!r}")
         if "meta" in row and row["meta"] is not None and not isinstance(row["meta"], dict):
             problems.append(f"{where}: meta must be a JSON object or null")
         problems += _path_problems(where, row["path"])
@@ -210,13 +321,13 @@ def _folder_problems(folder: Path, rows: Sequence[dict]) -> list[str]:
     return problems
 
 
-def _image_problems(path: Path, allow_blank: bool) -> tuple[tuple[int, int] | None, list[str]]:
+def _image_problems(path: Path, data: bytes,
+                    allow_blank: bool) -> tuple[tuple[int, int] | None, list[str]]:
     """The image's (H, W) and its problems: not a PNG, not RGB, unreadable, or blank."""
-    with open(path, "rb") as fh:
-        if fh.read(len(PNG_MAGIC)) != PNG_MAGIC:
-            return None, [f"{path.name} is not a PNG file (wrong magic bytes; e.g. a renamed JPEG)"]
+    if data[:len(PNG_MAGIC)] != PNG_MAGIC:
+        return None, [f"{path.name} is not a PNG file (wrong magic bytes; e.g. a renamed JPEG)"]
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
             mode, arr = im.mode, np.asarray(im)
     except Exception as err:  # noqa: BLE001 - any decoder failure means a corrupt file
@@ -253,32 +364,122 @@ def _expected_problems(rows: Sequence[dict], expected: Iterable) -> list[str]:
     return problems
 
 
-def load_sample_set(folder, expected=None, resolution=None, *,
-                    allow_blank: bool = False) -> SampleSet:
+def _header_problems(header: dict, rows: Sequence[dict]) -> list[str]:
+    """The header's own fields, then every row against it: one sampler setting, the row count."""
+    problems = [f"header: missing {k}; {RESAMPLE}" for k in REQUIRED_SET_KEYS if k not in header]
+    if header.get("images") != len(rows):
+        problems.append(f"header: {header.get('images')!r} images but {MANIFEST} lists {len(rows)} "
+                        f"rows: a row was added or removed after sampling; {RESAMPLE}")
+    for i, row in enumerate(rows):
+        problems += [f"record {i} ({row.get('path', '?')}): {k}={row[k]!r} disagrees with the "
+                     f"header's {k}={header.get(k)!r}; a sample set is one sampler setting, stated "
+                     f"once in its header; {RESAMPLE}"
+                     for k in SET_KEYS if k in row and row[k] != header.get(k)]
+    return problems
+
+
+def _prompt_hash_problems(header: dict, rows: Sequence[dict], records: Sequence[dict]) -> list[str]:
+    """Each row's prompt text against its prompt_sha256, and all prompts and metadata against the
+    header's prompt-set hash (which catches a record relabelled together with its hash)."""
+    problems = [f"record {i} ({row.get('path', '?')}): prompt_sha256 does not match its prompt "
+                f"{row['prompt']!r}: the prompt was edited after sampling; {RESAMPLE}"
+                for i, row in enumerate(rows)
+                if isinstance(row.get("prompt"), str)
+                and row.get("prompt_sha256") != text_sha256(row["prompt"])]
+    if all("prompt_id" in r and "prompt" in r for r in records) and \
+            header.get("prompt_set_sha256") != prompt_set_sha256(records):
+        problems.append("the records' prompts and metadata are not the header's prompt set "
+                        "(prompt_set_sha256 differs): a record was relabelled or its meta edited "
+                        f"after sampling; {RESAMPLE}")
+    return problems
+
+
+def _image_file_problems(folder: Path, rows: Sequence[dict],
+                         allow_blank: bool) -> tuple[dict[str, tuple[int, int]], list[str]]:
+    """Each listed PNG: its bytes against the row's image_sha256, then a decodable, non-blank
+    8-bit RGB image. Returns the images' (H, W) by path, and the problems."""
+    sizes, problems = {}, []
+    for row in rows:
+        rel = row.get("path")
+        if not (isinstance(rel, str) and rel.lower().endswith(".png") and (folder / rel).is_file()):
+            continue  # a bad or missing path is named by _record_problems / _folder_problems
+        data = (folder / rel).read_bytes()
+        actual, want = hashlib.sha256(data).hexdigest(), row.get("image_sha256")
+        if want is None:
+            problems.append(f"{rel}: its manifest row has no image_sha256; {RESAMPLE}")
+        elif actual != want:
+            problems.append(f"{rel}: sha256 {actual[:12]} is not the manifest's {str(want)[:12]}: "
+                            f"the file was replaced or swapped after sampling; {RESAMPLE}")
+        size, found = _image_problems(folder / rel, data, allow_blank)
+        problems += found
+        if size is not None:
+            sizes[rel] = tuple(int(v) for v in size)
+    return sizes, problems
+
+
+def _prompt_file_problems(records: Sequence[dict], prompts: Sequence[dict]) -> list[str]:
+    """Each record's prompt text and meta against the prompt file's row of its prompt_id: the
+    (prompt_id, seed) grid alone accepts a set sampled from other prompts under the same ids."""
+    by_id = {str(p["prompt_id"]): p for p in prompts}
+    problems = []
+    for i, r in enumerate(records):
+        where, pid = f"record {i} ({r.get('path', '?')})", r.get("prompt_id")
+        want = by_id.get(str(pid))
+        if want is None:
+            problems.append(f"{where}: prompt_id {pid!r} is not in the prompt file; score the set "
+                            "with the prompt file it was sampled from")
+            continue
+        diffs = _prompt_differences(r, want)
+        if diffs:
+            problems.append(f"{where}: {'; '.join(diffs)} (prompt_id {pid!r}, against the prompt "
+                            "file's row): the set was sampled from other prompts; score it with "
+                            "its own prompt file or resample it with this one "
+                            "(fewstep sample --prompts)")
+    return problems
+
+
+def _prompt_differences(record: dict, want: dict) -> list[str]:
+    diffs = []
+    if record.get("prompt") != want.get("prompt"):
+        diffs.append(f"prompt {record.get('prompt')!r} is not the prompt file's "
+                     f"{want.get('prompt')!r}")
+    meta = record.get("meta")
+    if meta != want:  # `fewstep sample` stores the prompt file's whole row as meta
+        keys = (sorted(k for k in set(meta) | set(want) if meta.get(k) != want.get(k))
+                if isinstance(meta, dict) else None)
+        diffs.append(f"meta differs in {keys}" if keys else "meta is not the prompt file's row")
+    return diffs
+
+
+def load_sample_set(folder, expected=None, resolution=None, *, allow_blank: bool = False,
+                    prompts: Sequence[dict] | None = None) -> SampleSet:
     """Validate and load a sample set; raise SampleSetError naming every problem.
 
-    expected: the (prompt_id, seed) grid the set must cover exactly; resolution: int or (H, W).
+    Checks structure (keys, files, PNGs, sizes) and content: every row against the header, every
+    image against its sha256, the prompts against their hashes. expected: the (prompt_id, seed)
+    grid the set must cover exactly; resolution: int or (H, W); prompts: the prompt file's rows
+    (fewstep.prompts.read_prompts), which each record's prompt text and meta must equal.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise SampleSetError(folder, [f"{folder} is not a folder"])
-    rows, problems = read_manifest(folder)
-    if not rows and problems:  # no usable manifest: listing every image as "extra" would be noise
-        raise SampleSetError(folder, problems)
-    problems += _record_problems(rows)
-    problems += _folder_problems(folder, rows)
-    sizes = {}
-    for row in rows:
-        rel = row.get("path")
-        if isinstance(rel, str) and rel.lower().endswith(".png") and (folder / rel).is_file():
-            size, found = _image_problems(folder / rel, allow_blank)
-            problems += found
-            if size is not None:
-                sizes[rel] = tuple(int(v) for v in size)
+    m = parse_manifest(folder)
+    if m.header is None or not m.rows:  # no usable manifest: listing every image would be noise
+        raise SampleSetError(folder, m.problems or [
+            f"{MANIFEST} has a header but no image rows: a sample set needs at least one image"])
+    records = [record_of(m.header, row) for row in m.rows]
+    problems = m.problems + _record_problems(records) + _header_problems(m.header, m.rows)
+    problems += _prompt_hash_problems(m.header, m.rows, records)
+    problems += _folder_problems(folder, records)
+    sizes, found = _image_file_problems(folder, m.rows, allow_blank)
+    problems += found
     if sizes:
         problems += _resolution_problems(sizes, resolution)
     if expected is not None:
-        problems += _expected_problems(rows, expected)
+        problems += _expected_problems(records, expected)
+    if prompts is not None:
+        problems += _prompt_file_problems(records, prompts)
     if problems:
         raise SampleSetError(folder, problems)
-    return SampleSet(folder=folder, records=rows, resolution=next(iter(sizes.values())))
+    return SampleSet(folder=folder, records=records, resolution=next(iter(sizes.values())),
+                     header=m.header, manifest_sha256=m.sha256)

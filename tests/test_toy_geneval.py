@@ -158,10 +158,9 @@ def test_refuses_sets_without_meta_or_tasks(tmp_path):
 
 def test_uneven_images_per_prompt_are_refused(tmp_path):
     metas = world.prompt_set("eval")
-    folder = _write(tmp_path / "uneven", metas)
-    rows = (folder / "manifest.jsonl").read_text().splitlines()
-    (folder / rows[0].split('"path": "')[1].split('"')[0]).unlink()
-    (folder / "manifest.jsonl").write_text("\n".join(rows[1:]) + "\n")
+    images = np.stack([world.render(m, s, 32)[0] for m in metas for s in SEEDS])
+    # written without the first (prompt, seed): a verified set whose first prompt has one image
+    folder = write_sample_set(tmp_path / "uneven", images[1:], _records(metas)[1:])
     with pytest.raises(SampleSetError, match="has 1 images, most prompts have 2"):
         _metric().score(folder)
 

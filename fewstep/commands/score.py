@@ -84,7 +84,7 @@ def run(args):
     class_conditional = all("class_label" in r for r in rows)
     metrics = {name: build_metric(name, args, class_conditional) for name in args.metrics}
     for samples, out in zip(args.samples, args.out):
-        score_set(args, metrics, expected, samples, out, prompt_set)
+        score_set(args, metrics, expected, samples, out, prompt_set, rows)
 
 
 def prompt_set_of(prompts_path) -> dict:
@@ -105,12 +105,16 @@ def prompt_set_of(prompts_path) -> dict:
     return {"name": f"toy-heldout-{Path(prompts_path).stem}", "sha256": sha}
 
 
-def score_set(args, metrics, expected, samples, out, prompt_set: dict):
+def score_set(args, metrics, expected, samples, out, prompt_set: dict, prompt_rows: list[dict]):
     import json
 
     from fewstep.io import write_json
-    from metrics.sampleset import read_manifest
+    from metrics.sampleset import load_sample_set
 
+    # The gate, before any metric runs: content (hashes, header) and the prompt file's text, which
+    # the metrics' own loads cannot check (they see only the (prompt_id, seed) grid).
+    ss = load_sample_set(samples, expected=expected, resolution=args.resolution,
+                         allow_blank=args.allow_blank, prompts=prompt_rows)
     results = {}
     for name, metric in metrics.items():
         result = metric.score(samples, expected=expected, resolution=args.resolution,
@@ -118,11 +122,11 @@ def score_set(args, metrics, expected, samples, out, prompt_set: dict):
         results[name] = result.to_dict()
         print(f"{samples} {name} {result.version}: {result.value:.4f} "
               f"[{result.ci_low:.4f}, {result.ci_high:.4f}]")
-    first = read_manifest(samples)[0][0]
+    head = ss.header  # the set-level fields are stated once, there; never read off one row
     prov = json.loads((Path(samples) / "provenance.json").read_text())
-    row = {"sample_set": str(samples), "family": first["family"], "method": first["method"],
-           "steps": first.get("steps"), "nfe": first["nfe"], "guidance": first.get("guidance"),
-           "prompt_set": prompt_set,
+    row = {"sample_set": str(samples), "family": head["family"], "method": head["method"],
+           "steps": head.get("steps"), "nfe": head["nfe"], "guidance": head.get("guidance"),
+           "manifest_sha256": ss.manifest_sha256, "prompt_set": prompt_set,
            "results": results, "sampling_provenance": prov,
            "scoring_args": {**vars(args), "samples": samples, "out": out}}
     if args.against:
