@@ -1,15 +1,21 @@
 """Training checkpoints: safetensors for every tensor (weights, EMA, optimiser, RNG), JSON for the rest.
 
 Layout of a run folder:
-    ckpt/step_00000400/{weights,ema,optim,rng}.safetensors + state.json
-    ckpt/latest            (the name of the newest complete checkpoint)
-Each checkpoint folder is written through fewstep.io.atomic_path and `latest` is replaced
-atomically afterwards, so a job killed mid-save resumes from the previous checkpoint.
+    ckpt/step_00000400/{weights,ema,optim,rng}.safetensors + state.json + manifest.json
+    ckpt/latest            (the name of the newest checkpoint written; for people, not trusted)
+Each checkpoint folder is written through fewstep.io.atomic_path, and inside it manifest.json (the
+sha256 of every other file) is written last, atomically: a folder is a complete checkpoint only
+when its manifest is there and every hash matches. Resume takes the newest complete one and says
+on stderr which newer ones it skipped and why, so a save torn by a crash or a full disk costs one
+checkpoint interval, not the run. Folders without a manifest (a save that never finished, or a
+checkpoint of a fewstep from before manifests) count as incomplete.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -18,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from fewstep.io import atomic_path, write_text
 
 KEEP = 2  # complete checkpoints kept on disk
+MANIFEST = "manifest.json"
 
 
 def _flat_state(prefix: str, state: dict) -> dict[str, torch.Tensor]:
@@ -77,18 +84,64 @@ def save(run_dir: Path, step: int, networks: dict, emas: dict, optimizers: dict,
                  "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
                  "extra": extra or {}}
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=str))
+        write_manifest(tmp)  # last: its presence says every other file is whole
     write_text(ckpt_root / "latest", folder.name + "\n")
-    for old in sorted(ckpt_root.glob("step_*"))[:-KEEP]:
+    # only folders up to this step are older; a newer one was skipped on resume (torn) and stays
+    # for inspection until this run saves over it or passes it
+    older = [f for f in sorted(ckpt_root.glob("step_*")) if f.name <= folder.name]
+    for old in older[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
-def latest(run_dir: Path) -> Path | None:
-    pointer = Path(run_dir) / "ckpt" / "latest"
-    if not pointer.is_file():
-        return None
-    folder = pointer.parent / pointer.read_text().strip()
-    return folder if (folder / "state.json").is_file() else None
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
+    write_text(folder / MANIFEST, json.dumps(
+        {"files": {name: file_sha256(folder / name) for name in files}}, indent=1) + "\n")
+
+
+def problem(folder: Path) -> str | None:
+    """Why a checkpoint folder is not a complete checkpoint, or None when it is."""
+    folder = Path(folder)
+    try:
+        listed = json.loads((folder / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return (f"no {MANIFEST} (its save did not finish, or it was written by a fewstep from "
+                "before checkpoints carried one)")
+    except (ValueError, KeyError, TypeError) as err:
+        return f"{MANIFEST} is unreadable ({err})"
+    for name, digest in listed.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if file_sha256(path) != digest:
+            return f"{name} does not match its sha256 in {MANIFEST} (truncated or changed)"
+    return None
+
+
+def latest(run_dir: Path, report: bool = True) -> Path | None:
+    """The newest complete checkpoint of a run, or None; each newer folder that is skipped is
+    named on stderr with the reason (report=False: quietly, for the other ranks)."""
+    skipped = 0
+    for folder in sorted((Path(run_dir) / "ckpt").glob("step_*"), reverse=True):
+        why = problem(folder)
+        if why is None:
+            if skipped and report:
+                print(f"fewstep: resuming from {folder.name}, the newest complete checkpoint",
+                      file=sys.stderr)
+            return folder
+        skipped += 1
+        if report:
+            print(f"fewstep: skipped checkpoint {folder}: {why}", file=sys.stderr)
+    if skipped and report:
+        print("fewstep: no complete checkpoint left; training starts from iteration 0",
+              file=sys.stderr)
+    return None
 
 
 def _load_prefixed(path: Path, name: str) -> dict:

@@ -2,7 +2,9 @@
 
 SIGTERM, and SIGUSR1 (which SLURM sends before a time limit when asked to), make the loop finish
 the current iteration, save a checkpoint and exit with STOP_EXIT; the retried job resumes from
-that checkpoint and continues exactly where it stopped.
+that checkpoint and continues exactly where it stopped. SIGINT (Ctrl-C) does the same, with the
+same exit status 75 (rerun to resume, whoever stopped it); a second Ctrl-C aborts at once without
+saving (the last complete checkpoint stays).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import copy
 import json
 import re
 import signal
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -22,6 +25,7 @@ from fewstep.engine import checkpoint
 from fewstep.engine.distributed import DistInfo, any_rank, average_gradients, barrier, broadcast_module
 from fewstep.engine.method import Method
 from fewstep.errors import FewstepError
+from fewstep.io import write_text
 
 STOP_EXIT = 75  # EX_TEMPFAIL: stopped by a signal after saving; rerun to resume
 
@@ -50,16 +54,22 @@ class RunState:
 
 
 class _Signals:
+    """Records a stop request; the loop saves and stops after the iteration in flight."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
     def __init__(self):
         self.signum = 0
         self._old = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in self.SIGNALS:
             self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user will not wait for the save
         self.signum = signum
 
     def __exit__(self, *exc):
@@ -126,7 +136,7 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def resume(self) -> None:
-        folder = checkpoint.latest(self.run_dir)
+        folder = checkpoint.latest(self.run_dir, report=self.info.main)
         if folder is None:
             for module in self.nets.values():
                 broadcast_module(module, self.info)
@@ -225,9 +235,30 @@ class Trainer:
         return self.state
 
 
+def _log_rows(path: Path) -> list[tuple[str, dict]]:
+    """The (line, row) pairs of a metrics log; a torn last line (a crash mid-write) is dropped with a warning,
+    a bad line before it is an error (the log was changed by something else)."""
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            rows.append((line, json.loads(line)))
+        except ValueError as err:
+            if number == len(lines):
+                print(f"fewstep: {path}: dropped a torn last line (a write cut short): "
+                      f"{line[:60]!r}", file=sys.stderr)
+                break
+            raise FewstepError(f"{path} line {number} is not JSON ({err}); the training loop "
+                               "only appends whole lines. Fix or delete that line, then rerun "
+                               "to resume") from err
+    return rows
+
+
 def _truncate_log(path: Path, step: int) -> None:
     """On resume, drop logged rows of iterations that will run again."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = [line for line, row in _log_rows(path) if row["step"] < step]
+    write_text(path, "".join(line + "\n" for line in keep))  # atomic: a crash here keeps the log
