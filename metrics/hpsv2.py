@@ -6,6 +6,12 @@ v2.1; the state dict sits under a "state_dict" key). Both towers are fine-tuned,
 ViT-H-14 weights are never needed. The files come from the weights cache only:
 `$FEWSTEP_WEIGHTS/hps/<file>` (source: Hugging Face xswu/HPSv2).
 
+The .pt files are read with torch's tensor-only loader and nothing else: a file it refuses is
+never unpickled fully (a crafted pickle runs any code, and the path can come from a config's
+metric_options). Such a file, if trusted, is converted once with `fewstep weights convert
+--trust-pickle FILE.pt --out FILE.safetensors`; a `.safetensors` beside the cache's `.pt` is used
+in its place, and a `.safetensors` checkpoint path holds the state dict itself.
+
 Score per (image, prompt): the cosine between the unit-length image and text embeddings; the
 model's logit scale plays no role. Tables report 100 x the mean cosine (e.g. 27.86); per-sample
 rows hold both the raw cosine and the x100 score. v2.0 and v2.1 are separate metrics ("hpsv2.0",
@@ -179,13 +185,28 @@ def config_sha256(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
 
 
+def refused_pickle(path: Path, err: Exception) -> str:
+    """The error for a checkpoint the tensor-only loader refuses: how to convert it once."""
+    reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    return (f"{path} holds pickled objects beyond tensors, which the tensor-only loader refuses "
+            f"({reason}). Unpickling it fully could run any code, so fewstep never does. If you "
+            f"trust the file, convert it once: `fewstep weights convert --trust-pickle {path} "
+            f"--out {path.with_suffix('.safetensors')}` (a .safetensors beside the cache's .pt "
+            "is used in its place; elsewhere, give its path as the metric's checkpoint option)")
+
+
 def read_state_dict(path: Path) -> dict:
-    """The HPS state dict from its checkpoint file ({"state_dict": {...}})."""
+    """The HPS state dict from its checkpoint file ({"state_dict": {...}} in a .pt, or the state
+    dict itself in a .safetensors written by `fewstep weights convert`)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # metrics.md 1.4: if the tensor-only loader refuses this trusted file, load it fully
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except pickle.UnpicklingError as err:
+        raise ValueError(refused_pickle(path, err)) from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         keys = sorted(checkpoint)[:5] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(f"{path} is not an HPS checkpoint: expected a dict with a 'state_dict' "
@@ -209,11 +230,13 @@ def build_model(cfg: dict, checkpoint: Path, device: torch.device):
 
 def resolve_checkpoint(hps_version: str, checkpoint=None) -> Path:
     """An explicit checkpoint path, or the version's file in the weights cache."""
-    from fewstep.backbones.weights import MissingWeightsError, require_entry
+    from fewstep.backbones.weights import MissingWeightsError, find_entry, require_entry
 
     entry = checkpoint_entry(hps_version)
     if checkpoint is None:
-        return require_entry(entry.path, entry.source, f"HPSv2 ({hps_version})")
+        # a converted copy (`fewstep weights convert`) beside the .pt is read in its place
+        converted = find_entry(str(Path(entry.path).with_suffix(".safetensors")))
+        return converted or require_entry(entry.path, entry.source, f"HPSv2 ({hps_version})")
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise MissingWeightsError(

@@ -322,3 +322,52 @@ def test_bad_settings_are_refused():
         HPSv2(precision="bf16")
     with pytest.raises(ValueError, match="QuickGELU"):
         load_hps("v2.1", checkpoint=__file__, config={**TINY_CONFIG, "quick_gelu": True})
+
+
+class _RunsCode:
+    """Unpickling this runs os.mkdir(marker): what a crafted checkpoint can do with any call."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.marker,)
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_never_run(tmp_path):
+    """A checkpoint the tensor-only loader refuses is never unpickled fully (it could run any
+    command); the error says how to convert a trusted file once."""
+    marker = tmp_path / "the-pickle-ran"
+    crafted = tmp_path / "HPS_v2.1_compressed.pt"
+    torch.save({"state_dict": tiny_model(0).state_dict(), "x": _RunsCode(marker)}, crafted)
+    with pytest.raises(ValueError, match=r"fewstep weights convert --trust-pickle .*HPS_v2\.1_"
+                                         r"compressed\.pt --out .*HPS_v2\.1_compressed\.safetensors"):
+        load_hps("v2.1", "cpu", crafted, TINY_CONFIG)
+    assert not marker.exists()
+    metric = tiny_metric(checkpoint=crafted)  # the path metric_options can give
+    with pytest.raises(ValueError, match="trust-pickle"):
+        metric.hps()
+    assert not marker.exists()
+
+
+def test_a_converted_safetensors_checkpoint_scores_the_same(weights, scored, sample_set, tmp_path,
+                                                            monkeypatch):
+    """`fewstep weights convert` output is read directly, and in the weights cache it is used in
+    place of the .pt beside it."""
+    from safetensors.torch import save_file
+
+    from metrics.hpsv2 import resolve_checkpoint
+
+    state = {k: v.contiguous() for k, v in tiny_model(0).state_dict().items()}
+    cache = tmp_path / "cache"
+    pt = cache / CHECKPOINTS["v2.1"].path
+    pt.parent.mkdir(parents=True)
+    pt.write_bytes((weights / CHECKPOINTS["v2.1"].path).read_bytes())
+    save_file(state, str(pt.with_suffix(".safetensors")))
+    monkeypatch.setenv("FEWSTEP_WEIGHTS", str(cache))
+    assert resolve_checkpoint("v2.1") == pt.with_suffix(".safetensors")
+    result = tiny_metric().score(sample_set[0])
+    assert result.value == scored[1].value
+    assert result.identity["checkpoint_file"] == "HPS_v2.1_compressed.safetensors"

@@ -5,19 +5,38 @@ Nothing is downloaded. Metrics declare their files with `weight_files()` (toy me
 families with `required_weights()`, the same lists their loaders check. In the toy world the
 families run the shipped toy teachers, so only `--world real` lists their checkpoints.
 Exit status: 0 when every file is present, 1 when some are missing.
+
+fewstep weights convert --trust-pickle FILE.pt --out FILE.safetensors: the one way to read a
+pickled checkpoint that torch's tensor-only loader refuses. fewstep's loaders never unpickle
+fully (a crafted pickle runs any code); a person who trusts a file converts it once here. Even
+then nothing is unpickled blindly: the globals the pickle names are listed (without running it)
+and printed, those that can run commands or touch files are refused, and only the listed ones
+are allowed to the tensor-only loader.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-ACTIONS = ("check",)
+ACTIONS = ("check", "convert")
 WORLDS = ("toy", "real")
+# globals from these modules run commands, touch files or load code: never allowed, trusted or not
+DANGEROUS_MODULES = {"os", "posix", "nt", "subprocess", "sys", "builtins", "shutil", "importlib",
+                     "runpy", "socket", "ctypes", "pty", "code", "codeop", "pickle", "_pickle",
+                     "marshal", "io", "_io", "pathlib", "tempfile", "webbrowser", "multiprocessing",
+                     "operator", "functools", "types", "inspect", "pydoc", "timeit", "platform"}
 
 
 def add_arguments(p):
     p.add_argument("action", choices=ACTIONS,
-                   help="check: list the files the config needs and which are missing")
+                   help="check: list the files the config needs and which are missing; convert: "
+                        "re-save a pickled checkpoint you trust as .safetensors")
+    p.add_argument("--trust-pickle", metavar="FILE",
+                   help="convert: the pickled checkpoint (.pt/.pth/.bin) to convert; naming it "
+                        "here says you trust it (its unpickling may build the objects it names)")
+    p.add_argument("--out", help="convert: the .safetensors file to write")
+    p.add_argument("--key", help="convert: the entry that holds the state dict (default: "
+                                 "'state_dict' when there is one, else the whole file)")
     p.add_argument("--config", help="workflow config (default: workflows/config/default.yaml)")
     p.add_argument("--metrics", nargs="+", help="metric names to check instead of the config's")
     p.add_argument("--families", nargs="+", help="backbone families instead of the config's")
@@ -154,8 +173,101 @@ def collect(metrics: list[str], families: list[str], world: str) -> dict[str, li
     return groups
 
 
+def resolve_global(name: str):
+    """The object a pickle global "module.qualname" names; refused for dangerous modules."""
+    import importlib
+
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):  # the longest importable module prefix
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr, None)
+        break
+    else:
+        raise ValueError(f"the pickle names {name}, which is not importable here")
+    where = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
+    # the name must be where the object lives (not reached through another module's imports)
+    if parts[0] in DANGEROUS_MODULES or where.split(".")[0] in DANGEROUS_MODULES or where != name:
+        raise ValueError(f"the pickle calls {name}, which can run commands or touch files: no "
+                         "checkpoint needs it, so this file is not one to trust; nothing was "
+                         "unpickled and nothing written")
+    return obj
+
+
+def trusted_load(path: Path):
+    """Load a pickled checkpoint with the tensor-only loader, allowing exactly the globals it
+    names (listed from its opcodes, without running it) once none of them is dangerous."""
+    import torch
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    try:
+        names = get_unsafe_globals_in_checkpoint(str(path))
+    except ValueError as err:
+        raise ValueError(f"{path} is not in torch's zip checkpoint format, whose globals can be "
+                         f"listed without running it ({err}); re-save it with torch.save under a "
+                         "current torch where you trust it, then convert that") from err
+    allowed = [resolve_global(name) for name in names]
+    print(f"trusting the globals {path} names: {', '.join(names) or 'none beyond tensors'}")
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def pick_state_dict(obj, key: str | None, path: Path) -> dict:
+    """The state dict inside a loaded checkpoint: obj[key], obj["state_dict"], or obj itself."""
+    import torch
+
+    if key is not None:
+        if not isinstance(obj, dict) or key not in obj:
+            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise ValueError(f"{path} has no entry {key!r}; it has {keys}")
+        obj = obj[key]
+    elif isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: the state dict is a {type(obj).__name__}, not a dict")
+    others = sorted(str(k) for k, v in obj.items() if not torch.is_tensor(v))
+    if others and key is None and any(isinstance(v, dict) for v in obj.values()):
+        raise ValueError(f"{path} holds several entries: give --key, one of "
+                         f"{sorted(k for k, v in obj.items() if isinstance(v, dict))}")
+    if others:
+        raise ValueError(f"{path}: entries that are not tensors: {others[:10]}; give --key the "
+                         "entry that holds only the weights")
+    return obj
+
+
+def convert(args) -> int:
+    from safetensors.torch import save_file
+
+    from fewstep.backbones.weights import file_sha256
+    from fewstep.io import atomic_path
+
+    if not args.trust_pickle or not args.out:
+        raise ValueError("convert needs --trust-pickle FILE (the checkpoint you trust) and --out "
+                         "FILE.safetensors: fewstep weights convert --trust-pickle FILE.pt --out "
+                         "FILE.safetensors")
+    src, out = Path(args.trust_pickle), Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: the converted file must end in .safetensors")
+    if not src.is_file():
+        raise FileNotFoundError(f"--trust-pickle {src}: no such file")
+    state = pick_state_dict(trusted_load(src), args.key, src)
+    # clone: tensors sharing storage (tied weights) cannot be saved as they are
+    tensors = {str(k): v.detach().contiguous().clone() for k, v in state.items()}
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata={"converted_from": src.name,
+                                               "source_sha256": file_sha256(src)})
+    print(f"converted {len(tensors)} tensors from {src} -> {out}")
+    return 0
+
+
 def run(args) -> int:
     from fewstep.backbones.weights import cache_state, find_entry, weights_root
+
+    if args.action == "convert":
+        return convert(args)
     from fewstep.config import load
 
     config = load(args.config)
