@@ -208,8 +208,7 @@ def _check_metric_options(config: dict, source: str) -> None:
             raise ConfigError(f"{source}: {err}") from None
 
 
-def load(path: str | Path | None = None) -> dict:
-    path = Path(path) if path else DEFAULT
+def _read(path: Path) -> dict:
     try:
         config = yaml.safe_load(path.read_text())
     except OSError as err:
@@ -218,4 +217,23 @@ def load(path: str | Path | None = None) -> dict:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"config file {path} must hold a mapping, got {type(config).__name__}")
-    return validate(config, source=str(path))
+    return config
+
+
+def merged(base: dict, over: dict) -> dict:
+    """`over` merged into a copy of `base` the way Snakemake merges a --configfile over the
+    Snakefile's default config: mappings key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merged(out[key], value) if both else value
+    return out
+
+
+def load(path: str | Path | None = None) -> dict:
+    """The config the DAG would run: a file merged over the default (as `snakemake --configfile
+    FILE` does), or the default alone."""
+    config = _read(DEFAULT)
+    if path is not None and Path(path).resolve() != DEFAULT.resolve():
+        config = merged(config, _read(Path(path)))
+    return validate(config, source=str(path or DEFAULT))

@@ -48,6 +48,12 @@ def atomic_path(path: str | os.PathLike, protect=()):
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
+def json_lines(text: str) -> list[str]:
+    """The non-blank lines of a JSON Lines text, split at newlines only: str.splitlines also
+    splits at U+2028, U+0085 and other separators that may sit inside a JSON string."""
+    return [line for line in text.split("\n") if line.strip()]
+
+
 def write_text(path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -10,7 +10,7 @@ from fewstep.errors import FewstepError
 def read_prompts(path) -> list[dict]:
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text().split("\n")  # JSON strings may hold U+2028 and the like
     except OSError as err:
         raise FewstepError(f"cannot read prompt file {path}: {err.strerror}") from None
     except UnicodeDecodeError:

@@ -81,7 +81,7 @@ class ImageFolder:
                                "one JSON row per image: {\"file_name\": \"0001.jpg\", \"prompt\": "
                                "\"...\"} (or \"class_label\": 207 for SiT)")
         self.rows = [self._check(json.loads(line), i, meta)
-                     for i, line in enumerate(meta.read_text().splitlines(), 1) if line.strip()]
+                     for i, line in enumerate(meta.read_text().split("\n"), 1) if line.strip()]
         if not self.rows:
             raise FewstepError(f"real-image folder {self.folder}: {METADATA} lists no images")
 

@@ -149,7 +149,7 @@ def write_official_layout(sample_set_folder, root, require_complete: bool = True
 
 def read_official_results(path, expected_images: int = sum(TASK_SIZES.values()) * IMAGES_PER_PROMPT):
     """The legacy evaluator's result lines as per-image rows; the count must be the full set."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in Path(path).read_text().split("\n") if line.strip()]
     if len(rows) != expected_images:
         raise ValueError(f"{path}: {len(rows)} result lines, expected {expected_images}: the "
                          "evaluator skipped images (missing folders, non-PNG files); fix the tree "

@@ -8,6 +8,9 @@ from fewstep.io import write_text
 from fewstep.registry import BACKBONES
 
 
+MAX_PROMPTS = 100_000  # the config schema's bound on eval/prompts
+
+
 def add_arguments(p):
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--family", help="backbone family (sdxl, sd3, sit)")
@@ -83,6 +86,9 @@ def run(args):
     if args.n is None or args.seed is not None or args.allow_unofficial:
         raise ValueError("--family takes --n (the number of prompts) and neither --seed nor "
                          "--allow-unofficial (those apply to --set)")
+    if not 1 <= args.n <= MAX_PROMPTS:
+        raise ValueError(f"--n {args.n} is too large or too small: give 1 to {MAX_PROMPTS} prompts "
+                         "(add seeds for more images per prompt)")
     rows = eval_prompts(args.family, args.n)
     write_text(args.out, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     print(f"wrote {len(rows)} prompts for {args.family} to {args.out}")

@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from fewstep.io import write_json
+from fewstep.io import json_lines, write_json
 
 MAX_PARAM = 500  # characters of one param value (MLflow's limit is larger; tables stay readable)
 
@@ -96,7 +96,7 @@ def score_metrics(scores: list[tuple[Path, dict]]) -> list[tuple[str, float, int
 def curve_metrics(logs: list[tuple[str, Path]]) -> list[tuple[str, float, int]]:
     out = []
     for prefix, path in logs:
-        for line in path.read_text().splitlines():
+        for line in json_lines(path.read_text()):
             row = json.loads(line)
             out += [(f"{prefix}{k}", float(v), int(row["step"])) for k, v in row.items()
                     if k != "step" and isinstance(v, (int, float))]
