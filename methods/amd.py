@@ -48,6 +48,8 @@ class AMDOptions(DMD2Options):
     reward_input: str = "trained_x0"    # amd.reward.input: trained_x0 | final_rollout
     reward_every_iteration: bool = True  # amd.reward.every_iteration (False: W = 1 on critic turns)
     dsa_enabled: bool = True            # amd.dsa.enabled
+    RANGES = {"group_size": "[1, inf)", "advantage_eps": "(0, inf)", "advantage_clip": "(0, inf)",
+              "coeff_s": "[0, 1)"}
 
 
 CHOICES = {

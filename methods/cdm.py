@@ -56,6 +56,8 @@ class CDMOptions(TrainOptions):
     ema_decay: float = 0.999
     ema_warmup: bool = True                            # decay min(0.999, (1 + n) / (10 + n))
     ema_on: str = "generator_update"                   # EMA once per student step (cdm.md 5)
+    RANGES = {"update_ratio": "[1, inf)", "ft_ema_from_student": "[0, 1]", "norm_floor": "(0, inf)",
+              "ca_w": "[0, inf)"}
 
 
 FOUR = (1.0, 0.75, 0.5, 0.25)

@@ -32,6 +32,7 @@ class DMDOptions(DMOptions):
     grad_clip: float = 10.0
     warmup: int = 500
     weight_decay: float = 0.01
+    RANGES = {"lambda_reg": "[0, inf)"}
 
 
 PAPER = {"lr": 1e-5, "lambda_reg": 0.25, "warmup": 500, "grad_clip": 10.0}

@@ -29,6 +29,7 @@ class DMD2Options(DMOptions):
     warmup: int = 500
     weight_decay: float = 0.01
     grad_clip: float = 10.0
+    RANGES = {"ttur_ratio": "[1, inf)", "gan_w_G": "[0, inf)", "gan_w_D": "[0, inf)"}
 
 
 PAPER = {"ttur_ratio": 5, "warmup": 500, "grad_clip": 10.0, "weight_decay": 0.01}

@@ -88,6 +88,9 @@ class RTDMDOptions(TrainOptions):
     critic_weight_decay: float | None = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.99
+    RANGES = {"generator_every": "[1, inf)", "group_size": "[1, inf)",
+              "prompts_per_epoch": "[1, inf)", "delta_max": "[1, inf)", "gamma": "[0, inf)",
+              "eta": "[0, 1]"}
 
 
 # -- presets (rtdmd.md 6) ------------------------------------------------------------------------

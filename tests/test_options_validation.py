@@ -73,3 +73,12 @@ def test_dry_run_refuses_a_bad_override(tmp_path):
     assert out.returncode != 0
     assert "unknown dmd2 option 'stepz'" in out.stdout + out.stderr
     assert "train" not in (out.stdout.split("Job stats:")[1] if "Job stats:" in out.stdout else "")
+
+
+@pytest.mark.parametrize("method, option, value", [("dmd2", "ttur_ratio", 0), ("amd", "ttur_ratio", 0),
+                                                   ("amd", "coeff_s", 1.0), ("cdm", "update_ratio", 0),
+                                                   ("rtdmd", "generator_every", 0)])
+def test_a_methods_own_ranges_are_checked_down_its_inheritance(method, option, value):
+    cls = METHODS.get(method)
+    with pytest.raises(FewstepError, match=f"{option} = {value} is out of range"):
+        resolve(cls.Options, cls.PRESETS, "toy", {option: value}, method)

@@ -27,6 +27,7 @@ class DMOptions(TrainOptions):
     generator_grid: tuple[float, ...] = (1.0,)  # fractions of the time range, 1 = noise
     grid_shift: float = 1.0              # shift applied to the grid on flow families
     normaliser_teacher: str = "guided"   # dmd.normaliser_teacher: guided | unguided
+    RANGES = {"teacher_guidance": "[0, inf)", "dm_t_shift": "(0, inf)", "grid_shift": "(0, inf)"}
 
 
 class DistributionMatching(Method):

@@ -61,6 +61,14 @@ def in_range(value: float, interval: str) -> bool:
     return math.isfinite(value) and above and below
 
 
+def option_ranges(cls) -> dict[str, str]:
+    """The shared ranges, then each options class's own `RANGES` down its inheritance chain."""
+    ranges = dict(RANGES)
+    for klass in reversed(cls.__mro__):
+        ranges.update(vars(klass).get("RANGES", {}))
+    return ranges
+
+
 def _canonical(key: str) -> str:
     return key.replace(".", "_").replace("-", "_")
 
@@ -100,7 +108,7 @@ def checked(cls, name: str, value, method: str = "method", key: str | None = Non
     except (TypeError, ValueError):
         raise FewstepError(f"{method} option {key or name}: expected {_describe(hint)}, got "
                            f"{value!r} ({type(value).__name__})") from None
-    interval = {**RANGES, **getattr(cls, "RANGES", {})}.get(name)
+    interval = option_ranges(cls).get(name)
     if interval and isinstance(value, (int, float)) and not in_range(value, interval):
         raise FewstepError(f"{method} option {key or name} = {value!r} is out of range: it must "
                            f"lie in {interval}")
