@@ -62,3 +62,20 @@ def test_one_step_sampler_returns_the_x0_prediction(trained):
     with torch.no_grad():
         expected = backbone.x0(noise, torch.ones(1), cond, 1.5)
     torch.testing.assert_close(sample_ode(backbone, noise, cond, 1, 1.5), expected)
+
+
+def test_a_teacher_folder_named_without_a_slash_is_a_path_not_a_cache_name(trained, tmp_path,
+                                                                            monkeypatch):
+    """`--teacher teacher` (or ./teacher, which pathlib shortens to the same) is the folder in the
+    working directory; only the weights loaders look bare names up in the cache."""
+    import shutil
+
+    folder, info = trained["sit"]
+    shutil.copytree(folder, tmp_path / "teacher")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FEWSTEP_WEIGHTS", str(tmp_path / "empty-cache"))
+    from pathlib import Path
+
+    from fewstep import teachers as any_teacher
+
+    assert any_teacher.load(Path("./teacher")).family == "sit"

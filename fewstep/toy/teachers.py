@@ -163,4 +163,5 @@ def verify(folder: Path) -> dict:
 def load(folder: Path, verified: dict | None = None) -> Backbone:
     """Load a teacher after checking its hashes (pass `verified`, verify()'s result, to skip)."""
     info = verified or verify(folder)
-    return BACKBONES.get(info["recipe"]["family"]).from_pretrained(folder)
+    # absolute: a relative folder without a slash ("teacher") would read as a weights-cache name
+    return BACKBONES.get(info["recipe"]["family"]).from_pretrained(Path(folder).absolute())
