@@ -250,7 +250,7 @@ def parse_manifest(folder) -> Manifest:
 def _json_lines(text: str) -> tuple[list[dict], list[str]]:
     """The JSON objects of a .jsonl text and the lines that are not JSON objects."""
     rows, problems = [], []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 etc.
         if not line.strip():
             continue
         try:
