@@ -1,4 +1,5 @@
 """The training engine: plans, checkpoints and exact resume, signals, NaN stop, LoRA, data parallel."""
+import json
 import os
 import re
 import signal
@@ -287,3 +288,136 @@ def test_trainable_weights_are_fp32_masters_of_a_half_precision_teacher():
               for p in lora.denoiser.parameters()}
     assert dtypes[True] == {torch.float32} and dtypes[False] == {torch.bfloat16}
     assert {p.dtype for p in teacher.denoiser.parameters()} == {torch.bfloat16}  # untouched
+
+
+# -- the run's inputs: the teacher and every file that shapes training --------------------------
+
+def test_resume_refuses_another_teacher_or_input_file(sit_teacher, tmp_path, capsys):
+    """The recorded config holds the inputs' identities; a resume with another one is refused
+    naming it (hashes of the teacher, pairs, reward, prompts, real data, init_from model)."""
+    a, b = "a" * 64, "b" * 64
+    Trainer(make(sit_teacher, steps=2), tmp_path / "run", inputs={"teacher": a, "pairs": a}).run(
+        progress=False)
+    with pytest.raises(FewstepError, match=r"teacher: aaaaaaaaaaaaaaaa\S* -> bbbbbbbbbbbbbbbb.*--run-dir"):
+        Trainer(make(sit_teacher, steps=3), tmp_path / "run",
+                inputs={"teacher": b, "pairs": a}).run(progress=False)
+    with pytest.raises(FewstepError, match=r"pairs: a+\S* -> (none|None)"):
+        Trainer(make(sit_teacher, steps=3), tmp_path / "run", inputs={"teacher": a}).run(
+            progress=False)
+    state = Trainer(make(sit_teacher, steps=3), tmp_path / "run",
+                    inputs={"teacher": a, "pairs": a}).run(progress=False)
+    assert state.resumed_from == 2 and state.step == 3
+
+
+def test_a_checkpoint_from_before_inputs_were_recorded_resumes_with_a_warning(sit_teacher, tmp_path,
+                                                                               capsys):
+    import json
+
+    Trainer(make(sit_teacher, steps=2), tmp_path, inputs={"teacher": "a" * 64}).run(progress=False)
+    folder = checkpoint.latest(tmp_path)
+    state = json.loads((folder / "state.json").read_text())
+    del state["extra"]["config"]["inputs"]
+    (folder / "state.json").write_text(json.dumps(state))
+    checkpoint.write_manifest(folder)
+    capsys.readouterr()
+    resumed = Trainer(make(sit_teacher, steps=3), tmp_path, inputs={"teacher": "b" * 64})
+    assert resumed.run(progress=False).resumed_from == 2
+    assert "records no inputs" in capsys.readouterr().err
+
+
+def _toy_teacher_folder(path, seed):
+    """A toy teacher folder (recipe.json with file hashes) of freshly built weights."""
+    teachers.save(teachers.build("sit", resolution=16, seed=seed), teachers.Recipe("sit"), path,
+                  [1.0], 0.0)
+    return path
+
+
+def test_run_inputs_hash_every_file_that_shapes_training(tmp_path):
+    from types import SimpleNamespace
+
+    from fewstep.engine.run import run_inputs, teacher_identity
+
+    recipe = teachers.verify(teachers.SHIPPED / "sit")
+    pairs, prompts, reward = tmp_path / "p.safetensors", tmp_path / "t.jsonl", tmp_path / "r.safetensors"
+    real = tmp_path / "real"
+    real.mkdir()
+    for path, text in ((pairs, "z"), (pairs.with_suffix(".json"), "{}"), (prompts, "{}\n"),
+                       (reward, "r"), (real / "metadata.jsonl", "{}\n")):
+        path.write_text(text)
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    (stage1 / "generator.safetensors").write_text("g")
+    opt = SimpleNamespace(pairs=str(pairs), init_from=str(stage1))
+    got = run_inputs(recipe, opt, reward=f"toy:{reward}", train_prompts=str(prompts),
+                     real_data=str(real))
+    assert got["teacher"] == teacher_identity(recipe) and len(got["teacher"]) == 64
+    assert set(got) == {"teacher", "pairs", "reward", "reward_sha256", "train_prompts",
+                        "real_data", "init_from"}
+    assert got["reward"] == f"toy:{reward}"
+    for path in (pairs.with_suffix(".json"), prompts, reward, real / "metadata.jsonl",
+                 stage1 / "generator.safetensors"):
+        path.write_text(path.read_text() + " changed")
+        changed = run_inputs(recipe, opt, reward=f"toy:{reward}", train_prompts=str(prompts),
+                             real_data=str(real))
+        assert [k for k in got if got[k] != changed[k]], path
+        got = changed
+    assert run_inputs(recipe, SimpleNamespace(), reward="hpsv2") == {
+        "teacher": teacher_identity(recipe), "reward": "hpsv2"}
+
+
+def test_the_cli_refuses_to_resume_or_sample_with_another_teacher(tmp_path, capsys):
+    from fewstep.cli import main
+    from fewstep.commands.prompts import eval_prompts
+    from fewstep.engine.run import teacher_identity
+
+    first = teachers.SHIPPED / "sit"
+    other = _toy_teacher_folder(tmp_path / "other", seed=5)
+    common = ["train", "--method", "dummy", "--preset", "toy", "--run-dir", str(tmp_path / "run"),
+              "--no-progress"]
+    assert main(common + ["--teacher", str(first), "--set", "steps=1", "batch=2",
+                          "--out", str(tmp_path / "model")]) == 0
+    capsys.readouterr()
+    assert main(common + ["--teacher", str(other), "--set", "steps=2", "batch=2",
+                          "--out", str(tmp_path / "model2")]) == 2
+    err = capsys.readouterr().err
+    ours, theirs = (teacher_identity(teachers.verify(t)) for t in (first, other))
+    assert f"teacher: {ours[:16]}" in err and theirs[:16] in err and "--run-dir" in err
+    assert not (tmp_path / "model2").exists()
+    info = json.loads((tmp_path / "model" / "student.json").read_text())
+    assert info["teacher_identity"] == ours and info["inputs"]["teacher"] == ours
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in eval_prompts("sit", 1)))
+    assert main(["sample", "--teacher", str(other), "--student", str(tmp_path / "model"),
+                 "--prompts", str(prompts), "--device", "cpu", "--out", str(tmp_path / "set")]) == 2
+    err = capsys.readouterr().err
+    assert ours in err and theirs in err and "teacher" in err
+    assert not (tmp_path / "set").exists()
+
+
+def test_load_student_checks_the_teacher_it_was_made_with(sit_teacher, tmp_path, capsys):
+    from fewstep.engine.run import teacher_identity
+
+    recipe = teachers.verify(teachers.SHIPPED / "sit")
+    method = make(sit_teacher, "dummy", steps=1)
+    trainer = Trainer(method, tmp_path / "run")
+    trainer.run(progress=False)
+    export(method, trainer, tmp_path / "model", {"teacher_sha256": recipe["sha256"]})
+    load_student(tmp_path / "model", sit_teacher, recipe)  # a student from before identities: ok
+    other = {"sha256": {"model.safetensors": "0" * 64}}
+    with pytest.raises(FewstepError, match=f"{teacher_identity(recipe)}.*{teacher_identity(other)}"):
+        load_student(tmp_path / "model", sit_teacher, other)
+    export(method, trainer, tmp_path / "bare", {})
+    capsys.readouterr()
+    load_student(tmp_path / "bare", sit_teacher, other)  # nothing recorded: a warning, not a stop
+    assert "records no teacher" in capsys.readouterr().err
+
+
+def test_teacher_identity_of_a_link_is_the_link(tmp_path):
+    from fewstep.engine.run import teacher_identity
+
+    link = {"recipe": {"family": "sdxl", "resolution": 16, "world": "real"}, "weights": "/w/a",
+            "dtype": "bf16", "small_files": {"unet/config.json": "1" * 64}}
+    assert teacher_identity(link) == teacher_identity(json.loads(json.dumps(link)))
+    for change in ({"weights": "/w/b"}, {"dtype": "fp32"},
+                   {"small_files": {"unet/config.json": "2" * 64}}):
+        assert teacher_identity({**link, **change}) != teacher_identity(link)

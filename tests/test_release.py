@@ -103,3 +103,21 @@ def test_a_relative_release_path_is_looked_up_in_the_weights_cache(tmp_path, mon
     (tmp_path / "local").mkdir()
     assert released_path("local").resolve() == tmp_path / "local"  # an existing path as given
     assert released_path(str(tmp_path / "abs")) == tmp_path / "abs"
+
+
+def test_a_released_student_records_its_teacher_and_refuses_another(tmp_path):
+    from fewstep.engine.run import teacher_identity
+    from fewstep.errors import FewstepError
+
+    path = tmp_path / "student.safetensors"
+    save_file({k: v.contiguous() for k, v in perturbed_unet(3).state_dict().items()}, str(path))
+    main(["release", "--method", "cdm", "--preset", "toy", "--teacher", str(TEACHER),
+          "--weights", str(path), "--out", str(tmp_path / "model")])
+    recipe = teachers.verify(TEACHER)
+    info = json.loads((tmp_path / "model" / "student.json").read_text())
+    assert info["teacher_sha256"] == recipe["sha256"]
+    assert info["teacher_identity"] == teacher_identity(recipe)
+    teacher = teachers.load(TEACHER, verified=recipe)
+    load_student(tmp_path / "model", teacher, recipe)
+    with pytest.raises(FewstepError, match="was made with teacher"):
+        load_student(tmp_path / "model", teacher, {"sha256": {"x": "0" * 64}})

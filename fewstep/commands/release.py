@@ -9,7 +9,8 @@ The sampler (timestep grid, re-noising angle, guidance) comes from the method's 
 * `--lora`: a LoRA in the diffusers/peft format (e.g. DMD2's SDXL LoRA), loaded onto the teacher's
   denoiser and merged into it.
 The generator's weights are written in the student layout (`generator.safetensors`) with
-student.json recording the preset, the sampler and the source files' sha256.
+student.json recording the preset, the sampler, the source files' sha256 and the teacher's hashes
+and identity (sampling it with another teacher is refused).
 """
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def run(args):
     from fewstep import teachers
     from fewstep.commands.train import parse_overrides
     from fewstep.engine.options import as_dict, resolve
-    from fewstep.engine.run import STUDENT_FILE, WEIGHTS_FILE
+    from fewstep.engine.run import STUDENT_FILE, WEIGHTS_FILE, teacher_identity
     from fewstep.io import atomic_path
     from fewstep.registry import METHODS
 
@@ -98,6 +99,7 @@ def run(args):
     student = {"method": args.method, "fidelity": f"{cls.fidelity}, released checkpoint",
                "family": teacher.family, "student": spec.to_dict(), "options": as_dict(options),
                "preset": args.preset, "weights": "released", "iterations": None,
+               "teacher_sha256": info.get("sha256"), "teacher_identity": teacher_identity(info),
                "released": {"path": str(weights.resolve()), "lora": args.lora,
                             "sha256": files_sha256(weights)}}
     with atomic_path(args.out) as tmp:

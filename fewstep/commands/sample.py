@@ -104,7 +104,7 @@ def run_student(args, backbone, recipe, rows):
     from fewstep.provenance import record
     from metrics.sampleset import write_sample_set
 
-    generator, info = load_student(Path(args.student), backbone)
+    generator, info = load_student(Path(args.student), backbone, recipe)
     spec = info["student"]
     images, jobs, times = timing(
         lambda: sample_student_images(generator, spec, rows, args.seeds, args.batch),

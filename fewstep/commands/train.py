@@ -1,7 +1,10 @@
 """fewstep train: distil a teacher with a registered method (resumes from its run folder).
 
 Under torchrun every rank runs this command; rank 0 writes checkpoints and the model folder.
-Exit status 75 means "stopped by SIGTERM/SIGUSR1 after saving a checkpoint": rerun to resume.
+Exit status 75 means "stopped by SIGTERM/SIGUSR1/SIGINT after saving a checkpoint": rerun to resume.
+The run's checkpoints record the teacher's identity and the hashes of its input files (pairs,
+reward file, training prompts, real-image captions, the stage-1 model): a resume with another
+one is refused.
 """
 from __future__ import annotations
 
@@ -55,7 +58,8 @@ def run(args):
 
     from fewstep.engine import distributed
     from fewstep.engine.loop import STOP_EXIT, StopRequested, Trainer
-    from fewstep.engine.run import build_method, build_reward, data_context, export
+    from fewstep.engine.run import (build_method, build_reward, check_init_from, data_context,
+                                    export, run_inputs)
     from fewstep.errors import FewstepError
     from fewstep.provenance import environment
     from fewstep.registry import METHODS
@@ -75,7 +79,9 @@ def run(args):
     ctx = data_context(teacher, family, args.resolution, 0, info, prompts=args.train_prompts,
                        real=args.real_data, reward=reward)
     method = build_method(args.method, teacher, ctx, args.preset, overrides)
-    trainer = Trainer(method, Path(args.run_dir), info)
+    check_init_from(method.opt, recipe)
+    inputs = run_inputs(recipe, method.opt, args.reward, args.train_prompts, args.real_data)
+    trainer = Trainer(method, Path(args.run_dir), info, inputs=inputs)
     try:
         state = trainer.run(progress=not args.no_progress)
     except StopRequested as stop:
@@ -87,7 +93,9 @@ def run(args):
         prov = {"config": vars(args), "seeds": [method.opt.seed], "environment": environment()}
         exported = export(method, trainer, Path(args.out),
                           {"preset": args.preset, "overrides": overrides,
-                           "teacher_sha256": recipe.get("sha256"), "reward": args.reward,
+                           "teacher_sha256": recipe.get("sha256"),
+                           "teacher_identity": inputs["teacher"], "inputs": inputs,
+                           "reward": args.reward,
                            "train_prompts": args.train_prompts, "real_data": args.real_data,
                            "world_size": info.world_size,
                            "resumed_from": state.resumed_from}, provenance=prov)

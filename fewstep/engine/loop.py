@@ -82,23 +82,37 @@ class _Signals:
 RUN_LENGTH_OPTIONS = ("steps", "checkpoint_every", "log_every")
 
 
-def run_config(method: Method) -> dict:
-    """The method and its resolved options, minus the run length, as JSON values."""
+def run_config(method: Method, inputs: dict | None = None) -> dict:
+    """The method and its resolved options, minus the run length, and the identities of the run's
+    inputs (teacher, input files: fewstep.engine.run.run_inputs), as JSON values."""
     options = {k: v for k, v in asdict(method.opt).items() if k not in RUN_LENGTH_OPTIONS}
-    return json.loads(json.dumps({"method": method.name, **options}, default=str))
+    return json.loads(json.dumps({"method": method.name, **options, "inputs": inputs or {}},
+                                 default=str))
+
+
+def _changes(saved: dict, current: dict) -> list[str]:
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}".replace("'", "")
+            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
 
 
 def check_same_run(saved: dict | None, current: dict, folder) -> None:
-    """Refuse to resume a checkpoint written with another method or other options."""
+    """Refuse to resume a checkpoint written with another method, other options, another teacher
+    or other input files."""
     if saved is None:  # a checkpoint from before configs were recorded
         return
-    changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}".replace("'", "")
-               for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if "inputs" not in saved:  # a checkpoint from before inputs were recorded: nothing to compare
+        print(f"fewstep: warning: the checkpoint {folder} records no inputs (written before fewstep "
+              "recorded the teacher and input files): cannot check this resume uses the same ones",
+              file=sys.stderr)
+    changed = _changes({k: v for k, v in saved.items() if k != "inputs"},
+                       {k: v for k, v in current.items() if k != "inputs"})
+    if "inputs" in saved:
+        changed += _changes(saved["inputs"], current.get("inputs", {}))
     if changed:
         raise FewstepError(f"the checkpoint {folder} was written by another configuration ("
                            f"{'; '.join(changed)}); resuming it would mix two runs. Give a new "
-                           "--run-dir, or restore those options (only steps, checkpoint_every "
-                           "and log_every may change across a resume)")
+                           "--run-dir, or restore those options, teacher and input files (only "
+                           "steps, checkpoint_every and log_every may change across a resume)")
 
 
 def ema_decay(method: Method, updates: int) -> float:
@@ -116,8 +130,10 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 class Trainer:
-    def __init__(self, method: Method, run_dir: Path, info: DistInfo | None = None):
+    def __init__(self, method: Method, run_dir: Path, info: DistInfo | None = None,
+                 inputs: dict | None = None):
         self.method, self.run_dir = method, Path(run_dir)
+        self.inputs = inputs or {}  # identities of the teacher and input files (run_inputs)
         self.info = info or DistInfo()
         opt = method.opt
         self.nets = method.networks()
@@ -141,7 +157,8 @@ class Trainer:
             for module in self.nets.values():
                 broadcast_module(module, self.info)
             return
-        check_same_run(checkpoint.read_extra(folder).get("config"), run_config(self.method), folder)
+        check_same_run(checkpoint.read_extra(folder).get("config"),
+                       run_config(self.method, self.inputs), folder)
         saved = checkpoint.load(folder, self.nets, self.emas, self.optimizers, self.schedulers)
         self.state.step = self.state.resumed_from = saved["step"]
         self.state.ema_updates = saved["extra"].get("ema_updates", 0)
@@ -154,7 +171,7 @@ class Trainer:
                             self.schedulers, {"ema_updates": self.state.ema_updates,
                                               "ema_ticks": self.state.ema_ticks,
                                               "train_seconds": self.state.seconds,
-                                              "config": run_config(self.method)})
+                                              "config": run_config(self.method, self.inputs)})
         barrier(self.info)
 
     # -- one iteration ----------------------------------------------------------------------------

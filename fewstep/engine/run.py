@@ -2,11 +2,14 @@
 
 The exported model folder holds `generator.safetensors` (the denoiser's weights, LoRA merged,
 EMA weights when the method keeps an EMA) and `student.json` (method, preset, resolved options,
-sampler spec, teacher hashes); `fewstep sample --student` reads exactly these.
+sampler spec, teacher hashes and identity, the run's inputs); `fewstep sample --student` reads
+exactly these, and refuses a teacher other than the one the student was made with.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +86,52 @@ def build_reward(spec: str, device):
     return REWARDS.get(name)(arg, device)
 
 
+def teacher_identity(info: dict) -> str:
+    """One sha256 naming a teacher (teachers.verify's info): of its files' hashes for a toy
+    teacher, of its link record (family, weights folder, dtype, small files' hashes) for a real one."""
+    if info.get("recipe", {}).get("world") == "real":
+        record = {k: info.get(k) for k in ("recipe", "weights", "dtype", "small_files")}
+    else:
+        record = info.get("sha256")
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _files_sha256(paths) -> str:
+    """One sha256 over several files (name and content of each), e.g. a model folder's weights."""
+    return hashlib.sha256(json.dumps({p.name: _sha256(p) for p in paths}, sort_keys=True)
+                          .encode()).hexdigest()
+
+
+def run_inputs(recipe: dict, options, reward: str | None = None, train_prompts: str | None = None,
+               real_data: str | None = None) -> dict:
+    """The identities of everything outside the options that shapes training: the teacher, and
+    the content of each input file (a changed file under the same path is another run)."""
+    from fewstep.train_data import METADATA, resolve_data
+
+    inputs = {"teacher": teacher_identity(recipe)}
+    if getattr(options, "pairs", ""):  # the pairs and their prompt rows (the .json beside them)
+        pairs = Path(options.pairs)
+        inputs["pairs"] = _files_sha256([p for p in (pairs, pairs.with_suffix(".json"))
+                                         if p.is_file()])
+    if reward:
+        inputs["reward"] = reward
+        arg = parse_reward_spec(reward)[1]
+        if arg and Path(arg).is_file():
+            inputs["reward_sha256"] = _sha256(Path(arg))
+    if train_prompts:
+        inputs["train_prompts"] = _sha256(resolve_data(train_prompts))
+    if real_data:  # the manifest of captions; the images are many and large
+        inputs["real_data"] = _sha256(resolve_data(real_data) / METADATA)
+    if getattr(options, "init_from", ""):
+        inputs["init_from"] = _files_sha256(sorted(Path(options.init_from).glob("*.safetensors")))
+    return inputs
+
+
 def build_method(name: str, teacher, ctx: Context, preset: str | None = None,
                  overrides: dict | None = None):
     cls = METHODS.get(name)
@@ -114,11 +163,41 @@ def export(method, trainer: Trainer, out: Path, extra: dict, provenance: dict | 
     return info
 
 
-def load_student(model_dir: Path, teacher):
-    """(generator backbone, student.json) from an exported model folder and its teacher."""
-    import copy
+def recorded_teacher(info: dict) -> str | None:
+    """The teacher identity a student.json records; toy students from before identities were
+    recorded carry the teacher's file hashes, which give the same identity."""
+    if info.get("teacher_identity"):
+        return info["teacher_identity"]
+    if isinstance(info.get("teacher_sha256"), dict):
+        return teacher_identity({"sha256": info["teacher_sha256"]})
+    return None
 
-    from fewstep.errors import FewstepError
+
+def check_teacher(model_dir: Path, info: dict, recipe: dict) -> None:
+    """Refuse a teacher other than the one the student was made with (its encoders, codec and
+    schedule are the student's own)."""
+    expected, given = recorded_teacher(info), teacher_identity(recipe)
+    if expected is None:
+        print(f"fewstep: warning: {model_dir}/{STUDENT_FILE} records no teacher identity (made "
+              "before fewstep recorded it): cannot check it was made with this teacher",
+              file=sys.stderr)
+    elif expected != given:
+        raise FewstepError(f"{model_dir} was made with teacher {expected} but the teacher given "
+                           f"has identity {given}. Give the teacher folder it was trained or "
+                           "released with, or train (or release) the student again on this one")
+
+
+def check_init_from(options, recipe: dict) -> None:
+    """A staged run (init_from: a stage-1 model folder) starts from a model of this same teacher."""
+    folder = getattr(options, "init_from", "")
+    if folder:
+        check_teacher(Path(folder), json.loads((Path(folder) / STUDENT_FILE).read_text()), recipe)
+
+
+def load_student(model_dir: Path, teacher, recipe: dict | None = None):
+    """(generator backbone, student.json) from an exported model folder and its teacher;
+    recipe (teachers.verify's info of that teacher) makes it check the teacher's identity."""
+    import copy
 
     model_dir = Path(model_dir)
     for name in (STUDENT_FILE, WEIGHTS_FILE):
@@ -129,6 +208,8 @@ def load_student(model_dir: Path, teacher):
     if info["family"] != teacher.family:
         raise FewstepError(f"{model_dir} holds a {info['family']} student but the teacher is "
                            f"{teacher.family}")
+    if recipe is not None:
+        check_teacher(model_dir, info, recipe)
     generator = copy.deepcopy(teacher)
     generator.denoiser.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE)))
     return generator.eval(), info
