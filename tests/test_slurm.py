@@ -1,7 +1,10 @@
 """`snakemake --profile slurm all` on a real (single-node) SLURM cluster, exactly as the README
 says: the profile installed with the cluster's partition, its status command, GPU requests,
 resources and a two-rank training job inside one allocation work end to end. The test uses a
-running cluster or starts one (`.ci/slurm up`, root on Debian) and stops what it started."""
+running cluster; it starts one (`.ci/slurm up`: Debian's slurm and munge, root) only when asked
+with FEWSTEP_TEST_SLURM_UP=1, as `.ci/run` does, and then undoes it (`.ci/slurm down`). A plain
+`pytest` never installs packages or starts daemons: without a cluster the test skips."""
+import contextlib
 import json
 import os
 import shutil
@@ -13,6 +16,12 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+SLURM = REPO / ".ci" / "slurm"
+OPT_IN = "FEWSTEP_TEST_SLURM_UP"
+HOW_TO_RUN = (f"no SLURM cluster is running. Run this test against one (`sudo bash .ci/slurm up`, "
+              f"Debian; `sudo bash .ci/slurm down` undoes it), or set {OPT_IN}=1 as root to let the "
+              "test start and undo one itself (installs Debian's slurm and munge, purged again "
+              "afterwards; `.ci/run` does this)")
 TINY = {
     "families": ["sit"],
     "teachers": {"source": "train", "train": {"steps": 2, "batch": 4, "lr": 0.002, "seed": 0},
@@ -25,29 +34,101 @@ TINY = {
 }
 
 
+def cluster_plan(running: bool, opted_in: bool, root: bool, apt: bool) -> tuple[str, str]:
+    """What the real-cluster test does with this machine, and why: "use" the running cluster,
+    "start" one (only when asked), "fail" (asked, but it cannot), or "skip" saying how to run it."""
+    if running:
+        return "use", "a SLURM cluster is already running"
+    if not opted_in:
+        return "skip", HOW_TO_RUN
+    if not (root and apt):
+        return "fail", (f"{OPT_IN}=1 asks this test to start a SLURM cluster, which needs root and "
+                        "apt-get (Debian); start one yourself with `sudo bash .ci/slurm up`")
+    return "start", f"{OPT_IN}=1: started with `.ci/slurm up`"
+
+
 def cluster_idle() -> bool:
+    """A controller answers and its node is idle. Bounded: with a client configured for a stopped
+    controller `sinfo` waits about 9 s before it fails."""
     if not shutil.which("sinfo"):
         return False
-    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return False
     return out.returncode == 0 and "idle" in out.stdout.split()
+
+
+def slurm_script(verb: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SLURM), verb], capture_output=True, text=True)
+
+
+@contextlib.contextmanager
+def live_cluster():
+    """The cluster the test runs on, as `cluster_plan` decides; one it started is undone after."""
+    action, why = cluster_plan(cluster_idle(), os.environ.get(OPT_IN) == "1", os.geteuid() == 0,
+                               shutil.which("apt-get") is not None)
+    if action == "skip":
+        pytest.skip(why)
+    if action == "fail":
+        pytest.fail(why)
+    if action == "use":
+        yield why
+        return
+    try:
+        up = slurm_script("up")
+        if up.returncode != 0:
+            pytest.fail("`.ci/slurm up` failed:\n" + up.stdout[-2000:] + up.stderr[-2000:])
+        yield why
+    finally:
+        down = slurm_script("down")  # also after a failed up: it undoes what up had done
+    assert down.returncode == 0, "`.ci/slurm down` failed:\n" + down.stdout + down.stderr
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A live single-node cluster: the one already running, or one this fixture starts with
-    `.ci/slurm up` (Debian's munge, slurmctld and slurmd; needs root) and stops afterwards."""
-    if cluster_idle():
-        yield "already running"
-        return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("no SLURM cluster here and no root/apt to start one; start one with "
-                    "`sudo bash .ci/slurm up` (Debian)")
-    up = subprocess.run(["bash", str(REPO / ".ci" / "slurm"), "up"], capture_output=True, text=True)
-    assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
-    try:
-        yield "started by the test"
-    finally:
-        subprocess.run(["bash", str(REPO / ".ci" / "slurm"), "down"], capture_output=True)
+    with live_cluster() as how:
+        yield how
+
+
+@pytest.mark.parametrize("running, opted_in, root, apt, action", [
+    (True, False, False, False, "use"),
+    (True, True, True, True, "use"),        # asked, but a cluster is up: nothing is installed
+    (False, False, True, True, "skip"),     # root with apt, not asked: no packages, no daemons
+    (False, False, False, False, "skip"),
+    (False, True, True, True, "start"),
+    (False, True, False, True, "fail"),     # asked, cannot: a failure, not a silent skip
+    (False, True, True, False, "fail"),
+])
+def test_cluster_plan(running, opted_in, root, apt, action):
+    assert cluster_plan(running, opted_in, root, apt)[0] == action
+
+
+def test_skip_says_how_to_run_it():
+    why = cluster_plan(False, False, True, True)[1]
+    assert f"{OPT_IN}=1" in why and "sudo bash .ci/slurm up" in why
+
+
+def test_no_cluster_as_root_without_opt_in_runs_nothing(monkeypatch):
+    """Root with apt-get, no SLURM client, the variable unset: the fixture skips and starts no
+    process at all (no apt-get, no `.ci/slurm`)."""
+    started = []
+
+    def refuse(*args, **kwargs):
+        started.append(args[0] if args else kwargs)
+        raise AssertionError(f"started {started[-1]}")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)  # under subprocess.run and check_output
+    monkeypatch.setattr(subprocess, "run", refuse)
+    monkeypatch.setattr(os, "system", refuse)
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name in ("sinfo", "scontrol")
+                        else f"/usr/bin/{name}")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.delenv(OPT_IN, raising=False)
+    with pytest.raises(pytest.skip.Exception, match=f"{OPT_IN}=1"):
+        with live_cluster():
+            pass
+    assert started == []
 
 
 def repository_copy(dest: Path) -> Path:
