@@ -82,3 +82,26 @@ def test_a_methods_own_ranges_are_checked_down_its_inheritance(method, option, v
     cls = METHODS.get(method)
     with pytest.raises(FewstepError, match=f"{option} = {value} is out of range"):
         resolve(cls.Options, cls.PRESETS, "toy", {option: value}, method)
+
+
+def test_a_resume_past_the_requested_steps_is_refused(tmp_path):
+    """A checkpoint already beyond `steps` would train zero iterations and export a model of
+    another length under this run's name."""
+    import torch
+
+    from fewstep.engine.distributed import DistInfo
+    from fewstep.engine.loop import Trainer
+    from fewstep.engine.run import build_method, toy_context
+    from fewstep.toy import teachers
+
+    torch.manual_seed(0)
+    teacher = teachers.build("sit", resolution=16, seed=0)
+
+    def dummy(steps):
+        ctx = toy_context(teacher, "sit", 16, 0, DistInfo())
+        return build_method("dummy", teacher, ctx, "toy", {"steps": steps, "batch": 2})
+
+    Trainer(dummy(4), tmp_path).run(progress=False)
+    assert Trainer(dummy(4), tmp_path).run(progress=False).step == 4  # finished: export again
+    with pytest.raises(FewstepError, match="iteration 4.*steps = 2"):
+        Trainer(dummy(2), tmp_path).run(progress=False)

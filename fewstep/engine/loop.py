@@ -226,6 +226,10 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.resume()
         opt = self.method.opt
+        if self.state.step > opt.steps:  # nothing to train, and the export would misname its length
+            raise FewstepError(f"the checkpoint in {self.run_dir} is at iteration {self.state.step}, "
+                               f"past steps = {opt.steps}; give steps >= {self.state.step} to "
+                               "extend the run, or a new --run-dir")
         log_path = self.run_dir / "metrics.jsonl"
         _truncate_log(log_path, self.state.step)
         bar = tqdm(total=opt.steps, initial=self.state.step, desc=f"train {self.method.name}",
