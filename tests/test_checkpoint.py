@@ -13,6 +13,7 @@ from fewstep.engine.distributed import DistInfo
 from fewstep.engine.loop import StopRequested, Trainer
 from fewstep.engine.run import build_method, toy_context
 from fewstep.toy import teachers
+from trainer_checks import assert_same, weights
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +26,6 @@ def make(teacher, steps, every=2):
     ctx = toy_context(teacher, teacher.family, 16, 0, DistInfo())
     return build_method("dummy", teacher, ctx, "toy", dict(batch=2, warmup=1, steps=steps,
                                                            checkpoint_every=every, log_every=1))
-
-
-def weights(trainer):
-    return {f"{n}.{k}": v.clone() for n, m in trainer.nets.items() for k, v in m.state_dict().items()}
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def logged_steps(run_dir):

@@ -15,6 +15,7 @@ from fewstep.engine.run import build_method, export, load_student, toy_context
 from fewstep.errors import FewstepError
 from fewstep.registry import METHODS, UnknownNameError
 from fewstep.toy import teachers
+from trainer_checks import assert_same, weights
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,16 +33,6 @@ def make(teacher, name="dmd2", preset="toy", **overrides):
         opts.update(generator_grid=[1.0, 0.5], ttur_ratio=2)
     opts.update(overrides)
     return build_method(name, teacher, ctx, preset, opts)
-
-
-def weights(trainer):
-    return {f"{n}.{k}": v.clone() for n, m in trainer.nets.items() for k, v in m.state_dict().items()}
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def test_resume_continues_exactly(sit_teacher, tmp_path):
