@@ -5,7 +5,6 @@ Only light imports here: `snakemake -n` must answer fast.
 """
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
 import jsonschema
@@ -141,24 +140,15 @@ def _check_world(config: dict, source: str) -> None:
 
 def _prompt_set_problems(prompt_sets: dict) -> list[str]:
     """Each family's benchmark set a registered one, with options its loader takes."""
-    import inspect
-
-    from fewstep.prompt_sets import PROMPT_SETS
+    from fewstep.errors import FewstepError
+    from fewstep.prompt_sets import check_prompt_set
 
     problems = []
     for family, spec in prompt_sets.items():
-        name = spec["name"]
-        if name not in PROMPT_SETS:
-            close = difflib.get_close_matches(name, PROMPT_SETS, n=3, cutoff=0.5)
-            hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-            problems.append(f"eval/prompt_sets/{family}/name: unknown prompt set {name!r}.{hint} "
-                            f"Known prompt sets: {', '.join(sorted(PROMPT_SETS))}")
-            continue
-        takes = set(inspect.signature(PROMPT_SETS[name]).parameters)
-        extra = sorted(set(spec) - {"name"} - takes)
-        if extra:
-            problems.append(f"eval/prompt_sets/{family}: prompt set {name!r} takes no option(s) "
-                            f"{extra} (its options: {sorted(takes - {'require_official'})})")
+        try:
+            check_prompt_set(spec["name"], set(spec) - {"name"})
+        except (FewstepError, UnknownNameError) as err:
+            problems.append(f"eval/prompt_sets/{family}: {err}")
     return problems
 
 

@@ -318,20 +318,25 @@ SET_FILES = {  # what each set reads from the cache, for `fewstep weights check`
 }
 
 
-def load_prompt_set(name: str, **kw) -> PromptSet:
-    """Load a registered set; unknown names and options get an error that lists the valid ones."""
+def check_prompt_set(name: str, options=()) -> None:
+    """A registered set name and option names its loader takes; else an error listing the valid
+    ones (config validation calls this before any file is read)."""
     if name not in PROMPT_SETS:
         close = difflib.get_close_matches(name, PROMPT_SETS, n=3, cutoff=0.5)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         raise UnknownNameError(f"unknown prompt set {name!r}.{hint} Known prompt sets: "
                                f"{', '.join(sorted(PROMPT_SETS))}.")
-    loader = PROMPT_SETS[name]
-    options = list(inspect.signature(loader).parameters)
-    unknown = sorted(set(kw) - set(options))
+    takes = list(inspect.signature(PROMPT_SETS[name]).parameters)
+    unknown = sorted(set(options) - set(takes))
     if unknown:
         raise FewstepError(f"prompt set {name!r} takes no option(s) {unknown}; its options: "
-                           f"{options}")
-    return loader(**kw)
+                           f"{takes}")
+
+
+def load_prompt_set(name: str, **kw) -> PromptSet:
+    """Load a registered set; unknown names and options get an error that lists the valid ones."""
+    check_prompt_set(name, kw)
+    return PROMPT_SETS[name](**kw)
 
 
 # -- hash check and the harness's prompt file -----------------------------------------------------

@@ -48,6 +48,7 @@ from collections import Counter
 from pathlib import Path
 
 from fewstep.backbones.weights import MissingWeightsError, weights_root
+from fewstep.io import json_lines
 from metrics.geneval import RELATIONS, TASKS
 from metrics.sampleset import load_sample_set
 
@@ -149,7 +150,7 @@ def write_official_layout(sample_set_folder, root, require_complete: bool = True
 
 def read_official_results(path, expected_images: int = sum(TASK_SIZES.values()) * IMAGES_PER_PROMPT):
     """The legacy evaluator's result lines as per-image rows; the count must be the full set."""
-    rows = [json.loads(line) for line in Path(path).read_text().split("\n") if line.strip()]
+    rows = [json.loads(line) for line in json_lines(Path(path).read_text())]
     if len(rows) != expected_images:
         raise ValueError(f"{path}: {len(rows)} result lines, expected {expected_images}: the "
                          "evaluator skipped images (missing folders, non-PNG files); fix the tree "

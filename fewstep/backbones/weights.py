@@ -143,15 +143,11 @@ _SHA256_CACHE: dict[tuple, str] = {}
 
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a (large) weights file, computed once per process for an unchanged file."""
-    import hashlib
+    from fewstep.io import file_sha256 as digest
 
     path = Path(path)
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _SHA256_CACHE:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
-        _SHA256_CACHE[key] = digest.hexdigest()
+        _SHA256_CACHE[key] = digest(path)
     return _SHA256_CACHE[key]

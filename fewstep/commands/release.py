@@ -15,9 +15,10 @@ and identity (sampling it with another teacher is refused).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from pathlib import Path
+
+from fewstep.io import file_sha256
 
 
 def add_arguments(p):
@@ -41,14 +42,8 @@ def released_path(text: str) -> Path:
 
 def files_sha256(path: Path) -> dict[str, str]:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    out = {}
-    for file in files:
-        digest = hashlib.sha256()
-        with open(file, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
-        out[str(file.relative_to(path.parent if path.is_file() else path))] = digest.hexdigest()
-    return out
+    base = path.parent if path.is_file() else path
+    return {str(file.relative_to(base)): file_sha256(file) for file in files}
 
 
 def released_denoiser(teacher, weights: Path, lora: bool):

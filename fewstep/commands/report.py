@@ -177,5 +177,5 @@ def run(args):
 
         verdicts = json.loads(Path(args.verdicts).read_text()) if args.verdicts else None
         index = build(rows, html, args.experiment, verdicts,
-                      None if args.no_dmd2_pairs else paired)
+                      None if args.no_dmd2_pairs else paired, protect=[html.parent])
         print(f"wrote {index}")

@@ -12,7 +12,6 @@ checkpoint of a fewstep from before manifests) count as incomplete.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fewstep.io import atomic_path, write_text
+from fewstep.io import atomic_path, file_sha256, write_text
 
 KEEP = 2  # complete checkpoints kept on disk
 MANIFEST = "manifest.json"
@@ -92,11 +91,6 @@ def save(run_dir: Path, step: int, networks: dict, emas: dict, optimizers: dict,
     for old in older[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return folder
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def write_manifest(folder: Path) -> None:

@@ -22,7 +22,7 @@ from fewstep.engine.distributed import DistInfo
 from fewstep.engine.loop import Trainer
 from fewstep.engine.options import as_dict, resolve
 from fewstep.errors import FewstepError
-from fewstep.io import atomic_path
+from fewstep.io import atomic_path, file_sha256
 from fewstep.registry import METHODS
 
 STUDENT_FILE, WEIGHTS_FILE = "student.json", "generator.safetensors"
@@ -96,14 +96,9 @@ def teacher_identity(info: dict) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def _files_sha256(paths) -> str:
     """One sha256 over several files (name and content of each), e.g. a model folder's weights."""
-    return hashlib.sha256(json.dumps({p.name: _sha256(p) for p in paths}, sort_keys=True)
+    return hashlib.sha256(json.dumps({p.name: file_sha256(p) for p in paths}, sort_keys=True)
                           .encode()).hexdigest()
 
 
@@ -122,11 +117,11 @@ def run_inputs(recipe: dict, options, reward: str | None = None, train_prompts: 
         inputs["reward"] = reward
         arg = parse_reward_spec(reward)[1]
         if arg and Path(arg).is_file():
-            inputs["reward_sha256"] = _sha256(Path(arg))
+            inputs["reward_sha256"] = file_sha256(Path(arg))
     if train_prompts:
-        inputs["train_prompts"] = _sha256(resolve_data(train_prompts))
+        inputs["train_prompts"] = file_sha256(resolve_data(train_prompts))
     if real_data:  # the manifest of captions; the images are many and large
-        inputs["real_data"] = _sha256(resolve_data(real_data) / METADATA)
+        inputs["real_data"] = file_sha256(resolve_data(real_data) / METADATA)
     if getattr(options, "init_from", ""):
         inputs["init_from"] = _files_sha256(sorted(Path(options.init_from).glob("*.safetensors")))
     return inputs
