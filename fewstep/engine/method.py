@@ -79,6 +79,12 @@ class Method:
         self.opt = options
         self.ctx = ctx
 
+    @classmethod
+    def for_options(cls, options) -> type["Method"]:
+        """The class that trains these options: the registered class itself, or (a staged method)
+        the class of the stage its options name. One registered name, one preset namespace."""
+        return cls
+
     # -- to implement ---------------------------------------------------------------------------
     def networks(self) -> dict[str, nn.Module]:
         """Trainable modules by name ("generator" first); each gets its own optimiser."""

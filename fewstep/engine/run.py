@@ -132,7 +132,7 @@ def build_method(name: str, teacher, ctx: Context, preset: str | None = None,
     cls = METHODS.get(name)
     options = resolve(cls.Options, cls.PRESETS, preset, overrides, method=name)
     ctx.seed = options.seed
-    return cls(teacher, options, ctx)
+    return cls.for_options(options)(teacher, options, ctx)
 
 
 def export(method, trainer: Trainer, out: Path, extra: dict, provenance: dict | None = None) -> dict:
