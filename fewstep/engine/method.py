@@ -87,8 +87,12 @@ class Method:
 
     # -- to implement ---------------------------------------------------------------------------
     def networks(self) -> dict[str, nn.Module]:
-        """Trainable modules by name ("generator" first); each gets its own optimiser."""
-        raise NotImplementedError
+        """Trainable modules by name ("generator" first); each gets its own optimiser. The default
+        is the generator's denoiser and, when the method has a `critic` backbone, the critic's."""
+        nets = {"generator": self.generator.denoiser}
+        if getattr(self, "critic", None) is not None:
+            nets["critic"] = self.critic.denoiser
+        return nets
 
     def plan(self, step: int) -> list[str]:
         """Networks updated at this iteration, in order (two-time-scale rules live here)."""
