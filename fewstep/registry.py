@@ -2,13 +2,16 @@
 
 Built-in plugins are named by "module:attr" strings and imported only when asked for; third-party
 packages add entries through the entry-point groups `fewstep.methods`, `fewstep.metrics`,
-`fewstep.backbones` (lm-evaluation-harness style).
+`fewstep.backbones`, `fewstep.rewards` (lm-evaluation-harness style). An entry must be a subclass
+of its registry's base class (checked when it is loaded, so importing this module stays light),
+and an entry point may not take a name that is already taken: it is refused, never dropped.
 """
 from __future__ import annotations
 
-import difflib
 import importlib
 from importlib.metadata import entry_points
+
+from fewstep.errors import FewstepError, did_you_mean
 
 
 class UnknownNameError(KeyError):
@@ -16,18 +19,46 @@ class UnknownNameError(KeyError):
         return self.args[0]
 
 
+class PluginError(FewstepError):
+    """An installed plugin that cannot be registered: a name clash or a wrong base class."""
+
+
+def _import(target: str):
+    """The object a 'module:attr.attr' string names."""
+    module, _, attr = target.partition(":")
+    obj = importlib.import_module(module)
+    for part in attr.split(".") if attr else []:
+        obj = getattr(obj, part)
+    return obj
+
+
+def _distribution(ep) -> str:
+    dist = getattr(ep, "dist", None)
+    return f"package {dist.name} {dist.version}" if dist is not None else "an unknown package"
+
+
 class Registry:
-    def __init__(self, kind: str, group: str, builtins: dict[str, str], plural: str | None = None):
-        self.kind, self.group, self.plural = kind, group, plural or kind + "s"
+    def __init__(self, kind: str, group: str, builtins: dict[str, str], plural: str | None = None,
+                 base: str | None = None):
+        """base: 'module:Class' every entry must subclass, imported only when an entry is loaded."""
+        self.kind, self.group, self.plural, self.base = kind, group, plural or kind + "s", base
         self._targets: dict[str, str] = dict(builtins)
+        self._origins: dict[str, str] = {name: "fewstep (built in)" for name in builtins}
         self._loaded: dict[str, object] = {}
         self._scanned = False
 
     def _scan_entry_points(self):
-        if not self._scanned:
-            for ep in entry_points(group=self.group):
-                self._targets.setdefault(ep.name, ep.value)
-            self._scanned = True
+        if self._scanned:
+            return
+        for ep in entry_points(group=self.group):
+            origin = f"entry point {ep.name!r} = {ep.value!r} of {_distribution(ep)}"
+            if ep.name in self._targets:
+                raise PluginError(
+                    f"{origin} (group {self.group!r}) names the {self.kind} {ep.name!r}, which "
+                    f"{self._origins[ep.name]} already registers; rename the entry point in that "
+                    f"package's [project.entry-points.\"{self.group}\"] table and reinstall it")
+            self._targets[ep.name], self._origins[ep.name] = ep.value, origin
+        self._scanned = True
 
     def names(self) -> list[str]:
         self._scan_entry_points()
@@ -35,38 +66,45 @@ class Registry:
 
     def register(self, name: str, target) -> None:
         """Register an object, or a 'module:attr' string imported on first use."""
+        self._origins.setdefault(name, "register()")
         if isinstance(target, str):
             self._targets[name] = target
         else:
             self._targets[name] = f"<object {target!r}>"
-            self._loaded[name] = target
+            self._loaded[name] = self._checked(name, target)
 
     def check(self, name: str) -> str:
         """Raise a did-you-mean error for an unknown name; return the name otherwise."""
         self._scan_entry_points()
         if name not in self._targets:
-            close = difflib.get_close_matches(name, self._targets, n=3, cutoff=0.5)
-            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            raise UnknownNameError(
-                f"unknown {self.kind} {name!r}.{hint} Known {self.plural}: {', '.join(self.names())}.")
+            raise UnknownNameError(f"unknown {self.kind} {name!r}.{did_you_mean(name, self._targets)}"
+                                   f" Known {self.plural}: {', '.join(self.names())}.")
         return name
 
     def get(self, name: str):
         self.check(name)
         if name not in self._loaded:
-            module, _, attr = self._targets[name].partition(":")
-            obj = importlib.import_module(module)
-            for part in attr.split(".") if attr else []:
-                obj = getattr(obj, part)
-            self._loaded[name] = obj
+            self._loaded[name] = self._checked(name, _import(self._targets[name]))
         return self._loaded[name]
+
+    def _checked(self, name: str, obj):
+        """obj itself if it subclasses the registry's base; a PluginError naming its origin if not."""
+        if self.base is None:
+            return obj
+        base = _import(self.base)
+        if not (isinstance(obj, type) and issubclass(obj, base)):
+            raise PluginError(
+                f"the {self.kind} {name!r} ({self._origins.get(name, 'unknown origin')}) is "
+                f"{obj!r}, not a subclass of {base.__module__}.{base.__qualname__}; a {self.kind} "
+                f"plugin's entry point names such a class")
+        return obj
 
 
 BACKBONES = Registry("backbone family", "fewstep.backbones", {
     "sdxl": "fewstep.backbones.sdxl:SDXLBackbone",
     "sd3": "fewstep.backbones.sd3:SD3Backbone",
     "sit": "fewstep.backbones.sit:SiTBackbone",
-}, plural="backbone families")
+}, plural="backbone families", base="fewstep.backbones.base:Backbone")
 METHODS = Registry("method", "fewstep.methods", {
     "dummy": "methods.dummy:Dummy",
     "dmd": "methods.dmd:DMD",
@@ -74,7 +112,7 @@ METHODS = Registry("method", "fewstep.methods", {
     "amd": "methods.amd:AMD",
     "rtdmd": "methods.rtdmd:RTDMD",
     "cdm": "methods.cdm:CDM",
-})
+}, base="fewstep.engine.method:Method")
 METRICS = Registry("metric", "fewstep.metrics", {
     "toy_fid": "metrics.fid:ToyFID",
     "toy_geneval": "metrics.geneval:ToyGenEval",
@@ -87,14 +125,14 @@ METRICS = Registry("metric", "fewstep.metrics", {
     "hpsv2.1": "metrics.hpsv2:HPSv2",                            # HPSv2.1 (harness default), x100
     "hpsv2.0": "metrics.hpsv2:HPSv20",                           # HPSv2.0, separate identity
     "imagereward": "metrics.image_reward:ImageRewardScore",      # BLIP reward, x1 (z-score)
-})
+}, base="metrics.base:Metric")
 
 # Differentiable scorers for reward-guided training: each entry builds one from an optional
 # argument (a file) and a device; a scorer maps (images01 (B, 3, H, W), metas) -> (B,) rewards.
+# Entries are factories (functions), so there is no base class to check.
 REWARDS = Registry("reward", "fewstep.rewards", {
     "toy": "metrics.toy_reward:build_toy_reward",
     "clip": "metrics.clip_score:build_clip_reward",
     "hpsv2": "metrics.hpsv2:build_hps_reward",                   # hpsv2 (v2.1) or hpsv2:v2.0
     "imagereward": "metrics.image_reward:build_image_reward_reward",
 })
-
