@@ -69,20 +69,24 @@ def gan_discriminator_loss(fake_logits: torch.Tensor, real_logits: torch.Tensor)
 
 
 def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-4,
-                     std: str = "group") -> torch.Tensor:
-    """Group-normalised advantage a_i = (r_i - mean_group r) / (std + eps).
+                     std: str = "group", zero_ties: bool = False) -> torch.Tensor:
+    """Group-normalised advantage a_i = (r_i - mean_group r) / (std + eps), in rewards' dtype.
 
     std = "group": the group's own standard deviation (AMD Eq. 12 as reconstructed);
     std = "global": the std over all samples (RTDMD per_prompt_stat_tracking, global std).
     Standard deviations are the population ones (numpy's default, as in Flow-GRPO's tracker).
+    zero_ties: a group whose rewards are all equal gets exactly 0, not the rounding residue of
+    r - mean(r) (RTDMD's dropped samples, sec. 5.1; AMD's alpha = beta = W = 1 on ties).
     """
+    if std not in ("group", "global"):
+        raise ValueError(f"std must be 'group' or 'global', got {std!r}")
     r = rewards.double()
     adv = torch.zeros_like(r)
     global_std = r.std(unbiased=False)
     for gid in torch.unique(groups):
         m = groups == gid
+        if zero_ties and r[m].max() == r[m].min():
+            continue  # stays exactly 0
         denom = r[m].std(unbiased=False) if std == "group" else global_std
-        if std not in ("group", "global"):
-            raise ValueError(f"std must be 'group' or 'global', got {std!r}")
         adv[m] = (r[m] - r[m].mean()) / (denom + eps)
     return adv.to(rewards.dtype)

@@ -57,6 +57,56 @@ class Schedule:
         a, s = _col(self.alpha(t_next), x_t), _col(self.sigma(t_next), x_t)
         return (a * x0.double() + s * eps_hat).to(x_t.dtype)
 
+    # The general transition kernel (shared spec README sec. 3), float64 --------------------------
+    # ddim_step above and cps_step below are the same step x_t' = alpha(t') x0 + sigma(t') (cos
+    # theta eps_hat + sin theta xi) in two roundings: ddim_step rounds eps_hat to x's dtype and
+    # reads alpha, sigma as they are (teacher sampling, DMD2, CDM); cps_step stays in float64 and
+    # lands exactly on x0 at t' = 0 (RTDMD). Both are kept bit for bit so that no trained student
+    # or teacher sample changes; they agree to float32 rounding (tests/test_schedule.py).
+    def level(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha(t), sigma(t)) in float64; t = 0 is clean data exactly on every family, also on
+        the discrete VP schedule whose k = 0 is slightly noisy."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        clean = t == 0
+        alpha = torch.where(clean, torch.ones_like(t), self.alpha(t).to(t))
+        sigma = torch.where(clean, torch.zeros_like(t), self.sigma(t).to(t))
+        return alpha, sigma
+
+    def kernel(self, s, t):
+        """(a, sigma_ts, alpha_t, sigma_t) of x_t = a x_s + sigma_ts n: a = alpha(t)/alpha(s),
+        sigma_ts^2 = sigma_t^2 - a^2 sigma_s^2 (flow: a = (1 - t)/(1 - s))."""
+        alpha_s, sigma_s = self.level(s)
+        alpha_t, sigma_t = self.level(t)
+        a = alpha_t / alpha_s
+        sigma_ts = (sigma_t ** 2 - a ** 2 * sigma_s ** 2).clamp(min=1e-12).sqrt()
+        return a, sigma_ts, alpha_t, sigma_t
+
+    @staticmethod
+    def renoise(x_s, n, a, sigma_ts) -> torch.Tensor:
+        """x_t = a x_s + sigma_ts n in float64, returned in x_s's dtype (the kernel's forward)."""
+        return (_col(a, x_s) * x_s.double() + _col(sigma_ts, x_s) * n.double()).to(x_s.dtype)
+
+    def cps_mean(self, x_t, x0, t, t_next, theta: float) -> torch.Tensor:
+        """mu = alpha(t') x0 + sigma(t') cos(theta) eps_hat in float64: the step's mean."""
+        alpha_t, sigma_t = self.level(t)
+        alpha_n, sigma_n = self.level(t_next)
+        x0 = x0.double()
+        eps_hat = (x_t.double() - _col(alpha_t, x_t) * x0) / _col(sigma_t, x_t)
+        return _col(alpha_n, x_t) * x0 + _col(sigma_n, x_t) * math.cos(theta) * eps_hat
+
+    def cps_step(self, x_t, x0, t, t_next, xi, theta: float, mean=None) -> torch.Tensor:
+        """x_t' = mu + sigma(t') sin(theta) xi in x_t's dtype (the stochastic DDIM / CPS step);
+        theta = 0 is DDIM/Euler, t' = 0 gives x0. `mean`: mu when the caller already has it."""
+        out = self.cps_mean(x_t, x0, t, t_next, theta) if mean is None else mean
+        if theta:
+            out = out + _col(self.level(t_next)[1], x_t) * math.sin(theta) * xi.double()
+        return out.to(x_t.dtype)
+
+    @staticmethod
+    def cps_logprob(x_next, mean) -> torch.Tensor:
+        """Simplified log pi(x_t' | x_t) = -mean_CHW (x_t' - mu)^2, no normalisation (RTDMD 5.2)."""
+        return -((x_next.double() - mean.double()) ** 2).flatten(1).mean(1)
+
 
 class FlowSchedule(Schedule):
     """Rectified flow / linear interpolant: alpha = 1 - t, sigma = t (SD3 and SiT)."""
@@ -196,3 +246,26 @@ def sampling_grid(nfe_steps: int, kind: str = "flow", shift_s: float = 1.0,
     ratio = n_train / nfe_steps
     ks = torch.round(torch.arange(n_train, 0, -ratio, dtype=torch.float64)) - 1
     return torch.cat([ks / (n_train - 1), torch.zeros(1, dtype=torch.float64)])
+
+
+def draw_times(ctx, n: int, stream: str, lo: float, hi: float, clamp, *, unit: float = 1.0,
+               bound=None, grid: int | None = None, integers: bool = False,
+               shared: bool = False) -> torch.Tensor:
+    """Per-sample training times t (float32), drawn through a run context's named streams.
+
+    Continuous: u ~ U[lo, hi] (ctx.uniform), times a per-sample `bound` (B,) when given, clamped
+    to `clamp`; t = u / unit (unit 1000: u in timestep units). With `grid` points (discrete VP),
+    k = floor(grid u) clamped to floor(grid clamp), t = k / (grid - 1) (DMD2's range rule).
+    integers=True: k ~ U{lo..hi} directly (ctx.randint), clamped, t = k / (grid - 1).
+    """
+    c_lo, c_hi = clamp
+    if integers:
+        k = ctx.randint(lo, hi, n, stream, shared=shared).clamp(c_lo, c_hi)
+        return (torch.as_tensor(k, dtype=torch.float64) / (grid - 1)).float()
+    u = ctx.uniform(n, lo, hi, stream, shared=shared)
+    if bound is not None:
+        u = u * bound
+    if grid is None:
+        return (u.clamp(c_lo, c_hi) / unit).float()
+    k = torch.floor(grid * u).clamp(math.floor(grid * c_lo), math.floor(grid * c_hi))
+    return (k / (grid - 1)).float()
