@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from fewstep import config
-from fewstep.engine.options import in_range, resolve
+from fewstep.engine.options import TrainOptions, choice, dataclass, in_range, resolve
 from fewstep.errors import FewstepError
 from fewstep.registry import METHODS
 
@@ -34,6 +34,54 @@ def dmd2(**overrides):
 def test_bad_options_are_refused_with_what_they_take(overrides, message):
     with pytest.raises(FewstepError, match=message):
         dmd2(**overrides)
+
+
+def test_a_value_outside_an_options_choices_is_refused_with_a_did_you_mean():
+    with pytest.raises(FewstepError, match=r"dmd2 option ema_on: 'generator_updates' is not one of "
+                                           r"'iteration', 'generator_update'\. Did you mean "
+                                           r"'generator_update'\?"):
+        dmd2(ema_on="generator_updates")
+    assert dmd2(ema_on="generator_update").ema_on == "generator_update"
+
+
+@dataclass
+class Stepped(TrainOptions):
+    """A method's options as a test declares them: a choice, a paper's alias, a changed default."""
+    mode: str = choice("plain", "fancy")
+    generator_every: int = 1
+    ema_on: str = "generator_update"  # a new default keeps TrainOptions' choices
+    ALIASES = {"ttur_ratio": "generator_every"}
+
+
+def stepped(preset=None, **overrides):
+    return resolve(Stepped, {"paper": {"generator_every": 5}, "paper-alias": {"ttur_ratio": 5}},
+                   preset, overrides, "stepped")
+
+
+def test_choices_are_declared_once_and_checked_on_every_options_object():
+    assert Stepped().mode == "plain"  # the first choice is the default
+    with pytest.raises(FewstepError, match=r"stepped option mode: 'fancyy' is not one of 'plain', "
+                                           r"'fancy'\. Did you mean 'fancy'\?"):
+        stepped(mode="fancyy")
+    with pytest.raises(FewstepError, match=r"ema_on: 'epoch' is not one of"):
+        stepped(ema_on="epoch")
+    with pytest.raises(FewstepError, match=r"Stepped option mode: 'odd' is not one of"):
+        Stepped(mode="odd")  # built directly, as tests and dataclasses.replace do
+    with pytest.raises(ValueError, match="default 'x' is not one of"):
+        choice("a", "b", default="x")
+
+
+def test_a_papers_name_is_an_alias_of_the_harness_option():
+    assert stepped(ttur_ratio=3) == stepped(generator_every=3) == stepped(**{"stepped.ttur_ratio": 3})
+    assert stepped("paper-alias") == stepped("paper") and stepped("paper").generator_every == 5
+    assert stepped("paper", ttur_ratio=2).generator_every == 2  # an override wins, either name
+    assert stepped("paper-alias", generator_every=2).generator_every == 2
+    with pytest.raises(FewstepError, match=r"'ttur_ratio' and 'generator_every' are the same "
+                                           r"option \(generator_every\); give it once"):
+        stepped(ttur_ratio=3, generator_every=3)
+    with pytest.raises(FewstepError, match=r"unknown stepped option 'ttur_raito'\. Did you mean "
+                                           r"'ttur_ratio'"):
+        stepped(ttur_raito=3)
 
 
 def test_good_options_are_coerced_as_before():

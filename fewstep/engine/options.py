@@ -4,17 +4,30 @@ A method's options are a dataclass that extends TrainOptions. Spec option names 
 (`amd.advantage.clip`); here the dots become underscores (`advantage_clip`), and overrides may be
 written either way. Presets are plain dicts of overrides named `<method>-<backbone>-paper|ext|int`
 (shared spec README section 7) plus a `toy` preset per method.
+
+Each fact about an option is declared once, on its options class: an option that takes one of a
+few values is a `choice(...)` field (the values live in its field metadata); a method's ranges are
+its class's `RANGES` and the names the papers use for a harness option its class's `ALIASES`
+(both merged down the inheritance chain). The resolver and every options object check them.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, did_you_mean
+
+
+def choice(*choices, default=dataclasses.MISSING):
+    """A field that takes one of `choices` (default: the first), declared once for the resolver's
+    did-you-mean error and for every options object's own check."""
+    default = choices[0] if default is dataclasses.MISSING else default
+    if default not in choices:
+        raise ValueError(f"default {default!r} is not one of {choices}")
+    return field(default=default, metadata={"choices": tuple(choices)})
 
 
 @dataclass
@@ -31,8 +44,9 @@ class TrainOptions:
     ema_decay: float = 0.0            # generator EMA (0: none); see ema_warmup
     ema_warmup: bool = False          # decay min(ema_decay, (1 + n) / (10 + n)) (CDM, RTDMD stage 2)
     ema_every: int = 1                # EMA ticks between EMA updates (see ema_on)
-    ema_on: str = "iteration"         # what ticks the EMA: every "iteration" (RTDMD stage 1) or
-                                      # every "generator_update" (CDM: EMA inside the student step)
+    # what ticks the EMA: every iteration (RTDMD stage 1) or every generator update (CDM: the EMA
+    # inside the student step)
+    ema_on: str = choice("iteration", "generator_update")
     bf16: bool = True                 # bf16 autocast on CUDA (never on CPU)
     grad_checkpointing: bool = False
     lora_rank: int = 0                # 0: full fine-tune of the generator; > 0: peft LoRA
@@ -41,6 +55,13 @@ class TrainOptions:
     checkpoint_every: int = 200
     log_every: int = 1                # every iteration: TTUR plans would hide generator rows otherwise
     seed: int = 0
+
+    def __post_init__(self):
+        """Options built directly (tests, dataclasses.replace) obey the choices too."""
+        for name, allowed in option_choices(type(self)).items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise FewstepError(not_a_choice(type(self).__name__, name, value, allowed))
 
 
 # Ranges of the shared options: a run that trains zero iterations, saves every 0 iterations or
@@ -69,34 +90,70 @@ def option_ranges(cls) -> dict[str, str]:
     return ranges
 
 
+def option_choices(cls) -> dict[str, tuple]:
+    """Each `choice` field's values; a subclass that only changes such a field's default keeps
+    its parent's choices (field metadata read down the inheritance chain)."""
+    choices = {}
+    for klass in reversed(cls.__mro__):
+        for f in vars(klass).get("__dataclass_fields__", {}).values():
+            if "choices" in f.metadata:
+                choices[f.name] = f.metadata["choices"]
+    return choices
+
+
+def option_aliases(cls) -> dict[str, str]:
+    """The papers' names for options (alias -> the harness's name), each options class's own
+    `ALIASES` down its inheritance chain."""
+    aliases = {}
+    for klass in reversed(cls.__mro__):
+        aliases.update(vars(klass).get("ALIASES", {}))
+    return aliases
+
+
+def not_a_choice(owner: str, key: str, value, allowed: tuple) -> str:
+    listed = ", ".join(map(repr, allowed))
+    return f"{owner} option {key}: {value!r} is not one of {listed}.{did_you_mean(value, allowed)}"
+
+
 def _canonical(key: str) -> str:
     return key.replace(".", "_").replace("-", "_")
 
 
-def resolve(cls, presets: dict[str, dict], preset: str | None, overrides: dict | None = None,
-            method: str = "method"):
-    """Options of `cls` from a named preset and overrides; unknown names get did-you-mean errors."""
-    values: dict = {}
-    if preset is not None:
-        if preset not in presets:
-            close = difflib.get_close_matches(preset, presets, n=3, cutoff=0.4)
-            hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-            raise FewstepError(f"unknown {method} preset {preset!r}.{hint} "
-                               f"Known presets: {', '.join(sorted(presets))}.")
-        values.update(presets[preset])
-    values.update(overrides or {})
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    clean = {}
+def option_names(cls, values: dict, method: str) -> dict[str, tuple[str, object]]:
+    """{option name: (key as written, value)} for one preset or one set of overrides: dots or
+    dashes, a `<method>.` prefix and a paper's alias all name the same option, which may be given
+    once; unknown names get did-you-mean errors."""
+    fields, aliases = {f.name for f in dataclasses.fields(cls)}, option_aliases(cls)
+    named: dict[str, tuple[str, object]] = {}
     for key, value in values.items():
         name = _canonical(key)
         if name.startswith(method + "_"):
             name = name[len(method) + 1:]  # `dmd.lambda_reg` and `lambda_reg` are the same option
-        if name not in names:
-            close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-            hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+        name = aliases.get(name, name)
+        if name not in fields:
+            hint = did_you_mean(_canonical(key), [*fields, *aliases])
             raise FewstepError(f"unknown {method} option {key!r}.{hint}")
-        clean[name] = checked(cls, name, value, method, key)
-    return cls(**clean)
+        if name in named:
+            raise FewstepError(f"{method} options {named[name][0]!r} and {key!r} are the same "
+                               f"option ({name}); give it once")
+        named[name] = (key, value)
+    return named
+
+
+def resolve(cls, presets: dict[str, dict], preset: str | None, overrides: dict | None = None,
+            method: str = "method"):
+    """Options of `cls` from a named preset and overrides (an override replaces the preset's
+    value whichever name either uses); unknown names get did-you-mean errors."""
+    values: dict = {}
+    if preset is not None:
+        if preset not in presets:
+            raise FewstepError(f"unknown {method} preset {preset!r}."
+                               f"{did_you_mean(preset, presets, cutoff=0.4)} "
+                               f"Known presets: {', '.join(sorted(presets))}.")
+        values.update(option_names(cls, presets[preset], method))
+    values.update(option_names(cls, overrides or {}, method))
+    return cls(**{name: checked(cls, name, value, method, key)
+                  for name, (key, value) in values.items()})
 
 
 def checked(cls, name: str, value, method: str = "method", key: str | None = None):
@@ -112,6 +169,9 @@ def checked(cls, name: str, value, method: str = "method", key: str | None = Non
     if interval and isinstance(value, (int, float)) and not in_range(value, interval):
         raise FewstepError(f"{method} option {key or name} = {value!r} is out of range: it must "
                            f"lie in {interval}")
+    allowed = option_choices(cls).get(name)
+    if allowed is not None and value not in allowed:
+        raise FewstepError(not_a_choice(method, key or name, value, allowed))
     return value
 
 
@@ -170,4 +230,5 @@ def as_dict(options) -> dict:
     return dataclasses.asdict(options)
 
 
-__all__ = ["TrainOptions", "resolve", "as_dict", "dataclass", "field"]
+__all__ = ["TrainOptions", "resolve", "as_dict", "choice", "option_aliases", "option_choices",
+           "dataclass", "field"]
