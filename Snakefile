@@ -4,6 +4,7 @@ import json
 import shlex
 import sys
 
+from fewstep import planning
 from fewstep.config import validate
 
 

@@ -16,19 +16,11 @@ if config["world"] == "toy":
 
 else:
 
-    def _prompt_set_args(wc):
-        spec = config["eval"]["prompt_sets"][wc.family]
-        args = f"--set {shlex.quote(spec['name'])}"
-        for key in ("n", "seed"):
-            if key in spec:
-                args += f" --{key} {int(spec[key])}"
-        return args
-
     rule prompts:
         output:
             "results/prompts/{family}.jsonl",
         params:
-            args=_prompt_set_args,
+            args=lambda wc: planning.prompt_set_args(config, wc.family),
         priority: 1000
         log:
             "results/logs/prompts/{family}.log",

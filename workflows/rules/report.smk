@@ -1,21 +1,16 @@
-SCORES = expand("results/scores/{family}/teacher/steps{steps}.json", family=FAMILIES, steps=STEPS)
-SCORES += expand("results/scores/{family}/{method}/student.json", family=FAMILIES,
-                 method=config["distill"]["methods"])
+SCORES = planning.score_files(config)
+TRACK = planning.track_params(config)
 
 
 rule track:
     input:
         scores=SCORES,
-        models=all_model_dirs(),
+        models=planning.all_model_dirs(config),
         report=f"reports/{config['mlflow']['experiment']}/index.html",
     output:
         "results/mlflow/tracked.json",
     params:
-        experiment=shlex.quote(config["mlflow"]["experiment"]),
-        uri=("--tracking-uri " + shlex.quote(config["mlflow"]["tracking_uri"]))
-        if config["mlflow"]["tracking_uri"] else "",
-        config=shlex.quote(json.dumps(config, sort_keys=True)),
-        grids=f"reports/{config['mlflow']['experiment']}/img",
+        **TRACK,
     log:
         "results/logs/track.log",
     shell:
@@ -24,9 +19,7 @@ rule track:
         "--out {output} > {log} 2>&1"
 
 
-SAMPLE_SETS = expand(TEACHER_SETS, family=FAMILIES, steps=STEPS)
-SAMPLE_SETS += expand("results/samples/{family}/{method}/student", family=FAMILIES,
-                      method=config["distill"]["methods"])
+SAMPLE_SETS = planning.sample_sets(config)
 EXPERIMENT = config["mlflow"]["experiment"]
 
 

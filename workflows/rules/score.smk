@@ -60,12 +60,7 @@ elif "fid" in config["metrics"]:
 
 def score_inputs(**inputs):
     """A score job's inputs: the sets and prompts, plus what its metrics read first."""
-    if TOY:
-        inputs.update(net=rules.feature_net.output,
-                      reference="results/metrics/fid_reference/{family}.json")
-    elif "fid" in config["metrics"]:
-        inputs.update(reference="results/metrics/fid_reference/{family}.json")
-    return inputs
+    return {**inputs, **planning.score_extra_inputs(config)}
 
 
 def score_command(samples, out, against=""):
@@ -78,17 +73,7 @@ def score_command(samples, out, against=""):
             + "--out " + out + " > {log} 2>&1")
 
 
-SCORE_PARAMS = dict(
-    metrics=" ".join(config["metrics"]),
-    seeds=SEEDS,
-    res=config["resolution"],
-    boot=config["bootstrap"],
-    n_ref=config.get("fid", {}).get("reference_images"),  # toy FID only
-    # config strings reach the shell quoted: one JSON argument
-    options=shlex.quote(json.dumps(METRIC_OPTIONS, sort_keys=True)),
-    # toy world: an empty canvas is a legitimate bad sample, scored rather than refused
-    blank="--allow-blank" if config["world"] == "toy" else "",
-)
+SCORE_PARAMS = planning.score_params(config)
 
 
 # A family's teacher sets are scored in one job (metrics built once), like they are sampled.

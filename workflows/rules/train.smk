@@ -1,92 +1,24 @@
 # Distillation: every configured method on every family's teacher, then its student sampled on
 # the held-out prompts with the same per-(prompt, seed) noise as the teacher (paired design).
-# Which extra inputs a method reads (DMD: teacher pairs; reward-guided methods: the toy reward)
-# mirrors each method class's `requires` (tests/test_engine.py checks the two agree).
+# The plan (runs, stages, each run's inputs and arguments) is fewstep.planning's: what a method
+# reads besides its teacher comes from its class's `requires`, so a plugin is planned as a
+# built-in is.
 DISTILL = config["distill"]
-REQUIRES = {"dmd": ["pairs"], "dmd2": ["real"], "amd": ["reward", "real"], "rtdmd": ["reward"]}
-
-
-def _runs():
-    """run name -> (method, preset, run it starts from); staged methods expand to one run per stage."""
-    runs = {}
-    for method in DISTILL["methods"]:
-        presets = DISTILL["stages"].get(method, [DISTILL["preset"]])
-        previous = None
-        for i, preset in enumerate(presets):
-            name = method if i == len(presets) - 1 else f"{method}-stage{i + 1}"
-            runs[name] = (method, preset, previous)
-            previous = name
-    return runs
-
-
-RUNS = _runs()
-# published students evaluated instead of trained: {method: {family: {weights, lora}}}
-RELEASED = DISTILL.get("released", {})
+RUNS = planning.runs(config)
+RELEASED = planning.released(config)
 
 
 def model_dir(family: str, method: str) -> str:
-    """The model a student set is sampled from: trained by the DAG or a released checkpoint."""
-    if family in RELEASED.get(method, {}):
-        return f"results/released/{family}/{method}"
-    return f"results/models/{family}/{method}"
-
-
-def all_model_dirs() -> list[str]:
-    trained = [f"results/models/{f}/{r}" for f in FAMILIES for r in RUNS
-               if f not in RELEASED.get(RUNS[r][0], {})]
-    return trained + [model_dir(f, m) for m, fams in RELEASED.items() for f in fams]
-
-
-TRAIN_DATA = DISTILL.get("train_data", {})  # world real: {family: {prompts, real_images}}
-
-
-def _train_inputs(wc):
-    method, _, previous = RUNS[wc.run]
-    needs = REQUIRES.get(method, [])
-    inputs = {"teacher": f"results/teachers/{wc.family}"}
-    if "pairs" in needs:
-        inputs["pairs"] = f"results/pairs/{wc.family}.safetensors"
-    if "reward" in needs and TOY:
-        inputs["reward"] = "results/metrics/toy_reward_net.safetensors"
-    if not TOY:  # the real world trains on the configured data; the toy world on its own
-        inputs["prompts"] = f"results/train_prompts/{wc.family}.jsonl"
-    if previous:
-        inputs["init"] = f"results/models/{wc.family}/{previous}"
-    return inputs
-
-
-def _train_args(wc, input):
-    method, preset, _ = RUNS[wc.run]
-    sets = [f"{k}={v}" for k, v in DISTILL["overrides"].get(method, {}).items()]
-    if "pairs" in input.keys():
-        sets.append(f"pairs={input.pairs}")
-    if "init" in input.keys():
-        sets.append(f"init_from={input.init}")
-    # every config string reaches the shell quoted (the preset was also resolved at validation)
-    args = f"--method {shlex.quote(method)} --preset {shlex.quote(preset)}"
-    if "reward" in REQUIRES.get(method, []):
-        reward = input.reward if TOY else DISTILL["rewards"][method]
-        args += f" --reward {shlex.quote(reward)}"
-    if "prompts" in input.keys():
-        args += f" --train-prompts {input.prompts}"
-    if not TOY and "real" in REQUIRES.get(method, []):  # a path or a name in the weights cache
-        args += f" --real-data {shlex.quote(TRAIN_DATA[wc.family]['real_images'])}"
-    return args + ("" if not sets else " --set " + " ".join(shlex.quote(s) for s in sets))
+    return planning.model_dir(config, family, method)
 
 
 if not TOY:  # each family's training prompts, checked and hashed once (provenance sidecar)
-
-    def _train_prompt_args(wc):
-        from fewstep.prompt_sets import PROMPT_SETS
-
-        spec = TRAIN_DATA[wc.family]["prompts"]
-        return f"--set {spec}" if spec in PROMPT_SETS else f"--file {shlex.quote(spec)}"
 
     rule train_prompts:
         output:
             "results/train_prompts/{family}.jsonl",
         params:
-            args=_train_prompt_args,
+            args=lambda wc: planning.train_prompt_args(config, wc.family),
         log:
             "results/logs/train_prompts/{family}.log",
         shell:
@@ -111,30 +43,16 @@ if config["world"] == "toy":  # the toy reward net of the reward-guided methods
             "--out {output} > {log} 2>&1"
 
 
-def pairs_guidance() -> float:
-    """The pairs are sampled with the guidance of the DM teacher that uses them (dmd.md 8, item
-    7): the resolved `teacher_guidance` of the (first) run whose method reads pairs."""
-    from fewstep.engine.options import resolve
-    from fewstep.registry import METHODS
-
-    method, preset, _ = next(r for r in RUNS.values() if "pairs" in REQUIRES.get(r[0], []))
-    cls = METHODS.get(method)
-    options = resolve(cls.Options, cls.PRESETS, preset, DISTILL["overrides"].get(method), method)
-    return float(options.teacher_guidance)  # a number by validation; never a config string
-
-
 rule pairs:
     input:
-        unpack(lambda wc: {"teacher": f"results/teachers/{wc.family}"} if TOY else
-               {"teacher": f"results/teachers/{wc.family}",
-                "prompts": f"results/train_prompts/{wc.family}.jsonl"}),
+        unpack(lambda wc: planning.pairs_inputs(config, wc.family)),
     output:
         pairs="results/pairs/{family}.safetensors",
         prompts="results/pairs/{family}.json",
     params:
         n=DISTILL["pairs"]["count"],
         steps=DISTILL["pairs"]["steps"],
-        guidance=lambda wc: pairs_guidance(),
+        guidance=lambda wc: planning.pairs_guidance(config),
         prompts=lambda wc, input: f"--prompts {input.prompts}" if "prompts" in input.keys() else "",
     threads: 1
     priority: 60
@@ -149,19 +67,16 @@ rule pairs:
 
 
 PROCESSES = DISTILL.get("processes", 1)
-# several ranks: torchrun inside the one job (and its one allocation); the engine picks NCCL on
-# GPUs and gloo on the CPU
-TRAIN_LAUNCH = (f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node "
-                f"{PROCESSES} -m fewstep" if PROCESSES > 1 else FEWSTEP)
+TRAIN_LAUNCH = planning.train_launch(config, sys.executable)
 
 
 rule train:
     input:
-        unpack(_train_inputs),
+        unpack(lambda wc: planning.train_inputs(config, wc.family, wc.run)),
     output:
         directory("results/models/{family}/{run}"),
     params:
-        args=_train_args,
+        args=lambda wc: planning.train_args(config, wc.family, wc.run),
         res=config["resolution"],
     threads: PROCESSES
     priority: 40
@@ -203,9 +118,9 @@ rule release:
     output:
         directory("results/released/{family}/{method}"),
     params:
-        weights=lambda wc: shlex.quote(RELEASED[wc.method][wc.family]["weights"]),
-        lora=lambda wc: "--lora" if RELEASED[wc.method][wc.family].get("lora") else "",
-        preset=lambda wc: shlex.quote(RELEASED[wc.method][wc.family].get("preset", DISTILL["preset"])),
+        weights=lambda wc: planning.release_params(config, wc.family, wc.method)["weights"],
+        lora=lambda wc: planning.release_params(config, wc.family, wc.method)["lora"],
+        preset=lambda wc: planning.release_params(config, wc.family, wc.method)["preset"],
     threads: 1
     log:
         "results/logs/release/{family}/{method}.log",

@@ -1,0 +1,210 @@
+"""The DAG's plan as pure functions of the workflow config (workflows/rules/*.smk call them).
+
+Which runs train, what each reads and the arguments each job gets. What a method reads besides
+its teacher comes from the method class's `requires` (through the registry, so an installed
+plugin gets its inputs as a built-in does): "pairs" the teacher's ODE pairs, "reward" the toy
+reward net in the toy world and distill/rewards/<method> in the real one, "real" captioned real
+images (distill/train_data/<family>/real_images; the toy world renders its own). Every config
+string reaches the shell quoted. No snakemake import: the functions are unit-tested directly.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+from typing import NamedTuple
+
+TOY_REWARD_NET = "results/metrics/toy_reward_net.safetensors"
+TOY_FEATURE_NET = "results/metrics/toy_feature_net.safetensors"
+
+
+class Run(NamedTuple):
+    method: str
+    preset: str
+    previous: str | None  # the run it starts from (a staged method's earlier stage)
+
+
+def is_toy(config: dict) -> bool:
+    return config["world"] == "toy"
+
+
+def requires(method: str) -> tuple[str, ...]:
+    """The method's extra DAG inputs, read from its class (imports it, and so torch)."""
+    from fewstep.registry import METHODS
+
+    return tuple(METHODS.get(method).requires)
+
+
+def runs(config: dict) -> dict[str, Run]:
+    """run name -> Run; a staged method expands to one run per stage, the last named as the method."""
+    distill, plan = config["distill"], {}
+    for method in distill["methods"]:
+        presets = distill["stages"].get(method, [distill["preset"]])
+        previous = None
+        for i, preset in enumerate(presets):
+            name = method if i == len(presets) - 1 else f"{method}-stage{i + 1}"
+            plan[name] = Run(method, preset, previous)
+            previous = name
+    return plan
+
+
+def released(config: dict) -> dict:
+    """Published students evaluated instead of trained: {method: {family: {weights, lora, preset}}}."""
+    return config["distill"].get("released", {})
+
+
+def model_dir(config: dict, family: str, method: str) -> str:
+    """The model a student set is sampled from: trained by the DAG or a released checkpoint."""
+    if family in released(config).get(method, {}):
+        return f"results/released/{family}/{method}"
+    return f"results/models/{family}/{method}"
+
+
+def all_model_dirs(config: dict) -> list[str]:
+    """Every trained run's model folder (families where its method is not released), then every
+    released one."""
+    plan, cells = runs(config), released(config)
+    trained = [f"results/models/{f}/{r}" for f in config["families"] for r in plan
+               if f not in cells.get(plan[r].method, {})]
+    return trained + [model_dir(config, f, m) for m, fams in cells.items() for f in fams]
+
+
+def train_inputs(config: dict, family: str, run: str) -> dict[str, str]:
+    """The train job's input files by name: the teacher, and what the method requires."""
+    method, _, previous = runs(config)[run]
+    needs = requires(method)
+    inputs = {"teacher": f"results/teachers/{family}"}
+    if "pairs" in needs:
+        inputs["pairs"] = f"results/pairs/{family}.safetensors"
+    if "reward" in needs and is_toy(config):
+        inputs["reward"] = TOY_REWARD_NET
+    if not is_toy(config):  # the real world trains on the configured data; the toy world on its own
+        inputs["prompts"] = f"results/train_prompts/{family}.jsonl"
+    if previous:
+        inputs["init"] = f"results/models/{family}/{previous}"
+    return inputs
+
+
+def train_args(config: dict, family: str, run: str) -> str:
+    """`fewstep train`'s arguments for the run, but the teacher and the output folders."""
+    distill, toy = config["distill"], is_toy(config)
+    method, preset, _ = runs(config)[run]
+    inputs, needs = train_inputs(config, family, run), requires(method)
+    sets = [f"{k}={v}" for k, v in distill["overrides"].get(method, {}).items()]
+    if "pairs" in inputs:
+        sets.append(f"pairs={inputs['pairs']}")
+    if "init" in inputs:
+        sets.append(f"init_from={inputs['init']}")
+    # every config string reaches the shell quoted (the preset was also resolved at validation)
+    args = f"--method {shlex.quote(method)} --preset {shlex.quote(preset)}"
+    if "reward" in needs:
+        reward = inputs["reward"] if toy else distill["rewards"][method]
+        args += f" --reward {shlex.quote(reward)}"
+    if "prompts" in inputs:
+        args += f" --train-prompts {inputs['prompts']}"
+    if not toy and "real" in needs:  # a path or a name in the weights cache
+        real = distill["train_data"][family]["real_images"]
+        args += f" --real-data {shlex.quote(real)}"
+    return args + ("" if not sets else " --set " + " ".join(shlex.quote(s) for s in sets))
+
+
+def train_launch(config: dict, python: str) -> str:
+    """The train command's launcher: several ranks run under torchrun inside the one job (and its
+    one allocation); the engine picks NCCL on GPUs and gloo on the CPU."""
+    processes = config["distill"].get("processes", 1)
+    if processes > 1:
+        return (f"{python} -m torch.distributed.run --standalone --nproc_per_node {processes} "
+                "-m fewstep")
+    return f"{python} -m fewstep"
+
+
+def train_prompt_args(config: dict, family: str) -> str:
+    """World real: a family's training prompts, a registered prompt set or a prompt file."""
+    from fewstep.prompt_sets import PROMPT_SETS
+
+    spec = config["distill"]["train_data"][family]["prompts"]
+    return f"--set {spec}" if spec in PROMPT_SETS else f"--file {shlex.quote(spec)}"
+
+
+def pairs_inputs(config: dict, family: str) -> dict[str, str]:
+    inputs = {"teacher": f"results/teachers/{family}"}
+    if not is_toy(config):
+        inputs["prompts"] = f"results/train_prompts/{family}.jsonl"
+    return inputs
+
+
+def pairs_guidance(config: dict) -> float:
+    """The pairs are sampled with the guidance of the DM teacher that uses them (dmd.md 8, item
+    7): the resolved `teacher_guidance` of the (first) run whose method reads pairs."""
+    from fewstep.engine.options import resolve
+    from fewstep.registry import METHODS
+
+    method, preset, _ = next(r for r in runs(config).values() if "pairs" in requires(r.method))
+    cls = METHODS.get(method)
+    overrides = config["distill"]["overrides"].get(method)
+    options = resolve(cls.Options, cls.PRESETS, preset, overrides, method)
+    return float(options.teacher_guidance)  # a number by validation; never a config string
+
+
+def release_params(config: dict, family: str, method: str) -> dict[str, str]:
+    """The release job's weights, LoRA flag and preset (the distill preset unless the cell names
+    one), quoted."""
+    cell = released(config)[method][family]
+    return {"weights": shlex.quote(cell["weights"]), "lora": "--lora" if cell.get("lora") else "",
+            "preset": shlex.quote(cell.get("preset", config["distill"]["preset"]))}
+
+
+def prompt_set_args(config: dict, family: str) -> str:
+    """World real: the family's benchmark prompt set, with its size and seed when given."""
+    spec = config["eval"]["prompt_sets"][family]
+    args = f"--set {shlex.quote(spec['name'])}"
+    for key in ("n", "seed"):
+        if key in spec:
+            args += f" --{key} {int(spec[key])}"
+    return args
+
+
+def score_extra_inputs(config: dict) -> dict[str, str]:
+    """What a score job's metrics read first: the toy FID's feature net and reference statistics
+    (toy world), the real FID's reference statistics (world real with fid)."""
+    reference = "results/metrics/fid_reference/{family}.json"
+    if is_toy(config):
+        return {"net": TOY_FEATURE_NET, "reference": reference}
+    return {"reference": reference} if "fid" in config["metrics"] else {}
+
+
+def score_params(config: dict) -> dict:
+    """The score jobs' parameters (config strings quoted: the metric options are one JSON argument)."""
+    return dict(
+        metrics=" ".join(config["metrics"]),
+        seeds=" ".join(map(str, config["eval"]["seeds"])),
+        res=config["resolution"],
+        boot=config["bootstrap"],
+        n_ref=config.get("fid", {}).get("reference_images"),  # toy FID only
+        options=shlex.quote(json.dumps(config.get("metric_options", {}), sort_keys=True)),
+        # toy world: an empty canvas is a legitimate bad sample, scored rather than refused
+        blank="--allow-blank" if is_toy(config) else "",
+    )
+
+
+def score_files(config: dict) -> list[str]:
+    """Every score file the report reads: each teacher set, then each student."""
+    steps, methods = config["eval"]["steps"], config["distill"]["methods"]
+    return ([f"results/scores/{f}/teacher/steps{s}.json" for f in config["families"] for s in steps]
+            + [f"results/scores/{f}/{m}/student.json" for f in config["families"] for m in methods])
+
+
+def sample_sets(config: dict) -> list[str]:
+    """Every sample set the report's grids read: each teacher set, then each student's."""
+    steps, methods = config["eval"]["steps"], config["distill"]["methods"]
+    return ([f"results/samples/{f}/teacher/steps{s}" for f in config["families"] for s in steps]
+            + [f"results/samples/{f}/{m}/student" for f in config["families"] for m in methods])
+
+
+def track_params(config: dict) -> dict[str, str]:
+    """The track job's experiment, tracking URI option and the whole config as one JSON argument."""
+    mlflow = config["mlflow"]
+    uri = mlflow["tracking_uri"]
+    return {"experiment": shlex.quote(mlflow["experiment"]),
+            "uri": "--tracking-uri " + shlex.quote(uri) if uri else "",
+            "config": shlex.quote(json.dumps(config, sort_keys=True)),
+            "grids": f"reports/{mlflow['experiment']}/img"}
