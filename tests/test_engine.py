@@ -1,7 +1,6 @@
 """The training engine: plans, checkpoints and exact resume, signals, NaN stop, LoRA, data parallel."""
 import json
 import os
-import re
 import signal
 from pathlib import Path
 
@@ -164,14 +163,6 @@ def test_registry_and_options_say_what_was_wrong(sit_teacher):
         make(sit_teacher, "dmd2", ttur_raito=3)
     method = make(sit_teacher, "dmd2", **{"dmd2.gan.w_G": 0.0})  # spec's dotted names work too
     assert method.opt.gan_w_G == 0.0
-
-
-def test_snakefile_requires_table_matches_the_methods():
-    text = (REPO / "workflows/rules/train.smk").read_text()
-    table = eval(re.search(r"^REQUIRES = (\{.*\})$", text, re.M).group(1))
-    for name in METHODS.names():
-        needs = list(getattr(METHODS.get(name), "requires", ()))
-        assert table.get(name, []) == needs, name
 
 
 def _ddp_worker(rank, world, port, run_dir, queue):
