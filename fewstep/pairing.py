@@ -1,6 +1,7 @@
 """Paired differences between two scored sample sets of one family (shared prompts, seeds and
 per-sample noise), each metric rebuilt from the score file's own scoring arguments so that the
-comparison runs under exactly the protocol that produced the scores (the audit, the HTML report)."""
+comparison runs under exactly the protocol that produced the scores (the audit, the HTML report).
+Layer: evaluation, beside fewstep.scoring (tests/test_import_contract.py)."""
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,8 @@ _BUILT: dict[str, tuple] = {}  # metric + scoring arguments -> (metric, expected
 def metric_for(metric_name: str, scoring_args: dict):
     """(metric, expected (prompt_id, seed) grid, args), built once per protocol in a process
     (a feature net and reference statistics are loaded once for many pairs)."""
-    from fewstep.commands.score import build_metric
     from fewstep.prompts import read_prompts
+    from fewstep.scoring import build_metric
 
     key = json.dumps([metric_name, scoring_args], sort_keys=True, default=str)
     if key not in _BUILT:

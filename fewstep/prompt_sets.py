@@ -10,7 +10,7 @@ from its original upstream file under the weights/data cache `$FEWSTEP_WEIGHTS/p
 Cache layout (relative to $FEWSTEP_WEIGHTS):
 * `prompts/hpdv2/{anime,concept-art,paintings,photo}.json`: JSON lists of 800 strings
   (metrics.md 1.5).
-* `prompts/geneval/evaluation_metadata.jsonl`: read by metrics.geneval_official.read_metadata.
+* `prompts/geneval/evaluation_metadata.jsonl`: read by fewstep.geneval_prompts.read_metadata.
 * `prompts/coco2014/annotations/captions_val2014.json`: the COCO file keeps its own folder name
   (`annotations/`, as the official zip unpacks) under a set folder `coco2014/`.
 * `prompts/imagenet/classes.txt`: 1000 lines, line k+1 is the name of class id k.
@@ -57,12 +57,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fewstep.backbones.weights import require_entry
+from fewstep.backbones.weights import WeightFile, require_entry
 from fewstep.errors import FewstepError
+from fewstep.geneval_prompts import METADATA_FILE, METADATA_SOURCE, read_metadata
 from fewstep.io import write_json, write_text
 from fewstep.registry import UnknownNameError
-from metrics.base import WeightFile
-from metrics.geneval_official import METADATA_FILE, METADATA_SOURCE, read_metadata
 
 HASH_RULE = ('sha256 of the UTF-8 lines json.dumps([prompt_id, prompt], ensure_ascii=True, '
              'separators=(",", ":")) + "\\n", in row order')

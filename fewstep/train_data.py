@@ -1,6 +1,8 @@
-"""Training data outside the toy world: the prompt stream a method distils on, the GAN's real images.
+"""Training data: the prompt rows a method draws, the prompt stream, the GAN's real images.
 
-* Prompts: a fewstep prompt file (JSONL rows with `prompt_id` and `prompt`; SiT rows carry
+* Prompt rows: a PromptPool of conditions encoded once (the toy world's training split), drawn by
+  index into a PromptBatch; the engine's Context draws from it (the engine sits above this module).
+* Prompt stream: a fewstep prompt file (JSONL rows with `prompt_id` and `prompt`; SiT rows carry
   `class_label`), e.g. LAION-Aesthetic 6.25+ captions for DMD2 on SDXL (dmd2.md 6.1), the PickScore
   training prompts for RTDMD's stage 1 (rtdmd.md 6), ImageNet's class ids for SiT. Drawn rows are
   encoded per batch: a pool of millions of captions cannot be held encoded.
@@ -16,13 +18,13 @@ rows the uninterrupted run read, without data-loader state.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fewstep.backbones.base import Backbone, Cond
-from fewstep.engine.context import PromptPool
+from fewstep.backbones.base import Backbone, Cond, cond_index
 from fewstep.errors import FewstepError
 from fewstep.prompts import condition_of, read_prompts
 
@@ -37,6 +39,38 @@ def resolve_data(path) -> Path:
 
     given = Path(path).expanduser()
     return given if given.exists() else Path(resolve(str(path)))
+
+
+@dataclass
+class PromptBatch:
+    """A batch of conditions: metadata rows (toy world: GenEval format), their conditioning,
+    and a group id per row (rows drawn as K repeats of one prompt share a group)."""
+
+    metas: list[dict]
+    cond: Cond
+    groups: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.metas)
+
+
+class PromptPool:
+    """A fixed pool of training conditions, encoded once, drawn from by index."""
+
+    def __init__(self, metas: list[dict], cond: Cond):
+        if not metas:
+            raise ValueError("the training prompt pool is empty")
+        self.metas, self.cond = metas, cond
+
+    def draw(self, n: int, gen: torch.Generator, repeat: int = 1) -> PromptBatch:
+        """n rows drawn with replacement, each repeated `repeat` times (one group per row)."""
+        idx = torch.randint(len(self.metas), (n,), generator=gen)
+        cond = {k: v.repeat_interleave(repeat, dim=0) for k, v in self.conditions(idx).items()}
+        rows = [self.metas[i] for i in idx.repeat_interleave(repeat).tolist()]
+        return PromptBatch(rows, cond, torch.arange(n).repeat_interleave(repeat))
+
+    def conditions(self, idx: torch.Tensor) -> Cond:
+        return cond_index(self.cond, idx)
 
 
 class PromptStream(PromptPool):

@@ -83,7 +83,8 @@ def test_metric_options_are_checked_against_the_metric(tmp_path):
 def test_score_passes_metric_options_to_the_metric():
     import argparse
 
-    from fewstep.commands.score import build_metric, json_object
+    from fewstep.commands.score import json_object
+    from fewstep.scoring import build_metric
 
     args = argparse.Namespace(resamples=50, confidence=0.9, bootstrap_seed=1,
                               metric_options=json_object('{"fid": {"crop": "none", "mode": '

@@ -223,7 +223,7 @@ def test_ema_ticks_per_iteration_or_per_generator_update(sit_teacher, tmp_path):
 
 
 def test_cli_overrides_parse_numbers_lists_and_strings():
-    from fewstep.commands.train import parse_overrides
+    from fewstep.config import parse_overrides
 
     got = parse_overrides(["lr=1e-4", "steps=20", "generator_grid=[1.0, 0.5]", "regression=l2"])
     assert got == {"lr": 1e-4, "steps": 20, "generator_grid": [1.0, 0.5], "regression": "l2"}

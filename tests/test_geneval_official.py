@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from fewstep.backbones.weights import MissingWeightsError
-from metrics.geneval_official import (TASK_SIZES, read_metadata, read_official_results,
-                                      write_official_layout)
+from fewstep.geneval_prompts import TASK_SIZES, read_metadata
+from metrics.geneval_official import read_official_results, write_official_layout
 from metrics.sampleset import write_sample_set
 
 

@@ -255,7 +255,7 @@ def test_cli_writes_a_set_and_keeps_family_mode(cache, tmp_path, capsys):
 def test_scores_name_the_prompt_set_they_were_scored_on(cache, tmp_path):
     """fewstep score records the set's name and canonical hash from the prompt file's sidecar;
     a prompt file edited after it was written is refused (its hash no longer matches)."""
-    from fewstep.commands.score import prompt_set_of
+    from fewstep.scoring import prompt_set_of
 
     fake_drawbench(cache)
     out = tmp_path / "drawbench.jsonl"

@@ -1,5 +1,6 @@
 """The leaderboard's student-vs-teacher section: matching NFE and CI-based verdicts."""
-from fewstep.commands.report import against_teacher, matching_teacher, render, verdict
+from fewstep.reporting.leaderboard import against_teacher, render, verdict
+from fewstep.scoring import matching_teacher
 
 
 def result(value, half, up=False, version="1"):

@@ -10,8 +10,8 @@ import torch
 
 from fewstep.commands.prompts import eval_prompts
 from fewstep.commands.sample import sample_images
-from fewstep.commands.score import build_metric
 from fewstep.io import write_text
+from fewstep.scoring import build_metric
 from fewstep.toy import teachers, world
 from fewstep.toy.features import shipped_feature_net
 from metrics.sampleset import write_sample_set

@@ -9,6 +9,7 @@ diffusers after a minute of imports.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from fewstep.errors import FewstepError
@@ -16,6 +17,18 @@ from fewstep.errors import FewstepError
 WEIGHTS_ENV = "FEWSTEP_WEIGHTS"
 DEFAULT_WEIGHTS_ROOT = "~/.cache/fewstep/weights"
 ALTERNATIVES_SEP = "|"  # "a|b" in an expected-file list: either file will do
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One file a metric, backbone or prompt set needs from the weights cache ($FEWSTEP_WEIGHTS).
+
+    path: relative to the cache root (e.g. "hps/HPS_v2.1_compressed.pt"); source: where a user
+    gets it (a Hugging Face repo id and file, or a URL); the harness never downloads it.
+    """
+    path: str
+    source: str
+    note: str = ""
 
 
 class MissingWeightsError(FileNotFoundError, FewstepError):

@@ -9,7 +9,6 @@ crop, mode, Inception hash), so the score jobs read them instead of recomputing.
 from __future__ import annotations
 
 import json
-import math
 
 
 def add_arguments(p):
@@ -26,26 +25,18 @@ def add_arguments(p):
     p.add_argument("--out", required=True, help="stamp .json naming the statistics built")
 
 
-def toy_fid(prompts: str, feature_net: str, images: int, cache: str):
-    from fewstep.prompts import read_prompts
-    from metrics.fid import ToyFID
-
-    per_prompt = math.ceil(images / len(read_prompts(prompts)))
-    return ToyFID(feature_net=feature_net, reference_prompts=prompts,
-                  renders_per_prompt=per_prompt, cache_dir=cache)
-
-
 def real_reference(options: dict, resolution: int, cache: str):
-    from metrics.base import check_metric_options
+    from fewstep.config import check_metric_options
     from metrics.fid import FID
 
-    check_metric_options("fid", FID, options)
+    check_metric_options("fid", options)
     metric = FID(**{"cache_dir": cache, **options})
     return metric.reference_stats(metric.eval_resolution or resolution)
 
 
 def run(args):
     from fewstep.io import write_json
+    from fewstep.scoring import toy_fid
 
     if args.metric == "fid":
         ref = real_reference(args.metric_options, args.resolution, args.cache)

@@ -73,7 +73,7 @@ def run(args):
     from safetensors.torch import save_file
 
     from fewstep import teachers
-    from fewstep.commands.train import parse_overrides
+    from fewstep.config import parse_overrides
     from fewstep.engine.options import as_dict, resolve
     from fewstep.engine.run import STUDENT_FILE, WEIGHTS_FILE, teacher_identity
     from fewstep.io import atomic_path

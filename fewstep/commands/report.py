@@ -1,4 +1,5 @@
-"""fewstep report: the leaderboard, one row per (family, method, steps), with CIs and arrows."""
+"""fewstep report: the leaderboard, one row per (family, method, steps), with CIs and arrows, and
+the static HTML report (fewstep.reporting: this module declares the arguments and the paths)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import re
 from pathlib import Path
 
 from fewstep.io import write_text
-from fewstep.reporting.tables import method_label
+from fewstep.reporting.leaderboard import leaderboard, load_rows
 
 EXPERIMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # as the config schema's mlflow/experiment
 
@@ -33,141 +34,9 @@ def html_folder(html: str, board: str) -> Path:
     return folder
 
 
-def load_rows(paths) -> list[dict]:
-    rows = [json.loads(Path(p).read_text()) for p in paths]
-    return sorted(rows, key=lambda r: (r["family"], r["method"] != "teacher", r["method"], r["steps"]))
-
-
-def fmt(result: dict) -> str:
-    half = (result["ci_high"] - result["ci_low"]) / 2
-    return f"{result['value']:.3f} [{result['ci_low']:.3f}, {result['ci_high']:.3f}] (±{half:.3f})"
-
-
-def header(metric_names, example: dict) -> list[str]:
-    cols = ["family", "method", "steps", "NFE", "guidance", "n"]
-    for m in metric_names:
-        res = example["results"][m]
-        arrow = "↑" if res["higher_is_better"] else "↓"
-        cols.append(f"{m} {res['version']} {arrow}")
-    return cols
-
-
-def render(rows: list[dict]) -> str:
-    metric_names = sorted({m for r in rows for m in r["results"]})
-    cols = header(metric_names, next(r for r in rows if set(metric_names) <= set(r["results"])))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        n = max(res["n"] for res in r["results"].values())
-        cells = [r["family"], method_label(r), str(r["steps"]), str(r["nfe"]), f"{r['guidance']:g}", str(n)]
-        cells += [fmt(r["results"][m]) if m in r["results"] else "not run" for m in metric_names]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def matching_teacher(rows: list[dict], student: dict) -> tuple[dict | None, str]:
-    """The teacher row of the student's family at the student's NFE; where the teacher was not
-    sampled at that NFE (a guided step costs 2, so a guided teacher has no NFE 1), the one with
-    the smallest NFE above it, which favours the teacher. Returns (row, how it was matched)."""
-    teachers = [r for r in rows if r["family"] == student["family"] and r["method"] == "teacher"]
-    same = [r for r in teachers if r["nfe"] == student["nfe"]]
-    if same:
-        return same[0], "same NFE"
-    above = sorted((r for r in teachers if r["nfe"] > student["nfe"]), key=lambda r: r["nfe"])
-    return (above[0], "next NFE up") if above else (None, "no teacher at or above this NFE")
-
-
-def verdict(student: dict, teacher: dict) -> str:
-    """better / worse when the two confidence intervals are disjoint, else a tie."""
-    up = student["higher_is_better"]
-    if student["ci_low"] > teacher["ci_high"]:
-        return "better" if up else "worse"
-    if student["ci_high"] < teacher["ci_low"]:
-        return "worse" if up else "better"
-    return "tie (CIs overlap)"
-
-
-def paired_cells(paired: dict | None, res: dict, t: dict) -> tuple[str, str, str]:
-    """(difference, win rate, verdict): the paired bootstrap of the score step where it ran,
-    else the plain difference with the disjoint-interval verdict."""
-    if paired is None:
-        return f"{res['value'] - t['value']:+.3f}", "-", verdict(res, t) + " (unpaired)"
-    diff = f"{paired['difference']:+.3f} [{paired['ci_low']:+.3f}, {paired['ci_high']:+.3f}]"
-    wins = paired.get("win_rate")
-    rate = f"{wins['win_rate']:.2f} [{wins['ci_low']:.2f}, {wins['ci_high']:.2f}]" if wins else "-"
-    return diff, rate, paired["verdict"]
-
-
-def against_teacher(rows: list[dict]) -> str:
-    """One line per (student, metric): student and teacher at the same NFE, the paired difference
-    with its CI, the per-prompt win rate and the verdict the CI supports."""
-    lines = ["| family | method | NFE | teacher NFE | metric | student | teacher | Δ student − teacher "
-             "[CI] | prompts won | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for s in (r for r in rows if r["method"] != "teacher"):
-        teacher, how = matching_teacher(rows, s)
-        paired = (s.get("against_teacher") or {}).get("metrics", {})
-        for name, res in sorted(s["results"].items()):
-            head = f"| {s['family']} | {method_label(s)} | {s['nfe']} |"
-            if teacher is None or name not in teacher["results"]:
-                lines.append(f"{head} - | {name} | {res['value']:.3f} | - | - | - | {how} |")
-                continue
-            t = teacher["results"][name]
-            nfe = f"{teacher['nfe']}" + ("" if how == "same NFE" else f" ({how})")
-            diff, rate, word = paired_cells(paired.get(name), res, t)
-            lines.append(f"{head} {nfe} | {name} | {res['value']:.3f} | {t['value']:.3f} | {diff} | "
-                         f"{rate} | {word} |")
-    return "\n".join(lines)
-
-
-def stand_ins(rows) -> list[str]:
-    """Say which toy metric fills which real metric's slot (their identities record it)."""
-    seen = {name: res["identity"]["stands_in_for"] for r in rows for name, res in r["results"].items()
-            if res.get("identity", {}).get("stands_in_for")}
-    if not seen:
-        return []
-    return [f"Toy stand-ins: " + "; ".join(
-        f"`{name}` fills the {real} slot (a reward net trained on the toy world, not {real})"
-        for name, real in sorted(seen.items())) + ".", ""]
-
-
-def identities(rows) -> str:
-    seen = {}
-    for r in rows:
-        for name, res in r["results"].items():
-            seen.setdefault(name, json.dumps(res.get("identity", {}), sort_keys=True))
-    return "\n".join(f"- `{name}`: `{ident}`" for name, ident in sorted(seen.items()))
-
-
-def students_section(rows) -> list[str]:
-    if all(r["method"] == "teacher" for r in rows):
-        return []
-    return ["## Students against their teacher at the same NFE", "",
-            "Each student beside its own teacher sampled with the same per-sample noise at the "
-            "student's NFE (or the next NFE up where the teacher has none). Δ: paired difference "
-            "with its 95 % cluster-bootstrap interval (prompts resampled, both sets on the same "
-            "prompts and seeds); better / worse when the interval excludes 0, else a tie. Prompts "
-            "won: share of prompts where the student's mean per-image score beats the teacher's "
-            "(ties count one half; per-image metrics only).", "", against_teacher(rows), ""]
-
-
 def run(args):
     rows = load_rows(args.scores)
-    text = "\n".join([
-        "# fewstep leaderboard (toy world)",
-        "",
-        "Generated by `fewstep report` from the score files under `results/scores/`; never edit "
-        "by hand. ↑ higher is better, ↓ lower is better; brackets: 95 % bootstrap confidence "
-        "interval over prompts (all seeds of a prompt resampled together). NFE counts network "
-        "evaluations: a guided step counts 2.",
-        "",
-        render(rows),
-        "",
-        *stand_ins(rows),
-        *students_section(rows),
-        "## Metric identities",
-        "",
-        identities(rows),
-        "",
-    ])
+    text = leaderboard(rows)
     html = html_folder(args.html, args.out) if args.html else None  # checked before any write
     write_text(args.out, text)
     print(f"wrote {args.out} ({len(rows)} rows)")

@@ -35,27 +35,10 @@ def add_arguments(p):
     p.add_argument("--no-progress", action="store_true")
 
 
-def parse_overrides(items: list[str]) -> dict:
-    import yaml
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r} is not KEY=VALUE")
-        parsed = yaml.safe_load(value)
-        if isinstance(parsed, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                parsed = float(parsed)
-            except ValueError:
-                pass
-        out[key] = parsed
-    return out
-
-
 def run(args):
     import torch
 
+    from fewstep.config import parse_overrides
     from fewstep.engine import distributed
     from fewstep.engine.loop import STOP_EXIT, StopRequested, Trainer
     from fewstep.engine.run import (build_method, build_reward, check_init_from, data_context,

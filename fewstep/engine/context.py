@@ -8,49 +8,17 @@ and draws that must agree across ranks (stop index, schedule length, shared t) c
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from fewstep.backbones.base import Backbone, Cond, cond_index
+from fewstep.backbones.base import Backbone
+from fewstep.train_data import PromptBatch, PromptPool, encode_rows
 
 
 def _seed(*parts) -> int:
     digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-@dataclass
-class PromptBatch:
-    """A batch of conditions: metadata rows (toy world: GenEval format), their conditioning,
-    and a group id per row (rows drawn as K repeats of one prompt share a group)."""
-
-    metas: list[dict]
-    cond: Cond
-    groups: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.metas)
-
-
-class PromptPool:
-    """A fixed pool of training conditions, encoded once, drawn from by index."""
-
-    def __init__(self, metas: list[dict], cond: Cond):
-        if not metas:
-            raise ValueError("the training prompt pool is empty")
-        self.metas, self.cond = metas, cond
-
-    def draw(self, n: int, gen: torch.Generator, repeat: int = 1) -> PromptBatch:
-        """n rows drawn with replacement, each repeated `repeat` times (one group per row)."""
-        idx = torch.randint(len(self.metas), (n,), generator=gen)
-        cond = {k: v.repeat_interleave(repeat, dim=0) for k, v in self.conditions(idx).items()}
-        rows = [self.metas[i] for i in idx.repeat_interleave(repeat).tolist()]
-        return PromptBatch(rows, cond, torch.arange(n).repeat_interleave(repeat))
-
-    def conditions(self, idx: torch.Tensor) -> Cond:
-        return cond_index(self.cond, idx)
 
 
 class Context:
@@ -101,8 +69,6 @@ class Context:
     def real(self, n: int, stream: str = "real") -> tuple[torch.Tensor, PromptBatch]:
         """Real latents with their own captions (DMD2's GAN data)."""
         if self._real_data is not None:
-            from fewstep.train_data import encode_rows
-
             images, rows = self._real_data.draw(n, self.gen(stream))
             cond = {k: v.to(self.device) for k, v in encode_rows(self.teacher, rows).items()}
             batch = PromptBatch(rows, cond, torch.arange(n))
@@ -121,3 +87,10 @@ class Context:
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast_enabled)
+
+    def prompt_noise(self, prompts, like: torch.Tensor, stream: str) -> torch.Tensor:
+        """Noise like `like`, keyed by (prompt text, run seed, stream): the same for one prompt's
+        samples on every rank (fewstep.noise.prompt_noise)."""
+        from fewstep.noise import prompt_noise
+
+        return prompt_noise(prompts, like.shape[1:], stream, self.seed).to(like)
