@@ -201,7 +201,7 @@ def check_metric_options(name: str, options) -> None:
     registry, checks its own options: the core imports no metric."""
     cls = METRICS.get(name)
     if hasattr(cls, "check_options"):
-        cls.check_options(options)
+        cls.check_options(options, name)  # the registry name, as the config spells it
         return
     # until the metric base class has check_options: the module-level check it replaces, from the
     # metric base module the registry has just imported (an import statement would tie the layers)
