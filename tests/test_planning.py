@@ -1,0 +1,134 @@
+"""The DAG's plan (fewstep.planning) as pure functions of the config: runs, each train job's inputs
+from its method's `requires`, quoted arguments, released students, score and report lists."""
+import copy
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from fewstep import config as workflow_config
+from fewstep import planning
+from fewstep.engine.method import Method
+from fewstep.registry import METHODS
+
+DEFAULT = workflow_config.load(workflow_config.DEFAULT)
+REAL = workflow_config.load(workflow_config.REPO / "workflows/config/paper/sit-imagenet256-train.yaml")
+
+
+class NeedsAll(Method):
+    """A plugin-like method that requires every extra input (never trained here)."""
+    name = "needs_all"
+    requires = ("pairs", "reward", "real")
+
+
+@pytest.fixture
+def needs_all(monkeypatch):
+    """`needs_all` registered for the test only, as an installed plugin would be."""
+    monkeypatch.setitem(METHODS._targets, "needs_all", "<test>")
+    monkeypatch.setitem(METHODS._loaded, "needs_all", NeedsAll)
+    return "needs_all"
+
+
+def with_methods(cfg: dict, *methods: str, **distill) -> dict:
+    cfg = copy.deepcopy(cfg)
+    cfg["distill"].update(methods=list(methods), **distill)
+    return cfg
+
+
+def test_a_staged_method_is_one_run_per_stage_each_from_the_previous():
+    runs = planning.runs(DEFAULT)
+    assert list(runs) == ["dmd", "dmd2", "amd", "rtdmd-stage1", "rtdmd", "cdm"]
+    assert runs["rtdmd-stage1"] == planning.Run("rtdmd", "toy", None)
+    assert runs["rtdmd"] == planning.Run("rtdmd", "toy-stage2", "rtdmd-stage1")
+    assert runs["cdm"] == planning.Run("cdm", "toy", None)
+
+
+def test_toy_train_inputs_follow_each_methods_requires():
+    for run, (method, _, previous) in planning.runs(DEFAULT).items():
+        inputs = planning.train_inputs(DEFAULT, "sit", run)
+        needs = METHODS.get(method).requires
+        assert ("pairs" in inputs) == ("pairs" in needs), run
+        assert ("reward" in inputs) == ("reward" in needs), run
+        assert "prompts" not in inputs  # the toy world trains on its own prompts
+        assert inputs.get("init") == (previous and f"results/models/sit/{previous}")
+    assert planning.train_inputs(DEFAULT, "sit", "dmd")["pairs"] == "results/pairs/sit.safetensors"
+    assert planning.train_inputs(DEFAULT, "sd3", "amd")["reward"] == planning.TOY_REWARD_NET
+
+
+def test_toy_train_args_are_the_commands_the_dag_runs():
+    assert planning.train_args(DEFAULT, "sit", "dmd") == (
+        "--method dmd --preset toy --set pairs=results/pairs/sit.safetensors")
+    assert planning.train_args(DEFAULT, "sdxl", "rtdmd") == (
+        "--method rtdmd --preset toy-stage2 --reward results/metrics/toy_reward_net.safetensors "
+        "--set init_from=results/models/sdxl/rtdmd-stage1")
+    assert planning.train_args(DEFAULT, "sit", "dmd2") == "--method dmd2 --preset toy"
+
+
+def test_a_plugin_gets_the_inputs_it_requires_in_both_worlds(needs_all):
+    cfg = with_methods(DEFAULT, needs_all)
+    assert set(planning.train_inputs(cfg, "sit", needs_all)) == {"teacher", "pairs", "reward"}
+    assert "--reward results/metrics/toy_reward_net.safetensors" in planning.train_args(cfg, "sit", needs_all)
+    real = with_methods(REAL, needs_all, rewards={needs_all: "hpsv2:v2.0"})
+    inputs = planning.train_inputs(real, "sit", needs_all)
+    assert set(inputs) == {"teacher", "pairs", "prompts"}  # the real reward is a name, not a file
+    args = planning.train_args(real, "sit", needs_all)
+    assert "--reward hpsv2:v2.0 --train-prompts results/train_prompts/sit.jsonl" in args
+    assert "--real-data imagenet-train-256" in args
+
+
+def test_every_config_string_in_the_train_arguments_is_quoted(needs_all):
+    hostile = "x'; touch pwned #"
+    cfg = with_methods(REAL, needs_all, rewards={needs_all: hostile}, preset=hostile,
+                       overrides={needs_all: {"name": hostile}})
+    cfg["distill"]["train_data"]["sit"]["real_images"] = hostile
+    words = shlex.split(planning.train_args(cfg, "sit", needs_all))
+    assert words[words.index("--preset") + 1] == hostile
+    assert words[words.index("--reward") + 1] == hostile
+    assert words[words.index("--real-data") + 1] == hostile
+    assert f"name={hostile}" in words
+
+
+def test_pairs_are_sampled_with_the_guidance_of_the_method_that_reads_them():
+    dmd = METHODS.get("dmd")
+    assert planning.pairs_guidance(DEFAULT) == dmd.Options(**dmd.PRESETS["toy"]).teacher_guidance
+    cfg = with_methods(DEFAULT, "dmd", overrides={"dmd": {"teacher_guidance": 3.5}})
+    assert planning.pairs_guidance(cfg) == 3.5
+
+
+def test_released_students_are_not_trained_and_are_sampled_from_their_release():
+    cfg = with_methods(DEFAULT, "dmd2", "cdm", released={"dmd2": {"sit": {"weights": "w b"}}})
+    assert planning.model_dir(cfg, "sit", "dmd2") == "results/released/sit/dmd2"
+    assert planning.model_dir(cfg, "sd3", "dmd2") == "results/models/sd3/dmd2"
+    dirs = planning.all_model_dirs(cfg)
+    assert "results/models/sit/dmd2" not in dirs and dirs[-1] == "results/released/sit/dmd2"
+    assert len(dirs) == 3 * 2
+    assert planning.release_params(cfg, "sit", "dmd2") == {"weights": "'w b'", "lora": "",
+                                                           "preset": "toy"}
+
+
+def test_score_and_report_lists_cover_every_teacher_set_and_student():
+    scores = planning.score_files(DEFAULT)
+    assert len(scores) == 3 * 5 + 3 * 5
+    assert scores[:2] == ["results/scores/sdxl/teacher/steps1.json",
+                          "results/scores/sdxl/teacher/steps2.json"]
+    assert scores[-1] == "results/scores/sit/cdm/student.json"
+    assert planning.sample_sets(DEFAULT)[-1] == "results/samples/sit/cdm/student"
+    assert planning.score_extra_inputs(DEFAULT) == {
+        "net": planning.TOY_FEATURE_NET, "reference": "results/metrics/fid_reference/{family}.json"}
+    assert set(planning.score_extra_inputs(REAL)) == {"reference"}
+    assert planning.score_params(REAL)["blank"] == ""
+
+
+def test_train_launch_runs_several_ranks_under_torchrun():
+    assert planning.train_launch(DEFAULT, "py") == "py -m fewstep"
+    cfg = with_methods(DEFAULT, "dmd", processes=4)
+    assert planning.train_launch(cfg, "py") == (
+        "py -m torch.distributed.run --standalone --nproc_per_node 4 -m fewstep")
+
+
+def test_importing_the_planning_module_is_light():
+    code = ("import sys, fewstep.planning; "
+            "print(sorted(m for m in ('torch', 'snakemake') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
