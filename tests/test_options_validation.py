@@ -51,6 +51,7 @@ class Stepped(TrainOptions):
     generator_every: int = 1
     ema_on: str = "generator_update"  # a new default keeps TrainOptions' choices
     ALIASES = {"ttur_ratio": "generator_every"}
+    RANGES = {"generator_every": "[1, inf)"}
 
 
 def stepped(preset=None, **overrides):
@@ -69,6 +70,15 @@ def test_choices_are_declared_once_and_checked_on_every_options_object():
         Stepped(mode="odd")  # built directly, as tests and dataclasses.replace do
     with pytest.raises(ValueError, match="default 'x' is not one of"):
         choice("a", "b", default="x")
+
+
+def test_ranges_are_checked_on_every_options_object():
+    with pytest.raises(FewstepError, match=r"Stepped option generator_every = 0 is out of range: "
+                                           r"it must lie in \[1, inf\)"):
+        Stepped(generator_every=0)
+    with pytest.raises(FewstepError, match=r"Stepped option ema_decay = 1\.0 is out of range"):
+        Stepped(ema_decay=1.0)
+    assert Stepped(generator_every=1, ema_decay=0.5).ema_decay == 0.5
 
 
 def test_a_papers_name_is_an_alias_of_the_harness_option():

@@ -57,11 +57,15 @@ class TrainOptions:
     seed: int = 0
 
     def __post_init__(self):
-        """Options built directly (tests, dataclasses.replace) obey the choices too."""
+        """Options built directly (tests, dataclasses.replace) obey the ranges and choices too."""
+        owner = type(self).__name__
+        for name, interval in option_ranges(type(self)).items():
+            value = getattr(self, name, None)
+            if is_number(value) and not in_range(value, interval):
+                raise FewstepError(out_of_range(owner, name, value, interval))
         for name, allowed in option_choices(type(self)).items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise FewstepError(not_a_choice(type(self).__name__, name, value, allowed))
+            if getattr(self, name) not in allowed:
+                raise FewstepError(not_a_choice(owner, name, getattr(self, name), allowed))
 
 
 # Ranges of the shared options: a run that trains zero iterations, saves every 0 iterations or
@@ -108,6 +112,14 @@ def option_aliases(cls) -> dict[str, str]:
     for klass in reversed(cls.__mro__):
         aliases.update(vars(klass).get("ALIASES", {}))
     return aliases
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def out_of_range(owner: str, key: str, value, interval: str) -> str:
+    return f"{owner} option {key} = {value!r} is out of range: it must lie in {interval}"
 
 
 def not_a_choice(owner: str, key: str, value, allowed: tuple) -> str:
@@ -166,9 +178,8 @@ def checked(cls, name: str, value, method: str = "method", key: str | None = Non
         raise FewstepError(f"{method} option {key or name}: expected {_describe(hint)}, got "
                            f"{value!r} ({type(value).__name__})") from None
     interval = option_ranges(cls).get(name)
-    if interval and isinstance(value, (int, float)) and not in_range(value, interval):
-        raise FewstepError(f"{method} option {key or name} = {value!r} is out of range: it must "
-                           f"lie in {interval}")
+    if interval and is_number(value) and not in_range(value, interval):
+        raise FewstepError(out_of_range(method, key or name, value, interval))
     allowed = option_choices(cls).get(name)
     if allowed is not None and value not in allowed:
         raise FewstepError(not_a_choice(method, key or name, value, allowed))
