@@ -1,7 +1,5 @@
 """The walking skeleton, for real: the DAG on a tiny config, teachers trained by the recipe rule."""
 import json
-import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -9,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from plugin_checks import install_plugin
 
 REPO = Path(__file__).resolve().parent.parent
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
@@ -32,13 +31,7 @@ def snakemake(workdir, *args, timeout=900, env=None):
 @pytest.fixture(scope="module")
 def plugin_env(tmp_path_factory):
     """The example method package installed (not into the venv) and put on the path."""
-    site = tmp_path_factory.mktemp("plugin_site")
-    out = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                          "--no-build-isolation", "--target", str(site),
-                          str(REPO / "tests" / "plugin_example")], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site),
-                                                                       os.environ.get("PYTHONPATH")]))}
+    return install_plugin(tmp_path_factory.mktemp("plugin"))
 
 
 @pytest.fixture(scope="module")
