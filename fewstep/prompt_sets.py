@@ -49,7 +49,6 @@ Choices (uncertain; recorded here so they can be revisited):
 from __future__ import annotations
 
 import csv
-import difflib
 import hashlib
 import inspect
 import io
@@ -58,7 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fewstep.backbones.weights import WeightFile, require_entry
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, did_you_mean
 from fewstep.geneval_prompts import METADATA_FILE, METADATA_SOURCE, read_metadata
 from fewstep.io import write_json, write_text
 from fewstep.registry import UnknownNameError
@@ -321,10 +320,8 @@ def check_prompt_set(name: str, options=()) -> None:
     """A registered set name and option names its loader takes; else an error listing the valid
     ones (config validation calls this before any file is read)."""
     if name not in PROMPT_SETS:
-        close = difflib.get_close_matches(name, PROMPT_SETS, n=3, cutoff=0.5)
-        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        raise UnknownNameError(f"unknown prompt set {name!r}.{hint} Known prompt sets: "
-                               f"{', '.join(sorted(PROMPT_SETS))}.")
+        raise UnknownNameError(f"unknown prompt set {name!r}.{did_you_mean(name, PROMPT_SETS)} "
+                               f"Known prompt sets: {', '.join(sorted(PROMPT_SETS))}.")
     takes = list(inspect.signature(PROMPT_SETS[name]).parameters)
     unknown = sorted(set(options) - set(takes))
     if unknown:
