@@ -27,7 +27,7 @@ Choices (uncertain; recorded here so they can be revisited):
   (commands/sample.py) and the GenEval scorer reads `meta["tag"]` / `meta["include"]`, so nesting
   the dict under a `meta` key would break scoring; the row *is* the meta.
 * ImageNet rows carry `class_id` and the same value as `class_label`, the key the samplers and the
-  scorer read for class-conditional families (commands/sample.py, commands/score.py). Class names
+  scorer read for class-conditional families (commands/sample.py, fewstep/scoring.py). Class names
   may repeat in ImageNet (two "crane" classes), so only ids must be unique. The hash depends on the
   naming list; a suggested one is timm's `ImageNetInfo().index_to_description(i)` for i < 1000.
 * Text is kept verbatim for HPD v2, GenEval and DrawBench (upstream text is the protocol); COCO

@@ -214,3 +214,15 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path, monkeypa
     ("fewstep.cli", "entry"), ("metrics.base", "metrics"), ("methods.dmd", "methods")])
 def test_layer_table(module, layer):
     assert layer_of(module) == layer
+
+
+def test_parsing_the_dag_imports_no_metric_numpy_or_pil():
+    """The Snakefile imports the config and the prompt sets to build the DAG: `snakemake -n` must
+    not pay for numpy, PIL or a metric (a fresh interpreter, so nothing is imported already)."""
+    import subprocess
+
+    code = ("import sys, fewstep.config, fewstep.prompt_sets; print(' '.join(sorted({m.split('.')[0] "
+            "for m in sys.modules} & {'metrics', 'methods', 'numpy', 'PIL', 'torch'})))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "", f"importing fewstep.config and fewstep.prompt_sets loads {out}"
