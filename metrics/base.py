@@ -9,8 +9,10 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from fewstep.io import write_text
+from metrics.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
 
 RESULT_FIELDS = ("name", "version", "higher_is_better", "value", "ci_low", "ci_high", "n",
                  "per_sample", "identity", "details")
@@ -91,23 +93,110 @@ def paired_summary(ci, higher_is_better: bool, **extra) -> dict:
             "method": ci.method, "verdict": verdict, **extra}
 
 
+@dataclass
 class Metric:
     """A metric scores a sample-set folder on disk and returns a MetricResult.
 
-    Subclasses set `name`, `version` (bump it whenever a change can move the number) and
-    `higher_is_better`, and implement `score`; metrics with weights list them in `weight_files`
-    (what `fewstep weights check` reports). Differentiable scorers for training share one call
-    signature, `reward(images01 (B, 3, H, W) in [0, 1], metas: list of prompt-row dicts with
-    "prompt") -> (B,) tensor`, higher is better, gradients flowing to the images (see
-    metrics/toy_reward.py).
+    Subclasses are dataclasses whose public fields are the options a config may set. They set the
+    class attributes `name`, `version` (bump it whenever a change can move the number) and
+    `higher_is_better`, and implement `score_set` (set-level metrics such as FID) or, through
+    `PerImageMetric`, only `image_scores` and `identity`. `score` loads and checks the sample set
+    once for all of them. Metrics with weights list them in `weight_files` (what `fewstep weights
+    check` reports).
+
+    The bootstrap settings (n_resamples, level, seed) are keyword-only fields of this base: the
+    scorer sets them for every metric from its context (`from_options`), a config never does.
+
+    Differentiable scorers for training share one call signature, `reward(images01 (B, 3, H, W) in
+    [0, 1], metas: list of prompt-row dicts with "prompt") -> (B,) tensor`, higher is better,
+    gradients flowing to the images (see metrics/toy_reward.py).
     """
-    name: str = ""
-    version: str = ""
-    higher_is_better: bool = True
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = ""
+    higher_is_better: ClassVar[bool] = True
+
+    n_resamples: int = field(default=DEFAULT_RESAMPLES, kw_only=True)
+    level: float = field(default=DEFAULT_LEVEL, kw_only=True)
+    seed: int = field(default=0, kw_only=True)
+
+    # -- building from a config ------------------------------------------------------------------
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The options a config may set: the public init fields, less the bootstrap settings."""
+        import dataclasses
+
+        if not dataclasses.is_dataclass(cls):
+            return []
+        return [f.name for f in dataclasses.fields(cls)
+                if f.init and not f.name.startswith("_") and f.name not in RESERVED_OPTIONS]
+
+    @classmethod
+    def check_options(cls, options, name: str | None = None) -> None:
+        """Raise ValueError naming an unknown option (with the close names) or a non-mapping.
+
+        name: the metric's registry name for the message (default: the class's `name`)."""
+        from fewstep.errors import did_you_mean
+
+        name = name or cls.name or cls.__name__
+        if not isinstance(options, dict):
+            raise ValueError(f"metric_options/{name} must be a mapping of option: value, got "
+                             f"{type(options).__name__}")
+        known = cls.option_names()
+        for key in options:
+            if key not in known:
+                raise ValueError(f"metric_options/{name}: {cls.__name__} has no option {key!r}."
+                                 f"{did_you_mean(key, known)} Its options: "
+                                 f"{', '.join(known) or 'none'}")
+
+    @classmethod
+    def from_options(cls, options: dict, context) -> "Metric":
+        """The metric for one scoring job: the config's `options` (checked) over the defaults the
+        metric takes from the job's `context`, with the job's bootstrap settings.
+
+        context: any object with the attributes
+          n_resamples, level, seed   bootstrap settings of the job (every metric);
+          prompts                    path of the scored prompt .jsonl;
+          prompt_rows                its rows (class-conditional sets carry "class_label");
+          feature_net                the toy feature net file (toy FID), or None;
+          reference_images           how many reference renders the toy FID draws in all;
+          cache                      folder of cached reference statistics.
+        A metric reads only what its `context_defaults` names; the scorer never names a metric.
+        """
+        cls.check_options(options)
+        bootstrap = dict(n_resamples=context.n_resamples, level=context.level, seed=context.seed)
+        return cls(**bootstrap, **{**cls.context_defaults(context), **options})
+
+    @classmethod
+    def context_defaults(cls, context) -> dict:
+        """Options this metric takes from the scoring job's context unless the config sets them
+        (default: none; the toy FID takes its feature net and reference renders from it)."""
+        return {}
 
     def weight_files(self) -> list[WeightFile]:
         """Files this metric reads from the weights cache (none for the toy metrics)."""
         return []
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def score(self, sample_set_folder, expected=None, resolution=None, allow_blank=False,
+              **ctx) -> MetricResult:
+        """Score a sample-set folder: `load_weights`, then load and check the set once (expected:
+        the (prompt_id, seed) grid; resolution: the image size; allow_blank: accept constant
+        images, which a toy model may legitimately draw), then `score_set`."""
+        from metrics.sampleset import load_sample_set
+
+        self.load_weights()
+        ss = load_sample_set(sample_set_folder, expected=expected, resolution=resolution,
+                             allow_blank=allow_blank)
+        return self.score_set(ss, allow_blank)
+
+    def load_weights(self) -> None:
+        """Load what scoring needs before any image is read, so that a missing weights file fails
+        first (default: nothing; most metrics load on first use)."""
+
+    def score_set(self, ss, allow_blank: bool) -> MetricResult:
+        """The result on a loaded, checked SampleSet (allow_blank: recorded in the details)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement score_set(ss, allow_blank)"
+                                  " (or image_scores, as a PerImageMetric)")
 
     def per_image_result(self, ss, scores, identity: dict, extra: dict | None = None,
                          details: dict | None = None) -> "MetricResult":
@@ -167,10 +256,6 @@ class Metric:
                         higher_is_better=self.higher_is_better, **stats)
         return paired_summary(ci, self.higher_is_better, win_rate=wins)
 
-    def score(self, sample_set_folder, **ctx) -> MetricResult:
-        raise NotImplementedError(
-            f"{type(self).__name__} must implement score(sample_set_folder, **ctx)")
-
     def result(self, value, ci, n, per_sample, identity, details=None) -> MetricResult:
         """Assemble a result with this metric's name, version and direction."""
         return MetricResult(name=self.name, version=self.version,
@@ -180,31 +265,38 @@ class Metric:
                             details=dict(details or {}))
 
 
+@dataclass
+class PerImageMetric(Metric):
+    """A metric that is the mean of one score per image (HPSv2, ImageReward, CLIP score, the toy
+    preference slots): subclasses implement `image_scores` and `identity`, and may add details.
+    The value is the mean with a cluster-bootstrap CI over prompts; paired comparisons use the
+    per-image scores (Metric.paired_difference)."""
+
+    def image_scores(self, ss) -> dict:
+        """{"score": one float per image in manifest order, ...}: other keys are more per-image
+        columns written before the score (e.g. the raw cosine of a rescaled score)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement image_scores(ss)")
+
+    def identity(self, ss) -> dict:
+        """Everything that must match for two numbers of this metric to be comparable."""
+        raise NotImplementedError(f"{type(self).__name__} must implement identity(ss)")
+
+    def score_details(self, columns: dict) -> dict:
+        """Set-level details from the per-image columns (default: none)."""
+        return {}
+
+    def score_set(self, ss, allow_blank: bool) -> MetricResult:
+        columns = dict(self.image_scores(ss))
+        scores = columns.pop("score")
+        details = {**self.score_details({"score": scores, **columns}),
+                   "blank_images_allowed": bool(allow_blank)}
+        return self.per_image_result(ss, scores, self.identity(ss), columns, details)
+
+
 # Options of a metric that a config may not set: bookkeeping, or set by the harness itself.
 RESERVED_OPTIONS = ("n_resamples", "level", "seed")
 
 
-def metric_option_names(cls) -> list[str]:
-    """The options a config may set for a metric class: its public dataclass init fields."""
-    import dataclasses
-
-    if not dataclasses.is_dataclass(cls):
-        return []
-    return [f.name for f in dataclasses.fields(cls)
-            if f.init and not f.name.startswith("_") and f.name not in RESERVED_OPTIONS]
-
-
 def check_metric_options(name: str, cls, options) -> None:
-    """Raise ValueError naming an unknown option of a metric, with the close names."""
-    import difflib
-
-    if not isinstance(options, dict):
-        raise ValueError(f"metric_options/{name} must be a mapping of option: value, got "
-                         f"{type(options).__name__}")
-    known = metric_option_names(cls)
-    for key in options:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
-            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise ValueError(f"metric_options/{name}: {cls.__name__} has no option {key!r}.{hint} "
-                             f"Its options: {', '.join(known) or 'none'}")
+    """Raise ValueError naming an unknown option of a metric (Metric.check_options)."""
+    cls.check_options(options, name)

@@ -39,9 +39,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from metrics.base import Metric, MetricResult, WeightFile
-from metrics.sampleset import SampleSet, load_sample_set
-from metrics.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
+from metrics.base import PerImageMetric, WeightFile
+from metrics.sampleset import SampleSet
 
 SCALES = {"cosine": "raw cosine",
           "torchmetrics": "max(100 * cosine, 0) per image",
@@ -216,7 +215,7 @@ def default_device() -> str:
 # --------------------------------------------------------------------------------- the metric
 
 @dataclass
-class CLIPScore(Metric):
+class CLIPScore(PerImageMetric):
     """Mean CLIP score of a sample set, with a cluster-bootstrap CI over prompts."""
     name = "clip_score"
     version = "1"
@@ -227,9 +226,6 @@ class CLIPScore(Metric):
     precision: str = "fp32"
     device: str | None = None               # None: CUDA when available
     batch_size: int = 32
-    n_resamples: int = DEFAULT_RESAMPLES
-    level: float = DEFAULT_LEVEL
-    seed: int = 0
     _clip: LoadedCLIP | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -286,15 +282,12 @@ class CLIPScore(Metric):
                 "implementation": f"open_clip_torch {importlib.metadata.version('open_clip_torch')}"
                                   f", torch {torch.__version__}"}
 
-    def score(self, sample_set_folder, expected=None, resolution=None, allow_blank=False,
-              **ctx) -> MetricResult:
-        ss = load_sample_set(sample_set_folder, expected=expected, resolution=resolution,
-                             allow_blank=allow_blank)
+    def image_scores(self, ss: SampleSet) -> dict:
         cosines = self.cosines(ss)
-        details = {"mean_cosine": float(np.mean(cosines)), "device": str(self.clip().device),
-                   "blank_images_allowed": bool(allow_blank)}
-        return self.per_image_result(ss, apply_scale(cosines, self.scale), self.identity(ss),
-                                     {"cosine": cosines}, details)
+        return {"cosine": cosines, "score": apply_scale(cosines, self.scale)}
+
+    def score_details(self, columns: dict) -> dict:
+        return {"mean_cosine": float(np.mean(columns["cosine"])), "device": str(self.clip().device)}
 
 
 @dataclass

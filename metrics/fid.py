@@ -52,8 +52,7 @@ from PIL import Image
 
 from metrics.base import Metric, MetricResult, WeightFile
 from metrics.sampleset import SampleSet, load_sample_set
-from metrics.stats import (DEFAULT_LEVEL, DEFAULT_RESAMPLES, BootstrapCI, align_pairs, bootstrap,
-                           group_indices)
+from metrics.stats import BootstrapCI, align_pairs, bootstrap, group_indices
 
 MODE = "clean"
 REFERENCE_VERSION = "1"
@@ -300,13 +299,18 @@ class ToyFID(Metric):
     cache_dir: str | Path | None = None
     device: str = "cpu"
     batch_size: int = 64
-    n_resamples: int = DEFAULT_RESAMPLES
-    level: float = DEFAULT_LEVEL
-    seed: int = 0
     min_n: int = 1000                       # fewer samples: marked not comparable (pitfalls B.8)
 
     def __post_init__(self):
         self.extractor = _load_extractor(self.feature_net, self.cache_dir)
+
+    @classmethod
+    def context_defaults(cls, context) -> dict:
+        """The scoring job's feature net, cache and reference renders: `reference_images` renders
+        of the job's prompt file in all (rounded up to whole renders per prompt)."""
+        return {"feature_net": context.feature_net, "reference_prompts": str(context.prompts),
+                "renders_per_prompt": math.ceil(context.reference_images / len(context.prompt_rows)),
+                "cache_dir": context.cache}
 
     def reference(self, resolution: int) -> ReferenceStats:
         spec = ReferenceSpec(self.reference_split, None, self.renders_per_prompt,
@@ -329,11 +333,7 @@ class ToyFID(Metric):
                 "reference": ref.identity["reference"], "reference_stats_sha256": ref.stats_sha256,
                 "batch_size": self.batch_size}
 
-    def score(self, sample_set_folder, expected=None, resolution=None, allow_blank=False,
-              **ctx) -> MetricResult:
-        """allow_blank: accept constant images (a toy model may legitimately draw an empty canvas)."""
-        ss = load_sample_set(sample_set_folder, expected=expected, resolution=resolution,
-                             allow_blank=allow_blank)
+    def score_set(self, ss: SampleSet, allow_blank: bool) -> MetricResult:
         height, width = ss.resolution
         if height != width:
             raise ValueError(f"toy FID needs square images; {ss.folder} holds {height}x{width}")
@@ -649,9 +649,6 @@ class FID(Metric):
     cache_dir: str | Path | None = None
     device: str | None = None           # None: CUDA when available
     batch_size: int = 64                # fixed and recorded (pitfalls.md A.2)
-    n_resamples: int = DEFAULT_RESAMPLES
-    level: float = DEFAULT_LEVEL
-    seed: int = 0
     min_n: int = 10_000                 # fewer samples: marked not comparable (pitfalls.md B.8)
     _extractor: InceptionExtractor | None = field(default=None, init=False, repr=False)
 
@@ -711,10 +708,7 @@ class FID(Metric):
                 "reference": ref.identity["reference"], "reference_stats_sha256": ref.stats_sha256,
                 "batch_size": self.batch_size}
 
-    def score(self, sample_set_folder, expected=None, resolution=None, allow_blank=False,
-              **ctx) -> MetricResult:
-        ss = load_sample_set(sample_set_folder, expected=expected, resolution=resolution,
-                             allow_blank=allow_blank)
+    def score_set(self, ss: SampleSet, allow_blank: bool) -> MetricResult:
         size = self.resolution_for(ss)
         ref = self.reference_stats(size)
         feats = self.features(ss, size)

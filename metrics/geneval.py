@@ -15,9 +15,8 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from metrics.base import Metric, MetricResult
-from metrics.sampleset import SampleSet, SampleSetError, load_sample_set
-from metrics.stats import (DEFAULT_LEVEL, DEFAULT_RESAMPLES, bootstrap, cluster_mean_ci,
-                           group_indices)
+from metrics.sampleset import SampleSet, SampleSetError
+from metrics.stats import bootstrap, cluster_mean_ci, group_indices
 
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 RELATIONS = ("left of", "right of", "above", "below")
@@ -192,14 +191,17 @@ class ToyGenEval(Metric):
 
     detector: Detector | None = None
     colour: ColourClassifier | None = None
-    n_resamples: int = DEFAULT_RESAMPLES
-    level: float = DEFAULT_LEVEL
-    seed: int = 0
     require_all_tasks: bool = True
 
     def __post_init__(self):
         self.detector = self.detector or ToyExactDetector()
         self.colour = self.colour or DetectedColour()
+
+    @classmethod
+    def context_defaults(cls, context) -> dict:
+        """A class-conditional prompt set holds only GenEval's colors task: score it as a partial
+        set instead of refusing it."""
+        return {"require_all_tasks": not all("class_label" in r for r in context.prompt_rows)}
 
     def set_statistic(self, rows: list[dict]) -> float:
         """GenEval overall: the mean over tasks of each task's image accuracy."""
@@ -240,11 +242,7 @@ class ToyGenEval(Metric):
             out[task] = [ci.low, ci.high]
         return out
 
-    def score(self, sample_set_folder, expected=None, resolution=None, allow_blank=False,
-              **ctx) -> MetricResult:
-        """allow_blank: accept constant images (a toy model may legitimately draw an empty canvas)."""
-        ss = load_sample_set(sample_set_folder, expected=expected, resolution=resolution,
-                             allow_blank=allow_blank)
+    def score_set(self, ss: SampleSet, allow_blank: bool) -> MetricResult:
         check_geneval_set(ss, self.require_all_tasks)
         rows = self.judge(ss)
         if len(rows) != len(ss):  # count check after scoring (pitfalls.md C.12)

@@ -48,9 +48,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from metrics.base import Metric, MetricResult, WeightFile
-from metrics.sampleset import SampleSet, load_sample_set
-from metrics.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
+from metrics.base import PerImageMetric, WeightFile
+from metrics.sampleset import SampleSet
 
 ARCHITECTURE = "ViT-H-14"
 INPUT_SIZE = 224
@@ -315,7 +314,7 @@ def read_images01(paths) -> torch.Tensor:
 # --------------------------------------------------------------------------------- the metric
 
 @dataclass
-class HPSv2(Metric):
+class HPSv2(PerImageMetric):
     """Mean HPS (x100) of a sample set against its prompts, with a bootstrap CI over prompts.
 
     hps_version "v2.1" (default) or "v2.0" (use HPSv20); precision "fp16-autocast" (reference,
@@ -333,9 +332,6 @@ class HPSv2(Metric):
     batch_size: int = 16
     checkpoint: str | Path | None = None
     model_config: dict | None = None
-    n_resamples: int = DEFAULT_RESAMPLES
-    level: float = DEFAULT_LEVEL
-    seed: int = 0
     _hps: LoadedHPS | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -390,18 +386,15 @@ class HPSv2(Metric):
                 "implementation": "fewstep open_clip route, open_clip "
                                   f"{importlib.metadata.version('open_clip_torch')}"}
 
-    def score(self, sample_set_folder, expected=None, resolution=None, allow_blank=False,
-              **ctx) -> MetricResult:
-        ss = load_sample_set(sample_set_folder, expected=expected, resolution=resolution,
-                             allow_blank=allow_blank)
+    def image_scores(self, ss: SampleSet) -> dict:
         cosines = self.cosines(ss)
-        details = {"mean_cosine": float(np.mean(cosines)), "device": str(self.hps().device),
-                   "precision_requested": self.precision, "batch_size": self.batch_size,
-                   "torch": torch.__version__,
-                   "note": "scores compare best between images of one prompt (HPSv2 issue #9)",
-                   "blank_images_allowed": bool(allow_blank)}
-        return self.per_image_result(ss, SCALE * cosines, self.identity(ss), {"cosine": cosines},
-                                     details)
+        return {"cosine": cosines, "score": SCALE * cosines}
+
+    def score_details(self, columns: dict) -> dict:
+        return {"mean_cosine": float(np.mean(columns["cosine"])), "device": str(self.hps().device),
+                "precision_requested": self.precision, "batch_size": self.batch_size,
+                "torch": torch.__version__,
+                "note": "scores compare best between images of one prompt (HPSv2 issue #9)"}
 
 
 @dataclass

@@ -33,10 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metrics.base import Metric, MetricResult, WeightFile
+from metrics.base import PerImageMetric, WeightFile
 from metrics.image_reward_compat import (MAX_TEXT_TOKENS, build_image_reward, check_key_report)
-from metrics.sampleset import SampleSet, load_sample_set
-from metrics.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
+from metrics.sampleset import SampleSet
 
 INPUT_SIZE = 224
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -161,7 +160,7 @@ def file_pixels(model, paths) -> torch.Tensor:
 
 
 @dataclass
-class ImageRewardScore(Metric):
+class ImageRewardScore(PerImageMetric):
     """Mean ImageReward (x1) of a sample set against its prompts, bootstrap CI over prompts.
 
     checkpoint / med_config / tokenizer replace the cache files; vision_config replaces the
@@ -177,9 +176,6 @@ class ImageRewardScore(Metric):
     med_config: str | Path | None = None
     tokenizer: str | Path | None = None
     vision_config: dict | None = None
-    n_resamples: int = DEFAULT_RESAMPLES
-    level: float = DEFAULT_LEVEL
-    seed: int = 0
     _loaded: LoadedImageReward | None = field(default=None, init=False, repr=False)
 
     def weight_files(self) -> list[WeightFile]:
@@ -227,15 +223,15 @@ class ImageRewardScore(Metric):
                                   f"{importlib.metadata.version('image-reward')}, transformers "
                                   f"{importlib.metadata.version('transformers')}"}
 
-    def score(self, sample_set_folder, expected=None, resolution=None, allow_blank=False,
-              **ctx) -> MetricResult:
+    def load_weights(self) -> None:
         self.loaded()  # a missing weight file fails before any image is read
-        ss = load_sample_set(sample_set_folder, expected=expected, resolution=resolution,
-                             allow_blank=allow_blank)
-        rewards = self.rewards(ss)
-        details = {"device": str(self.loaded().device), "batch_size": self.batch_size,
-                   "torch": torch.__version__, "blank_images_allowed": bool(allow_blank)}
-        return self.per_image_result(ss, rewards, self.identity(ss), details=details)
+
+    def image_scores(self, ss: SampleSet) -> dict:
+        return {"score": self.rewards(ss)}
+
+    def score_details(self, columns: dict) -> dict:
+        return {"device": str(self.loaded().device), "batch_size": self.batch_size,
+                "torch": torch.__version__}
 
 
 class ImageRewardReward:

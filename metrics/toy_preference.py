@@ -13,26 +13,22 @@ prompts; per-image scores allow paired comparisons and win rates.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from metrics.base import Metric, MetricResult
-from metrics.sampleset import load_sample_set
-from metrics.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
+from metrics.base import PerImageMetric
 
 SLOTS = {"toy_hps": ("hps", "HPSv2"), "toy_imagereward": ("imagereward", "ImageReward")}
 
 
 @dataclass
-class ToyPreference(Metric):
+class ToyPreference(PerImageMetric):
     slot: str = "toy_hps"
     net_path: str | None = None           # default: the shipped net of the slot at the set's size
     batch_size: int = 256
-    n_resamples: int = DEFAULT_RESAMPLES
-    level: float = DEFAULT_LEVEL
-    seed: int = 0
+    _rewards: dict = field(default_factory=dict, init=False, repr=False)  # image size -> reward
     version = "1"
     higher_is_better = True
 
@@ -47,6 +43,17 @@ class ToyPreference(Metric):
 
         return load_toy_reward(self.net_path or shipped_feature_net(size, SLOTS[self.slot][0]))
 
+    def reward_for(self, ss):
+        """The slot's reward for the set's image size, loaded once; its net must see that size."""
+        size = ss.resolution[0]
+        if size not in self._rewards:
+            self._rewards[size] = self.reward(size)
+        reward = self._rewards[size]
+        if reward.net.config.size != size:
+            raise ValueError(f"{self.slot}: the reward net sees {reward.net.config.size} px images "
+                             f"but {ss.folder} holds {size} px")
+        return reward
+
     def rewards(self, ss, reward) -> np.ndarray:
         metas = [r["meta"] for r in ss.records]
         out = []
@@ -58,28 +65,25 @@ class ToyPreference(Metric):
                 out.append(reward(images01, [metas[i] for i in idx]).double().numpy())
         return np.concatenate(out)
 
-    def score(self, sample_set_folder, expected=None, resolution=None, allow_blank=False,
-              **ctx) -> MetricResult:
-        ss = load_sample_set(sample_set_folder, expected=expected, resolution=resolution,
-                             allow_blank=allow_blank)
-        reward = self.reward(ss.resolution[0])
-        if reward.net.config.size != ss.resolution[0]:
-            raise ValueError(f"{self.slot}: the reward net sees {reward.net.config.size} px images "
-                             f"but {ss.folder} holds {ss.resolution[0]} px")
-        identity = {"metric": self.slot, "version": self.version,
-                    "stands_in_for": SLOTS[self.slot][1], "reward_net_sha256": reward.sha256,
-                    "reward": "toy reward (presence + count + clean), metrics/toy_reward.py",
-                    "resolution": list(ss.resolution), "prompt_set_sha256": ss.prompt_set_sha256(),
-                    "images_per_prompt": len(ss) // len(set(ss.prompt_ids()))}
-        return self.per_image_result(ss, self.rewards(ss, reward), identity,
-                                     details={"blank_images_allowed": bool(allow_blank)})
+    def image_scores(self, ss) -> dict:
+        return {"score": self.rewards(ss, self.reward_for(ss))}
+
+    def identity(self, ss) -> dict:
+        return {"metric": self.slot, "version": self.version,
+                "stands_in_for": SLOTS[self.slot][1],
+                "reward_net_sha256": self.reward_for(ss).sha256,
+                "reward": "toy reward (presence + count + clean), metrics/toy_reward.py",
+                "resolution": list(ss.resolution), "prompt_set_sha256": ss.prompt_set_sha256(),
+                "images_per_prompt": len(ss) // len(set(ss.prompt_ids()))}
 
 
 @dataclass
 class ToyHPS(ToyPreference):
+    name = "toy_hps"
     slot: str = "toy_hps"
 
 
 @dataclass
 class ToyImageReward(ToyPreference):
+    name = "toy_imagereward"
     slot: str = "toy_imagereward"
