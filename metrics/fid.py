@@ -308,9 +308,9 @@ class ToyFID(Metric):
     def context_defaults(cls, context) -> dict:
         """The scoring job's feature net, cache and reference renders: `reference_images` renders
         of the job's prompt file in all (rounded up to whole renders per prompt)."""
+        per_prompt = math.ceil(context.reference_images / len(context.prompt_rows))
         return {"feature_net": context.feature_net, "reference_prompts": str(context.prompts),
-                "renders_per_prompt": math.ceil(context.reference_images / len(context.prompt_rows)),
-                "cache_dir": context.cache}
+                "renders_per_prompt": per_prompt, "cache_dir": context.cache}
 
     def reference(self, resolution: int) -> ReferenceStats:
         spec = ReferenceSpec(self.reference_split, None, self.renders_per_prompt,

@@ -14,7 +14,7 @@ Route A, "geneval-legacy" (the exact evaluator, metrics.md 4.3 and 4.8 A), step 
 1. An isolated environment, separate from fewstep's: python 3.9, torch 1.12.1+cu113 (with
    torchvision 0.13.1+cu113), mmcv-full 1.7.1 compiled for the GPU's architecture (e.g.
    `MMCV_WITH_OPS=1 TORCH_CUDA_ARCH_LIST=<arch> pip install mmcv-full==1.7.1`; a build without
-   the GPU's architecture fails silently on newer GPUs, geneval issues #12, #15; a GPU that
+   the GPU's architecture fails silently on newer GPUs, as GenEval's users report; a GPU that
    cu113 cannot drive needs torch <= 2.1 with a matching CUDA instead, named in the result),
    mmdet 2.27.0 installed from a checkout of open-mmlab/mmdetection's 2.x source (tag v2.27.0)
    for its configs, open-clip-torch 2.20.0, clip-benchmark 1.4.0, and a checkout of

@@ -24,9 +24,9 @@ dropped), float in [0, 1], bicubic resize of the float tensor so the longer side
 pads only when it resizes; an image whose longer side already is 224 but is not square is padded
 here too, since the model needs a square input.
 
-Precision (metrics.md 1.2): fp16 autocast on CUDA is the reference (it causes ties,
-tgxs002/HPSv2 issue #26) and the default; "fp32" is a separate identity. On the CPU autocast fp16
-is not available, so the computation is fp32 and the identity says so. The cosine is taken as a
+Precision (metrics.md 1.2): fp16 autocast on CUDA is the reference (it causes ties, as the HPSv2
+maintainers report) and the default; "fp32" is a separate identity. On the CPU autocast fp16 is
+not available, so the computation is fp32 and the identity says so. The cosine is taken as a
 batched matmul inside the precision context so that under autocast it is rounded to fp16 like the
 reference's `image_features @ text_features.T`.
 
@@ -298,7 +298,7 @@ def load_hps(hps_version: str = "v2.1", device=None, checkpoint=None,
 
 def paired_cosines(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
     """cos of row i with row i, as a batched matmul: under fp16 autocast it is rounded to fp16 as
-    the reference's `image_features @ text_features.T` is (ties, issue #26)."""
+    the reference's `image_features @ text_features.T` is (the ties HPSv2 reports)."""
     return torch.bmm(image_emb[:, None, :], text_emb[:, :, None]).flatten()
 
 
@@ -394,7 +394,7 @@ class HPSv2(PerImageMetric):
         return {"mean_cosine": float(np.mean(columns["cosine"])), "device": str(self.hps().device),
                 "precision_requested": self.precision, "batch_size": self.batch_size,
                 "torch": torch.__version__,
-                "note": "scores compare best between images of one prompt (HPSv2 issue #9)"}
+                "note": "scores compare best between images of one prompt (HPSv2 maintainers)"}
 
 
 @dataclass

@@ -148,7 +148,7 @@ def test_scores_match_the_hpsv2_package(reference, scored, sample_set, weights, 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast is CUDA-only")
 def test_fp16_autocast_on_cuda_follows_the_package(reference, cache, sample_set, weights,
                                                    monkeypatch, tmp_path):
-    """The reference precision: cosines rounded to fp16 like the package's (ties, issue #26);
+    """The reference precision: cosines rounded to fp16 like the package's (the ties HPSv2 reports);
     batch sizes differ (the package scores one image at a time), hence the fp16-sized tolerance."""
     folder, _, records = sample_set
     fp16 = tiny_metric(device="cuda").score(folder)
