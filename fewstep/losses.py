@@ -58,6 +58,14 @@ def native_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | 
     return per.mean()
 
 
+def denoising_loss(net, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, cond,
+                   weight: torch.Tensor | None = None) -> torch.Tensor:
+    """native_mse of `net` (a backbone) at x_t = alpha(t) x0 + sigma(t) eps against the native
+    target of x0: a critic's / fake teacher's denoising loss (DMD Eq. 6, CDM sec. 4.1)."""
+    x_t = net.schedule.add_noise(x0, eps, t)
+    return native_mse(net.native(x_t, t, cond), net.native_target(x_t, t, x0), weight)
+
+
 def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     """Non-saturating generator loss: mean softplus(-h(fake)) (DMD2 Eq. 4)."""
     return F.softplus(-fake_logits.float()).mean()
@@ -66,6 +74,13 @@ def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 def gan_discriminator_loss(fake_logits: torch.Tensor, real_logits: torch.Tensor) -> torch.Tensor:
     """Logistic discriminator loss: mean softplus(h(fake)) + mean softplus(-h(real)); no penalty."""
     return F.softplus(fake_logits.float()).mean() + F.softplus(-real_logits.float()).mean()
+
+
+def ppo_loss(logp, logp_old, adv, clip: float) -> torch.Tensor:
+    """PPO's clipped surrogate mean max(-A rho, -A clip(rho, 1 - c, 1 + c)), rho = exp(log pi -
+    log pi_old) (RTDMD sec. 5.4, as in Flow-GRPO)."""
+    ratio = torch.exp(logp - logp_old.detach())
+    return torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - clip, 1.0 + clip)).mean()
 
 
 def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-4,

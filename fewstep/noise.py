@@ -28,3 +28,16 @@ def sample_noise(prompt_ids: Sequence[str], seeds: Sequence[int], shape: Sequenc
         gen = torch.Generator().manual_seed(sample_seed(str(pid), seed, stream))
         rows.append(torch.randn(tuple(shape), generator=gen, dtype=torch.float32))
     return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+def prompt_seed(prompt: str) -> int:
+    """First 4 bytes of SHA-256 of the prompt text (RTDMD sec. 5.2)."""
+    return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big")
+
+
+def prompt_noise(prompts: Sequence[str], shape: Sequence[int], stream: str,
+                 seed: int = 0) -> torch.Tensor:
+    """Noise keyed by (prompt text, seed, stream): one prompt's samples get the same noise on
+    every rank, whatever their order (RTDMD's shared noise on the non-selected steps)."""
+    ids = [str(prompt_seed(p)) for p in prompts]
+    return sample_noise(ids, [seed] * len(ids), shape, stream=stream)

@@ -14,7 +14,7 @@ import torch
 T_TRAIN = 1000  # discrete DDPM steps of the SDXL family
 
 
-def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Per-sample scalars (B,) or a scalar -> broadcastable to `like` (B, C, H, W)."""
     v = torch.as_tensor(v, dtype=torch.float64, device=like.device)
     if v.ndim == 0:
@@ -35,15 +35,15 @@ class Schedule:
 
     # Forward process and its inverses -------------------------------------------------------
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a, s = _col(self.alpha(t), x0), _col(self.sigma(t), x0)
+        a, s = col(self.alpha(t), x0), col(self.sigma(t), x0)
         return (a * x0.double() + s * eps.double()).to(x0.dtype)
 
     def eps_from_x0(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a, s = _col(self.alpha(t), x_t), _col(self.sigma(t), x_t)
+        a, s = col(self.alpha(t), x_t), col(self.sigma(t), x_t)
         return ((x_t.double() - a * x0.double()) / s).to(x_t.dtype)
 
     def x0_from_eps(self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a, s = _col(self.alpha(t), x_t), _col(self.sigma(t), x_t)
+        a, s = col(self.alpha(t), x_t), col(self.sigma(t), x_t)
         return ((x_t.double() - s * eps.double()) / a).to(x_t.dtype)
 
     def ddim_step(self, x_t, x0, t, t_next, eps_noise=None, theta: float = 0.0):
@@ -54,7 +54,7 @@ class Schedule:
         eps_hat = self.eps_from_x0(x_t, x0, t).double()
         if theta:
             eps_hat = math.cos(theta) * eps_hat + math.sin(theta) * eps_noise.double()
-        a, s = _col(self.alpha(t_next), x_t), _col(self.sigma(t_next), x_t)
+        a, s = col(self.alpha(t_next), x_t), col(self.sigma(t_next), x_t)
         return (a * x0.double() + s * eps_hat).to(x_t.dtype)
 
     # The general transition kernel (shared spec README sec. 3), float64 --------------------------
@@ -84,22 +84,22 @@ class Schedule:
     @staticmethod
     def renoise(x_s, n, a, sigma_ts) -> torch.Tensor:
         """x_t = a x_s + sigma_ts n in float64, returned in x_s's dtype (the kernel's forward)."""
-        return (_col(a, x_s) * x_s.double() + _col(sigma_ts, x_s) * n.double()).to(x_s.dtype)
+        return (col(a, x_s) * x_s.double() + col(sigma_ts, x_s) * n.double()).to(x_s.dtype)
 
     def cps_mean(self, x_t, x0, t, t_next, theta: float) -> torch.Tensor:
         """mu = alpha(t') x0 + sigma(t') cos(theta) eps_hat in float64: the step's mean."""
         alpha_t, sigma_t = self.level(t)
         alpha_n, sigma_n = self.level(t_next)
         x0 = x0.double()
-        eps_hat = (x_t.double() - _col(alpha_t, x_t) * x0) / _col(sigma_t, x_t)
-        return _col(alpha_n, x_t) * x0 + _col(sigma_n, x_t) * math.cos(theta) * eps_hat
+        eps_hat = (x_t.double() - col(alpha_t, x_t) * x0) / col(sigma_t, x_t)
+        return col(alpha_n, x_t) * x0 + col(sigma_n, x_t) * math.cos(theta) * eps_hat
 
     def cps_step(self, x_t, x0, t, t_next, xi, theta: float, mean=None) -> torch.Tensor:
         """x_t' = mu + sigma(t') sin(theta) xi in x_t's dtype (the stochastic DDIM / CPS step);
         theta = 0 is DDIM/Euler, t' = 0 gives x0. `mean`: mu when the caller already has it."""
         out = self.cps_mean(x_t, x0, t, t_next, theta) if mean is None else mean
         if theta:
-            out = out + _col(self.level(t_next)[1], x_t) * math.sin(theta) * xi.double()
+            out = out + col(self.level(t_next)[1], x_t) * math.sin(theta) * xi.double()
         return out.to(x_t.dtype)
 
     @staticmethod
@@ -119,19 +119,24 @@ class FlowSchedule(Schedule):
     def sigma(self, t):
         return torch.as_tensor(t, dtype=torch.float64)
 
+    @staticmethod
+    def steps_earlier(t, delta) -> torch.Tensor:
+        """t'' = max(t - delta/1000, 0): delta training timesteps earlier (RTDMD sec. 4.2)."""
+        return (t.double() - delta.double() / 1000.0).clamp(min=0.0).to(t.dtype)
+
     # Native outputs of the flow families. v = eps - x0 (SD3); SiT's u = x0 - eps with its
     # own time running the other way, t_sit = 1 - t (shared spec README section 4).
     @staticmethod
     def x0_from_v(x_t, v, t):
-        return (x_t.double() - _col(t, x_t) * v.double()).to(x_t.dtype)
+        return (x_t.double() - col(t, x_t) * v.double()).to(x_t.dtype)
 
     @staticmethod
     def v_from_x0(x_t, x0, t):
-        return ((x_t.double() - x0.double()) / _col(t, x_t)).to(x_t.dtype)
+        return ((x_t.double() - x0.double()) / col(t, x_t)).to(x_t.dtype)
 
     @staticmethod
     def x0_from_sit_u(x_t, u, t):
-        return (x_t.double() + _col(t, x_t) * u.double()).to(x_t.dtype)
+        return (x_t.double() + col(t, x_t) * u.double()).to(x_t.dtype)
 
     @staticmethod
     def sit_time(t):
@@ -179,6 +184,11 @@ class DiscreteVPSchedule(Schedule):
 
     def t_of_k(self, k) -> torch.Tensor:
         return torch.as_tensor(k, dtype=torch.float64) / (self.n_steps - 1)
+
+    def steps_earlier(self, t, delta) -> torch.Tensor:
+        """k'' = max(k - delta, 0): delta timesteps earlier on the integer grid."""
+        k = (self.k_of_t(t).to(delta.device) - delta).clamp(min=0)
+        return self.t_of_k(k).to(t)
 
     def _abar(self, t):
         k = self.k_of_t(t).clamp(0, self.n_steps - 1)

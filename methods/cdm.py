@@ -1,18 +1,17 @@
-"""CDM: Continuous-Time Distribution Matching (arXiv 2605.06376; code byliutao/cdm at bacc57f).
-
-Spec: /work/shared/spec/cdm.md. A few-step student G_theta is trained by distribution matching
-along its own deterministic sampling trajectories, drawn with a random length N ~ U{1..28} and
-random continuous anchor times (cdm.md 3). Three student losses share one displacement form
-(cdm.md 4): CA, the teacher's CFG direction at the anchor (4.2); DM, on-trajectory distribution
-matching at the anchor (4.3); CDM, off-trajectory matching at a point extrapolated along the
-student's own step (4.4). The fake teacher F_phi (a copy of the student) is trained with plain
+"""CDM: Continuous-Time Distribution Matching (arXiv 2605.06376; official code byliutao/cdm at
+bacc57f). A few-step student G_theta is trained by distribution matching along its own
+deterministic sampling trajectories, drawn with a random length N ~ U{1..28} and random
+continuous anchor times (CDM sec. 3). Three student losses share one displacement form (sec. 4):
+CA, the teacher's CFG direction at the anchor (sec. 4.2); DM, on-trajectory distribution matching
+at the anchor (sec. 4.3); CDM, off-trajectory matching at a point extrapolated along the student's
+own step (sec. 4.4). The fake teacher F_phi (a copy of the student) is trained with plain
 denoising every iteration and merged toward the student after each step, phi <- 0.999 phi +
-0.001 theta (4.1); the student updates on every second fake-teacher step (cdm.md 5).
-Fidelity "faithful": every detail follows the official code as the spec records it.
+0.001 theta (sec. 4.1); the student updates on every second fake-teacher step (sec. 5).
+Fidelity "faithful": every detail follows the official code.
 """
 from __future__ import annotations
 
-import math
+from collections import namedtuple
 from dataclasses import dataclass, replace
 
 import torch
@@ -20,10 +19,12 @@ import torch
 from fewstep import losses
 from fewstep.backbones.base import cond_cat
 from fewstep.engine.adapt import merged_state_dict, trainable_copy
+from fewstep.engine.loop import lerp_toward
 from fewstep.engine.method import Method, StudentSpec, student_grid
-from fewstep.engine.options import TrainOptions
+from fewstep.engine.options import TrainOptions, choice
+from fewstep.engine.rollout import rollout
 from fewstep.errors import FewstepError
-from fewstep.schedule import shift as shift_map
+from fewstep.schedule import draw_times, shift as shift_map
 
 # Named random streams (engine context), so a test can redraw exactly what a branch drew.
 S_LEN, S_ANCHORS = "cdm/schedule/len", "cdm/schedule/anchors"       # rank-synchronised
@@ -38,14 +39,14 @@ class CDMOptions(TrainOptions):
     schedule_range: tuple[float, float] = (0.25, 0.95)  # cdm.schedule.range: inner anchors u ~ U[lo, hi]
     schedule_shift: float | None = None                # flow shift of the anchors; None: the teacher's
     fixed_schedule: tuple[float, ...] | None = None    # cdm.fixed_schedule: anchors u (1.0 first)
-    student_anchors: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)  # inference anchors u (cdm.md 6.2)
+    student_anchors: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)  # inference anchors u (CDM sec. 6.2)
     ca_w: float = 7.0                                  # cdm.ca.w, used as-is (omega = 1 + w)
     loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)   # cdm.loss.weights (CA, DM, CDM)
     ft_ema_from_student: float = 0.999                 # cdm.ft.ema_from_student m (1.0: no merge)
     norm_floor: float = 0.1                            # cdm.norm_floor
     t_clamp: tuple[float, float] = (0.02, 0.98)        # clamp of every teacher / off-trajectory time
-    offtraj_mode: str = "trajectory_eps"               # cdm.offtraj.mode
-    offtraj_t_sampler: str = "uniform"                 # cdm.offtraj.t_sampler: uniform | uniform_capped
+    offtraj_mode: str = choice(*OFFTRAJ_MODES)         # cdm.offtraj.mode (only the first runs)
+    offtraj_t_sampler: str = choice("uniform", "uniform_capped")  # cdm.offtraj.t_sampler
     update_ratio: int = 2                              # student step every r-th fake-teacher step
     batch: int = 16
     lr: float = 1e-5
@@ -55,7 +56,7 @@ class CDMOptions(TrainOptions):
     warmup: int = 100
     ema_decay: float = 0.999
     ema_warmup: bool = True                            # decay min(0.999, (1 + n) / (10 + n))
-    ema_on: str = "generator_update"                   # EMA once per student step (cdm.md 5)
+    ema_on: str = "generator_update"                   # EMA once per student step (CDM sec. 5)
     RANGES = {"update_ratio": "[1, inf)", "ft_ema_from_student": "[0, 1]", "norm_floor": "(0, inf)",
               "ca_w": "[0, inf)"}
 
@@ -69,23 +70,19 @@ PRESETS = {
     "cdm-sd3-paper": {**PAPER, "ca_w": 7.0, "schedule_shift": 3.0},
     "cdm-sdxl-ext": {**PAPER, "ca_w": 7.0},           # [EXT] integer anchors k = round(999 u)
     "cdm-sit-ext": {**PAPER, "ca_w": 0.0, "schedule_shift": 1.0},  # [EXT] CA off by default
-    # Toy teachers are sampled with CFG 2, i.e. w = 1; short schedules keep a CPU iteration cheap.
-    # lr 1e-4 (the other toy presets) collapsed the toy students to noise within 400 iterations
-    # (no 1/2 in the loss and three branches: ~6x DMD2's step); 2e-5 is twice the paper's.
-    # 301 iterations: SDXL's student scores toy FID 70.4 [66.6, 74.6] at 301 and 81.6 at 401
-    # (same prompts and seeds); the shorter run is better and fits the DAG's 30 minutes (issue 5).
+    # Toy teachers are sampled with CFG 2 (w = 1); short schedules keep a CPU iteration cheap. lr
+    # 1e-4 collapsed the toy students (no 1/2 in the loss, three branches); 2e-5 is twice the
+    # paper's. 301 iterations: SDXL's toy FID 70.4 [66.6, 74.6] at 301, 81.6 at 401 (same seeds).
     "toy": {"batch": 16, "steps": 301, "lr": 2e-5, "critic_lr": 1e-5, "warmup": 20, "ca_w": 1.0,
             "schedule_len": (1, 8), "student_anchors": FOUR, "checkpoint_every": 200},
 }
 
 
-# -- random continuous schedule (cdm.md 3) --------------------------------------------------------
+# -- random continuous schedule (CDM sec. 3) --------------------------------------------------------
 def draw_fractions(ctx, len_range, u_range) -> torch.Tensor:
-    """Anchors u (float64, descending, 1.0 first): N ~ U{len_range}, N-1 values u ~ U[u_range].
-
-    Both draws come from the rank-synchronised generator, so every rank rolls out the same
-    schedule (cdm.md 8 item 8: the official code relies on identically seeded global RNGs).
-    """
+    """Anchors u (float64, descending, 1.0 first): N ~ U{len_range}, N-1 values u ~ U[u_range],
+    both from the rank-synchronised generator, so every rank rolls out the same schedule (CDM
+    sec. 8 item 8: the official code relies on identically seeded global RNGs)."""
     n = int(ctx.randint(len_range[0], len_range[1], 1, S_LEN, shared=True)[0])
     u = ctx.uniform(n - 1, u_range[0], u_range[1], S_ANCHORS, shared=True).cpu()
     return torch.cat([torch.ones(1, dtype=torch.float64), u.sort(descending=True).values])
@@ -93,67 +90,35 @@ def draw_fractions(ctx, len_range, u_range) -> torch.Tensor:
 
 def anchor_times(schedule, u: torch.Tensor, shift: float = 1.0) -> list[float]:
     """Anchor fractions -> times: flow t = shift(u) (applied inside the official pipeline's
-    scheduler, cdm.md 8 item 1); discrete VP integer anchors k = round(999 u), t = k / 999."""
+    scheduler, CDM sec. 8 item 1); discrete VP integer anchors k = round(999 u), t = k / 999."""
     if schedule.kind == "flow":
         return [float(t) for t in shift_map(u, shift)]
     return [float(schedule.t_of_k(k)) for k in torch.round(999 * u).long()]
 
 
-def draw_levels(ctx, discrete: bool, n: int, hi, clamp, stream: str) -> torch.Tensor:
-    """Per-sample times U(0, hi) clamped to `clamp` (cdm.md 4); hi is a float or (B,) bounds.
-
-    Discrete VP: the same draw on the integer grid with DMD2's range rule, k = floor(1000 u) in
-    {floor(1000 lo)..floor(1000 hi)}, t = k / 999 (spec README 4) [EXT].
-    """
-    hi = torch.as_tensor(hi, dtype=torch.float64, device=ctx.device)
-    u = ctx.uniform(n, 0.0, 1.0, stream) * hi
-    lo, top = clamp
-    if not discrete:
-        return u.clamp(lo, top).float()
-    k = torch.floor(1000 * u).clamp(math.floor(1000 * lo), math.floor(1000 * top))
-    return (k / 999).float()
-
-
-# -- backward simulation (cdm.md 3) ---------------------------------------------------------------
-@dataclass
-class Anchor:
-    """The recorded trajectory at each sample's index i: x_i at t_i, the x0-prediction made there
-    x0_next = x0_{i+1}, and eps_hat_i (v_i = eps_hat_i - x0_{i+1} on flow); x_final = x_N."""
-
-    index: torch.Tensor
-    x: torch.Tensor
-    t: torch.Tensor
-    x0_next: torch.Tensor
-    eps: torch.Tensor
-    x_final: torch.Tensor
+# -- backward simulation (CDM sec. 3) ---------------------------------------------------------------
+# The recorded trajectory at each sample's index i: x_i at t_i, the x0-prediction made there
+# x0_next = x0_{i+1}, and eps_hat_i (v_i = eps_hat_i - x0_{i+1} on flow); x_final = x_N.
+Anchor = namedtuple("Anchor", "index x t x0_next eps x_final")
 
 
 @torch.no_grad()
-def rollout(generator, z: torch.Tensor, cond, times: list[float], index: torch.Tensor) -> Anchor:
+def backward_simulation(generator, z: torch.Tensor, cond, times: list[float], index) -> Anchor:
     """Deterministic DDIM/Euler run of the student with CFG 1 from pure noise through `times`,
-    then a final step to t = 0 (cdm.md 3); keeps only each sample's own anchor i (memory)."""
-    sched, x = generator.schedule, z
+    then a final step to t = 0 (CDM sec. 3); keeps only each sample's own anchor i (memory)."""
     pick = {"x": torch.zeros_like(z), "x0": torch.zeros_like(z), "eps": torch.zeros_like(z)}
-    for k, t in enumerate(times):
-        t_vec = torch.full((z.shape[0],), t, device=z.device)
-        x0 = generator.x0(x, t_vec, cond)
-        eps = sched.eps_from_x0(x, x0, t_vec)
+
+    def record(k, x, x0, t):
         here = losses.per_sample(index == k, z)
-        for key, value in (("x", x), ("x0", x0), ("eps", eps)):
+        for key, value in (("x", x), ("x0", x0), ("eps", generator.schedule.eps_from_x0(x, x0, t))):
             pick[key] = torch.where(here, value.to(z.dtype), pick[key])
-        t_next = times[k + 1] if k + 1 < len(times) else 0.0
-        x = sched.ddim_step(x, x0, t_vec, torch.full_like(t_vec, t_next))
+
+    x_final = rollout(generator, z, cond, [*times, 0.0], len(times), visit=record).x
     t_i = torch.tensor(times, device=z.device, dtype=torch.float32)[index]
-    return Anchor(index, pick["x"], t_i, pick["x0"], pick["eps"], x)
+    return Anchor(index, pick["x"], t_i, pick["x0"], pick["eps"], x_final)
 
 
-def offtraj_point(schedule, x0_next: torch.Tensor, eps: torch.Tensor, t_prime: torch.Tensor):
-    """x' = alpha(t') x0_{i+1} + sigma(t') eps_hat_i: the DDIM step from anchor i to t' (cdm.md
-    4.4, 6.2); on flow exactly x_i + (t' - t_i) v_i, the tangent of the student's ODE."""
-    return schedule.add_noise(x0_next, eps, t_prime)
-
-
-# -- the shared displacement form (cdm.md 4) ------------------------------------------------------
+# -- the shared displacement form (CDM sec. 4) ------------------------------------------------------
 def normaliser(a: torch.Tensor, x0_g: torch.Tensor, floor: float) -> torch.Tensor:
     """nu(a) = max(mean_CHW |a - sg(x0_G)| + 1e-8, floor), per sample, broadcastable."""
     nu = losses.mean_chw((a.double() - x0_g.detach().double()).abs()) + 1e-8
@@ -161,21 +126,13 @@ def normaliser(a: torch.Tensor, x0_g: torch.Tensor, floor: float) -> torch.Tenso
 
 
 def dm_delta(p_real, p_fake, x0_g, floor: float) -> torch.Tensor:
-    """Delta_DM = (D_T(c) - D_F(c)) / nu(D_T(c)) (cdm.md 4.3; also Delta_CDM, 4.4)."""
+    """Delta_DM = (D_T(c) - D_F(c)) / nu(D_T(c)) (CDM sec. 4.3; also Delta_CDM, 4.4)."""
     return (p_real.double() - p_fake.double()) / normaliser(p_real, x0_g, floor)
 
 
 def ca_delta(p_cond, p_uncond, x0_g, w: float, floor: float) -> torch.Tensor:
-    """Delta_CA = w (D_T(c) - D_T(null)) / nu(D_T(c)), w as-is, not w - 1 (cdm.md 4.2, 8 item 2)."""
+    """Delta_CA = w (D_T(c) - D_T(null)) / nu(D_T(c)), w as-is, not w - 1 (CDM sec. 4.2, 8 item 2)."""
     return w * (p_cond.double() - p_uncond.double()) / normaliser(p_cond, x0_g, floor)
-
-
-@torch.no_grad()
-def merge_toward(phi: torch.nn.Module, theta: dict, m: float) -> None:
-    """phi <- m phi + (1 - m) theta, elementwise over the floating-point state (cdm.md 4.1)."""
-    for name, p in phi.state_dict().items():
-        if p.dtype.is_floating_point:
-            p.lerp_(theta[name].to(p), 1.0 - m)
 
 
 class CDM(Method):
@@ -192,54 +149,45 @@ class CDM(Method):
         validate(options)
         super().__init__(teacher, options, ctx)
         self._generator = trainable_copy(teacher, options)
-        self.critic = trainable_copy(teacher)  # F_phi: the student at init (cdm.md 2), full weights
+        self.critic = trainable_copy(teacher)  # F_phi: the student at init (CDM sec. 2), full weights
         self.discrete = teacher.schedule.kind != "flow"
         self.shift = grid_shift(teacher, options)
-        self.grid = student_grid(teacher, options.student_anchors, self.shift)
-
-    def networks(self):
-        return {"generator": self.generator.denoiser, "critic": self.critic.denoiser}
 
     def plan(self, step):
-        """Fake teacher first every iteration; the student when the fake-step count is a positive
-        multiple of update_ratio (cdm.md 5)."""
+        """Fake teacher every iteration, the student every update_ratio-th (CDM sec. 5)."""
         return ["critic"] + (["generator"] if (step + 1) % self.opt.update_ratio == 0 else [])
 
     @classmethod
-    def sampler(cls, teacher, options) -> StudentSpec:
-        """Deterministic steps on the anchor grid, no guidance (cdm.md 5)."""
-        return StudentSpec(student_grid(teacher, options.student_anchors,
-                                        grid_shift(teacher, options)), theta=0.0, guidance=1.0)
+    def sampler(cls, teacher, options) -> StudentSpec:  # deterministic, no guidance (CDM sec. 5)
+        grid = student_grid(teacher, options.student_anchors, grid_shift(teacher, options))
+        return StudentSpec(grid, theta=0.0, guidance=1.0)
 
     def after_update(self, net):
+        """phi <- m phi + (1 - m) theta over the floating-point state after each fake-teacher
+        step (CDM sec. 4.1); the critic holds full weights, so LoRA adapters are merged first."""
         if net == "critic" and self.opt.ft_ema_from_student < 1.0:
-            merge_toward(self.critic.denoiser, self.student_state(), self.opt.ft_ema_from_student)
-
-    def student_state(self) -> dict:
-        if self.opt.lora_rank > 0:  # the critic holds full weights: merge the adapters first
-            merged = merged_state_dict(self.generator.denoiser)
-            return {k: v.to(self.ctx.device) for k, v in merged.items()}
-        return self.generator.denoiser.state_dict()
+            student = self.generator.denoiser
+            theta = merged_state_dict(student) if self.opt.lora_rank > 0 else student.state_dict()
+            lerp_toward(self.critic.denoiser, theta, self.opt.ft_ema_from_student, copy_others=False)
 
     def loss(self, net, scratch):
         return self.student_loss(scratch) if net == "generator" else self.fake_teacher_loss(scratch)
 
-    # -- the iteration's trajectory (cdm.md 3) ------------------------------------------------------
     def trajectory(self, scratch: dict):
-        """(Anchor, prompts, times), drawn once per iteration and shared by every branch."""
+        """(Anchor, prompts, times), drawn once per iteration (CDM sec. 3), shared by every branch."""
         if "anchor" not in scratch:
             times = self.schedule_times()
             batch = self.ctx.prompts(self.opt.batch, S_PROMPTS)
             z = self.ctx.randn((len(batch), *self.teacher.latent_shape), S_Z)
             index = self.ctx.randint(0, len(times) - 1, len(batch), S_INDEX)
-            scratch["anchor"] = rollout(self.generator, z, batch.cond, times, index)
+            scratch["anchor"] = backward_simulation(self.generator, z, batch.cond, times, index)
             scratch["batch"], scratch["times"] = batch, times
         return scratch["anchor"], scratch["batch"], scratch["times"]
 
     def schedule_times(self) -> list[float]:
-        """This iteration's anchor times (cdm.md 3); a fixed schedule goes through the inference
-        grid's own map, so fixed = inference anchors reproduces the student's sampler exactly
-        (on SDXL round(999 u) would give k = 500, 250 instead of 499, 249)."""
+        """This iteration's anchor times (CDM sec. 3); a fixed schedule goes through the sampler
+        grid's own map, so it reproduces the student's sampler exactly (SDXL: k = 499, 249, where
+        round(999 u) would give 500, 250)."""
         opt = self.opt
         if opt.fixed_schedule is not None:
             return student_grid(self.teacher, opt.fixed_schedule, self.shift)
@@ -247,29 +195,33 @@ class CDM(Method):
         return anchor_times(self.teacher.schedule, u, self.shift)
 
     def levels(self, n: int, stream: str, hi=1.0) -> torch.Tensor:
-        return draw_levels(self.ctx, self.discrete, n, hi, self.opt.t_clamp, stream)
+        """Per-sample times U(0, hi) clamped to t_clamp (CDM sec. 4), hi a float or (B,) bounds;
+        discrete VP: k = floor(1000 u) with DMD2's range rule, t = k / 999 [EXT]."""
+        bound = torch.as_tensor(hi, dtype=torch.float64, device=self.ctx.device)
+        return draw_times(self.ctx, n, stream, 0.0, 1.0, self.opt.t_clamp, bound=bound,
+                          grid=1000 if self.discrete else None)
 
-    # -- fake teacher (cdm.md 4.1) --------------------------------------------------------------------
+    # -- fake teacher (CDM sec. 4.1) --------------------------------------------------------------------
     def fake_teacher_loss(self, scratch):
         """Unweighted denoising of sg(x0_{i+1}) on the native target (v on flow, eps on SDXL)."""
         anchor, batch, times = self.trajectory(scratch)
         x0 = anchor.x0_next.detach()
         tau = self.levels(len(x0), S_FT + "/tau")
         eps = self.ctx.randn_like(x0, S_FT + "/eps")
-        x_tau = self.critic.schedule.add_noise(x0, eps, tau)
-        pred = self.critic.native(x_tau, tau, batch.cond)
-        loss = losses.native_mse(pred, self.critic.native_target(x_tau, tau, x0))
+        loss = losses.denoising_loss(self.critic, x0, eps, tau, batch.cond)
         return loss, {"N": len(times), "t_i": anchor.t.mean()}
 
-    # -- student (cdm.md 4.2-4.5) ---------------------------------------------------------------------
+    # -- student (CDM sec. 4.2-4.5) ---------------------------------------------------------------------
     def student_loss(self, scratch):
+        """The weighted branches; each evaluates x0_G = G_theta(x_in, t_in, c) anew, with gradient
+        (CDM sec. 8 item 9); a branch of weight 0 costs no network evaluation."""
         anchor, batch, _ = self.trajectory(scratch)
         w_ca, w_dm, w_cdm = self.opt.loss_weights
         total, stats = 0.0, {}
         branches = (("ca", w_ca if self.opt.ca_w != 0 else 0.0, self.branch_ca),
                     ("dm", w_dm, self.branch_dm), ("cdm", w_cdm, self.branch_cdm))
         for name, weight, branch in branches:
-            if weight == 0:  # an off branch costs no network evaluation
+            if weight == 0:
                 continue
             loss, delta = branch(anchor, batch.cond)
             total = total + weight * loss
@@ -279,18 +231,14 @@ class CDM(Method):
             raise FewstepError("cdm: every student loss is off (loss_weights, ca_w); nothing to train")
         return total, stats
 
-    def student_x0(self, x_in, t_in, cond):
-        """x0_G = G_theta(x_in, t_in, c) with gradient; each branch calls it anew (cdm.md 8 item 9)."""
-        return self.generator.x0(x_in, t_in, cond)
-
     def teacher_point(self, x0_g, tau, stream: str):
-        """x_tau = alpha(tau) sg(x0_G) + sigma(tau) eps, fresh eps (cdm.md 8 item 5)."""
+        """x_tau = alpha(tau) sg(x0_G) + sigma(tau) eps, fresh eps (CDM sec. 8 item 5)."""
         eps = self.ctx.randn_like(x0_g, stream + "/eps")
         return self.teacher.schedule.add_noise(x0_g.detach(), eps, tau)
 
     def branch_ca(self, anchor: Anchor, cond):
-        """CA at the anchor, tau ~ U(0, t_i) clamped (cdm.md 4.2, 8 item 3)."""
-        x0_g = self.student_x0(anchor.x, anchor.t, cond)
+        """CA at the anchor, tau ~ U(0, t_i) clamped (CDM sec. 4.2, 8 item 3)."""
+        x0_g = self.generator.x0(anchor.x, anchor.t, cond)
         tau = self.levels(len(x0_g), S_CA + "/tau", hi=anchor.t.double())
         x_tau = self.teacher_point(x0_g, tau, S_CA)
         with torch.no_grad():
@@ -300,15 +248,16 @@ class CDM(Method):
         return losses.displacement_loss(x0_g, delta), delta
 
     def branch_dm(self, anchor: Anchor, cond):
-        """On-trajectory DM at the anchor (x_i, t_i), tau ~ U(0, 1) clamped (cdm.md 4.3)."""
-        x0_g = self.student_x0(anchor.x, anchor.t, cond)
+        """On-trajectory DM at the anchor (x_i, t_i), tau ~ U(0, 1) clamped (CDM sec. 4.3)."""
+        x0_g = self.generator.x0(anchor.x, anchor.t, cond)
         return self.matching(x0_g, cond, S_DM)
 
     def branch_cdm(self, anchor: Anchor, cond):
-        """Off-trajectory DM at x' = DDIM point of anchor i at an independent t' (cdm.md 4.4)."""
+        """Off-trajectory DM at x' = alpha(t') x0_{i+1} + sigma(t') eps_hat_i, the DDIM step from
+        anchor i to an independent t' (CDM sec. 4.4, 6.2); on flow exactly x_i + (t' - t_i) v_i."""
         t_prime = self.offtraj_times(anchor)
-        x_prime = offtraj_point(self.teacher.schedule, anchor.x0_next, anchor.eps, t_prime).detach()
-        x0_g = self.student_x0(x_prime, t_prime, cond)
+        x_prime = self.teacher.schedule.add_noise(anchor.x0_next, anchor.eps, t_prime).detach()
+        x0_g = self.generator.x0(x_prime, t_prime, cond)
         return self.matching(x0_g, cond, S_CDM)
 
     def offtraj_times(self, anchor: Anchor) -> torch.Tensor:
@@ -318,7 +267,7 @@ class CDM(Method):
 
     def matching(self, x0_g, cond, stream: str):
         """Delta = (D_T(c) - D_F(c)) / nu at a fresh teacher point; teacher conditional only, fake
-        teacher unguided (cdm.md 4.3); loss mean (x0_G - sg(x0_G + Delta))^2."""
+        teacher unguided (CDM sec. 4.3); loss mean (x0_G - sg(x0_G + Delta))^2."""
         tau = self.levels(len(x0_g), stream + "/tau")
         x_tau = self.teacher_point(x0_g, tau, stream)
         with torch.no_grad():
@@ -329,16 +278,10 @@ class CDM(Method):
 
 
 def validate(opt: CDMOptions) -> None:
-    """Clear errors for option values the harness does not run (cdm.md 6.2)."""
+    """Clear errors for option values the harness does not run (CDM sec. 6.2)."""
     if opt.offtraj_mode != "trajectory_eps":
-        known = "unknown" if opt.offtraj_mode not in OFFTRAJ_MODES else "not implemented in the harness"
-        raise FewstepError(f"cdm option offtraj_mode (cdm.offtraj.mode) = {opt.offtraj_mode!r} is "
-                           f"{known}; only 'trajectory_eps' (the shipped configs' mode) is")
-    if opt.offtraj_t_sampler not in ("uniform", "uniform_capped"):
-        raise FewstepError(f"cdm option offtraj_t_sampler = {opt.offtraj_t_sampler!r}: use "
-                           "'uniform' or 'uniform_capped'")
-    if opt.update_ratio < 1:
-        raise FewstepError(f"cdm option update_ratio must be >= 1, got {opt.update_ratio}")
+        raise FewstepError(f"cdm option offtraj_mode (cdm.offtraj.mode) = {opt.offtraj_mode!r} is not "
+                           "implemented in the harness; only 'trajectory_eps' (the shipped configs') is")
     lo, hi = opt.schedule_len
     if not 1 <= lo <= hi:
         raise FewstepError(f"cdm option schedule_len must satisfy 1 <= lo <= hi, got {opt.schedule_len}")
@@ -353,6 +296,5 @@ def validate(opt: CDMOptions) -> None:
 
 def grid_shift(teacher, options) -> float:
     """The schedule shift of the student's grid: the option, else the teacher's own."""
-    if options.schedule_shift is not None:
-        return options.schedule_shift
-    return float(getattr(teacher, "shift", 1.0))
+    own = float(getattr(teacher, "shift", 1.0))
+    return own if options.schedule_shift is None else options.schedule_shift

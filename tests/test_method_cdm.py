@@ -7,6 +7,7 @@ from fewstep import losses
 from fewstep.engine.context import Context, PromptPool
 from fewstep.engine.distributed import DistInfo
 from fewstep.engine.loop import Trainer
+from fewstep.engine.method import student_spec
 from fewstep.engine.run import build_method, toy_context
 from fewstep.errors import FewstepError
 from fewstep.sampling import sample_student
@@ -58,7 +59,7 @@ def test_reduction_to_on_trajectory_dm(sit):
     G, T, F, ctx = method.generator, method.teacher, method.critic, method.ctx
     scratch = {}
     loss, stats = method.loss("generator", scratch)
-    assert set(stats) == {"loss_dm", "delta_dm"} and scratch["times"] == method.student().grid
+    assert set(stats) == {"loss_dm", "delta_dm"} and scratch["times"] == student_spec(method).grid
 
     cond = ctx.prompts(B, cdm.S_PROMPTS).cond
     z = ctx.randn((B, *T.latent_shape), cdm.S_Z)
@@ -94,19 +95,21 @@ def anchor_of(method, times):
     cond = ctx.prompts(B, "t").cond
     z = ctx.randn((B, *method.teacher.latent_shape), "z")
     index = torch.arange(B) % len(times)
-    return cdm.rollout(method.generator, z, cond, times, index)
+    return cdm.backward_simulation(method.generator, z, cond, times, index)
 
 
 def test_extrapolation_identities_flow(sit):
     method = make(sit)
     a = anchor_of(method, [1.0, 0.8, 0.55, 0.3])
     sched = method.teacher.schedule
-    torch.testing.assert_close(cdm.offtraj_point(sched, a.x0_next, a.eps, a.t), a.x, rtol=0, atol=1e-5)
+    # the off-trajectory point of branch_cdm, x' = alpha(t') x0_{i+1} + sigma(t') eps_hat_i
+    offtraj_point = sched.add_noise
+    torch.testing.assert_close(offtraj_point(a.x0_next, a.eps, a.t), a.x, rtol=0, atol=1e-5)
     zero = torch.zeros(B)
-    assert torch.equal(cdm.offtraj_point(sched, a.x0_next, a.eps, zero), a.x0_next)
+    assert torch.equal(offtraj_point(a.x0_next, a.eps, zero), a.x0_next)
     t_prime = torch.tensor([0.02, 0.4, 0.7, 0.98])
     euler = a.x + (t_prime - a.t).view(-1, 1, 1, 1) * (a.eps - a.x0_next)  # x_i + (t' - t_i) v_i
-    torch.testing.assert_close(cdm.offtraj_point(sched, a.x0_next, a.eps, t_prime), euler,
+    torch.testing.assert_close(offtraj_point(a.x0_next, a.eps, t_prime), euler,
                                rtol=0, atol=1e-5)
 
 
@@ -116,7 +119,7 @@ def test_extrapolation_identity_discrete(sdxl):
     times = cdm.anchor_times(sched, torch.tensor([1.0, 0.8, 0.55, 0.3], dtype=torch.float64))
     assert [round(t * 999) for t in times] == [999, 799, 549, 300]
     a = anchor_of(method, times)
-    torch.testing.assert_close(cdm.offtraj_point(sched, a.x0_next, a.eps, a.t), a.x, rtol=0, atol=1e-4)
+    torch.testing.assert_close(sched.add_noise(a.x0_next, a.eps, a.t), a.x, rtol=0, atol=1e-4)
 
 
 # -- 10.3 equilibrium ------------------------------------------------------------------------------
@@ -195,31 +198,32 @@ def test_fixed_schedule_and_preset_grids(sit, sdxl, monkeypatch):
         pytest.approx([1.0, 0.9, 0.75, 0.5])
     teacher, ctx = sit
     paper = build_method("cdm", teacher, ctx, "cdm-sd3-paper")
-    assert paper.student().grid == pytest.approx([1.0, 0.9, 0.75, 0.5])
-    assert paper.student().theta == 0.0 and paper.student().guidance == 1.0
-    assert make(sit).student().grid == pytest.approx(list(FOUR))
+    assert student_spec(paper).grid == pytest.approx([1.0, 0.9, 0.75, 0.5])
+    assert student_spec(paper).theta == 0.0 and student_spec(paper).guidance == 1.0
+    assert student_spec(make(sit)).grid == pytest.approx(list(FOUR))
     monkeypatch.setattr(teacher, "shift", 3.0, raising=False)  # default: the teacher's own shift
     assert make(sit).shift == 3.0
     monkeypatch.undo()
-    ks = [round(t * 999) for t in build_method("cdm", sdxl[0], sdxl[1], "cdm-sdxl-ext").student().grid]
+    ks = [round(t * 999) for t in student_spec(build_method("cdm", sdxl[0], sdxl[1], "cdm-sdxl-ext")).grid]
     assert ks == [999, 749, 499, 249]
     for pair in (sit, sdxl):  # fixed = inference anchors reproduces the inference grid exactly
         fixed = make(pair, fixed_schedule=[1.0, 0.75, 0.5, 0.25])
         for step in range(2):
             fixed.ctx.step = step
-            assert fixed.trajectory({})[2] == fixed.student().grid
+            assert fixed.trajectory({})[2] == student_spec(fixed).grid
 
 
 def test_time_draws_clamped_and_capped(sit):
-    _, ctx = sit
-    ctx.step = 0
+    method = make(sit, t_clamp=(0.02, 0.98))
+    method.ctx.step = 0
     hi = torch.tensor([1.0, 0.5, 0.3, 0.01] * 50, dtype=torch.float64)
-    t = cdm.draw_levels(ctx, False, 200, hi, (0.02, 0.98), "x")
+    t = method.levels(200, "x", hi)
     assert t.min() >= 0.02 and t.max() <= 0.98 and bool((t <= hi.clamp_min(0.02) + 1e-7).all())
-    k = torch.round(cdm.draw_levels(ctx, True, 200, 1.0, (0.02, 0.98), "x") * 999)
+    method.discrete = True  # the integer-grid rule of the discrete VP family, same draws
+    k = torch.round(method.levels(200, "x") * 999)
     assert k.min() >= 20 and k.max() <= 980
     k_i = torch.tensor([300.0] * 200, dtype=torch.float64)
-    capped = torch.round(cdm.draw_levels(ctx, True, 200, k_i / 999, (0.02, 0.98), "y") * 999)
+    capped = torch.round(method.levels(200, "y", k_i / 999) * 999)
     assert capped.max() <= 300
 
 

@@ -9,8 +9,11 @@ import methods.rtdmd as R
 from fewstep import losses
 from fewstep.engine.distributed import DistInfo
 from fewstep.engine.loop import Trainer
+from fewstep.engine.method import student_spec
+from fewstep.engine.options import resolve
 from fewstep.engine.run import build_method, export, toy_context
 from fewstep.errors import FewstepError
+from fewstep.noise import prompt_noise
 from fewstep.schedule import DiscreteVPSchedule, FlowSchedule
 from fewstep.toy import teachers
 
@@ -51,6 +54,23 @@ def make(teacher, family, preset="toy", rank=0, world_size=1, reward=toy_reward,
     return build_method("rtdmd", teacher, ctx, preset, {"batch": 2, **over})
 
 
+class Stage2FromTeacher(R.RewardTiltedDMD):
+    """Stage 2 starting from the teacher itself: its sampling code without a stage-1 folder."""
+
+    def initial_networks(self):
+        if self.ctx.reward is None:
+            return super().initial_networks()  # the error
+        return self.teacher, self.teacher
+
+
+def make_stage2(teacher, family, rank=0, world_size=1, reward=toy_reward, **over):
+    info = DistInfo(rank=rank, world_size=world_size)
+    ctx = toy_context(teacher, family, RES, 0, info, reward=reward, autocast=False)
+    options = resolve(R.RTDMDOptions, R.PRESETS, "toy-stage2", {"batch": 2, **over}, method="rtdmd")
+    ctx.seed = options.seed
+    return Stage2FromTeacher(teacher, options, ctx)
+
+
 @pytest.fixture(scope="module")
 def stage1_model(toy, tmp_path_factory):
     """A stage-1 model folder after 10 iterations (one generator update) on the toy sd3 teacher."""
@@ -71,8 +91,8 @@ def test_ambient_target_at_s0_is_eps_minus_x0(toy):
     sd3 = toy("sd3")
     x0, eps = torch.randn(4, 3, RES, RES), torch.randn(4, 3, RES, RES)
     t = torch.tensor([0.1, 0.4, 0.7, 0.95])
-    a, sigma_ts, alpha_t, sigma_t = R.kernel(FLOW, torch.zeros(4), t)
-    x_t = R.renoise(x0, eps, a, sigma_ts)
+    a, sigma_ts, alpha_t, sigma_t = FLOW.kernel(torch.zeros(4), t)
+    x_t = FLOW.renoise(x0, eps, a, sigma_ts)
     torch.testing.assert_close(x_t, FLOW.add_noise(x0, eps, t))
     target = sd3.native_target(x_t, t, R.ambient_x0(x_t, R.ambient_eps(eps, sigma_t, sigma_ts),
                                                      alpha_t, sigma_t))
@@ -80,7 +100,7 @@ def test_ambient_target_at_s0_is_eps_minus_x0(toy):
     # SDXL at s = 0: eps~ = n and weight 1, i.e. DMD2's eps-MSE (rtdmd.md 6.2)
     k = torch.tensor([20, 300, 700, 980])
     t_vp = VP.t_of_k(k).float()
-    _, sts, _, st = R.kernel(VP, torch.zeros(4), t_vp)
+    _, sts, _, st = VP.kernel(torch.zeros(4), t_vp)
     torch.testing.assert_close(R.ambient_eps(eps, st, sts), eps.double())
     torch.testing.assert_close(R.critic_weight("vp-discrete", st, sts), torch.ones(4, dtype=torch.float64))
 
@@ -89,12 +109,12 @@ def test_general_kernel_target_and_cps_reduce_to_flow_formulas(toy):
     sd3, sit = toy("sd3"), toy("sit")
     s = torch.tensor([0.0, 0.25, 0.5, 0.75, 0.9])
     t = torch.tensor([0.3, 0.4, 0.62, 0.8, 0.97])
-    a, sigma_ts, alpha_t, sigma_t = R.kernel(FLOW, s, t)
+    a, sigma_ts, alpha_t, sigma_t = FLOW.kernel(s, t)
     s64, t64 = s.double(), t.double()
     torch.testing.assert_close(a, (1 - t64) / (1 - s64))
     torch.testing.assert_close(sigma_ts ** 2, t64 ** 2 - a ** 2 * s64 ** 2)
     x_s, n = torch.randn(5, 3, RES, RES).double(), torch.randn(5, 3, RES, RES).double()
-    x_t = R.renoise(x_s, n, a, sigma_ts)
+    x_t = FLOW.renoise(x_s, n, a, sigma_ts)
     x0_tilde = R.ambient_x0(x_t, R.ambient_eps(n, sigma_t, sigma_ts), alpha_t, sigma_t)
     c = lambda v: v.reshape(-1, 1, 1, 1)  # noqa: E731
     v_star = -x_s / c(1 - s64) + c((t64 + (1 - t64) * s64 ** 2 / (1 - s64) ** 2) / sigma_ts) * n
@@ -109,7 +129,7 @@ def test_general_kernel_target_and_cps_reduce_to_flow_formulas(toy):
     tt, tn = torch.tensor([1.0, 0.75, 0.5]), torch.tensor([0.75, 0.5, 0.25])
     eps_hat = (x - c(1 - tt) * x0) / c(tt)
     flow = c(1 - tn) * x0 + c(tn) * (math.cos(THETA) * eps_hat + math.sin(THETA) * xi)
-    out = R.cps_step(FLOW, x, x0, tt, tn, xi, THETA)
+    out = FLOW.cps_step(x, x0, tt, tn, xi, THETA)
     torch.testing.assert_close(out, flow, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out, FLOW.ddim_step(x, x0, tt, tn, xi, THETA))
 
@@ -125,9 +145,9 @@ def test_ambient_target_is_unbiased_least_squares(sched):
         x0 = math.sqrt(v0) * torch.randn(N, generator=gen, dtype=torch.float64)
         eps_s, n = torch.randn(N, generator=gen, dtype=torch.float64), \
             torch.randn(N, generator=gen, dtype=torch.float64)
-        alpha_s, sigma_s = R.level(sched, vec(s, 1))
+        alpha_s, sigma_s = sched.level(vec(s, 1))
         x_s = alpha_s * x0 + sigma_s * eps_s
-        a, sigma_ts, alpha_t, sigma_t = R.kernel(sched, vec(s, 1), vec(t, 1))
+        a, sigma_ts, alpha_t, sigma_t = sched.kernel(vec(s, 1), vec(t, 1))
         x_t = a * x_s + sigma_ts * n
         eps_tilde = sigma_t / sigma_ts * n
         var = alpha_t ** 2 * v0 + sigma_t ** 2
@@ -149,15 +169,15 @@ def test_kernel_marginal_variance():
     v0 = 0.3
     for sched in (FLOW, VP):
         for s, t in [(0.0, 0.5), (0.25, 0.5), (0.5, 0.75), (0.75, 0.98), (0.3, 0.31)]:
-            alpha_s, sigma_s = R.level(sched, vec(s, 1))
-            a, sigma_ts, alpha_t, sigma_t = R.kernel(sched, vec(s, 1), vec(t, 1))
+            alpha_s, sigma_s = sched.level(vec(s, 1))
+            a, sigma_ts, alpha_t, sigma_t = sched.kernel(vec(s, 1), vec(t, 1))
             composed = a ** 2 * (alpha_s ** 2 * v0 + sigma_s ** 2) + sigma_ts ** 2
             torch.testing.assert_close(composed, alpha_t ** 2 * v0 + sigma_t ** 2)
     gen = torch.Generator().manual_seed(1)
     x0 = math.sqrt(v0) * torch.randn(200_000, generator=gen, dtype=torch.float64)
     s, t = 0.5, 0.8
     x_s = (1 - s) * x0 + s * torch.randn(x0.shape, generator=gen, dtype=torch.float64)
-    a, sigma_ts, _, _ = R.kernel(FLOW, vec(s, 1), vec(t, 1))
+    a, sigma_ts, _, _ = FLOW.kernel(vec(s, 1), vec(t, 1))
     x_t = a * x_s + sigma_ts * torch.randn(x0.shape, generator=gen, dtype=torch.float64)
     assert abs(float(x_t.var()) - ((1 - t) ** 2 * v0 + t ** 2)) < 0.01
 
@@ -174,8 +194,8 @@ def test_noise_cancels_with_shared_xi_and_s0_is_dmd():
         coef = c(s * math.cos(THETA) * (1 - t) - (1 - s) * t)
         for seed in (0, 1):
             xi = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=f64)
-            x_real = R.cps_step(FLOW, x_t, p_T, t, s_vec, xi, THETA)
-            diff = R.cps_step(FLOW, x_t, p_F, t, s_vec, xi, THETA) - x_real
+            x_real = FLOW.cps_step(x_t, p_T, t, s_vec, xi, THETA)
+            diff = FLOW.cps_step(x_t, p_F, t, s_vec, xi, THETA) - x_real
             torch.testing.assert_close(diff, coef * (v_F - v_T))
             # g's numerator is that xi-free difference; only its normaliser sees xi (4.3 step 4)
             g = R.acdmd_gradient(FLOW, x_s, x_t, t, s_vec, p_T, p_F, xi, THETA)
@@ -184,9 +204,9 @@ def test_noise_cancels_with_shared_xi_and_s0_is_dmd():
     torch.testing.assert_close(g, losses.dm_gradient(x_s, p_T, p_F))  # s = 0: DMD on x0
     # general schedule: coefficient alpha_s - sigma_s cos(theta) alpha_t / sigma_t on x0
     t_vp, s_vp = VP.t_of_k(torch.tensor([500, 700, 900, 990])), VP.t_of_k(torch.tensor([250] * 4))
-    alpha_s, sigma_s = R.level(VP, s_vp)
-    alpha_t, sigma_t = R.level(VP, t_vp)
-    diff = R.cps_step(VP, x_t, p_F, t_vp, s_vp, xi, THETA) - R.cps_step(VP, x_t, p_T, t_vp, s_vp, xi, THETA)
+    alpha_s, sigma_s = VP.level(s_vp)
+    alpha_t, sigma_t = VP.level(t_vp)
+    diff = VP.cps_step(x_t, p_F, t_vp, s_vp, xi, THETA) - VP.cps_step(x_t, p_T, t_vp, s_vp, xi, THETA)
     torch.testing.assert_close(diff, c(alpha_s - sigma_s * math.cos(THETA) * alpha_t / sigma_t) * (p_F - p_T))
 
 
@@ -196,23 +216,22 @@ def test_cps_limits_euler_and_noise_free_last_step(toy):
     x, x0, xi = torch.randn(shape), torch.randn(shape), torch.randn(shape)
     t, tn = torch.tensor([1.0, 0.6, 0.3]), torch.tensor([0.75, 0.2, 0.1])
     v_hat = (x - x0) / t.reshape(-1, 1, 1, 1)
-    torch.testing.assert_close(R.cps_step(FLOW, x, x0, t, tn, xi, 0.0),
+    torch.testing.assert_close(FLOW.cps_step(x, x0, t, tn, xi, 0.0),
                                x + (tn - t).reshape(-1, 1, 1, 1) * v_hat, atol=1e-5, rtol=1e-5)
     for sched in (FLOW, VP):
         zero = torch.zeros(3)
-        mean = R.cps_mean(sched, x, x0, t, zero, THETA)
-        x_next = R.cps_step(sched, x, x0, t, zero, xi, THETA)
+        mean = sched.cps_mean(x, x0, t, zero, THETA)
+        x_next = sched.cps_step(x, x0, t, zero, xi, THETA)
         torch.testing.assert_close(x_next, x0, rtol=0, atol=0)
-        logp = R.cps_logprob(x_next, mean)
+        logp = sched.cps_logprob(x_next, mean)
         assert torch.equal(logp, torch.zeros(3, dtype=torch.float64))
         adv = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
-        assert float(R.ppo_loss(logp, logp, adv, 1e-5)) == pytest.approx(float(-adv.mean()))
+        assert float(losses.ppo_loss(logp, logp, adv, 1e-5)) == pytest.approx(float(-adv.mean()))
     # in a real rollout the last step's stored log-prob is exactly 0 (PPO ratio 1); the stage-2
     # sampling code runs on a stage-1 method here, which skips loading a stage-1 folder
-    method = make(toy("sd3"), "sd3", "toy-stage2", init_from="", prompts_per_epoch=1,
-                  group_size=2, batch=2, stage=1)
+    method = make_stage2(toy("sd3"), "sd3", prompts_per_epoch=1, group_size=2, batch=2)
     metas, cond, _ = method.epoch_prompts()
-    _, logp = method.rollout_states(metas, cond, [0, 1], "roll")
+    _, logp = method.rollout_states(metas, cond, slice(0, 2), [0, 1])
     assert torch.equal(logp[-1], torch.zeros(2, dtype=torch.float64))
     assert (logp[0] < 0).all()
 
@@ -228,16 +247,16 @@ def test_consistency_estimator_mean_and_eta0():
     t, t2 = torch.full((M,), 0.6), torch.full((M,), 0.45)
     xi1, xi2 = (torch.randn(x_t.shape, generator=gen, dtype=torch.float64) for _ in range(2))
     est = R.consistency_loss(h, FLOW, x_t, t, t2, h0, xi1, xi2, THETA)
-    mu = R.cps_mean(FLOW, x_t[:1], h0[:1], t[:1], t2[:1], THETA)  # E[x''] (xi has mean 0)
+    mu = FLOW.cps_mean(x_t[:1], h0[:1], t[:1], t2[:1], THETA)  # E[x''] (xi has mean 0)
     exact = float(losses.mean_chw((h(mu, None) - h0[:1]) ** 2))
-    terms = losses.mean_chw((h(R.cps_step(FLOW, x_t, h0, t, t2, xi1, THETA), None) - h0)
-                            * (h(R.cps_step(FLOW, x_t, h0, t, t2, xi2, THETA), None) - h0))
+    terms = losses.mean_chw((h(FLOW.cps_step(x_t, h0, t, t2, xi1, THETA), None) - h0)
+                            * (h(FLOW.cps_step(x_t, h0, t, t2, xi2, THETA), None) - h0))
     assert abs(float(est) - exact) < 5 * float(terms.std()) / math.sqrt(M)
     d = torch.randn(4, C, 2, 2, generator=gen)  # a product estimator, not a square: never clipped
     torch.testing.assert_close(R.consistency_term(h0[:4] + d, h0[:4] - d, h0[:4]), -(d ** 2).mean())
     # eta = 0: both paths coincide and the estimator is the squared error
     est0 = R.consistency_loss(h, FLOW, x_t[:8], t[:8], t2[:8], h0[:8], xi1[:8], xi2[:8], 0.0)
-    x_det = R.cps_step(FLOW, x_t[:8], h0[:8], t[:8], t2[:8], None, 0.0)
+    x_det = FLOW.cps_step(x_t[:8], h0[:8], t[:8], t2[:8], None, 0.0)
     torch.testing.assert_close(est0, ((h(x_det, None) - h0[:8]) ** 2).mean().float())
 
 
@@ -268,8 +287,8 @@ def test_zero_advantage_samples_never_reach_the_loss(toy):
         first = [m["prompt"] == metas[0]["prompt"] for m in metas]
         return torch.where(torch.tensor(first), torch.zeros_like(r), r)
 
-    method = make(toy("sd3"), "sd3", "toy-stage2", init_from="", stage=1, reward=reward,
-                  prompts_per_epoch=2, group_size=2, batch=4)
+    method = make_stage2(toy("sd3"), "sd3", reward=reward, prompts_per_epoch=2, group_size=2,
+                         batch=4)
     ep = method.sample_epoch()
     dropped = ~ep.keep
     assert dropped.sum() == 2 and ep.keep.sum() == 2
@@ -277,7 +296,7 @@ def test_zero_advantage_samples_never_reach_the_loss(toy):
         x[dropped] = float("nan")  # anything from a dropped sample would poison the loss
     for lp in ep.logp:
         lp[dropped] = float("nan")
-    loss, stats = method.stage2_generator_loss(ep)
+    loss, stats = method.generator_loss(ep)
     assert torch.isfinite(loss) and stats["kept"] == 0.5
 
 
@@ -285,7 +304,7 @@ def test_zero_advantage_samples_never_reach_the_loss(toy):
 def test_shared_noise_identical_across_group_and_ranks(toy):
     """One prompt, K = 4 images over 2 ranks: non-selected steps share noise, the rest differ."""
     sd3 = toy("sd3")
-    ranks = [make(sd3, "sd3", "toy", rank=r, world_size=2, prompts_per_epoch=1, group_size=4)
+    ranks = [make_stage2(sd3, "sd3", rank=r, world_size=2, prompts_per_epoch=1, group_size=4)
              for r in (0, 1)]
     for m in ranks:
         m.ctx.step = 7
@@ -296,17 +315,18 @@ def test_shared_noise_identical_across_group_and_ranks(toy):
                 for m in ranks]
     assert selected[0] == selected[1]
     like = torch.zeros(2, *sd3.latent_shape)
-    shared = [R.rollout_noise(m.ctx, r[0], 1, True, like, "roll0") for m, r in zip(ranks, rows)]
-    local = [R.rollout_noise(m.ctx, r[0], 1, False, like, "roll0") for m, r in zip(ranks, rows)]
+    noise = [m.rollout_noise(r[0], [0, 2], "roll0") for m, r in zip(ranks, rows)]
+    shared = [n(1, like) for n in noise]  # step 1: outside S = {0, 2} and not the last
+    local = [n(2, like) for n in noise]   # a selected step
     for noise in shared:
         assert torch.equal(noise[0], noise[1])  # group members on one rank
     assert torch.equal(shared[0], shared[1])   # and across ranks
     assert not torch.equal(local[0][0], local[0][1]) and not torch.equal(local[0], local[1])
     z = [m.ctx.randn(like.shape, "roll0/z") for m in ranks]  # the initial noise differs
     assert not torch.equal(z[0][0], z[0][1]) and not torch.equal(z[0], z[1])
-    other = R.shared_noise(["another prompt"], 1, 7, like.shape[1:])
+    other = prompt_noise(["another prompt"], like.shape[1:], "rtdmd/shared/step1/epoch7")
     assert not torch.equal(other[0], shared[0][0])
-    later = R.shared_noise([rows[0][0][0]["prompt"]], 1, 8, like.shape[1:])
+    later = prompt_noise([rows[0][0][0]["prompt"]], like.shape[1:], "rtdmd/shared/step1/epoch8")
     assert not torch.equal(later[0], shared[0][0])  # a new epoch, new noise
 
 
@@ -321,7 +341,7 @@ def test_plan_times_and_presets(toy):
         assert float(t.min()) >= max(s + 0.01, 0.02) - 1e-6 and float(t.max()) <= 0.98 + 1e-6
     other = make(toy("sd3"), "sd3", rank=1, world_size=2)
     assert torch.equal(method.renoise_t(0.25, 8, "t"), other.renoise_t(0.25, 8, "t"))
-    spec = method.student()
+    spec = student_spec(method)
     assert spec.grid == [1.0, 0.75, 0.5, 0.25] and spec.theta == pytest.approx(THETA)
     assert spec.guidance == 1.0 and spec.nfe == 4
     paper = make(toy("sd3"), "sd3", "rtdmd-sd3-paper", lora_rank=0, grad_checkpointing=False)

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from fewstep.schedule import (DiscreteVPSchedule, FlowSchedule, TimeSampler, sampling_grid,
-                              shift)
+from fewstep.schedule import (DiscreteVPSchedule, FlowSchedule, TimeSampler, draw_times,
+                              sampling_grid, shift)
 
 SDXL_SCHED = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
               "num_train_timesteps": 1000}
@@ -74,3 +74,75 @@ def test_sampling_grids():
     assert math.isclose(sampling_grid(1, "flow", shift_s=3.0)[0].item(), 1.0)
     with pytest.raises(ValueError, match="at least one step"):
         sampling_grid(0)
+
+
+SCHEDULES = [FlowSchedule(), DiscreteVPSchedule.from_scheduler_config(SDXL_SCHED)]
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=["flow", "vp"])
+def test_level_is_exactly_clean_at_zero_and_the_kernel_composes(sched):
+    alpha, sigma = sched.level(torch.tensor([0.0, 0.5]))
+    assert alpha[0] == 1.0 and sigma[0] == 0.0  # also on VP, whose k = 0 is slightly noisy
+    assert alpha.dtype == torch.float64
+    s, t = torch.tensor([0.0, 0.25, 0.5]), torch.tensor([0.5, 0.5, 0.75])
+    a, sigma_ts, alpha_t, sigma_t = sched.kernel(s, t)
+    alpha_s, sigma_s = sched.level(s)
+    torch.testing.assert_close(a, alpha_t / alpha_s)
+    torch.testing.assert_close(a ** 2 * sigma_s ** 2 + sigma_ts ** 2, sigma_t ** 2)
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=["flow", "vp"])
+def test_ddim_step_and_kernel_step_agree_to_float32_rounding(sched):
+    """The engine's ddim_step and the float64 cps_step are one step in two roundings."""
+    g = torch.Generator().manual_seed(0)
+    x, x0, xi = (torch.randn(3, 2, 4, 4, generator=g) for _ in range(3))
+    t, t_next = torch.tensor([1.0, 0.75, 0.5]), torch.tensor([0.75, 0.5, 0.25])
+    for theta in (0.0, 0.9 * math.pi / 2, math.pi / 2):
+        engine = sched.ddim_step(x, x0, t, t_next, xi, theta)
+        kernel = sched.cps_step(x, x0, t, t_next, xi, theta)
+        torch.testing.assert_close(engine, kernel, rtol=1e-6, atol=1e-6)
+        mean = sched.cps_mean(x, x0, t, t_next, theta)
+        assert torch.equal(sched.cps_step(x, x0, t, t_next, xi, theta, mean=mean), kernel)
+    # the kernel step lands exactly on x0 at t = 0, on every family
+    assert torch.equal(sched.cps_step(x, x0, t, torch.zeros(3), xi, 0.9 * math.pi / 2), x0)
+
+
+def test_steps_earlier_counts_training_timesteps():
+    flow, vp = SCHEDULES
+    delta = torch.tensor([1, 100, 900])
+    t = torch.tensor([0.5, 0.5, 0.5])
+    torch.testing.assert_close(flow.steps_earlier(t, delta), torch.tensor([0.499, 0.4, 0.0]))
+    k = vp.k_of_t(vp.steps_earlier(vp.t_of_k(torch.tensor([500, 500, 500])).float(), delta))
+    assert k.tolist() == [499, 400, 0]
+
+
+class Draws:
+    """The two draws of a run context: uniform and randint from named streams."""
+
+    def __init__(self):
+        self.device, self.calls = torch.device("cpu"), []
+
+    def uniform(self, n, low, high, stream, shared=False):
+        self.calls.append(("uniform", low, high, stream, shared))
+        g = torch.Generator().manual_seed(len(stream))
+        return low + (high - low) * torch.rand(n, generator=g, dtype=torch.float64)
+
+    def randint(self, low, high, n, stream, shared=False):
+        self.calls.append(("randint", low, high, stream, shared))
+        return torch.randint(low, high + 1, (n,), generator=torch.Generator().manual_seed(1))
+
+
+def test_draw_times_bounds_grids_and_streams():
+    ctx = Draws()
+    bound = torch.tensor([1.0, 0.5, 0.1, 0.01] * 50, dtype=torch.float64)
+    t = draw_times(ctx, 200, "a", 0.0, 1.0, (0.02, 0.98), bound=bound)
+    assert t.dtype == torch.float32 and t.min() >= 0.02 and t.max() <= 0.98
+    assert bool((t.double() <= bound.clamp_min(0.02) + 1e-7).all())
+    steps = draw_times(ctx, 200, "b", 510.0, 1000.0, (20, 980), unit=1000.0, shared=True)
+    assert steps.min() >= 0.51 and steps.max() <= 0.98
+    k = draw_times(ctx, 200, "c", 0.0, 1.0, (0.02, 0.98), grid=1000) * 999
+    assert torch.equal(k, k.round()) and k.min() >= 20 and k.max() <= 980
+    k = draw_times(ctx, 200, "d", 259, 999, (20, 980), grid=1000, integers=True) * 999
+    assert k.round().min() >= 259 and k.round().max() <= 980
+    assert ctx.calls == [("uniform", 0.0, 1.0, "a", False), ("uniform", 510.0, 1000.0, "b", True),
+                         ("uniform", 0.0, 1.0, "c", False), ("randint", 259, 999, "d", False)]

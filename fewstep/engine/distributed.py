@@ -74,6 +74,15 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(value.item())
 
 
+def all_gather(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """x of every rank concatenated along dim 0 in rank order (x itself on one process)."""
+    if world_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -121,12 +121,18 @@ def ema_decay(method: Method, updates: int) -> float:
 
 
 @torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
+def lerp_toward(target: torch.nn.Module, source: dict, decay: float, copy_others: bool) -> None:
+    """target <- decay target + (1 - decay) source over the floating-point state (lerp_ with
+    weight 1 - decay); other entries (step counters) are copied when copy_others, else kept."""
+    for name, e in target.state_dict().items():
         if e.dtype.is_floating_point:
-            e.lerp_(p.to(e.dtype), 1.0 - decay)
-        else:
-            e.copy_(p)
+            e.lerp_(source[name].to(e), 1.0 - decay)
+        elif copy_others:
+            e.copy_(source[name])
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    lerp_toward(ema, model.state_dict(), decay, copy_others=True)
 
 
 class Trainer:
