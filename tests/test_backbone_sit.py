@@ -1,4 +1,6 @@
-"""The SiT family: network, official-checkpoint conversion, time/sign conversion, CFG, loaders.
+"""The SiT family: the shared backbone checks (tests/backbone_conformance.py: loader round trips,
+CFG, missing files), and SiT's own: network, official-checkpoint conversion, time/sign
+conversion, the upstream first-3-channels guidance, labels, loaders.
 
 Tiny random networks only (milliseconds each); no real weights exist on this machine.
 """
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backbone_conformance import BackboneConformance
 from fewstep.backbones.sit import OFFICIAL_CHECKPOINT, SiTBackbone
 from fewstep.backbones.sit_net import (SIT_CONFIGS, SiTConfig, SiTNet,
                                        convert_official_sit_state_dict, official_to_ours_names,
@@ -167,25 +170,27 @@ def test_conversion_errors_name_the_culprits():
         convert_official_sit_state_dict(sd)
 
 
-# -- our own folder ----------------------------------------------------------------------------
-def test_save_pretrained_round_trip_pixel(tmp_path):
-    b = tiny(sit_cfg_first3_channels=True)
-    b.save_pretrained(tmp_path / "m")
-    loaded = SiTBackbone.from_pretrained(tmp_path / "m")
-    assert loaded.sit_cfg_first3_channels and loaded.pixel_space
-    x, t, cond = inputs(b)
-    assert torch.equal(loaded.x0(x, t, cond, 3.0), b.x0(x, t, cond, 3.0))
+# -- the shared checks, and our own folder -----------------------------------------------------
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny latent SiT (with VAE) and the folder its save_pretrained wrote."""
+    backbone = tiny(resolution=16, pixel_space=False, in_channels=4)
+    return backbone, backbone.save_pretrained(tmp_path_factory.mktemp("sit") / "m")
 
 
-def test_save_pretrained_round_trip_with_vae(tmp_path):
-    b = tiny(resolution=16, pixel_space=False, in_channels=4)
-    b.save_pretrained(tmp_path / "m")
-    loaded = SiTBackbone.from_pretrained(tmp_path / "m")
-    assert loaded.latent_shape == (4, 8, 8) and not loaded.pixel_space
-    x, t, cond = inputs(b)
-    with torch.no_grad():
-        assert torch.equal(loaded.x0(x, t, cond), b.x0(x, t, cond))
-        assert torch.allclose(loaded.decode(x), b.decode(x), atol=1e-6)
+class TestSiTConformance(BackboneConformance):
+    backbone_cls = SiTBackbone
+    conditions = [0, 1]
+    missing_files = ("config.json", "model.safetensors")
+
+    def tiny_pixel(self):
+        return tiny(resolution=16, sit_cfg_first3_channels=True)
+
+    def check_loaded(self, backbone, loaded):
+        assert loaded.latent_shape == (4, 8, 8) and not loaded.pixel_space
+
+    def check_pixel_loaded(self, backbone, loaded, folder):
+        assert loaded.sit_cfg_first3_channels and loaded.pixel_space  # the flag is saved
 
 
 # -- time and sign ----------------------------------------------------------------------------
@@ -214,15 +219,6 @@ def test_x0_recovered_from_exact_sit_velocity():
     t = 1 - t_sit
     assert torch.allclose(b.x0(x, t, b.encode([0, 1, 2, 3])), data, atol=1e-5)
     assert torch.allclose(b.schedule.add_noise(data, noise, t), x, atol=1e-6)  # same x_t
-
-
-def test_cfg_in_x0_space_equals_cfg_on_the_velocity():
-    b = tiny()
-    x, t, cond = inputs(b)
-    with torch.no_grad():
-        u_c, u_u = b.native(x, t, cond), b.native(x, t, b.null(cond))
-        u = u_u + 4.0 * (u_c - u_u)
-        assert torch.allclose(b.x0(x, t, cond, 4.0), b.x0_from_native(x, t, u), atol=1e-5)
 
 
 def upstream_forward_with_cfg_x0(b: SiTBackbone, x, t, cond, scale):
@@ -265,11 +261,6 @@ def test_labels_null_and_dropout():
     assert torch.equal(b.net.drop_labels(y, prob=0.0), y)
 
 
-def test_registry_resolves_sit():
-    from fewstep.registry import BACKBONES
-    assert BACKBONES.get("sit") is SiTBackbone
-
-
 # -- missing weights ---------------------------------------------------------------------------
 def test_missing_checkpoint_names_file_and_env(tmp_path, monkeypatch):
     monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "cache"))
@@ -277,8 +268,6 @@ def test_missing_checkpoint_names_file_and_env(tmp_path, monkeypatch):
         SiTBackbone.from_pretrained(OFFICIAL_CHECKPOINT)  # bare name: looked up in the cache
     assert OFFICIAL_CHECKPOINT in str(err.value) and WEIGHTS_ENV in str(err.value)
     assert str(tmp_path / "cache") in str(err.value)
-    with pytest.raises(MissingWeightsError, match="config.json(.|\n)*model.safetensors"):
-        SiTBackbone.from_pretrained(tmp_path / "no-such-folder")
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="save_pretrained or an official SiT checkpoint"):
         SiTBackbone.from_pretrained(tmp_path / "model.safetensors")
