@@ -1,4 +1,4 @@
-"""AMD (reconstructed): Adaptive Matching Distillation (Bai, Zhou et al., arXiv 2602.07345).
+"""AMD (reconstructed): Adaptive Matching Distillation (Bai, Zhou et al., 2602.07345), Eq. 10-13.
 
 RECONSTRUCTION. Neither the paper's full text nor its code was available; this implements the
 harness reconstruction of spec amd.md on top of DMD2 (methods/dmd2.py) and must be reported as
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from fewstep import losses
+from fewstep.engine.options import choice
 from fewstep.errors import FewstepError
 from methods.dmd2 import DMD2, DMD2Options
 from methods.dmd2 import PRESETS as DMD2_PRESETS
@@ -31,38 +32,27 @@ from methods.dmd2 import PRESETS as DMD2_PRESETS
 @dataclass
 class AMDOptions(DMD2Options):
     group_size: int = 4                 # amd.group_size K (batch = batch // K prompts x K)
-    group_layout: str = "same_rank"     # amd.group_layout: same_rank (cross_rank not implemented)
-    advantage_norm: str = "group_std"   # amd.advantage.norm: group_std | group_std_global
+    # amd.group_layout: same_rank (cross_rank, an all-gather of rewards, is not implemented)
+    group_layout: str = choice("same_rank", "cross_rank")
+    advantage_norm: str = choice("group_std", "group_std_global")  # amd.advantage.norm
     advantage_eps: float = 1e-4         # amd.advantage.eps (reward units)
-    advantage_squash: str = "clip"      # amd.advantage.squash: clip | tanh
+    advantage_squash: str = choice("clip", "tanh")  # amd.advantage.squash
     advantage_clip: float = 1.0         # amd.advantage.clip c: a~ in [-c, c]
-    coeff_map: str = "linear"           # amd.coeff.map: alpha = 1 + s a~, beta = 1 - s a~
+    coeff_map: str = choice("linear")   # amd.coeff.map: alpha = 1 + s a~, beta = 1 - s a~
     coeff_s: float = 0.1                # amd.coeff.s, the modulation strength, in [0, 1)
-    gate: str = "soft"                  # amd.gate: soft | hard (DSA only where a~ < -threshold)
+    gate: str = choice("soft", "hard")  # amd.gate (hard: DSA only where a~ < -threshold)
     gate_threshold: float = 0.0         # amd.gate.threshold
-    normaliser: str = "dmd2_guided"     # amd.normaliser: dmd2_guided | none
+    normaliser: str = choice("dmd2_guided", "none")  # amd.normaliser
     rls_enabled: bool = True            # amd.rls.enabled
-    rls_weight: str = "exp"             # amd.rls.weight: W = exp(-a~)
-    rls_normalise: str = "group_mean"   # amd.rls.normalise: group_mean | none
+    rls_weight: str = choice("exp")     # amd.rls.weight: W = exp(-a~)
+    rls_normalise: str = choice("group_mean", "none")  # amd.rls.normalise
     reward_model: str = "toy"           # amd.reward.model (recorded; the run's context supplies R)
-    reward_input: str = "trained_x0"    # amd.reward.input: trained_x0 | final_rollout
+    reward_input: str = choice("trained_x0", "final_rollout")  # amd.reward.input
     reward_every_iteration: bool = True  # amd.reward.every_iteration (False: W = 1 on critic turns)
     dsa_enabled: bool = True            # amd.dsa.enabled
     RANGES = {"group_size": "[1, inf)", "advantage_eps": "(0, inf)", "advantage_clip": "(0, inf)",
               "coeff_s": "[0, 1)"}
 
-
-CHOICES = {
-    "group_layout": ("same_rank", "cross_rank"),
-    "advantage_norm": ("group_std", "group_std_global"),
-    "advantage_squash": ("clip", "tanh"),
-    "coeff_map": ("linear",),
-    "gate": ("soft", "hard"),
-    "normaliser": ("dmd2_guided", "none"),
-    "rls_weight": ("exp",),
-    "rls_normalise": ("group_mean", "none"),
-    "reward_input": ("trained_x0", "final_rollout"),
-}
 
 # amd.md 5.2: a DMD2 preset plus AMD's two mechanisms; K = 4 and s = 0.1 everywhere.
 AMD_DEFAULTS = {"group_size": 4, "coeff_s": 0.1}
@@ -79,10 +69,7 @@ PRESETS = {
 
 
 def check_options(opt: AMDOptions) -> None:
-    for name, allowed in CHOICES.items():
-        if getattr(opt, name) not in allowed:
-            raise FewstepError(f"amd.{name} must be one of {', '.join(allowed)}, "
-                               f"got {getattr(opt, name)!r}")
+    """What the options' choices and ranges cannot say alone."""
     if opt.group_layout == "cross_rank":
         raise FewstepError("amd.group_layout = cross_rank is not implemented (it needs an "
                            "all-gather of rewards); use same_rank with batch a multiple of group_size")
@@ -92,10 +79,6 @@ def check_options(opt: AMDOptions) -> None:
     if opt.batch % opt.group_size:
         raise FewstepError(f"batch {opt.batch} is not a multiple of amd.group_size "
                            f"{opt.group_size}: with same_rank layout every rank holds whole groups")
-    if not 0.0 <= opt.coeff_s < 1.0:
-        raise FewstepError(f"amd.coeff.s must lie in [0, 1), got {opt.coeff_s}")
-    if opt.advantage_clip <= 0:
-        raise FewstepError(f"amd.advantage.clip must be > 0, got {opt.advantage_clip}")
 
 
 # -- group statistics (amd.md 3.3, 3.5) -------------------------------------------------------------
@@ -120,9 +103,7 @@ def advantages(rewards: torch.Tensor, groups: torch.Tensor, norm: str = "group_s
     """
     r = rewards.detach().double().reshape(-1)
     std = {"group_std": "group", "group_std_global": "global"}[norm]
-    a = losses.group_advantages(r, groups, eps, std)
-    tied = group_reduce(r, groups, "amax") == group_reduce(r, groups, "amin")
-    return squash(torch.where(tied, torch.zeros_like(a), a), kind, clip)
+    return squash(losses.group_advantages(r, groups, eps, std, zero_ties=True), kind, clip)
 
 
 def coefficients(adv: torch.Tensor, s: float, gate: str = "soft", threshold: float = 0.0):
@@ -203,20 +184,10 @@ class AMD(DMD2):
         return self.opt.dsa_enabled or self.opt.rls_enabled
 
     # -- groups and rewards (amd.md 4, 8.4-8.5) ---------------------------------------------------
-    def sample_groups(self, grad: bool):
-        """(x_hat, prompts, stop): B prompts x K noises, one stop index for the whole batch. Same
-        streams as DMD2.sample_x, so the draws of both methods coincide."""
-        stream = "prompts" if grad else "prompts_critic"
-        batch = self.ctx.prompts(self.n_prompts, stream, repeat=self.opt.group_size)
-        z = self.ctx.randn((len(batch), *self.teacher.latent_shape), "z")
-        stop = 0
-        if self.opt.backsim and len(self.grid) > 1:
-            stop = int(self.ctx.randint(0, len(self.grid) - 1, 1, "stop", shared=True)[0])
-        return self.generate(z, batch.cond, grad=grad, stop=stop), batch, stop
-
-    def sample_x(self, grad: bool):
-        x, batch, _ = self.sample_groups(grad)
-        return x, batch
+    def draw_prompts(self, stream: str):
+        """B prompts x K noises: each group shares its prompt and, like the batch, DMD2's stop
+        index and streams, so the draws of both methods coincide."""
+        return self.ctx.prompts(self.n_prompts, stream, repeat=self.opt.group_size)
 
     @torch.no_grad()
     def finish_rollout(self, x0, cond, stop: int):
@@ -274,32 +245,33 @@ class AMD(DMD2):
                  "alpha_max": float(alpha.max())}
         return amd_surrogate(x, h), stats
 
-    def generator_loss(self, scratch):
-        x, batch, stop = self.sample_groups(grad=True)
-        adv, stats = self.group_signal(x, batch, stop)
-        # the critic turn of this iteration reuses the samples and their rewards (amd.md 4)
-        scratch.update(x=x.detach(), batch=batch, stop=stop, adv=adv, reward_stats=stats)
-        dm, dm_stats = self.dsa_loss(x, batch.cond, adv)
-        total = dm
-        if self.gan and self.opt.gan_w_G > 0:  # DMD2's GAN generator term, unchanged
-            g_gan = losses.gan_generator_loss(self.logits(x, batch.cond, "gan_g"))
-            total = total + self.opt.gan_w_G * g_gan
-            stats = {**stats, "gan_g": float(g_gan.detach())}
-        return total, {"dm": float(dm.detach()), **dm_stats, **stats}
+    def matching_loss(self, x, batch, stop: int, scratch):
+        """DSA in place of DMD2's DM term, with this iteration's group advantages, which the
+        critic turn reuses (amd.md 4); DMD2's GAN generator term is added unchanged."""
+        adv, reward_stats = self.group_signal(x, batch, stop)
+        scratch.update(adv=adv, reward_stats=reward_stats)
+        dm, stats = self.dsa_loss(x, batch.cond, adv)
+        return dm, {**stats, **reward_stats}
+
+    def critic_sample_weight(self, scratch):
+        """RLS weights W_i = exp(-a~_i) (amd.md 3.5) on the critic's denoising term, or None."""
+        if not self.opt.rls_enabled or "adv" not in scratch:
+            return None
+        adv = scratch["adv"]
+        weight = rls_weights(adv, scratch["batch"].groups.to(adv.device), self.opt.rls_normalise)
+        scratch["rls_weight"] = weight
+        return weight
 
     def critic_total(self, scratch):
-        """DMD2's critic loss with RLS weights W on the native denoising term (amd.md 3.5)."""
+        """DMD2's critic loss (same streams, GAN D loss) with RLS weights W (amd.md 3.5)."""
         if "x" not in scratch:  # critic-only turn: DMD2's second prompt stream
-            x, batch, stop = self.sample_groups(grad=False)
-            scratch.update(x=x, batch=batch, stop=stop)
+            x, batch, stop = self.sample(grad=False)
+            scratch.update(x=x, batch=batch)
             if self.opt.reward_every_iteration:
                 scratch["adv"], scratch["reward_stats"] = self.group_signal(x, batch, stop)
-        weight, stats = None, dict(scratch.get("reward_stats", {}))
-        if self.opt.rls_enabled and "adv" in scratch:
-            weight = rls_weights(scratch["adv"], scratch["batch"].groups.to(scratch["adv"].device),
-                                 self.opt.rls_normalise)
-            stats.update(rls_w_min=float(weight.min()), rls_w_max=float(weight.max()))
-        # DMD2's critic_total runs verbatim (same streams, GAN D loss) with W on the denoising term
-        scratch["critic_weight"] = weight
         loss, base = super().critic_total(scratch)
+        stats = dict(scratch.get("reward_stats", {}))
+        if "rls_weight" in scratch:
+            weight = scratch["rls_weight"]
+            stats.update(rls_w_min=float(weight.min()), rls_w_max=float(weight.max()))
         return loss, {**base, **stats}

@@ -1,12 +1,12 @@
-"""DMD: one-step Distribution Matching Distillation (Yin et al., CVPR 2024, arXiv 2311.18828).
+"""DMD: Distribution Matching Distillation (Yin et al., CVPR 2024, arXiv 2311.18828), Eq. 6-9.
 
-Generator loss L_G = L_DM + lambda_reg L_reg (paper Eq. 7-9, Algorithm 1): the DM gradient of the
-guided teacher against an unguided critic on fresh noise, plus a regression of G(z_ref) onto the
-teacher's deterministic ODE samples y_ref from the same noise (pairs made by a DAG rule with the
-same guidance). The critic fits the generator's samples with the teacher's own denoising loss over
-the full time range (Eq. 6). One critic update per generator update, no EMA, no dropout
-(spec dmd.md). The regression distance is L2 on decoded images (the paper's CIFAR ablation, and the
-toy world's choice); LPIPS (`dmd.regression = lpips`) needs VGG-LPIPS weights (issue 4's loaders).
+One-step generator loss L_G = L_DM + lambda_reg L_reg (Eq. 7-9, Algorithm 1): the DM gradient of
+the guided teacher against an unguided critic on fresh noise, plus a regression of G(z_ref) onto
+the teacher's deterministic ODE samples y_ref from the same noise (pairs made by a DAG rule with
+the same guidance). The critic fits the generator's samples with the teacher's own denoising loss
+over the full time range (Eq. 6). One critic update per generator update, no EMA, no dropout (spec
+dmd.md). The regression distance is L2 on decoded images (the paper's CIFAR ablation, and the toy
+world's choice); LPIPS (`dmd.regression = lpips`) would need VGG-LPIPS weights, not supported.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from fewstep.backbones.base import cond_cat
 from fewstep.engine.dm import DistributionMatching, DMOptions
+from fewstep.engine.options import choice
 from fewstep.errors import FewstepError
 from fewstep.train_data import encode_rows
 
@@ -26,7 +27,7 @@ from fewstep.train_data import encode_rows
 @dataclass
 class DMDOptions(DMOptions):
     lambda_reg: float = 0.25           # dmd.lambda_reg (paper: 0.25; 0.5 for unconditional CIFAR)
-    regression: str = "l2"             # dmd.regression: l2 | lpips
+    regression: str = choice("l2", "lpips")  # dmd.regression (lpips is refused: no VGG weights)
     pairs: str = ""                    # the teacher-pair file written by `fewstep pairs`
     concat_pairs_in_dm: bool = True    # text models: the DM loss sees concat(G(z), G(z_ref)) [P, App. B]
     grad_clip: float = 10.0
@@ -43,7 +44,7 @@ PRESETS = {
     # toy: the one-step SD3 student needs the iterations. Against the teacher's single guided step
     # (toy FID 201) it scored 243 at 300 iterations, a tie at 450 (198 [184, 213]) and 177 at 600
     # with batch 16; batch 12 at 600 iterations scores 167 [158, 176] for three quarters of the
-    # compute, so the default DAG fits its 30 minutes (same pairs, prompts and seeds; issue 5).
+    # compute, so the default DAG fits its 30 minutes (same pairs, prompts and seeds).
     "toy": {"lr": 1e-4, "batch": 12, "steps": 600, "warmup": 20, "teacher_guidance": 2.0,
             "lambda_reg": 0.25, "checkpoint_every": 100},
 }
@@ -82,11 +83,9 @@ class DMD(DistributionMatching):
 
     def __init__(self, teacher, options, ctx):
         super().__init__(teacher, options, ctx)
-        if options.regression not in ("l2", "lpips"):
-            raise FewstepError(f"dmd.regression must be 'l2' or 'lpips', got {options.regression!r}")
         if options.regression == "lpips":
-            raise FewstepError("dmd.regression = lpips needs the VGG-LPIPS weights, which the metrics "
-                               "loaders (issue 4) provide; use l2 until then")
+            raise FewstepError("dmd.regression = lpips needs VGG-LPIPS weights, which fewstep does "
+                               "not load; use dmd.regression = l2")
         self.pairs = (PairSet(options.pairs, teacher, options.teacher_guidance)
                       if options.lambda_reg > 0 else None)
 

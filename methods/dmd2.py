@@ -1,4 +1,4 @@
-"""DMD2: Improved Distribution Matching Distillation (Yin et al., NeurIPS 2024, arXiv 2405.14867).
+"""DMD2: Improved Distribution Matching Distillation (Yin et al., NeurIPS 2024, 2405.14867), Eq. 4.
 
 DMD's DM gradient without the regression loss, stabilised by a two-time-scale update rule (the
 critic updates every iteration, the generator every r-th; spec dmd2.md 4) and a diffusion-GAN
@@ -44,7 +44,7 @@ PRESETS = {
     "dmd2-sit-ext": {**PAPER, "lr": 2e-6, "teacher_guidance": 1.0, "gan_w_G": 3e-3,
                      "gan_w_D": 1e-2, "generator_grid": (1.0,), "backsim": False},
     # toy: 400 iterations (80 generator updates); SDXL's 4-step student scores toy FID 24.1 at 400
-    # and 22.3 at 600 against the 32-step teacher's 20.8 (AMD inherits this length; issue 5)
+    # and 22.3 at 600 against the 32-step teacher's 20.8 (AMD inherits this length)
     "toy": {"lr": 1e-4, "batch": 16, "steps": 400, "warmup": 20, "teacher_guidance": 2.0,
             "ttur_ratio": 5, "gan_w_G": 5e-3, "gan_w_D": 1e-2, "generator_grid": FOUR,
             "backsim": True, "checkpoint_every": 200},
@@ -72,16 +72,20 @@ class DMD2(DistributionMatching):
         return ["generator", "critic"] if step % self.opt.ttur_ratio == 0 else ["critic"]
 
     # -- the generator sample of this iteration ----------------------------------------------------
-    def sample_x(self, grad: bool):
-        """x_hat and its prompts: the generator turn uses the main prompt stream, critic-only turns
-        a second independent stream over the same prompt set (dmd2.md 4)."""
-        stream = "prompts" if grad else "prompts_critic"
-        batch = self.ctx.prompts(self.opt.batch, stream)
+    def draw_prompts(self, stream: str):
+        """This iteration's prompts on `stream` (AMD draws them as groups of repeats)."""
+        return self.ctx.prompts(self.opt.batch, stream)
+
+    def sample(self, grad: bool):
+        """(x_hat, prompts, stop): the generator turn uses the main prompt stream, critic-only
+        turns a second independent stream over the same prompt set (dmd2.md 4); one backward
+        simulation stop index for the batch and all ranks (dmd2.md 5.2)."""
+        batch = self.draw_prompts("prompts" if grad else "prompts_critic")
         z = self.ctx.randn((len(batch), *self.teacher.latent_shape), "z")
         stop = 0
         if self.opt.backsim and len(self.grid) > 1:
             stop = int(self.ctx.randint(0, len(self.grid) - 1, 1, "stop", shared=True)[0])
-        return self.generate(z, batch.cond, grad=grad, stop=stop), batch
+        return self.generate(z, batch.cond, grad=grad, stop=stop), batch, stop
 
     def logits(self, x, cond, stream: str):
         """h(phi(F_k'(x))) with a fresh k' over the full range per sample (dmd2.md 3.3)."""
@@ -95,9 +99,9 @@ class DMD2(DistributionMatching):
         return self.generator_loss(scratch) if net == "generator" else self.critic_total(scratch)
 
     def generator_loss(self, scratch):
-        x, batch = self.sample_x(grad=True)
-        scratch["x"], scratch["batch"] = x.detach(), batch
-        dm, stats = self.dm_loss(x, batch.cond)
+        x, batch, stop = self.sample(grad=True)
+        scratch["x"], scratch["batch"] = x.detach(), batch  # the critic turn reuses the sample
+        dm, stats = self.matching_loss(x, batch, stop, scratch)
         total = dm
         if self.gan and self.opt.gan_w_G > 0:
             g_gan = losses.gan_generator_loss(self.logits(x, batch.cond, "gan_g"))
@@ -105,12 +109,22 @@ class DMD2(DistributionMatching):
             stats["gan_g"] = g_gan
         return total, {"dm": dm, **stats}
 
+    def matching_loss(self, x, batch, stop: int, scratch) -> tuple[torch.Tensor, dict]:
+        """(L_DM, stats), the distribution-matching term of the generator loss (DMD Eq. 7-8); a
+        method that modulates the direction (AMD's DSA) overrides it."""
+        return self.dm_loss(x, batch.cond)
+
+    def critic_sample_weight(self, scratch) -> torch.Tensor | None:
+        """Per-sample weights of the critic's denoising loss on this iteration's samples; DMD2
+        weighs them equally (None). A method that reweights the critic (AMD's RLS) overrides it."""
+        return None
+
     def critic_total(self, scratch):
         if "x" not in scratch:
-            x, batch = self.sample_x(grad=False)
+            x, batch, _ = self.sample(grad=False)
         else:
             x, batch = scratch["x"], scratch["batch"]
-        loss_f = self.critic_loss(x, batch.cond, weight=scratch.get("critic_weight"))  # AMD's RLS
+        loss_f = self.critic_loss(x, batch.cond, weight=self.critic_sample_weight(scratch))
         stats = {"denoise": loss_f}
         if self.gan and self.opt.gan_w_D > 0:
             real, real_batch = self.ctx.real(self.opt.batch)  # real latents, their own captions

@@ -25,9 +25,6 @@ class Dummy(Method):
         self._generator = trainable_copy(teacher, options)
         self.grid = student_grid(teacher, [1.0])
 
-    def networks(self):
-        return {"generator": self.generator.denoiser}
-
     def loss(self, net, scratch):
         batch = self.ctx.prompts(self.opt.batch)
         z = self.ctx.randn((len(batch), *self.teacher.latent_shape), "z")

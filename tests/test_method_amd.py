@@ -200,7 +200,7 @@ def test_tied_group_gives_unit_weights(k, value):
 def test_constant_reward_leaves_the_method_unweighted():
     method = make_amd(reward=lambda images, metas: torch.full((len(metas),), 0.25))
     method.ctx.step = 0
-    x, batch, stop = method.sample_groups(grad=False)
+    x, batch, stop = method.sample(grad=False)
     adv, stats = method.group_signal(x, batch, stop)
     assert torch.equal(adv, torch.zeros_like(adv)) and stats["reward"] == 0.25
 
@@ -268,7 +268,7 @@ def test_critic_loss_is_the_rls_weighted_native_loss():
     method = make_amd(gan_w_G=0.0, gan_w_D=0.0, generator_grid=(1.0,), ttur_ratio=1)
     out = run_step(method, 0)
     method.ctx.step = 0
-    x, batch, _ = method.sample_groups(grad=True)
+    x, batch, _ = method.sample(grad=True)
     adv, _ = method.group_signal(x, batch, 0)
     w = amd.rls_weights(adv, batch.groups, "group_mean")
     # the critic's per-sample native loss over the full range, with the critic's own draws
@@ -309,7 +309,7 @@ def test_reward_gets_no_gradient_and_changes_nothing():
         for a, b in zip(grads[0][name][1], grads[1][name][1]):
             assert (a is None and b is None) or torch.equal(a, b)
     method.ctx.step = 0
-    x, batch, stop = method.sample_groups(grad=True)
+    x, batch, stop = method.sample(grad=True)
     assert x.requires_grad and not method.rewards(x, batch, stop).requires_grad
 
 
@@ -319,8 +319,8 @@ def test_groups_share_prompt_and_stop_index():
     other = AMD(method.teacher, method.opt, context(method.teacher, info=DistInfo(rank=1, world_size=2)))
     for step in range(4):
         method.ctx.step = other.ctx.step = step
-        x, batch, stop = method.sample_groups(grad=False)
-        _, _, stop_other = other.sample_groups(grad=False)
+        x, batch, stop = method.sample(grad=False)
+        _, _, stop_other = other.sample(grad=False)
         assert stop == stop_other and 0 <= stop < len(FOUR)  # one stop for batch and ranks
         assert torch.equal(batch.groups, torch.arange(2).repeat_interleave(K))
         for g in range(2):
@@ -376,7 +376,7 @@ def test_final_rollout_rewards_the_finished_sample():
 
     method = make_amd(reward=reward, reward_input="final_rollout")
     method.ctx.step = 0
-    x, batch, _ = method.sample_groups(grad=False)
+    x, batch, _ = method.sample(grad=False)
     method.rewards(x, batch, 0)
     method.rewards(x, batch, len(FOUR) - 1)  # already at the last grid time: x itself
     assert not torch.allclose(seen_images[0], method.teacher.decode(x))

@@ -8,6 +8,7 @@ from fewstep import losses
 from fewstep.engine.distributed import DistInfo
 from fewstep.engine.gan import DiscriminatorHead
 from fewstep.engine.loop import Trainer
+from fewstep.engine.method import student_spec
 from fewstep.engine.run import build_method, toy_context
 from fewstep.errors import FewstepError
 from fewstep.sampling import sample_student
@@ -191,7 +192,7 @@ def test_backward_simulation(built):
 def test_discriminator_loss_trains_head_and_critic_not_generator(built):
     m = method(built["sit"], "dmd2", generator_grid=[1.0], backsim=False, teacher_guidance=2.0)
     m.ctx.step = 0
-    x, batch = m.sample_x(grad=True)
+    x, batch = m.sample(grad=True)[:2]
     real, real_batch = m.ctx.real(2)
     loss_d = losses.gan_discriminator_loss(m.logits(x.detach(), batch.cond, "f"),
                                            m.logits(real, real_batch.cond, "r"))
@@ -215,7 +216,7 @@ def test_engine_applies_gan_generator_loss_to_generator_only(built, tmp_path):
 # dmd2.md 10.6
 def test_sdxl_four_step_sampler_visits_dmd2_timesteps(built):
     m = method(built["sdxl"], "dmd2", generator_grid=[1.0, 0.75, 0.5, 0.25])
-    spec = m.student()
+    spec = student_spec(m)
     sched = m.teacher.schedule
     assert sched.k_of_t(torch.tensor(spec.grid)).tolist() == [999, 749, 499, 249]
     assert math.isclose(spec.theta, math.pi / 2)
@@ -237,7 +238,7 @@ def test_sdxl_four_step_sampler_visits_dmd2_timesteps(built):
 
 def test_one_step_sdxl_conditioning_timestep_is_399(built):
     m = method(built["sdxl"], "dmd2", generator_grid=[0.4], backsim=False)
-    assert m.teacher.schedule.k_of_t(torch.tensor(m.student().grid)).tolist() == [399]
+    assert m.teacher.schedule.k_of_t(torch.tensor(student_spec(m).grid)).tolist() == [399]
 
 
 # dmd2.md 10.7

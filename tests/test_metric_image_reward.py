@@ -200,7 +200,7 @@ def test_the_reward_drives_a_reward_guided_method(cache):
     ctx = toy_context(teacher, "sit", 16, 0, DistInfo(), reward=reward, autocast=False)
     method = build_method("amd", teacher, ctx, "toy", {"batch": 8})
     method.ctx.step = 0
-    x, batch, stop = method.sample_groups(grad=True)
+    x, batch, stop = method.sample(grad=True)
     rewards = method.rewards(x, batch, stop)
     assert rewards.shape == (8,) and rewards.std() > 0
     advantage, _ = method.group_signal(x, batch, stop)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from fewstep.cli import main
 from fewstep.commands.prompts import eval_prompts
 from fewstep.engine.distributed import DistInfo
+from fewstep.engine.method import student_spec
 from fewstep.engine.run import build_method, load_student, toy_context
 from fewstep.toy import teachers
 
@@ -33,8 +34,8 @@ def test_a_released_unet_folder_is_sampled_with_the_presets_sampler(tmp_path):
           "--weights", str(release), "--out", str(model)])
     teacher = teachers.load(TEACHER)
     generator, info = load_student(model, teacher)
-    expected = build_method("dmd2", teacher, toy_context(teacher, "sdxl", 16, 0, DistInfo()),
-                            "toy").student().to_dict()
+    expected = student_spec(build_method("dmd2", teacher,
+                                         toy_context(teacher, "sdxl", 16, 0, DistInfo()), "toy")).to_dict()
     assert info["student"] == expected and info["student"]["nfe"] == 4
     assert info["fidelity"] == "faithful, released checkpoint" and info["preset"] == "toy"
     reference = perturbed_unet(1).state_dict()

@@ -38,12 +38,15 @@ class Backbone(nn.Module):
     """A denoiser of one family in the shared time convention.
 
     Subclasses set `family`, `schedule`, `latent_shape` (C, H, W), and implement `native`,
-    `x0_from_native`, `_encode` (prompts or labels -> Cond), `null` and `decode`.
+    `x0_from_native`, `_encode` (prompts or labels -> Cond), `null` and `decode`. What the engine
+    needs to know of a family's network (LoRA targets, GAN feature layer) is asked here too.
     """
 
     family: str = "abstract"
     schedule: Schedule
     latent_shape: tuple[int, int, int]
+    lora_targets: tuple[str, ...] = ()  # module names LoRA adapts by default (peft target_modules)
+    probe_prompt = ""  # a prompt (or label) any encoder takes: shape probes (the GAN head's width)
 
     def __init__(self):
         super().__init__()
@@ -69,6 +72,11 @@ class Backbone(nn.Module):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> latents (training data of the toy teachers, real-image critics)."""
         raise NotImplementedError
+
+    def feature_module(self, layer: int | None = None) -> nn.Module:
+        """The module whose output is DMD2's GAN features (the critic's bottleneck, dmd2.md 3.3);
+        `layer` picks a transformer block (None: the middle one)."""
+        raise NotImplementedError(f"{type(self).__name__} names no GAN feature layer")
 
     # -- shared ---------------------------------------------------------------------------------
     @property
@@ -118,3 +126,8 @@ class Backbone(nn.Module):
         differ every time and would only fill it."""
         with torch.no_grad():
             return self._encode(list(prompts))
+
+
+def middle_block(blocks: Sequence[nn.Module], layer: int | None = None) -> nn.Module:
+    """Transformer block `layer`, or block floor(L/2) when None (DMD2's transformer bottleneck)."""
+    return blocks[len(blocks) // 2 if layer is None else layer]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from fewstep.backbones._diffusers_io import (DiffusersBackbone, Part, TextStack, at_least_fp32,
                                              check_width, scheduler_config_of, seeded,
                                              tiny_channels, tiny_vae)
-from fewstep.backbones.base import Cond
+from fewstep.backbones.base import Cond, middle_block
 from fewstep.schedule import FlowSchedule
 
 SD3_VAE_SCALE, SD3_VAE_SHIFT = 1.5305, 0.0609  # SD3 VAE config: scaling_factor, shift_factor
@@ -39,6 +39,9 @@ class SD3Backbone(DiffusersBackbone):
         (Part("text_encoder_3", "transformers", "T5EncoderModel", "model"),
          Part("tokenizer_3", "transformers", "T5TokenizerFast", "tokenizer")),
     )
+    # joint attention projections of both streams (RTDMD adapts attention on SD3; harness choice)
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                    "to_add_out")
 
     def __init__(self, denoiser, text: TextStack | None, scheduler_config: dict, vae=None,
                  resolution=None):
@@ -169,3 +172,7 @@ class SD3Backbone(DiffusersBackbone):
     def x0_from_native(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """x0 = x_t − t·v̂, in float64."""
         return self.schedule.x0_from_v(at_least_fp32(x_t), out, t)
+
+    def feature_module(self, layer: int | None = None) -> torch.nn.Module:
+        """Joint block `layer` (None: floor(L/2)); its image-token output is the GAN feature."""
+        return middle_block(self.denoiser.transformer_blocks, layer)

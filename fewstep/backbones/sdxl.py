@@ -35,6 +35,11 @@ class SDXLBackbone(DiffusersBackbone):
         (Part("text_encoder_2", "transformers", "CLIPTextModelWithProjection", "model"),
          Part("tokenizer_2", "transformers", "CLIPTokenizer", "tokenizer")),
     )
+    # DMD2's LoRA list (attention, projections, feed-forward, convolutions, down/up-samplers,
+    # time embedding; dmd2.md section 2)
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+                    "ff.net.2", "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv",
+                    "upsamplers.0.conv", "time_emb_proj")
 
     def __init__(self, denoiser, text: TextStack | None, scheduler_config: dict, vae=None,
                  resolution=None):
@@ -158,3 +163,7 @@ class SDXLBackbone(DiffusersBackbone):
     def x0_from_native(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """x0 = (x_t − σ ε̂)/α, in float64 (DMD2's SDXL conversion)."""
         return self.schedule.x0_from_eps(at_least_fp32(x_t), out, t)
+
+    def feature_module(self, layer: int | None = None) -> torch.nn.Module:
+        """The UNet's mid-block (DMD2's bottleneck features); `layer` does not apply to a UNet."""
+        return self.denoiser.mid_block

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from fewstep.backbones.base import Backbone, Cond, cond_cat
+from fewstep.backbones.base import Backbone, Cond, cond_cat, middle_block
 from fewstep.backbones.codec import PixelCodec, VAECodec
 from fewstep.backbones.sit_net import (SIT_CONFIGS, SiTConfig, SiTNet,
                                        convert_official_sit_state_dict, infer_official_config)
@@ -50,6 +50,8 @@ class SiTBackbone(Backbone):
     """x0(x_t, t, cond, guidance) for a SiT network; cond = {"y": class ids}, null = num_classes."""
 
     family = "sit"
+    lora_targets = ("qkv", "attn_out", "mlp_in", "mlp_out")  # attention and MLP projections
+    probe_prompt = 0  # class 0: SiT conditions on labels, not text
 
     def __init__(self, net: SiTNet, codec: nn.Module | None = None,
                  sit_cfg_first3_channels: bool = False):
@@ -109,6 +111,10 @@ class SiTBackbone(Backbone):
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.codec.encode(images)
+
+    def feature_module(self, layer: int | None = None) -> nn.Module:
+        """Transformer block `layer` (None: floor(L/2)); its tokens are the GAN feature."""
+        return middle_block(self.denoiser.blocks, layer)
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod

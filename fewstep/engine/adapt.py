@@ -1,8 +1,7 @@
 """Trainable copies of a backbone: full fine-tune or peft LoRA, optional gradient checkpointing.
 
-LoRA targets default per family. SDXL follows DMD2's list (attention, projections, feed-forward,
-convolutions, down/up-samplers, time embedding; dmd2.md section 2); SD3 and SiT take the attention
-and MLP projections (RTDMD uses attention projections on SD3; a harness choice, recorded).
+LoRA targets default to the backbone's `lora_targets` (each family names its own: DMD2's list for
+SDXL, attention projections for SD3, attention and MLP projections for SiT).
 """
 from __future__ import annotations
 
@@ -12,15 +11,6 @@ import torch
 from torch import nn
 
 from fewstep.backbones.base import Backbone
-
-LORA_TARGETS = {
-    "sdxl": ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-             "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
-             "time_emb_proj"),
-    "sd3": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
-    "sit": ("qkv", "attn_out", "mlp_in", "mlp_out"),
-}
-
 
 def trainable_copy(backbone: Backbone, opt=None) -> Backbone:
     """Deep copy whose denoiser trains (text encoders and codec stay frozen and shared/copied)."""
@@ -49,7 +39,9 @@ def master_weights_fp32(module: torch.nn.Module) -> None:
 def add_lora(backbone: Backbone, rank: int, alpha: float, targets=()) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
-    targets = list(targets or LORA_TARGETS[backbone.family])
+    targets = list(targets or backbone.lora_targets)
+    if not targets:
+        raise ValueError(f"{type(backbone).__name__} names no lora_targets; pass lora_targets")
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
                         init_lora_weights="gaussian")
     inject_adapter_in_model(config, backbone.denoiser)

@@ -14,7 +14,7 @@ import torch
 from fewstep import losses
 from fewstep.engine.adapt import trainable_copy
 from fewstep.engine.method import RENOISE, Method, StudentSpec, student_grid
-from fewstep.engine.options import TrainOptions
+from fewstep.engine.options import TrainOptions, choice
 from fewstep.schedule import TimeSampler
 
 
@@ -26,7 +26,7 @@ class DMOptions(TrainOptions):
     critic_t_clip: tuple[float, float] = (0.001, 0.999)  # flow critics: U(0,1) clipped (harness)
     generator_grid: tuple[float, ...] = (1.0,)  # fractions of the time range, 1 = noise
     grid_shift: float = 1.0              # shift applied to the grid on flow families
-    normaliser_teacher: str = "guided"   # dmd.normaliser_teacher: guided | unguided
+    normaliser_teacher: str = choice("guided", "unguided")  # dmd.normaliser_teacher
     RANGES = {"teacher_guidance": "[0, inf)", "dm_t_shift": "(0, inf)", "grid_shift": "(0, inf)"}
 
 
@@ -37,9 +37,6 @@ class DistributionMatching(Method):
 
     def __init__(self, teacher, options, ctx):
         super().__init__(teacher, options, ctx)
-        if options.normaliser_teacher not in ("guided", "unguided"):
-            raise ValueError("normaliser_teacher must be 'guided' or 'unguided', "
-                             f"got {options.normaliser_teacher!r}")
         self._generator = trainable_copy(teacher, options)
         self.critic = trainable_copy(teacher)  # full copy: LoRA applies to the generator only
         self.grid = student_grid(teacher, options.generator_grid, options.grid_shift)
@@ -50,10 +47,7 @@ class DistributionMatching(Method):
         self.critic_times = TimeSampler("grid", 0.0, 1.0) if discrete else \
             TimeSampler("uniform", *options.critic_t_clip)
 
-    # -- networks ------------------------------------------------------------------------------
-    def networks(self):
-        return {"generator": self.generator.denoiser, "critic": self.critic.denoiser}
-
+    # -- sampling ------------------------------------------------------------------------------
     @classmethod
     def sampler(cls, teacher, options) -> StudentSpec:
         grid = student_grid(teacher, options.generator_grid, options.grid_shift)

@@ -1,9 +1,10 @@
 """DMD2's diffusion-GAN discriminator: bottleneck features of the critic and a small conv head.
 
-Features (dmd2.md 3.3): the SDXL UNet's mid-block output; for transformer critics the image-token
-stream after block floor(L/2), reshaped to its spatial grid (SD3, SiT; option
-`dmd2.gan.feature_layer`). The forward pass stops at the hooked module (DMD2's "classify mode"
-also skips the decoder half), so a feature call costs about half a network evaluation.
+Features (dmd2.md 3.3): the output of the module the critic's backbone names (`feature_module`:
+the SDXL UNet's mid-block; for transformer critics the image-token stream after block floor(L/2),
+reshaped to its spatial grid; option `dmd2.gan.feature_layer`). The forward pass stops at the
+hooked module (DMD2's "classify mode" also skips the decoder half), so a feature call costs about
+half a network evaluation.
 """
 from __future__ import annotations
 
@@ -20,14 +21,6 @@ class _Stop(Exception):
         self.value = value
 
 
-def feature_module(backbone: Backbone, layer: int | None = None) -> nn.Module:
-    den = backbone.denoiser
-    if backbone.family == "sdxl":
-        return den.mid_block
-    blocks = den.transformer_blocks if backbone.family == "sd3" else den.blocks
-    return blocks[len(blocks) // 2 if layer is None else layer]
-
-
 def _to_grid(tokens: torch.Tensor, backbone: Backbone) -> torch.Tensor:
     """(B, N, D) image tokens -> (B, D, h, w)."""
     b, n, d = tokens.shape
@@ -39,7 +32,7 @@ def _to_grid(tokens: torch.Tensor, backbone: Backbone) -> torch.Tensor:
 
 def bottleneck_features(backbone: Backbone, x_t, t, cond, layer: int | None = None) -> torch.Tensor:
     """Critic features phi(x_t) in (B, C, h, w); gradients flow to the input and the early layers."""
-    module = feature_module(backbone, layer)
+    module = backbone.feature_module(layer)
 
     def hook(mod, args, output):
         raise _Stop(output)
@@ -90,7 +83,7 @@ def make_head(critic: Backbone, layer: int | None = None, seed: int = 0) -> Disc
     c, h, w = critic.latent_shape
     with torch.no_grad():
         x = torch.zeros(1, c, h, w, device=critic.device)
-        cond = critic.encode([0] if critic.family == "sit" else [""])
+        cond = critic.encode([critic.probe_prompt])
         feats = bottleneck_features(critic, x, torch.tensor([0.5], device=x.device), cond, layer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

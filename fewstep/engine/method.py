@@ -17,6 +17,7 @@ from torch import nn
 from fewstep.backbones.base import Backbone
 from fewstep.engine.context import Context
 from fewstep.engine.options import TrainOptions
+from fewstep.engine.rollout import rollout
 
 
 @dataclass
@@ -45,7 +46,6 @@ def frozen(module: nn.Module) -> nn.Module:
     module.eval()
     module.requires_grad_(False)
     return module
-
 
 
 def student_grid(backbone: Backbone, fractions, shift: float = 1.0) -> list[float]:
@@ -109,11 +109,9 @@ class Method:
     def sampler(cls, teacher: Backbone, options) -> StudentSpec:
         """How a student of these options samples (grid, re-noising, guidance), from the options
         and the teacher's schedule alone: a released checkpoint is sampled with its method's
-        preset through this, never with settings read from the checkpoint's folder name."""
+        preset through this, never with settings read from the checkpoint's folder name. It is
+        the one sampler hook: training, export and `fewstep release` all read it."""
         raise NotImplementedError(f"{cls.__name__} does not define sampler(teacher, options)")
-
-    def student(self) -> StudentSpec:
-        return type(self).sampler(self.teacher, self.opt)
 
     @property
     def generator(self) -> Backbone:
@@ -133,19 +131,15 @@ class Method:
     # -- helpers shared by the methods -----------------------------------------------------------
     def rollout(self, z: torch.Tensor, cond, grid: list[float], stop: int, theta: float,
                 stream: str) -> torch.Tensor:
-        """No-grad run of the generator's sampler from z through grid[:stop]; returns x at grid[stop].
+        """No-grad run of the generator's sampler from z through grid[:stop]; x at grid[stop] (z
+        itself when stop = 0). Step i re-noises with the named stream `{stream}/xi{i}`."""
+        return rollout(self.generator, z, cond, grid, stop,
+                       lambda i, x: self.ctx.randn_like(x, f"{stream}/xi{i}"), theta=theta).x
 
-        With stop = 0 the result is z itself (pure noise at the first grid time).
-        """
-        x = z
-        sched = self.generator.schedule
-        with torch.no_grad():
-            for i in range(stop):
-                t = torch.full((x.shape[0],), grid[i], device=x.device)
-                x0 = self.generator.x0(x, t, cond)
-                xi = self.ctx.randn_like(x, f"{stream}/xi{i}")
-                x = sched.ddim_step(x, x0, t, torch.full_like(t, grid[i + 1]), xi, theta)
-        return x
+
+def student_spec(method: Method) -> StudentSpec:
+    """How the student a method trains samples: its class's sampler on its teacher and options."""
+    return type(method).sampler(method.teacher, method.opt)
 
 
 RENOISE = math.pi / 2  # theta of DMD2's multi-step sampler: x_t' = F_t'(x0, fresh eps)

@@ -20,6 +20,7 @@ from fewstep.engine.adapt import merged_state_dict
 from fewstep.engine.context import Context, PromptPool
 from fewstep.engine.distributed import DistInfo
 from fewstep.engine.loop import Trainer
+from fewstep.engine.method import student_spec
 from fewstep.engine.options import as_dict, resolve
 from fewstep.errors import FewstepError
 from fewstep.io import atomic_path, file_sha256
@@ -138,7 +139,7 @@ def build_method(name: str, teacher, ctx: Context, preset: str | None = None,
 def export(method, trainer: Trainer, out: Path, extra: dict, provenance: dict | None = None) -> dict:
     """Write the student (EMA weights when kept) and its provenance.json atomically."""
     source = trainer.emas.get("generator", trainer.nets["generator"])
-    spec = method.student()
+    spec = student_spec(method)
     info = {"method": method.name, "fidelity": method.fidelity, "family": method.teacher.family,
             "student": spec.to_dict(), "options": as_dict(method.opt),
             "weights": "ema" if "generator" in trainer.emas else "raw",
