@@ -150,8 +150,6 @@ class Trainer:
         warm = max(1, int(opt.warmup))
         self.schedulers = {n: torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / warm))
                            for n, o in self.optimizers.items()}
-        if opt.ema_on not in ("iteration", "generator_update"):
-            raise ValueError(f"ema_on must be 'iteration' or 'generator_update', got {opt.ema_on!r}")
         self.emas = {"generator": copy.deepcopy(self.nets["generator"]).requires_grad_(False)} \
             if opt.ema_decay > 0 else {}
         self.state = RunState()
