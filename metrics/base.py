@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from fewstep.backbones.weights import WeightFile
 from fewstep.io import write_text
 from metrics.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
 
@@ -68,18 +69,6 @@ class MetricResult:
     @classmethod
     def load(cls, path) -> "MetricResult":
         return cls.from_json(Path(path).read_text())
-
-
-@dataclass(frozen=True)
-class WeightFile:
-    """One file a metric or backbone needs from the weights cache ($FEWSTEP_WEIGHTS).
-
-    path: relative to the cache root (e.g. "hps/HPS_v2.1_compressed.pt"); source: where a user
-    gets it (a Hugging Face repo id and file, or a URL); the harness never downloads it.
-    """
-    path: str
-    source: str
-    note: str = ""
 
 
 def paired_summary(ci, higher_is_better: bool, **extra) -> dict:

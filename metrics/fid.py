@@ -50,7 +50,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metrics.base import Metric, MetricResult, WeightFile
+from fewstep.backbones.weights import WeightFile
+from metrics.base import Metric, MetricResult
 from metrics.sampleset import SampleSet, load_sample_set
 from metrics.stats import BootstrapCI, align_pairs, bootstrap, group_indices
 

@@ -14,12 +14,11 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from fewstep.geneval_prompts import TASKS
 from metrics.base import Metric, MetricResult
 from metrics.sampleset import SampleSet, SampleSetError
 from metrics.stats import bootstrap, cluster_mean_ci, group_indices
 
-TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-RELATIONS = ("left of", "right of", "above", "below")
 CONF_THRESHOLD = 0.3           # detection confidence for every task but counting
 COUNTING_THRESHOLD = 0.9       # counting needs confident detections (exact count)
 MAX_OBJECTS = 16               # per class, kept in descending confidence

@@ -46,10 +46,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from metrics.base import WeightFile
+from fewstep.backbones.weights import WeightFile
+from fewstep.geneval_prompts import COLOURS
 from metrics.clip_score import LoadedCLIP, _jsonable, load_clip, resolve_variant
 from metrics.geneval import ToyGenEval
-from metrics.geneval_official import COLOURS
 from metrics.hpsv2 import default_device, effective_precision, precision_context, precision_label
 
 ROUTE = "geneval-hf-m2f"

@@ -48,7 +48,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from metrics.base import PerImageMetric, WeightFile
+from fewstep.backbones.weights import WeightFile
+from metrics.base import PerImageMetric
 from metrics.sampleset import SampleSet
 
 ARCHITECTURE = "ViT-H-14"

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metrics.base import PerImageMetric, WeightFile
+from fewstep.backbones.weights import WeightFile
+from metrics.base import PerImageMetric
 from metrics.image_reward_compat import (MAX_TEXT_TOKENS, build_image_reward, check_key_report)
 from metrics.sampleset import SampleSet
 

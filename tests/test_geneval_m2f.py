@@ -12,17 +12,15 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
 
-from fewstep.backbones.weights import MissingWeightsError
+from fewstep.backbones.weights import MissingWeightsError, WeightFile
+from fewstep.geneval_prompts import COLOURS, TASKS
 from fewstep.registry import METRICS
-from metrics.base import WeightFile
 from metrics.clip_score import VARIANTS, CLIPVariant
-from metrics.geneval import TASKS
 from metrics.geneval_m2f import (APPROXIMATE, COLOUR_TEMPLATES, DETECTOR_WEIGHTS, GENEVAL_CLASSES,
                                  CLIPColourClassifier, Detection, GenEvalM2F, M2FDetector,
                                  class_probabilities, grey_canvas_crop, instance_postprocess,
                                  label_names, masks_to_boxes, padded_shape, preprocess,
                                  resized_shape, top_pairs, uses_plain_gelu)
-from metrics.geneval_official import COLOURS
 from metrics.sampleset import write_sample_set
 from test_metric_clip_score import TINY_CONFIG as TINY_CLIP_CONFIG
 

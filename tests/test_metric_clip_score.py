@@ -12,8 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from fewstep.backbones.weights import MissingWeightsError
-from metrics.base import WeightFile
+from fewstep.backbones.weights import MissingWeightsError, WeightFile
 from metrics.clip_score import (VARIANTS, CLIPReward, CLIPScore, CLIPVariant, apply_scale,
                                 check_quickgelu, precision_context)
 from metrics.fid import protocol_transform
