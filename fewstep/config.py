@@ -199,15 +199,7 @@ def _check_metric_options(config: dict, source: str) -> None:
 def check_metric_options(name: str, options) -> None:
     """ValueError naming an option the metric does not take. The metric class, found through the
     registry, checks its own options: the core imports no metric."""
-    cls = METRICS.get(name)
-    if hasattr(cls, "check_options"):
-        cls.check_options(options, name)  # the registry name, as the config spells it
-        return
-    # until the metric base class has check_options: the module-level check it replaces, from the
-    # metric base module the registry has just imported (an import statement would tie the layers)
-    import sys
-
-    sys.modules["metrics.base"].check_metric_options(name, cls, options)
+    METRICS.get(name).check_options(options, name)  # the registry name, as the config spells it
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -20,7 +20,7 @@ def metric_for(metric_name: str, scoring_args: dict):
     if key not in _BUILT:
         args = argparse.Namespace(**{"metric_options": {}, **scoring_args})
         rows = read_prompts(args.prompts)
-        metric = build_metric(metric_name, args, all("class_label" in r for r in rows))
+        metric = build_metric(metric_name, args, rows)
         expected = [(r["prompt_id"], s) for r in rows for s in args.seeds]
         _BUILT[key] = (metric, expected, args)
     return _BUILT[key]

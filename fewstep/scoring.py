@@ -2,43 +2,36 @@
 student set is compared with, and the score file it writes (`fewstep score` parses the arguments).
 
 Layer: evaluation (above the metrics, below the commands; tests/test_import_contract.py). The
-metrics are found by name through the registry; the score files are read back by the report, the
-audit and fewstep.pairing, which rebuild a metric from a score file's own scoring arguments.
+metrics are found by name through the registry and built by their own `from_options`, so no metric
+is named here; the score files are read back by the report, the audit and fewstep.pairing, which
+rebuild a metric from a score file's own scoring arguments.
 """
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
+from types import SimpleNamespace
 
 
-def toy_fid(prompts: str, feature_net: str, images: int, cache: str):
-    """The toy FID on `images` reference renders of a family's prompts, in all."""
-    from fewstep.prompts import read_prompts
-    from metrics.fid import ToyFID
+def scoring_context(args, prompt_rows: list[dict]) -> SimpleNamespace:
+    """What a metric may take from the scoring job (Metric.from_options reads it): the bootstrap
+    settings, the prompt file and its rows, the toy FID's feature net, reference renders and
+    cache. Score files of any age rebuild their metrics (fewstep.pairing): absent fields are None."""
+    job = {k: getattr(args, k, None) for k in ("prompts", "feature_net", "reference_images",
+                                              "cache")}
+    return SimpleNamespace(n_resamples=args.resamples, level=args.confidence,
+                           seed=args.bootstrap_seed, prompt_rows=prompt_rows, **job)
 
-    per_prompt = math.ceil(images / len(read_prompts(prompts)))
-    return ToyFID(feature_net=feature_net, reference_prompts=prompts,
-                  renders_per_prompt=per_prompt, cache_dir=cache)
 
-
-def build_metric(name: str, args, class_conditional: bool):
-    """The metric with the run's bootstrap settings and its configured options."""
-    from fewstep.config import check_metric_options
+def build_metric(name: str, args, prompt_rows: list[dict]):
+    """The registered metric `name` with the run's bootstrap settings and its configured options
+    over the defaults it takes from the scoring job (prompt_rows: the scored prompt file's)."""
     from fewstep.registry import METRICS
 
     cls = METRICS.get(name)
     options = args.metric_options.get(name, {})
-    check_metric_options(name, options)
-    stats = dict(n_resamples=args.resamples, level=args.confidence, seed=args.bootstrap_seed)
-    if name == "toy_fid":
-        metric = toy_fid(args.prompts, args.feature_net, args.reference_images, args.cache)
-        for key, value in {**stats, **options}.items():
-            setattr(metric, key, value)
-        return metric
-    if name == "toy_geneval":  # class-conditional sets hold only GenEval's colors task
-        options = {"require_all_tasks": not class_conditional, **options}
-    return cls(**stats, **options)
+    cls.check_options(options, name)  # first, so that a message names the metric as configured
+    return cls.from_options(options, scoring_context(args, prompt_rows))
 
 
 def prompt_set_of(prompts_path) -> dict:
@@ -86,8 +79,7 @@ def score_sets(args) -> None:
     rows = read_prompts(args.prompts)
     prompt_set = prompt_set_of(args.prompts)  # checked before any metric is built, once per job
     expected = [(r["prompt_id"], s) for r in rows for s in args.seeds]
-    class_conditional = all("class_label" in r for r in rows)
-    metrics = {name: build_metric(name, args, class_conditional) for name in args.metrics}
+    metrics = {name: build_metric(name, args, rows) for name in args.metrics}
     for samples, out in zip(args.samples, args.out):
         score_set(args, metrics, expected, samples, out, prompt_set, rows)
 

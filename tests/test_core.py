@@ -89,12 +89,12 @@ def test_score_passes_metric_options_to_the_metric():
     args = argparse.Namespace(resamples=50, confidence=0.9, bootstrap_seed=1,
                               metric_options=json_object('{"fid": {"crop": "none", "mode": '
                                                          '"legacy_pytorch"}}'))
-    metric = build_metric("fid", args, class_conditional=False)
+    metric = build_metric("fid", args, [])
     assert (metric.crop, metric.mode, metric.n_resamples, metric.level) == (
         "none", "legacy_pytorch", 50, 0.9)
     args.metric_options = {"fid": {"crop": "centre"}}
     with pytest.raises(ValueError, match="unknown crop policy 'centre'"):
-        build_metric("fid", args, class_conditional=False)
+        build_metric("fid", args, [])
     with pytest.raises(argparse.ArgumentTypeError, match="expected a JSON object"):
         json_object("[1]")
 

@@ -45,7 +45,7 @@ def scored(request, tmp_path_factory):
     expected = [(r["prompt_id"], s) for r in rows for s in SEEDS]
     out = {}
     for name in TOY_METRICS:
-        metric = build_metric(name, args, class_conditional=family == "sit")
+        metric = build_metric(name, args, rows)
         out[name] = {kind: metric.score(root / kind, expected=expected, resolution=RES,
                                         allow_blank=True) for kind in ("teacher", "renders")}
     return family, out

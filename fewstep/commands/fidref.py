@@ -25,18 +25,30 @@ def add_arguments(p):
     p.add_argument("--out", required=True, help="stamp .json naming the statistics built")
 
 
+def toy_reference(args):
+    """The toy FID's reference statistics, built as the score step's toy FID builds them (its
+    feature net, renders per prompt and cache from the job, ToyFID.context_defaults)."""
+    from types import SimpleNamespace
+
+    from fewstep.prompts import read_prompts
+    from metrics.fid import ToyFID
+
+    job = SimpleNamespace(prompts=args.prompts, prompt_rows=read_prompts(args.prompts),
+                          feature_net=args.feature_net, reference_images=args.images,
+                          cache=args.cache)
+    return ToyFID(**ToyFID.context_defaults(job)).reference(args.resolution)
+
+
 def real_reference(options: dict, resolution: int, cache: str):
-    from fewstep.config import check_metric_options
     from metrics.fid import FID
 
-    check_metric_options("fid", options)
+    FID.check_options(options, "fid")
     metric = FID(**{"cache_dir": cache, **options})
     return metric.reference_stats(metric.eval_resolution or resolution)
 
 
 def run(args):
     from fewstep.io import write_json
-    from fewstep.scoring import toy_fid
 
     if args.metric == "fid":
         ref = real_reference(args.metric_options, args.resolution, args.cache)
@@ -45,8 +57,7 @@ def run(args):
                    if getattr(args, n.replace("-", "_")) is None]
         if missing:
             raise ValueError(f"toy_fid reference statistics need {' '.join(missing)}")
-        ref = toy_fid(args.prompts, args.feature_net, args.images, args.cache).reference(
-            args.resolution)
+        ref = toy_reference(args)
     write_json(args.out, {"identity": ref.identity, "stats_sha256": ref.stats_sha256,
                           "n_reference": int(len(ref.features))})
     print(f"reference statistics {ref.stats_sha256[:12]} from {len(ref.features)} images")
