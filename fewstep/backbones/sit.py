@@ -12,7 +12,7 @@ transport/transport.py, Transport.sample/training_losses):
 
 Guidance: applied in x0 space on all channels (exact, spec README section 5). The option
 `sit_cfg_first3_channels` reproduces upstream forward_with_cfg, which guides output channels 0-2
-only and keeps the conditional prediction elsewhere (facebookresearch/DiT issue #41).
+only and keeps the conditional prediction elsewhere (discussed on the facebookresearch/DiT tracker).
 """
 from __future__ import annotations
 
