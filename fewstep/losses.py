@@ -1,7 +1,7 @@
 """Loss math shared by the methods, written once in the specs' symbols.
 
 x: generator sample (with gradient); p_T / p_F: teacher / critic x0-predictions (no gradient);
-sg(.): stop-gradient (`.detach()`). Shared spec README section 6 defines each primitive.
+sg(.): stop-gradient (`.detach()`). fewstep/notes/conventions.md sec. 6 defines each primitive.
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def dm_gradient(x: torch.Tensor, p_real: torch.Tensor, p_fake: torch.Tensor) -> 
 
 
 def dm_surrogate(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """L = 1/2 mean_all (x - sg(x - g))^2, whose gradient in x is g / N (spec README section 6)."""
+    """L = 1/2 mean_all (x - sg(x - g))^2, whose gradient in x is g / N
+    (fewstep/notes/conventions.md sec. 6)."""
     target = (x.detach().double() - g.double()).to(x.dtype)
     return 0.5 * F.mse_loss(x, target, reduction="mean")
 
