@@ -284,8 +284,3 @@ class PerImageMetric(Metric):
 
 # Options of a metric that a config may not set: bookkeeping, or set by the harness itself.
 RESERVED_OPTIONS = ("n_resamples", "level", "seed")
-
-
-def check_metric_options(name: str, cls, options) -> None:
-    """Raise ValueError naming an unknown option of a metric (Metric.check_options)."""
-    cls.check_options(options, name)
