@@ -4,12 +4,6 @@
 # reads besides its teacher comes from its class's `requires`, so a plugin is planned as a
 # built-in is.
 DISTILL = config["distill"]
-RUNS = planning.runs(config)
-RELEASED = planning.released(config)
-
-
-def model_dir(family: str, method: str) -> str:
-    return planning.model_dir(config, family, method)
 
 
 if not TOY:  # each family's training prompts, checked and hashed once (provenance sidecar)
@@ -94,7 +88,7 @@ rule train:
 rule sample_student:
     input:
         teacher="results/teachers/{family}",
-        model=lambda wc: model_dir(wc.family, wc.method),
+        model=lambda wc: planning.model_dir(config, wc.family, wc.method),
         prompts="results/prompts/{family}.jsonl",
     output:
         directory("results/samples/{family}/{method}/student"),
