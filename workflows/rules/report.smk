@@ -1,3 +1,5 @@
+# Tracking, the leaderboard and HTML report, and the claims audit over every score file (the
+# lists of score files, sample sets and models come from fewstep.planning).
 SCORES = planning.score_files(config)
 TRACK = planning.track_params(config)
 
