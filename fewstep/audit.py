@@ -1,6 +1,6 @@
 """The claims audit: the papers' claims (reports/claims.yaml) against the harness's score files.
 
-Verdicts (issue: workflow, item 6):
+Verdicts:
 * absolute claim (a number under a protocol): "not run" when no score file has the claim's
   family, method and metric; "protocol mismatch (<field>: claim X, ours Y)" when the closest
   candidate differs in a protocol field; else "reproduced" when the claimed value lies in our CI

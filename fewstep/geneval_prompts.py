@@ -2,7 +2,7 @@
 
 The 553-prompt metadata file (`prompts/evaluation_metadata.jsonl` of the GenEval repository) is
 read from the weights cache (`$FEWSTEP_WEIGHTS/prompts/geneval/`), checked line by line and against
-the official task sizes (metrics.md 4.1), and its sha256 is returned so that every result names the
+the official task sizes (metrics/notes/metrics.md sec. 4.1), and its sha256 is returned so that every result names the
 exact prompt set; a file that is not the official set is reported, not used silently.
 
 Core, not metrics: the prompt sets (fewstep.prompt_sets) read it while the DAG is parsed, which

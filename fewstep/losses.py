@@ -43,7 +43,7 @@ def dm_surrogate(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def displacement_loss(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """CDM's form L = mean_all (x - sg(x + delta))^2, gradient -2 delta / N (no 1/2; cdm.md 4)."""
+    """CDM's form L = mean_all (x - sg(x + delta))^2, gradient -2 delta / N (no 1/2; methods/notes/cdm.md sec. 4)."""
     target = (x.detach().double() + finite_or_zero(delta.double())).to(x.dtype)
     return F.mse_loss(x, target, reduction="mean")
 
@@ -62,7 +62,7 @@ def native_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | 
 def denoising_loss(net, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, cond,
                    weight: torch.Tensor | None = None) -> torch.Tensor:
     """native_mse of `net` (a backbone) at x_t = alpha(t) x0 + sigma(t) eps against the native
-    target of x0: a critic's / fake teacher's denoising loss (DMD Eq. 6, CDM sec. 4.1)."""
+    target of x0: a critic's / fake teacher's denoising loss (DMD Eq. 6, methods/notes/cdm.md sec. 4.1)."""
     x_t = net.schedule.add_noise(x0, eps, t)
     return native_mse(net.native(x_t, t, cond), net.native_target(x_t, t, x0), weight)
 
@@ -79,7 +79,7 @@ def gan_discriminator_loss(fake_logits: torch.Tensor, real_logits: torch.Tensor)
 
 def ppo_loss(logp, logp_old, adv, clip: float) -> torch.Tensor:
     """PPO's clipped surrogate mean max(-A rho, -A clip(rho, 1 - c, 1 + c)), rho = exp(log pi -
-    log pi_old) (RTDMD sec. 5.4, as in Flow-GRPO)."""
+    log pi_old) (methods/notes/rtdmd.md sec. 5.4, as in Flow-GRPO)."""
     ratio = torch.exp(logp - logp_old.detach())
     return torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - clip, 1.0 + clip)).mean()
 

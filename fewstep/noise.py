@@ -31,7 +31,7 @@ def sample_noise(prompt_ids: Sequence[str], seeds: Sequence[int], shape: Sequenc
 
 
 def prompt_seed(prompt: str) -> int:
-    """First 4 bytes of SHA-256 of the prompt text (RTDMD sec. 5.2)."""
+    """First 4 bytes of SHA-256 of the prompt text (methods/notes/rtdmd.md sec. 5.2)."""
     return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big")
 
 

@@ -1,15 +1,15 @@
 """Benchmark prompt sets read from the data folder, each with a content hash.
 
-The papers' claims use fixed prompt sets (claims.md): the HPD v2 benchmark prompts (HPSv2),
+The papers' claims use fixed prompt sets (fewstep/notes/claims.md): the HPD v2 benchmark prompts (HPSv2),
 GenEval's 553 prompts, COCO-2014 val captions (10K / 30K subsets), DrawBench, and the 1000 ImageNet
-classes (SiT). Mixing up subsets silently changes numbers (pitfalls.md 13), so every set is read
+classes (SiT). Mixing up subsets silently changes numbers (fewstep/notes/pitfalls.md item 13), so every set is read
 from its original upstream file under the weights/data cache `$FEWSTEP_WEIGHTS/prompts/<set>/`
-(metrics.md 6; the harness never downloads) and named by a hash that every score can carry
-(metrics.md, top).
+(metrics/notes/metrics.md sec. 6; the harness never downloads) and named by a hash that every score can carry
+(metrics/notes/metrics.md, top).
 
 Cache layout (relative to $FEWSTEP_WEIGHTS):
 * `prompts/hpdv2/{anime,concept-art,paintings,photo}.json`: JSON lists of 800 strings
-  (metrics.md 1.5).
+  (metrics/notes/metrics.md sec. 1.5).
 * `prompts/geneval/evaluation_metadata.jsonl`: read by fewstep.geneval_prompts.read_metadata.
 * `prompts/coco2014/annotations/captions_val2014.json`: the COCO file keeps its own folder name
   (`annotations/`, as the official zip unpacks) under a set folder `coco2014/`.
@@ -37,7 +37,7 @@ Choices (uncertain; recorded here so they can be revisited):
 * COCO subset rule: one caption per image (the annotation with the lowest id), images sorted by id,
   `numpy.random.default_rng(seed).permutation(n_images)`, first n, kept in permutation order (so the
   first 10K of the 30K-s0 set is the 10K-s0 set). This is our rule, not DMD2's exact 10K list
-  (claims.md: "seed 123"); a claim that needs DMD2's list is reported as a hash mismatch by
+  (fewstep/notes/claims.md: "seed 123"); a claim that needs DMD2's list is reported as a hash mismatch by
   check_hash. numpy may change Generator streams across major versions; the hash would show it.
 * `require_official=True` checks the official counts (HPD v2: 800 per style; GenEval: task sizes;
   COCO: 40,504 val images; ImageNet: 1000 classes; DrawBench: 200 prompts); False accepts any
@@ -65,7 +65,7 @@ from fewstep.registry import UnknownNameError
 HASH_RULE = ('sha256 of the UTF-8 lines json.dumps([prompt_id, prompt], ensure_ascii=True, '
              'separators=(",", ":")) + "\\n", in row order')
 
-HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")  # metrics.md 1.5, in this order
+HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")  # metrics/notes/metrics.md sec. 1.5, in this order
 HPDV2_PROMPTS_PER_STYLE = 800
 HPDV2_FILES = tuple(WeightFile(f"prompts/hpdv2/{style}.json",
                                f"Hugging Face dataset zhwang/HPDv2, file benchmark/{style}.json")
@@ -73,7 +73,7 @@ HPDV2_FILES = tuple(WeightFile(f"prompts/hpdv2/{style}.json",
 COCO_FILE = WeightFile("prompts/coco2014/annotations/captions_val2014.json",
                        "COCO 2014 Train/Val annotations (cocodataset.org, annotations_trainval2014"
                        ".zip), file annotations/captions_val2014.json")
-COCO_VAL2014_IMAGES = 40_504  # metrics.md 3.8
+COCO_VAL2014_IMAGES = 40_504  # metrics/notes/metrics.md sec. 3.8
 IMAGENET_FILE = WeightFile("prompts/imagenet/classes.txt",
                            "the 1000 ILSVRC-2012 class names in class-id order, one per line (e.g. "
                            "written from timm: ImageNetInfo().index_to_description(i), i < 1000)")
@@ -162,7 +162,7 @@ def _is_int(value) -> bool:
 # -- the sets -------------------------------------------------------------------------------------
 
 def load_hpdv2(require_official: bool = True) -> PromptSet:
-    """HPD v2 benchmark: 4 styles x 800 prompts, ids '<style>-<index>' (metrics.md 1.5)."""
+    """HPD v2 benchmark: 4 styles x 800 prompts, ids '<style>-<index>' (metrics/notes/metrics.md sec. 1.5)."""
     what = "HPD v2 benchmark prompts ({})"
     for style, wf in zip(HPDV2_STYLES, HPDV2_FILES):  # any missing file before any content error
         require_entry(wf.path, wf.source, what.format(style))
@@ -186,7 +186,7 @@ def load_hpdv2(require_official: bool = True) -> PromptSet:
 
 
 def load_geneval(require_official: bool = True) -> PromptSet:
-    """GenEval's 553 prompts via read_metadata (metrics.md 4.1); rows are the metadata dicts."""
+    """GenEval's 553 prompts via read_metadata (metrics/notes/metrics.md sec. 4.1); rows are the metadata dicts."""
     try:
         rows, sha = read_metadata(require_official=require_official)
     except ValueError as err:  # read_metadata's message names the file and every problem

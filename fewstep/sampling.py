@@ -1,7 +1,7 @@
 """Teacher samplers: n-step DDIM (eps families) / Euler (flow families) with CFG in x0 space.
 
 One loop for both: `Schedule.ddim_step` with theta = 0 is DDIM on the VP schedule and exactly the
-Euler step of the probability-flow ODE on the flow schedule (shared spec README section 3).
+Euler step of the probability-flow ODE on the flow schedule (fewstep/notes/conventions.md sec. 3).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fewstep.schedule import sampling_grid
 
 
 def nfe_of(steps: int, guidance: float) -> int:
-    """Network evaluations: a guided evaluation counts 2 (spec README section 5)."""
+    """Network evaluations: a guided evaluation counts 2 (fewstep/notes/conventions.md sec. 5)."""
     return steps * (1 if guidance == 1.0 else 2)
 
 
@@ -39,9 +39,9 @@ def sample_ode(backbone: Backbone, noise: torch.Tensor, cond: Cond, steps: int,
 def sample_student(generator: Backbone, noise: torch.Tensor, cond: Cond, grid, theta: float,
                    step_noise=None, guidance: float = 1.0) -> torch.Tensor:
     """A few-step generator's sampler: x0_i = G(x_i, t_i, c); x_{i+1} = alpha x0_i + sigma (cos theta
-    eps_hat + sin theta xi_i) at t_{i+1} (spec README section 3); returns the last x0-prediction.
+    eps_hat + sin theta xi_i) at t_{i+1} (fewstep/notes/conventions.md sec. 3); returns the last x0-prediction.
 
-    theta = pi/2 re-noises with fresh noise (DMD2, dmd2.md 5.1), 0 is deterministic (CDM),
+    theta = pi/2 re-noises with fresh noise (DMD2, methods/notes/dmd2.md sec. 5.1), 0 is deterministic (CDM),
     eta pi/2 is RTDMD's CPS. `step_noise(i)` gives xi_i (per-sample seeded in the DAG).
     """
     x = noise

@@ -122,7 +122,7 @@ class FlowSchedule(Schedule):
 
     @staticmethod
     def steps_earlier(t, delta) -> torch.Tensor:
-        """t'' = max(t - delta/1000, 0): delta training timesteps earlier (RTDMD sec. 4.2)."""
+        """t'' = max(t - delta/1000, 0): delta training timesteps earlier (methods/notes/rtdmd.md sec. 4.2)."""
         return (t.double() - delta.double() / 1000.0).clamp(min=0.0).to(t.dtype)
 
     # Native outputs of the flow families. v = eps - x0 (SD3); SiT's u = x0 - eps with its

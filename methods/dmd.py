@@ -5,7 +5,7 @@ the guided teacher against an unguided critic on fresh noise, plus a regression 
 the teacher's deterministic ODE samples y_ref from the same noise (pairs made by a DAG rule with
 the same guidance). The critic fits the generator's samples with the teacher's own denoising loss
 over the full time range (Eq. 6). One critic update per generator update, no EMA, no dropout (spec
-dmd.md). The regression distance is L2 on decoded images (the paper's CIFAR ablation, and the toy
+methods/notes/dmd.md). The regression distance is L2 on decoded images (the paper's CIFAR ablation, and the toy
 world's choice); LPIPS (`dmd.regression = lpips`) would need VGG-LPIPS weights, not supported.
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ class PairSet:
         self.z, self.y, self.index = data["z"], data["y"], data["prompt_index"].long()
         info = json.loads(Path(path).with_suffix(".json").read_text())
         if info.get("guidance") != guidance:
-            # dmd.md 8 item 7: pairs from another omega give a biased anchor
+            # methods/notes/dmd.md sec. 8 item 7: pairs from another omega give a biased anchor
             raise FewstepError(f"teacher pairs {path} were sampled with guidance "
                                f"{info.get('guidance')} but the DM teacher uses {guidance}; "
                                f"regenerate them with `fewstep pairs --guidance {guidance}`")

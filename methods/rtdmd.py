@@ -1,5 +1,5 @@
 """RTDMD: Reward-Tilted Distribution Matching Distillation (arXiv 2605.26108; official code
-Harahan/RTDMD), two stages picked by the `stage` option. Stage 1, AC-DMD (RTDMD sec. 4): a boundary
+Harahan/RTDMD), two stages picked by the `stage` option. Stage 1, AC-DMD (methods/notes/rtdmd.md sec. 4): a boundary
 sample x_s after j ~ U{1..4} CPS steps of the generator is re-noised with the exact kernel x_t =
 a x_s + sigma_ts n (a = alpha(t)/alpha(s), sigma_ts^2 = sigma_t^2 - a^2 sigma_s^2); the critic fits
 the unbiased ambient target eps~ = (sigma_t/sigma_ts) n (v* on flow families, eps~ on SDXL, sec.

@@ -1,7 +1,7 @@
 """Metric results and the Metric base class.
 
 A result carries its value, a bootstrap confidence interval, the sample count, per-sample rows and
-the metric identity (everything that must match for two numbers to be comparable: metrics.md, top).
+the metric identity (everything that must match for two numbers to be comparable: metrics/notes/metrics.md, top).
 """
 from __future__ import annotations
 
@@ -196,7 +196,7 @@ class Metric:
         from metrics.stats import cluster_mean_ci
 
         scores = np.asarray(scores, dtype=np.float64)
-        if len(scores) != len(ss) or not np.isfinite(scores).all():  # pitfalls.md C.12
+        if len(scores) != len(ss) or not np.isfinite(scores).all():  # fewstep/notes/pitfalls.md C.12
             raise RuntimeError(f"scored {len(scores)} images of {len(ss)}, or got NaN/inf")
         ci = cluster_mean_ci(scores, ss.prompt_ids(), n_resamples=self.n_resamples,
                              level=self.level, seed=self.seed)

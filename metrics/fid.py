@@ -1,6 +1,6 @@
 """FID (and KID) through clean-fid: the toy route (toy feature net) and the real route (Inception).
 
-How the toy FID keeps to clean-fid's code path (metrics.md section 3):
+How the toy FID keeps to clean-fid's code path (metrics/notes/metrics.md sec. 3):
 * Images are read and featurised by clean-fid itself: `cleanfid.fid.get_files_features`, i.e. its
   ResizeDataset (PIL -> RGB uint8 -> resizer -> float tensor in [0, 255]) and its batch loop that
   calls the custom extractor under no_grad on the device. This is what `compute_fid` runs inside;
@@ -12,21 +12,21 @@ How the toy FID keeps to clean-fid's code path (metrics.md section 3):
   re-quantisation) with the output size set to the extractor's input size instead of 299. For
   samples at the extractor's resolution this resize is the identity. The identity records
   mode "clean" and this resize policy.
-* The file list is the manifest's, never a glob, so stray files cannot enter (pitfalls.md A.7).
+* The file list is the manifest's, never a glob, so stray files cannot enter (fewstep/notes/pitfalls.md A.7).
 * The Frechet distance is ours (same formula; matrix square root by symmetric eigendecomposition),
   so it does not depend on `scipy.linalg.sqrtm`'s signature (`disp=` was removed in SciPy 1.18).
 * KID uses clean-fid's `kernel_distance`, with NumPy's global RNG seeded and then restored.
 * Reference statistics are built once from renders of the prompt set and cached in a file keyed by
   (reference set, resolution, extractor hash, resize policy); never in the package folder.
 
-The real route (`FID`, metrics.md 3.1-3.8) shares that machinery with clean-fid's own Inception:
+The real route (`FID`, metrics/notes/metrics.md sec. 3.1-3.8) shares that machinery with clean-fid's own Inception:
 * Mode "clean" by default (clean-fid's PIL bicubic float resizer to 299 and the TorchScript
   Inception); "legacy_tensorflow" and "legacy_pytorch" are named options; the mode is recorded.
 * The Inception file is the one clean-fid would download (its name is read from the installed
   package) and comes from the weights cache, `$FEWSTEP_WEIGHTS/cleanfid/`: clean-fid's wrapper
   is built on that folder with download disabled (legacy_pytorch: its state-dict fetch is served
   the local file), so nothing is fetched and the hard-coded /tmp cache is never used.
-* Protocol (metrics.md 3.8): samples and reference images are brought to the evaluation
+* Protocol (metrics/notes/metrics.md sec. 3.8): samples and reference images are brought to the evaluation
   resolution by the crop policy (centre square crop + Lanczos as DMD/DMD2 do; or patch crops)
   before clean-fid's resizer. Reference features are built once per (reference folder listing,
   resolution, crop policy, mode, Inception sha256) and cached like the toy references.
@@ -300,7 +300,7 @@ class ToyFID(Metric):
     cache_dir: str | Path | None = None
     device: str = "cpu"
     batch_size: int = 64
-    min_n: int = 1000                       # fewer samples: marked not comparable (pitfalls B.8)
+    min_n: int = 1000                       # fewer samples: marked not comparable (fewstep/notes/pitfalls.md B.8)
 
     def __post_init__(self):
         self.extractor = _load_extractor(self.feature_net, self.cache_dir)
@@ -404,7 +404,7 @@ def _check_prompts(ss: SampleSet, ref: ReferenceStats, split: str) -> None:
 
 
 # =================================================================================================
-# Real FID/KID: clean-fid's Inception, weights from the weights cache (metrics.md section 3)
+# Real FID/KID: clean-fid's Inception, weights from the weights cache (metrics/notes/metrics.md sec. 3)
 # =================================================================================================
 
 INCEPTION_MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
@@ -518,7 +518,7 @@ def _centre_crop(image: Image.Image, height: int, width: int) -> Image.Image:
 
 def protocol_transform(resolution: int, crop: str):
     """uint8 HxWx3 -> uint8 HxWx3: the protocol's crop and resize, applied to samples and
-    references alike before clean-fid's own resizer (DMD/DMD2 COCO protocols, metrics.md 3.8)."""
+    references alike before clean-fid's own resizer (DMD/DMD2 COCO protocols, metrics/notes/metrics.md sec. 3.8)."""
     check_mode_and_crop(MODE, crop)
 
     def apply(arr: np.ndarray) -> np.ndarray:
@@ -555,7 +555,7 @@ def reference_folder(reference: str) -> Path:
 
 
 def list_reference_images(folder: Path) -> list[Path]:
-    """The folder's images, sorted; a subfolder or another file stops it (pitfalls.md A.7)."""
+    """The folder's images, sorted; a subfolder or another file stops it (fewstep/notes/pitfalls.md A.7)."""
     if not folder.is_dir():
         from fewstep.backbones.weights import MissingWeightsError
         raise MissingWeightsError(
@@ -649,8 +649,8 @@ class FID(Metric):
     mode: str = "clean"
     cache_dir: str | Path | None = None
     device: str | None = None           # None: CUDA when available
-    batch_size: int = 64                # fixed and recorded (pitfalls.md A.2)
-    min_n: int = 10_000                 # fewer samples: marked not comparable (pitfalls.md B.8)
+    batch_size: int = 64                # fixed and recorded (fewstep/notes/pitfalls.md A.2)
+    min_n: int = 10_000                 # fewer samples: marked not comparable (fewstep/notes/pitfalls.md B.8)
     _extractor: InceptionExtractor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):

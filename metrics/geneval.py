@@ -1,4 +1,4 @@
-"""GenEval scoring rules (djghosh13/geneval, metrics.md section 4) applied to detections.
+"""GenEval scoring rules (djghosh13/geneval, metrics/notes/metrics.md sec. 4) applied to detections.
 
 The rules are detector-independent: a `Detector` returns detections (class, box, score, mask) and a
 `ColourClassifier` names each detected object's colour. The toy world plugs in its exact detector,
@@ -244,7 +244,7 @@ class ToyGenEval(Metric):
     def score_set(self, ss: SampleSet, allow_blank: bool) -> MetricResult:
         check_geneval_set(ss, self.require_all_tasks)
         rows = self.judge(ss)
-        if len(rows) != len(ss):  # count check after scoring (pitfalls.md C.12)
+        if len(rows) != len(ss):  # count check after scoring (fewstep/notes/pitfalls.md C.12)
             raise RuntimeError(f"scored {len(rows)} images of {len(ss)}")
         tags = np.array([r["tag"] for r in rows])
         correct = np.array([r["score"] for r in rows])

@@ -1,4 +1,4 @@
-"""GenEval route B, "geneval-hf-m2f" (metrics.md 4.8 B): an APPROXIMATION of GenEval.
+"""GenEval route B, "geneval-hf-m2f" (metrics/notes/metrics.md sec. 4.8 B): an APPROXIMATION of GenEval.
 
 Never compare its numbers with published GenEval numbers, nor mix them with route A (the exact
 legacy mmdet environment, see metrics/geneval_official.py) in one table; compare the two routes on
@@ -10,7 +10,7 @@ of `facebook/mask2former-swin-small-coco-instance` (the official Detectron2-trai
 instance model, not mmdet's checkpoint), read from the weights cache folder
 `$FEWSTEP_WEIGHTS/hf/facebook--mask2former-swin-small-coco-instance/` (a local
 `from_pretrained` folder: config.json + model.safetensors). fp32.
-* Preprocessing as mmdet's test pipeline (metrics.md 4.8): bilinear resize of the uint8 image so
+* Preprocessing as mmdet's test pipeline (metrics/notes/metrics.md sec. 4.8): bilinear resize of the uint8 image so
   the shorter side is 800 and the longer at most 1333 (mmcv's keep-ratio rescale: one scale
   factor, sizes rounded half up; mmcv resizes the uint8 image with cv2, so the resized values are
   rounded to integers here too; cv2's fixed-point weights may still differ by one grey level),
@@ -25,7 +25,7 @@ instance model, not mmdet's checkpoint), read from the weights cache folder
 * Label ids 0..79 are GenEval classes by position (COCO order, `GENEVAL_CLASSES`); the config's
   own label names are not used, and names that differ from COCO's are reported in the identity.
 
-Colour classifier (`CLIPColourClassifier`, metrics.md 4.4): open_clip `ViT-L-14-quickgelu` with
+Colour classifier (`CLIPColourClassifier`, metrics/notes/metrics.md sec. 4.4): open_clip `ViT-L-14-quickgelu` with
 OpenAI's weights, loaded by metrics/clip_score.py's loader from its cache entry; zero-shot over
 the 10 colours with the three GenEval templates (class embedding = mean of the unit template
 embeddings, renormalised; logits = 100 cos; argmax). The crop pastes the masked object onto a
@@ -56,7 +56,7 @@ ROUTE = "geneval-hf-m2f"
 APPROXIMATE = ("approximate: transformers Mask2Former (Detectron2-trained weights), not the "
                "official mmdet route; never compare with published GenEval numbers")
 
-# COCO's 80 thing classes in COCO order, with GenEval's spellings (metrics.md 4.1): COCO's
+# COCO's 80 thing classes in COCO order, with GenEval's spellings (metrics/notes/metrics.md sec. 4.1): COCO's
 # "mouse", "remote" and "keyboard" are "computer mouse", "tv remote", "computer keyboard".
 GENEVAL_CLASSES = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
@@ -92,7 +92,7 @@ TOP_K = 100                 # test_cfg.max_per_image
 MASK_THRESHOLD = 0.5        # on the mask probability (= logit > 0)
 MASK_SCORE_EPS = 1e-6       # mmdet's guard in the mean mask probability
 
-# colour classification (metrics.md 4.4)
+# colour classification (metrics/notes/metrics.md sec. 4.4)
 COLOUR_TEMPLATES = ("a photo of a {colour} {object}", "a photo of a {colour}-colored {object}",
                     "a photo of a {colour} object")
 GREY = (0x99, 0x99, 0x99)   # GenEval's bgcolor "#999"
@@ -320,7 +320,7 @@ def crop_box(box, height: int, width: int) -> tuple[int, int, int, int]:
 
 
 def grey_canvas_crop(image: np.ndarray, mask, box, grey=GREY) -> np.ndarray:
-    """metrics.md 4.4: the masked object pasted onto a uniform grey canvas of the image size, cut
+    """metrics/notes/metrics.md sec. 4.4: the masked object pasted onto a uniform grey canvas of the image size, cut
     out at its box. Without a mask (a detector that has none) GenEval keeps the whole image."""
     if mask is None:
         canvas = image.copy()
@@ -347,7 +347,7 @@ def colour_class_embeddings(encode_text, object_class: str, colours=COLOURS,
 
 def require_quickgelu_config(model_name: str) -> None:
     """Refuse an open_clip architecture built with plain GELU: OpenAI's weights need QuickGELU
-    (the QuickGELU trap, metrics.md 4.4: open_clip 3.x only warns)."""
+    (the QuickGELU trap, metrics/notes/metrics.md sec. 4.4: open_clip 3.x only warns)."""
     import open_clip
 
     cfg = open_clip.get_model_config(model_name)
@@ -357,7 +357,7 @@ def require_quickgelu_config(model_name: str) -> None:
     if not cfg.get("quick_gelu", False):
         raise ValueError(f"GenEval's colour classifier is OpenAI CLIP, which uses QuickGELU, but "
                          f"open_clip builds {model_name!r} with plain GELU (the QuickGELU trap, "
-                         "metrics.md 4.4); use ViT-L-14-quickgelu")
+                         "metrics/notes/metrics.md sec. 4.4); use ViT-L-14-quickgelu")
 
 
 def uses_plain_gelu(model: torch.nn.Module) -> bool:
@@ -374,7 +374,7 @@ class CLIPColourClassifier:
         self.clip: LoadedCLIP = load_clip(self.variant, device or default_device())
         if uses_plain_gelu(self.clip.model):
             raise ValueError(f"{self.variant.model_name} was built with plain GELU; GenEval's "
-                             "colour classifier needs QuickGELU (metrics.md 4.4)")
+                             "colour classifier needs QuickGELU (metrics/notes/metrics.md sec. 4.4)")
         self.precision = precision
         self.name = f"clip-{self.variant.model_name}-{self.variant.pretrained}"
         self._classes: dict[str, torch.Tensor] = {}

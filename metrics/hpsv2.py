@@ -1,6 +1,6 @@
-"""HPSv2 (Human Preference Score v2.0 / v2.1), metrics.md section 1, by the open_clip route.
+"""HPSv2 (Human Preference Score v2.0 / v2.1), metrics/notes/metrics.md sec. 1, by the open_clip route.
 
-Model (metrics.md 1.2): open_clip's ViT-H-14 with plain GELU, built by open_clip 3.x and loaded
+Model (metrics/notes/metrics.md sec. 1.2): open_clip's ViT-H-14 with plain GELU, built by open_clip 3.x and loaded
 strictly from the HPS checkpoint (`HPS_v2_compressed.pt` for v2.0, `HPS_v2.1_compressed.pt` for
 v2.1; the state dict sits under a "state_dict" key). Both towers are fine-tuned, so the LAION
 ViT-H-14 weights are never needed. The files come from the weights cache only:
@@ -17,14 +17,14 @@ model's logit scale plays no role. Tables report 100 x the mean cosine (e.g. 27.
 rows hold both the raw cosine and the x100 score. v2.0 and v2.1 are separate metrics ("hpsv2.0",
 "hpsv2.1"): their scales differ and must never be mixed (README of tgxs002/HPSv2).
 
-Preprocessing (metrics.md 1.3, the reference "val" transform with letterboxing): RGB (alpha
+Preprocessing (metrics/notes/metrics.md sec. 1.3, the reference "val" transform with letterboxing): RGB (alpha
 dropped), float in [0, 1], bicubic resize of the float tensor so the longer side is 224
 (antialias is a named option, on by default as current torchvision does), black zero padding to
 224 x 224 with floor(pad / 2) on the left and top, CLIP mean/std. No centre crop. The reference
 pads only when it resizes; an image whose longer side already is 224 but is not square is padded
 here too, since the model needs a square input.
 
-Precision (metrics.md 1.2): fp16 autocast on CUDA is the reference (it causes ties, as the HPSv2
+Precision (metrics/notes/metrics.md sec. 1.2): fp16 autocast on CUDA is the reference (it causes ties, as the HPSv2
 maintainers report) and the default; "fp32" is a separate identity. On the CPU autocast fp16 is
 not available, so the computation is fp32 and the identity says so. The cosine is taken as a
 batched matmul inside the precision context so that under autocast it is rounded to fp16 like the
@@ -55,7 +55,7 @@ from metrics.sampleset import SampleSet
 ARCHITECTURE = "ViT-H-14"
 INPUT_SIZE = 224
 CONTEXT_LENGTH = 77
-# OpenAI CLIP's normalisation constants, which the HPS transform uses (metrics.md 1.3 step 5)
+# OpenAI CLIP's normalisation constants, which the HPS transform uses (metrics/notes/metrics.md sec. 1.3 step 5)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PRECISIONS = ("fp16-autocast", "fp32")
@@ -82,7 +82,7 @@ def checkpoint_entry(hps_version: str) -> WeightFile:
 
 def image_to_tensor01(image: Image.Image) -> torch.Tensor:
     """A PIL image as float (3, H, W) in [0, 1]; alpha is dropped (the reference would keep RGBA
-    as 4 channels, which breaks the model, metrics.md 1.3 step 1)."""
+    as 4 channels, which breaks the model, metrics/notes/metrics.md sec. 1.3 step 1)."""
     arr = np.asarray(image.convert("RGB"))
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
 
@@ -119,7 +119,7 @@ def normalise(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def hps_pixels(images01: torch.Tensor, antialias: bool = True) -> torch.Tensor:
-    """The model input of a batch of float images in [0, 1] (metrics.md 1.3 steps 3-5)."""
+    """The model input of a batch of float images in [0, 1] (metrics/notes/metrics.md sec. 1.3 steps 3-5)."""
     if images01.ndim != 4 or images01.shape[1] != 3:
         raise ValueError(f"HPS preprocessing needs images (B, 3, H, W) in [0, 1]; got shape "
                          f"{tuple(images01.shape)}")
@@ -319,7 +319,7 @@ class HPSv2(PerImageMetric):
     """Mean HPS (x100) of a sample set against its prompts, with a bootstrap CI over prompts.
 
     hps_version "v2.1" (default) or "v2.0" (use HPSv20); precision "fp16-autocast" (reference,
-    fp32 on the CPU) or "fp32"; antialias: the resize option of metrics.md 1.3. checkpoint and
+    fp32 on the CPU) or "fp32"; antialias: the resize option of metrics/notes/metrics.md sec. 1.3. checkpoint and
     model_config replace the cache file and ViT-H-14 (tests use a tiny config of the same classes).
     """
     name = "hpsv2.1"

@@ -1,5 +1,5 @@
 """Load the installed `image-reward` 1.5 package on today's transformers and timm, without
-vendoring it (metrics.md 2.3-2.4).
+vendoring it (metrics/notes/metrics.md sec. 2.3-2.4).
 
 The package is installed without its dependencies (it pins timm 0.6.13). Importing it normally
 runs its `__init__`, which pulls OpenAI `clip` and the ReFL trainer, and its BLIP-BERT copy was
@@ -7,7 +7,7 @@ written for transformers 4.15. `import_image_reward()` therefore:
 
 1. registers placeholder modules for `ImageReward` and `ImageReward.models` whose search paths
    point at the installed folders, so their `__init__` files never run, and imports only the
-   scorer module and the BLIP submodules (metrics.md 2.4 step 2);
+   scorer module and the BLIP submodules (metrics/notes/metrics.md sec. 2.4 step 2);
 2. makes three helpers importable from `transformers.modeling_utils` again: the two that moved to
    `transformers.pytorch_utils` are aliased, the removed pruning helper becomes a stand-in that
    raises (scoring never prunes) (step 3);
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 PACKAGE = "ImageReward"
-MAX_TEXT_TOKENS = 35  # the package's tokenizer call: padding to and truncation at 35 (metrics.md 2.1)
+MAX_TEXT_TOKENS = 35  # the package's tokenizer call: padding to and truncation at 35 (metrics/notes/metrics.md sec. 2.1)
 
 
 class ImageRewardPackageMissing(ImportError):
@@ -148,7 +148,7 @@ def import_image_reward():
 
 def local_tokenizer(folder: Path):
     """BLIP's tokenizer (bert-base-uncased + [DEC] bos + [ENC]) from a local folder; the [ENC] id is
-    looked up by name (transformers 5 dropped `additional_special_tokens_ids`, metrics.md 2.4 step
+    looked up by name (transformers 5 dropped `additional_special_tokens_ids`, metrics/notes/metrics.md sec. 2.4 step
     4)."""
     from transformers import BertTokenizer
 
@@ -192,7 +192,7 @@ def build_image_reward(med_config: Path, tokenizer_folder: Path, device="cpu",
 
 
 def check_key_report(missing, unexpected, checkpoint) -> None:
-    """metrics.md 2.2: no unexpected keys, and only `position_ids` buffers missing."""
+    """metrics/notes/metrics.md sec. 2.2: no unexpected keys, and only `position_ids` buffers missing."""
     bad_missing = [k for k in missing if not k.endswith("position_ids")]
     if unexpected or bad_missing:
         raise ValueError(f"{checkpoint} does not match the ImageReward model (BLIP ViT-L/16 + "

@@ -4,7 +4,7 @@ r(x, c) = mean_j log sigmoid(presence logit of object j of the prompt)   (what t
         + log p(count = the prompt's object count)                          (how many)
         + log p(degradation = clean)                                        (image quality)
 from a toy feature network trained with a different seed than the one behind the toy FID, so the
-reward and the FID features share no weights (pitfalls.md: a training reward that is also the
+reward and the FID features share no weights (fewstep/notes/pitfalls.md F.24: a training reward that is also the
 metric leaks; GenEval is scored by the exact detector, never by this network). Position relations
 are not rewarded. Values are <= 0; higher is better. Gradients flow to the images.
 """

@@ -1,4 +1,4 @@
-"""AMD (reconstructed): the checks of spec amd.md section 10, and the reduction to DMD2.
+"""AMD (reconstructed): the checks of methods/notes/amd.md sec. 10, and the reduction to DMD2.
 
 Tiny random SiT teachers at 8x8 pixels (non-zero output heads) with the toy world's classes; the
 critic is perturbed so that teacher and critic disagree and every direction is non-trivial.
@@ -156,7 +156,7 @@ def test_decomposition_identity():
 
 
 def test_weights_multiply_the_components_not_the_whole_vector():
-    """amd.md 8.1: beta scales the DM term, alpha the CA term."""
+    """methods/notes/amd.md sec. 8 item 1: beta scales the DM term, alpha the CA term."""
     pc, pf, pg = torch.zeros(1, 1, 1, 1), -torch.ones(1, 1, 1, 1), 3 * torch.ones(1, 1, 1, 1)
     h = amd.dsa_direction(pg, pc, pf, torch.tensor([0.5]), torch.tensor([2.0]))
     assert float(h) == 2.0 * (0 - (-1)) + 0.5 * (3 - 0)
@@ -223,7 +223,7 @@ def test_direction_and_range(squash):
 
 
 def test_two_sample_groups_hit_the_extremes():
-    """amd.md 3.3: with K = 2, |a| = sigma_g / (sigma_g + eps), a sign up to eps / sigma_g, so
+    """methods/notes/amd.md sec. 3.3: with K = 2, |a| = sigma_g / (sigma_g + eps), a sign up to eps / sigma_g, so
     alpha, beta sit at 1 +- s whatever the reward gap (once it is large against eps)."""
     adv = amd.advantages(torch.tensor([0.0, 1.0, 5.0, 5.1]), torch.tensor([0, 0, 1, 1]))
     alpha, beta = amd.coefficients(adv, 0.1)

@@ -1,4 +1,4 @@
-"""CDM (methods/cdm.py) against the checks of /work/shared/spec/cdm.md section 10, on tiny toy
+"""CDM (methods/cdm.py) against the checks of methods/notes/cdm.md sec. 10, on tiny toy
 teachers (random weights: the identities hold for any network)."""
 import torch
 import pytest
@@ -261,7 +261,7 @@ def test_normaliser_floor_and_gradient():
     assert grad[0, 0, 0, 0] == 0 and torch.isfinite(grad).all()
 
 
-# -- update schedule, options, and the engine loop (cdm.md 5, 6.2) ---------------------------------
+# -- update schedule, options, and the engine loop (methods/notes/cdm.md sec. 5, 6.2) ---------------------------------
 def test_plan_options_and_errors(sit):
     method = make(sit)
     assert [method.plan(s) for s in range(4)] == [["critic"], ["critic", "generator"]] * 2

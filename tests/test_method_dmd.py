@@ -1,4 +1,4 @@
-"""DMD and DMD2 fidelity: the "Checks a faithful implementation passes" of spec dmd.md and dmd2.md."""
+"""DMD and DMD2 fidelity: the "Checks a faithful implementation passes" of methods/notes/dmd.md and methods/notes/dmd2.md."""
 import math
 
 import pytest
@@ -36,7 +36,7 @@ def grads(module):
     return {n: (p.grad.clone() if p.grad is not None else None) for n, p in module.named_parameters()}
 
 
-# dmd.md 10.1 / dmd2.md 10.1
+# methods/notes/dmd.md sec. 10 item 1 / methods/notes/dmd2.md sec. 10 item 1
 @pytest.mark.parametrize("family", ["sdxl", "sd3", "sit"])
 def test_zero_dm_gradient_at_equilibrium(built, family):
     m = method(built[family], "dmd", generator_grid=[1.0])
@@ -47,7 +47,7 @@ def test_zero_dm_gradient_at_equilibrium(built, family):
     assert torch.count_nonzero(x.grad) == 0
 
 
-# dmd.md 10.2
+# methods/notes/dmd.md sec. 10 item 2
 def test_surrogate_gradient_is_g_over_n():
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     g = torch.randn(2, 3, 4, 4, dtype=torch.float64)
@@ -55,7 +55,7 @@ def test_surrogate_gradient_is_g_over_n():
     assert torch.allclose(x.grad, g / x.numel(), atol=1e-15)
 
 
-# dmd.md 10.3
+# methods/notes/dmd.md sec. 10 item 3
 def test_normaliser_is_per_sample():
     x, p_t, p_f = (torch.randn(2, 3, 4, 4, dtype=torch.float64) for _ in range(3))
     both = losses.dm_gradient(x, p_t, p_f)
@@ -74,7 +74,7 @@ def test_nonfinite_entries_are_zeroed():
     assert torch.count_nonzero(g) == 0
 
 
-# dmd.md 10.4 / dmd2.md 10.8: guidance in x0 space equals native-space guidance (eps, v, SiT u)
+# methods/notes/dmd.md sec. 10 item 4 / methods/notes/dmd2.md sec. 10 item 8: guidance in x0 space equals native-space guidance (eps, v, SiT u)
 @pytest.mark.parametrize("family", ["sdxl", "sd3", "sit"])
 def test_x0_guidance_equals_native_guidance(built, family):
     bb = built[family]
@@ -88,7 +88,7 @@ def test_x0_guidance_equals_native_guidance(built, family):
     assert torch.allclose(ours.double(), native, atol=1e-4)
 
 
-# dmd.md 10.5
+# methods/notes/dmd.md sec. 10 item 5
 def test_generator_step_changes_only_generator_and_critic_step_only_critic(built, tmp_path):
     m = method(built["sit"], "dmd", teacher_guidance=2.0, lr=1e-3)
     trainer = Trainer(m, tmp_path)
@@ -107,7 +107,7 @@ def test_generator_step_changes_only_generator_and_critic_step_only_critic(built
     assert all(torch.equal(v, m.teacher.state_dict()[k]) for k, v in teacher_before.items())
 
 
-# dmd.md 10.6
+# methods/notes/dmd.md sec. 10 item 6
 def test_sdxl_timestep_ranges(built):
     m = method(built["sdxl"], "dmd")
     sched = m.teacher.schedule
@@ -117,7 +117,7 @@ def test_sdxl_timestep_ranges(built):
     assert set(k_critic.tolist()) == set(range(1000))
 
 
-# dmd.md 10.7
+# methods/notes/dmd.md sec. 10 item 7
 def test_regression_is_zero_when_generator_reproduces_pairs(built, tmp_path):
     from safetensors.torch import save_file
 
@@ -140,7 +140,7 @@ def test_regression_is_zero_when_generator_reproduces_pairs(built, tmp_path):
     assert float(m.regression(y_ref + 0.5, y_ref)) > 0.0
 
 
-# dmd.md 10.8 / dmd2.md 10.3
+# methods/notes/dmd.md sec. 10 item 8 / methods/notes/dmd2.md sec. 10 item 3
 @pytest.mark.parametrize("family", ["sdxl", "sit"])
 def test_dmd_without_regression_equals_dmd2_without_gan_at_ratio_one(built, family):
     common = dict(teacher_guidance=2.0, generator_grid=[1.0])
@@ -160,7 +160,7 @@ def test_dmd_without_regression_equals_dmd2_without_gan_at_ratio_one(built, fami
             assert torch.equal(a, b)
 
 
-# dmd2.md 10.4
+# methods/notes/dmd2.md sec. 10 item 4
 def test_backward_simulation(built):
     m = method(built["sd3"], "dmd2", generator_grid=[1.0, 0.75, 0.5, 0.25])
     m.ctx.step = 0
@@ -188,7 +188,7 @@ def test_backward_simulation(built):
         assert torch.equal(m.ctx.randint(0, 3, 1, "stop", shared=True), other.randint(0, 3, 1, "stop", shared=True))
 
 
-# dmd2.md 10.5
+# methods/notes/dmd2.md sec. 10 item 5
 def test_discriminator_loss_trains_head_and_critic_not_generator(built):
     m = method(built["sit"], "dmd2", generator_grid=[1.0], backsim=False, teacher_guidance=2.0)
     m.ctx.step = 0
@@ -213,7 +213,7 @@ def test_engine_applies_gan_generator_loss_to_generator_only(built, tmp_path):
     assert all(p.grad is None for p in trainer.params["critic"])
 
 
-# dmd2.md 10.6
+# methods/notes/dmd2.md sec. 10 item 6
 def test_sdxl_four_step_sampler_visits_dmd2_timesteps(built):
     m = method(built["sdxl"], "dmd2", generator_grid=[1.0, 0.75, 0.5, 0.25])
     spec = student_spec(m)
@@ -241,7 +241,7 @@ def test_one_step_sdxl_conditioning_timestep_is_399(built):
     assert m.teacher.schedule.k_of_t(torch.tensor(student_spec(m).grid)).tolist() == [399]
 
 
-# dmd2.md 10.7
+# methods/notes/dmd2.md sec. 10 item 7
 @pytest.mark.parametrize("size,n_down", [(32, 3), (8, 1)])
 def test_discriminator_head_shapes(size, n_down):
     head = DiscriminatorHead(1280, size)

@@ -1,4 +1,4 @@
-"""RTDMD (methods/rtdmd.py): the checks of spec rtdmd.md section 10, the general-schedule
+"""RTDMD (methods/rtdmd.py): the checks of methods/notes/rtdmd.md sec. 10, the general-schedule
 reductions, and short in-process runs of both stages on tiny toy teachers."""
 import math
 
@@ -97,7 +97,7 @@ def test_ambient_target_at_s0_is_eps_minus_x0(toy):
     target = sd3.native_target(x_t, t, R.ambient_x0(x_t, R.ambient_eps(eps, sigma_t, sigma_ts),
                                                      alpha_t, sigma_t))
     torch.testing.assert_close(target, eps - x0, atol=1e-5, rtol=1e-5)
-    # SDXL at s = 0: eps~ = n and weight 1, i.e. DMD2's eps-MSE (rtdmd.md 6.2)
+    # SDXL at s = 0: eps~ = n and weight 1, i.e. DMD2's eps-MSE (methods/notes/rtdmd.md sec. 6.2)
     k = torch.tensor([20, 300, 700, 980])
     t_vp = VP.t_of_k(k).float()
     _, sts, _, st = VP.kernel(torch.zeros(4), t_vp)

@@ -5,7 +5,7 @@ through its own scoring function `hpsv2.img_score.score`, which builds its bundl
 fork's model and "val" transform (`create_model_and_transforms(..., light_augmentation=True)`,
 i.e. the letterboxing ResizeMaxSize), loads the checkpoint strictly from `{"state_dict": ...}`,
 tokenises with the fork's tokenizer and returns image_features @ text_features.T. The package
-cannot be imported as shipped (metrics.md 1.4); tests/hpsv2_reference.py adapts it at import time
+cannot be imported as shipped (metrics/notes/metrics.md sec. 1.4); tests/hpsv2_reference.py adapts it at import time
 without copying any of it (placeholder package modules, stubbed clint/turtle, the missing BPE file
 served from open_clip's, token ids compared separately below) and redirects the model factory call
 inside `score` from ViT-H-14 + LAION weights (a 3.94 GB download) to the tiny config with no

@@ -12,7 +12,7 @@ SDXL_SCHED = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled
 
 def test_vp_endpoints_match_sdxl_spec():
     s = DiscreteVPSchedule.from_scheduler_config(SDXL_SCHED)
-    # shared spec README section 4: abar_0 = 0.99915, abar_999 ~ 0.00466
+    # fewstep/notes/conventions.md sec. 4: abar_0 = 0.99915, abar_999 ~ 0.00466
     assert s.alphas_cumprod[0].item() == pytest.approx(0.99915, abs=1e-6)
     assert s.alphas_cumprod[-1].item() == pytest.approx(0.00466, abs=2e-5)
     assert s.k_of_t(torch.tensor(1.0)).item() == 999

@@ -1,4 +1,4 @@
-"""The toy metrics respond the right way on real data (metrics issue, "done when"): ground-truth
+"""The toy metrics respond the right way on real data: ground-truth
 renders of the held-out prompts score better than each shipped teacher's one-step samples (NFE 1)
 on every toy metric, on the same prompts and seeds, with the DAG's scorer settings."""
 import argparse

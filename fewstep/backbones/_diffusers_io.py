@@ -70,7 +70,7 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """x0 conversions return float32 at least, even for a bf16 x_t (spec README section 3)."""
+    """x0 conversions return float32 at least, even for a bf16 x_t (fewstep/notes/conventions.md sec. 3)."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 

@@ -1,6 +1,6 @@
 """SD3 family: MMDiT (SD3Transformer2DModel) on the rectified-flow schedule, three text encoders.
 
-Mapping onto the shared time convention (shared spec README sections 3-4): t is the flow σ,
+Mapping onto the shared time convention (fewstep/notes/conventions.md secs. 3-4): t is the flow σ,
 α = 1 − t, σ = t; the network's timestep input is 1000·t and it predicts v = ε − x0, so
 x0 = x_t − t·v̂ (float64). The timestep shift (3.0 for SD3-medium) belongs to samplers and
 time grids, never to α/σ; it is read from the scheduler config into `self.shift` for them.

@@ -1,6 +1,6 @@
 """SDXL family: ε-prediction UNet on the discrete DDPM schedule, two CLIP text encoders.
 
-Mapping onto the shared time convention (shared spec README sections 3-4): native time is the
+Mapping onto the shared time convention (fewstep/notes/conventions.md secs. 3-4): native time is the
 integer k = round(999 t); α = √ᾱ_k, σ = √(1 − ᾱ_k) with ᾱ from the checkpoint's scheduler config;
 x0 = (x_t − σ ε̂)/α in float64 (as DMD2 does, tianweiy/DMD2 main/utils.py). The null condition is
 all-zero prompt and pooled embeddings with the same time ids (DMD2 and the diffusers SDXL pipeline
@@ -36,7 +36,7 @@ class SDXLBackbone(DiffusersBackbone):
          Part("tokenizer_2", "transformers", "CLIPTokenizer", "tokenizer")),
     )
     # DMD2's LoRA list (attention, projections, feed-forward, convolutions, down/up-samplers,
-    # time embedding; dmd2.md section 2)
+    # time embedding; methods/notes/dmd2.md sec. 2)
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
                     "ff.net.2", "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv",
                     "upsamplers.0.conv", "time_emb_proj")

@@ -7,10 +7,10 @@ transport/transport.py, Transport.sample/training_losses):
   so t_SiT = 1 is data. The regression target is d x / d t_SiT = x1 - x0, i.e. u = data - eps.
   With our t = 1 - t_SiT (t = 1 is noise): x_t = (1 - t) x0 + t eps, and the network predicts
   u = x0 - eps. Then x_t + t u = (1 - t) x0 + t eps + t x0 - t eps = x0, hence
-      x0 = x_t + t u      (FlowSchedule.x0_from_sit_u; shared spec README section 4).
+      x0 = x_t + t u      (FlowSchedule.x0_from_sit_u; fewstep/notes/conventions.md sec. 4).
   The network's time input is t_SiT itself, unscaled (the ODE/SDE samplers pass it as is).
 
-Guidance: applied in x0 space on all channels (exact, spec README section 5). The option
+Guidance: applied in x0 space on all channels (exact, fewstep/notes/conventions.md sec. 5). The option
 `sit_cfg_first3_channels` reproduces upstream forward_with_cfg, which guides output channels 0-2
 only and keeps the conditional prediction elsewhere (discussed on the facebookresearch/DiT tracker).
 """

@@ -1,7 +1,7 @@
 """fewstep profile install|show NAME: make `snakemake --profile NAME` find the repository's profile.
 
 Snakemake looks for `--profile NAME` in the working directory, ~/.config/snakemake/ and
-/etc/xdg/snakemake/, not in ./profiles/ (spec infra.md). `install` links
+/etc/xdg/snakemake/, not in ./profiles/ (fewstep/notes/infra.md). `install` links
 <config dir>/snakemake/NAME to profiles/NAME of this checkout, so the profile stays versioned here;
 with `--partition` / `--account` it writes a generated copy instead, with the cluster's partition
 and account as default resources (rerun it to update; a hand-made profile needs --force).

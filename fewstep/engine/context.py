@@ -3,7 +3,7 @@
 Randomness is derived from (seed, iteration, stream name) and, for rank-local draws, the rank, so
 a resumed run draws exactly what the uninterrupted run drew, without saving data-loader state,
 and draws that must agree across ranks (stop index, schedule length, shared t) come from the
-`shared` generators, which are identical on every rank by construction (spec README section 6).
+`shared` generators, which are identical on every rank by construction (fewstep/notes/conventions.md sec. 6).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Distribution-matching building blocks shared by DMD, DMD2 and AMD.
 
 One generator G_theta (teacher copy) and one critic D_F (teacher copy, the "fake score"), the
-DM gradient of shared spec README section 6 (DMD Eq. 7-8, Algorithm 2) and the critic's denoising
+DM gradient of fewstep/notes/conventions.md sec. 6 (DMD Eq. 7-8, Algorithm 2) and the critic's denoising
 loss on the native target. Times follow each family: SDXL draws integers k on the DMD2 grid
 (k in {20..980} for DM, {0..999} for the critic), flow families draw continuous t.
 """
@@ -64,7 +64,7 @@ class DistributionMatching(Method):
             return self.generator.x0(x_in, t, cond)
 
     def rollout_input(self, z, cond, stop: int, stream: str):
-        """DMD2 backward simulation (dmd2.md 5.2): rollout from independent noise z' to stop-1, then
+        """DMD2 backward simulation (methods/notes/dmd2.md sec. 5.2): rollout from independent noise z' to stop-1, then
         x_stop = F_{t_stop}(x0_{stop-1}, z) re-noised with the batch noise z."""
         z_prime = self.ctx.randn_like(z, f"{stream}/z_prime")
         x = self.rollout(z_prime, cond, self.grid, stop - 1, theta=RENOISE, stream=stream)

@@ -1,6 +1,6 @@
 """DMD2's diffusion-GAN discriminator: bottleneck features of the critic and a small conv head.
 
-Features (dmd2.md 3.3): the output of the module the critic's backbone names (`feature_module`:
+Features (methods/notes/dmd2.md sec. 3.3): the output of the module the critic's backbone names (`feature_module`:
 the SDXL UNet's mid-block; for transformer critics the image-token stream after block floor(L/2),
 reshaped to its spatial grid; option `dmd2.gan.feature_layer`). The forward pass stops at the
 hooked module (DMD2's "classify mode" also skips the decoder half), so a feature call costs about
@@ -57,7 +57,7 @@ def _groups(channels: int) -> int:
 
 class DiscriminatorHead(nn.Module):
     """n x [Conv 4x4 s2 p1, GroupNorm(32), SiLU] down to 4x4, then Conv 4x4 s4 (-> 1x1), GroupNorm,
-    SiLU, Conv 1x1 -> one logit (DMD2's cls_pred_branch, dmd2.md 3.3). Width = feature width.
+    SiLU, Conv 1x1 -> one logit (DMD2's cls_pred_branch, methods/notes/dmd2.md sec. 3.3). Width = feature width.
     Feature maps smaller than 4x4 (toy sizes) take a final conv as wide as the map."""
 
     def __init__(self, channels: int, size: int):

@@ -25,7 +25,7 @@ class StudentSpec:
     """How to sample the trained generator: t-grid, re-noising angle, guidance, NFE.
 
     theta: the angle of the step x_t' = alpha(t') x0 + sigma(t') (cos theta eps_hat + sin theta xi)
-    (spec README section 3): 0 deterministic DDIM/Euler (CDM), pi/2 fresh re-noising (DMD2's
+    (fewstep/notes/conventions.md sec. 3): 0 deterministic DDIM/Euler (CDM), pi/2 fresh re-noising (DMD2's
     multi-step sampler), eta * pi/2 for RTDMD's CPS.
     """
 

@@ -3,7 +3,7 @@
 A method's options are a dataclass that extends TrainOptions. Spec option names are dotted
 (`amd.advantage.clip`); here the dots become underscores (`advantage_clip`), and overrides may be
 written either way. Presets are plain dicts of overrides named `<method>-<backbone>-paper|ext|int`
-(shared spec README section 7) plus a `toy` preset per method.
+(fewstep/notes/conventions.md sec. 7) plus a `toy` preset per method.
 
 Each fact about an option is declared once, on its options class: an option that takes one of a
 few values is a `choice(...)` field (the values live in its field metadata); a method's ranges are

@@ -4,7 +4,7 @@ from __future__ import annotations
 import html
 
 # What a training reward (its `fewstep train --reward` spec or a preset's reward_model) shares a
-# model with: scoring a student with one of these metrics is leakage (claims.md "L").
+# model with: scoring a student with one of these metrics is leakage (fewstep/notes/claims.md "L").
 REWARD_METRICS = {"hpsv2": ("hpsv2.1",), "hpsv2:v2.1": ("hpsv2.1",), "hpsv2:v2.0": ("hpsv2.0",),
                   "hpsv2.1": ("hpsv2.1",), "hpsv2.0": ("hpsv2.0",), "imagereward": ("imagereward",),
                   "clip": ("clip_score", "clip_score_dmd2")}
@@ -23,7 +23,7 @@ def trained_on(row: dict) -> set[str]:
 
 
 def method_label(row: dict) -> str:
-    """Method name, flagged when it is not a faithful implementation (spec README section 7)."""
+    """Method name, flagged when it is not a faithful implementation (fewstep/notes/conventions.md sec. 7)."""
     fidelity = student_info(row).get("fidelity", "faithful")
     return row["method"] if fidelity == "faithful" else f"{row['method']} ({fidelity})"
 

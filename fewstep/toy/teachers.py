@@ -25,7 +25,7 @@ SHIPPED = Path(__file__).resolve().parent / "teachers"
 PROMPT_POOL = 4096      # distinct training prompts encoded once (the grammar has fewer than this)
 MAX_TOKENS = 16         # toy prompts are at most 12 words
 
-# Tiny architectures of the real classes, sized for a 2-core CPU (see toy-feasibility.md).
+# Tiny architectures of the real classes, sized for a 2-core CPU (see fewstep/notes/toy-feasibility.md).
 TOY_ARCH = {
     "sdxl": dict(width=32, layers_per_block=1),
     "sd3": dict(width=64, layers=4, shift=1.0),
