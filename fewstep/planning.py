@@ -133,8 +133,9 @@ def pairs_inputs(config: dict, family: str) -> dict[str, str]:
 
 
 def pairs_guidance(config: dict) -> float:
-    """The pairs are sampled with the guidance of the DM teacher that uses them (methods/notes/dmd.md sec. 8, item
-    7): the resolved `teacher_guidance` of the (first) run whose method reads pairs."""
+    """The pairs are sampled with the guidance of the DM teacher that uses them (methods/notes/
+    dmd.md sec. 8, item 7): the resolved `teacher_guidance` of the (first) run whose method reads
+    pairs."""
     from fewstep.engine.options import resolve
     from fewstep.registry import METHODS
 
