@@ -45,6 +45,7 @@ Choices (uncertain; recorded here so they can be revisited):
 * The prompt file written by write_prompt_file holds only prompt rows (fewstep.prompts.read_prompts
   accepts nothing else); its provenance (set name, hash, source files' hashes) goes to a sidecar
   `<file>.provenance.json`, written first, so a prompt file never exists without it.
+Sections (sec. N) are those of metrics/notes/metrics.md.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ from fewstep.registry import UnknownNameError
 HASH_RULE = ('sha256 of the UTF-8 lines json.dumps([prompt_id, prompt], ensure_ascii=True, '
              'separators=(",", ":")) + "\\n", in row order')
 
-HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")  # metrics/notes/metrics.md sec. 1.5, in this order
+HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")  # sec. 1.5, in this order
 HPDV2_PROMPTS_PER_STYLE = 800
 HPDV2_FILES = tuple(WeightFile(f"prompts/hpdv2/{style}.json",
                                f"Hugging Face dataset zhwang/HPDv2, file benchmark/{style}.json")
@@ -73,7 +74,7 @@ HPDV2_FILES = tuple(WeightFile(f"prompts/hpdv2/{style}.json",
 COCO_FILE = WeightFile("prompts/coco2014/annotations/captions_val2014.json",
                        "COCO 2014 Train/Val annotations (cocodataset.org, annotations_trainval2014"
                        ".zip), file annotations/captions_val2014.json")
-COCO_VAL2014_IMAGES = 40_504  # metrics/notes/metrics.md sec. 3.8
+COCO_VAL2014_IMAGES = 40_504  # sec. 3.8
 IMAGENET_FILE = WeightFile("prompts/imagenet/classes.txt",
                            "the 1000 ILSVRC-2012 class names in class-id order, one per line (e.g. "
                            "written from timm: ImageNetInfo().index_to_description(i), i < 1000)")
@@ -96,7 +97,7 @@ class PromptSet:
     params: dict = field(default_factory=dict)  # loader options that shaped the rows (n, seed)
 
 
-# -- shared helpers -------------------------------------------------------------------------------
+# -- shared helpers --------------------------------------------------------------------------------
 
 def canonical_sha256(rows) -> str:
     """The content hash of (prompt_id, prompt) pairs in order; independent of file layout."""
@@ -159,10 +160,10 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-# -- the sets -------------------------------------------------------------------------------------
+# -- the sets --------------------------------------------------------------------------------------
 
 def load_hpdv2(require_official: bool = True) -> PromptSet:
-    """HPD v2 benchmark: 4 styles x 800 prompts, ids '<style>-<index>' (metrics/notes/metrics.md sec. 1.5)."""
+    """HPD v2 benchmark: 4 styles x 800 prompts, ids '<style>-<index>' (sec. 1.5)."""
     what = "HPD v2 benchmark prompts ({})"
     for style, wf in zip(HPDV2_STYLES, HPDV2_FILES):  # any missing file before any content error
         require_entry(wf.path, wf.source, what.format(style))
@@ -186,7 +187,7 @@ def load_hpdv2(require_official: bool = True) -> PromptSet:
 
 
 def load_geneval(require_official: bool = True) -> PromptSet:
-    """GenEval's 553 prompts via read_metadata (metrics/notes/metrics.md sec. 4.1); rows are the metadata dicts."""
+    """GenEval's 553 prompts via read_metadata (sec. 4.1); rows are the metadata dicts."""
     try:
         rows, sha = read_metadata(require_official=require_official)
     except ValueError as err:  # read_metadata's message names the file and every problem
@@ -335,7 +336,7 @@ def load_prompt_set(name: str, **kw) -> PromptSet:
     return PROMPT_SETS[name](**kw)
 
 
-# -- hash check and the harness's prompt file -----------------------------------------------------
+# -- hash check and the harness's prompt file ------------------------------------------------------
 
 def check_hash(prompt_set: PromptSet, expected_sha256: str | None, needed_by: str) -> str | None:
     """None when the set is the expected one (or nothing is expected); else a message for the

@@ -2,6 +2,7 @@
 
 One loop for both: `Schedule.ddim_step` with theta = 0 is DDIM on the VP schedule and exactly the
 Euler step of the probability-flow ODE on the flow schedule (fewstep/notes/conventions.md sec. 3).
+Sections (sec. N) are those of fewstep/notes/conventions.md.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from fewstep.schedule import sampling_grid
 
 
 def nfe_of(steps: int, guidance: float) -> int:
-    """Network evaluations: a guided evaluation counts 2 (fewstep/notes/conventions.md sec. 5)."""
+    """Network evaluations: a guided evaluation counts 2 (sec. 5)."""
     return steps * (1 if guidance == 1.0 else 2)
 
 
@@ -39,7 +40,7 @@ def sample_ode(backbone: Backbone, noise: torch.Tensor, cond: Cond, steps: int,
 def sample_student(generator: Backbone, noise: torch.Tensor, cond: Cond, grid, theta: float,
                    step_noise=None, guidance: float = 1.0) -> torch.Tensor:
     """A few-step generator's sampler: x0_i = G(x_i, t_i, c); x_{i+1} = alpha x0_i + sigma (cos theta
-    eps_hat + sin theta xi_i) at t_{i+1} (fewstep/notes/conventions.md sec. 3); returns the last x0-prediction.
+    eps_hat + sin theta xi_i) at t_{i+1} (sec. 3); returns the last x0-prediction.
 
     theta = pi/2 re-noises with fresh noise (DMD2, methods/notes/dmd2.md sec. 5.1), 0 is deterministic (CDM),
     eta pi/2 is RTDMD's CPS. `step_noise(i)` gives xi_i (per-sample seeded in the DAG).

@@ -3,6 +3,7 @@
 t in [0, 1]; t = 0 is clean data, t = 1 is noise; x_t = alpha(t) * x0 + sigma(t) * eps
 (fewstep/notes/conventions.md sec. 3). Every conversion here runs in float64 and returns the
 caller's dtype, so a bf16 network never sees a bf16 schedule.
+Sections (sec. N) are those of fewstep/notes/conventions.md.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ class Schedule:
 
     def ddim_step(self, x_t, x0, t, t_next, eps_noise=None, theta: float = 0.0):
         """x_{t'} = alpha(t') x0 + sigma(t') (cos(theta) eps_hat + sin(theta) xi)
-        (fewstep/notes/conventions.md sec. 3).
+        (sec. 3).
 
         theta = 0 is DDIM; for the flow schedule it is exactly the Euler step of the ODE.
         """
@@ -58,7 +59,7 @@ class Schedule:
         a, s = col(self.alpha(t_next), x_t), col(self.sigma(t_next), x_t)
         return (a * x0.double() + s * eps_hat).to(x_t.dtype)
 
-    # The general transition kernel, float64 (fewstep/notes/conventions.md sec. 3) -------------
+    # The general transition kernel, float64 (sec. 3) -------------
     # ddim_step above and cps_step below are the same step x_t' = alpha(t') x0 + sigma(t') (cos
     # theta eps_hat + sin theta xi) in two roundings: ddim_step rounds eps_hat to x's dtype and
     # reads alpha, sigma as they are (teacher sampling, DMD2, CDM); cps_step stays in float64 and
@@ -126,7 +127,7 @@ class FlowSchedule(Schedule):
         return (t.double() - delta.double() / 1000.0).clamp(min=0.0).to(t.dtype)
 
     # Native outputs of the flow families. v = eps - x0 (SD3); SiT's u = x0 - eps with its
-    # own time running the other way, t_sit = 1 - t (fewstep/notes/conventions.md sec. 4).
+    # own time running the other way, t_sit = 1 - t (sec. 4).
     @staticmethod
     def x0_from_v(x_t, v, t):
         return (x_t.double() - col(t, x_t) * v.double()).to(x_t.dtype)
@@ -149,7 +150,7 @@ class DiscreteVPSchedule(Schedule):
     """DDPM schedule of the SDXL family: alpha = sqrt(abar_k), sigma = sqrt(1 - abar_k), t = k/999.
 
     alphas_cumprod comes from the checkpoint's scheduler config; t is mapped to the integer grid
-    with k = round(999 t), so only grid times are exact (fewstep/notes/conventions.md sec. 4).
+    with k = round(999 t), so only grid times are exact (sec. 4).
     """
 
     alphas_cumprod: torch.Tensor

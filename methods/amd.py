@@ -15,6 +15,7 @@ advantages a~ (Eq. 12, section 3.3) give
   weighted by W_i = exp(-a~_i), optionally renormalised to mean 1 within each group.
 With s = 0 and RLS off an AMD step is DMD2's step bit for bit (methods/notes/amd.md sec. 10 item 1): the same random
 streams, the same batched guided-teacher call, and H written as DMD2's vector plus deviations.
+Sections (sec. N) are those of methods/notes/amd.md.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ class AMDOptions(DMD2Options):
               "coeff_s": "[0, 1)"}
 
 
-# methods/notes/amd.md sec. 5.2: a DMD2 preset plus AMD's two mechanisms; K = 4 and s = 0.1 everywhere.
+# sec. 5.2: a DMD2 preset plus AMD's two mechanisms; K = 4 and s = 0.1 everywhere.
 AMD_DEFAULTS = {"group_size": 4, "coeff_s": 0.1}
 PRESETS = {
     # DMD2 used 2 samples per GPU; same_rank groups need a multiple of K per rank.
@@ -81,7 +82,7 @@ def check_options(opt: AMDOptions) -> None:
                            f"{opt.group_size}: with same_rank layout every rank holds whole groups")
 
 
-# -- group statistics (methods/notes/amd.md sec. 3.3, 3.5) -------------------------------------------------------------
+# -- group statistics (sec. 3.3, 3.5) --------------------------------------------------------------
 def group_reduce(v: torch.Tensor, groups: torch.Tensor, how: str) -> torch.Tensor:
     """Per sample, the `how` (mean | amax | amin) of its group's values."""
     idx = torch.unique(groups, return_inverse=True)[1].to(v.device)
@@ -96,7 +97,7 @@ def squash(a: torch.Tensor, kind: str, c: float) -> torch.Tensor:
 
 def advantages(rewards: torch.Tensor, groups: torch.Tensor, norm: str = "group_std",
                eps: float = 1e-4, kind: str = "clip", clip: float = 1.0) -> torch.Tensor:
-    """a~_i = squash((r_i - mu_g) / (sigma_g + eps)) in float64 (methods/notes/amd.md sec. 3.3, Eq. 12).
+    """a~_i = squash((r_i - mu_g) / (sigma_g + eps)) in float64 (sec. 3.3, Eq. 12).
 
     Tied groups (all K rewards equal) get exactly 0: the group mean of equal floats can round
     away from them, and check 10.4 asks for alpha = beta = W = 1 there.
@@ -120,15 +121,15 @@ def coefficients(adv: torch.Tensor, s: float, gate: str = "soft", threshold: flo
 
 
 def rls_weights(adv: torch.Tensor, groups: torch.Tensor, normalise: str = "group_mean") -> torch.Tensor:
-    """W_i = exp(-a~_i) (methods/notes/amd.md sec. 3.5), optionally divided by its group mean so each group averages 1."""
+    """W_i = exp(-a~_i) (sec. 3.5), optionally divided by its group mean so each group averages 1."""
     w = torch.exp(-adv)
     return w / group_reduce(w, groups, "mean") if normalise == "group_mean" else w
 
 
-# -- the generator direction (methods/notes/amd.md sec. 3.1, 3.2, 3.4) -----------------------------------------------
+# -- the generator direction (sec. 3.1, 3.2, 3.4) --------------------------------------------------
 def teacher_branches(teacher, x_t, t, cond, omega: float):
     """(D_T(c), D_T^omega) from one batched cond/uncond call, the exact ops of Backbone.x0, so the
-    guided prediction is DMD2's bit for bit (methods/notes/amd.md sec. 10 item 1); omega = 1 needs no uncond branch."""
+    guided prediction is DMD2's bit for bit (sec. 10 item 1); omega = 1 needs no uncond branch."""
     if omega == 1.0:
         p = teacher.x0(x_t, t, cond)
         return p, p
@@ -149,7 +150,7 @@ def dsa_direction(p_guided, p_cond, p_fake, alpha, beta) -> torch.Tensor:
 
 
 def normalise(h: torch.Tensor, x: torch.Tensor, p_ref: torch.Tensor, kind: str) -> torch.Tensor:
-    """H / mean_CHW |x - D_T^omega| (DMD2's normaliser, methods/notes/amd.md sec. 3.4) or H; non-finite entries -> 0."""
+    """H / mean_CHW |x - D_T^omega| (DMD2's normaliser, sec. 3.4) or H; non-finite entries -> 0."""
     if kind == "dmd2_guided":
         weight = losses.mean_chw((x.detach().double() - p_ref.detach().double()).abs())
         h = h / losses.per_sample(weight, h)
@@ -157,7 +158,7 @@ def normalise(h: torch.Tensor, x: torch.Tensor, p_ref: torch.Tensor, kind: str) 
 
 
 def amd_surrogate(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """L = 1/2 mean_all (x - sg(x + H))^2, gradient -H / N (methods/notes/amd.md sec. 3.4); H = -g in DMD2's notation."""
+    """L = 1/2 mean_all (x - sg(x + H))^2, gradient -H / N (sec. 3.4); H = -g in DMD2's notation."""
     return losses.dm_surrogate(x, -h)
 
 
@@ -183,7 +184,7 @@ class AMD(DMD2):
     def needs_reward(self) -> bool:
         return self.opt.dsa_enabled or self.opt.rls_enabled
 
-    # -- groups and rewards (methods/notes/amd.md sec. 4, sec. 8 items 4-5) ---------------------------------------------------
+    # -- groups and rewards (sec. 4, sec. 8 items 4-5) ---------------------------------------------
     def draw_prompts(self, stream: str):
         """B prompts x K noises: each group shares its prompt and, like the batch, DMD2's stop
         index and streams, so the draws of both methods coincide."""
@@ -201,7 +202,7 @@ class AMD(DMD2):
 
     @torch.no_grad()
     def rewards(self, x, batch, stop: int) -> torch.Tensor:
-        """r_i = R(decode(x_i), c_i) as detached scalars: no gradient through R (methods/notes/amd.md sec. 2, sec. 8 item 5)."""
+        """r_i = R(decode(x_i), c_i) as detached scalars: no gradient through R (sec. 2, sec. 8 item 5)."""
         x = x.detach()
         if self.opt.reward_input == "final_rollout":
             x = self.finish_rollout(x, batch.cond, stop)
@@ -212,7 +213,7 @@ class AMD(DMD2):
         return r
 
     def group_signal(self, x, batch, stop: int):
-        """(a~ per sample, stats) for this iteration's samples (methods/notes/amd.md sec. 3.3)."""
+        """(a~ per sample, stats) for this iteration's samples (sec. 3.3)."""
         if not self.needs_reward:
             return torch.zeros(x.shape[0], dtype=torch.float64, device=x.device), {}
         r = self.rewards(x, batch, stop)
@@ -221,7 +222,7 @@ class AMD(DMD2):
                          o.advantage_squash, o.advantage_clip)
         return adv, {"reward": float(r.mean()), "adv_abs": float(adv.abs().mean())}
 
-    # -- losses --------------------------------------------------------------------------------
+    # -- losses ------------------------------------------------------------------------------------
     def teacher_critic_branches(self, x, cond, stream: str = "dm"):
         """(D_T^omega, D_T(c), D_F) at a fresh DM time, no gradient; DMD2's `dm/t`, `dm/eps`."""
         t = self.draw_t(self.dm_times, x.shape[0], f"{stream}/t")
@@ -233,7 +234,7 @@ class AMD(DMD2):
         return p_guided, p_cond, p_fake
 
     def dsa_loss(self, x, cond, adv):
-        """DSA generator loss (methods/notes/amd.md sec. 3.4): normalised H_AMD through the 1/2-MSE surrogate."""
+        """DSA generator loss (sec. 3.4): normalised H_AMD through the 1/2-MSE surrogate."""
         s = self.opt.coeff_s if self.opt.dsa_enabled else 0.0
         alpha, beta = coefficients(adv, s, self.opt.gate, self.opt.gate_threshold)
         p_guided, p_cond, p_fake = self.teacher_critic_branches(x, cond)
@@ -247,14 +248,14 @@ class AMD(DMD2):
 
     def matching_loss(self, x, batch, stop: int, scratch):
         """DSA in place of DMD2's DM term, with this iteration's group advantages, which the
-        critic turn reuses (methods/notes/amd.md sec. 4); DMD2's GAN generator term is added unchanged."""
+        critic turn reuses (sec. 4); DMD2's GAN generator term is added unchanged."""
         adv, reward_stats = self.group_signal(x, batch, stop)
         scratch.update(adv=adv, reward_stats=reward_stats)
         dm, stats = self.dsa_loss(x, batch.cond, adv)
         return dm, {**stats, **reward_stats}
 
     def critic_sample_weight(self, scratch):
-        """RLS weights W_i = exp(-a~_i) (methods/notes/amd.md sec. 3.5) on the critic's denoising term, or None."""
+        """RLS weights W_i = exp(-a~_i) (sec. 3.5) on the critic's denoising term, or None."""
         if not self.opt.rls_enabled or "adv" not in scratch:
             return None
         adv = scratch["adv"]
@@ -263,7 +264,7 @@ class AMD(DMD2):
         return weight
 
     def critic_total(self, scratch):
-        """DMD2's critic loss (same streams, GAN D loss) with RLS weights W (methods/notes/amd.md sec. 3.5)."""
+        """DMD2's critic loss (same streams, GAN D loss) with RLS weights W (sec. 3.5)."""
         if "x" not in scratch:  # critic-only turn: DMD2's second prompt stream
             x, batch, stop = self.sample(grad=False)
             scratch.update(x=x, batch=batch)

@@ -7,7 +7,7 @@ at the anchor (sec. 4.3); CDM, off-trajectory matching at a point extrapolated a
 own step (sec. 4.4). The fake teacher F_phi (a copy of the student) is trained with plain
 denoising every iteration and merged toward the student after each step, phi <- 0.999 phi +
 0.001 theta (sec. 4.1); the student updates on every second fake-teacher step (sec. 5).
-Fidelity "faithful": every detail follows the official code.
+Fidelity "faithful": every detail follows the official code. Sections: methods/notes/cdm.md.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class CDMOptions(TrainOptions):
     schedule_range: tuple[float, float] = (0.25, 0.95)  # cdm.schedule.range: inner anchors u ~ U[lo, hi]
     schedule_shift: float | None = None                # flow shift of the anchors; None: the teacher's
     fixed_schedule: tuple[float, ...] | None = None    # cdm.fixed_schedule: anchors u (1.0 first)
-    student_anchors: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)  # inference anchors u (methods/notes/cdm.md sec. 6.2)
+    student_anchors: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)  # inference anchors u (sec. 6.2)
     ca_w: float = 7.0                                  # cdm.ca.w, used as-is (omega = 1 + w)
     loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)   # cdm.loss.weights (CA, DM, CDM)
     ft_ema_from_student: float = 0.999                 # cdm.ft.ema_from_student m (1.0: no merge)
@@ -56,7 +56,7 @@ class CDMOptions(TrainOptions):
     warmup: int = 100
     ema_decay: float = 0.999
     ema_warmup: bool = True                            # decay min(0.999, (1 + n) / (10 + n))
-    ema_on: str = "generator_update"                   # EMA once per student step (methods/notes/cdm.md sec. 5)
+    ema_on: str = "generator_update"                   # EMA once per student step (sec. 5)
     RANGES = {"update_ratio": "[1, inf)", "ft_ema_from_student": "[0, 1]", "norm_floor": "(0, inf)",
               "ca_w": "[0, inf)"}
 
@@ -78,7 +78,7 @@ PRESETS = {
 }
 
 
-# -- random continuous schedule (methods/notes/cdm.md sec. 3) --------------------------------------------------------
+# -- random continuous schedule (sec. 3) -----------------------------------------------------------
 def draw_fractions(ctx, len_range, u_range) -> torch.Tensor:
     """Anchors u (float64, descending, 1.0 first): N ~ U{len_range}, N-1 values u ~ U[u_range],
     both from the rank-synchronised generator, so every rank rolls out the same schedule (CDM
@@ -90,13 +90,13 @@ def draw_fractions(ctx, len_range, u_range) -> torch.Tensor:
 
 def anchor_times(schedule, u: torch.Tensor, shift: float = 1.0) -> list[float]:
     """Anchor fractions -> times: flow t = shift(u) (applied inside the official pipeline's
-    scheduler, methods/notes/cdm.md sec. 8 item 1); discrete VP integer anchors k = round(999 u), t = k / 999."""
+    scheduler, sec. 8 item 1); discrete VP integer anchors k = round(999 u), t = k / 999."""
     if schedule.kind == "flow":
         return [float(t) for t in shift_map(u, shift)]
     return [float(schedule.t_of_k(k)) for k in torch.round(999 * u).long()]
 
 
-# -- backward simulation (methods/notes/cdm.md sec. 3) ---------------------------------------------------------------
+# -- backward simulation (sec. 3) ------------------------------------------------------------------
 # The recorded trajectory at each sample's index i: x_i at t_i, the x0-prediction made there
 # x0_next = x0_{i+1}, and eps_hat_i (v_i = eps_hat_i - x0_{i+1} on flow); x_final = x_N.
 Anchor = namedtuple("Anchor", "index x t x0_next eps x_final")
@@ -105,7 +105,7 @@ Anchor = namedtuple("Anchor", "index x t x0_next eps x_final")
 @torch.no_grad()
 def backward_simulation(generator, z: torch.Tensor, cond, times: list[float], index) -> Anchor:
     """Deterministic DDIM/Euler run of the student with CFG 1 from pure noise through `times`,
-    then a final step to t = 0 (methods/notes/cdm.md sec. 3); keeps only each sample's own anchor i (memory)."""
+    then a final step to t = 0 (sec. 3); keeps only each sample's own anchor i (memory)."""
     pick = {"x": torch.zeros_like(z), "x0": torch.zeros_like(z), "eps": torch.zeros_like(z)}
 
     def record(k, x, x0, t):
@@ -118,7 +118,7 @@ def backward_simulation(generator, z: torch.Tensor, cond, times: list[float], in
     return Anchor(index, pick["x"], t_i, pick["x0"], pick["eps"], x_final)
 
 
-# -- the shared displacement form (methods/notes/cdm.md sec. 4) ------------------------------------------------------
+# -- the shared displacement form (sec. 4) ---------------------------------------------------------
 def normaliser(a: torch.Tensor, x0_g: torch.Tensor, floor: float) -> torch.Tensor:
     """nu(a) = max(mean_CHW |a - sg(x0_G)| + 1e-8, floor), per sample, broadcastable."""
     nu = losses.mean_chw((a.double() - x0_g.detach().double()).abs()) + 1e-8
@@ -126,12 +126,12 @@ def normaliser(a: torch.Tensor, x0_g: torch.Tensor, floor: float) -> torch.Tenso
 
 
 def dm_delta(p_real, p_fake, x0_g, floor: float) -> torch.Tensor:
-    """Delta_DM = (D_T(c) - D_F(c)) / nu(D_T(c)) (methods/notes/cdm.md sec. 4.3; also Delta_CDM, 4.4)."""
+    """Delta_DM = (D_T(c) - D_F(c)) / nu(D_T(c)) (sec. 4.3; also Delta_CDM, 4.4)."""
     return (p_real.double() - p_fake.double()) / normaliser(p_real, x0_g, floor)
 
 
 def ca_delta(p_cond, p_uncond, x0_g, w: float, floor: float) -> torch.Tensor:
-    """Delta_CA = w (D_T(c) - D_T(null)) / nu(D_T(c)), w as-is, not w - 1 (methods/notes/cdm.md sec. 4.2, 8 item 2)."""
+    """Delta_CA = w (D_T(c) - D_T(null)) / nu(D_T(c)), w as-is, not w - 1 (sec. 4.2, 8 item 2)."""
     return w * (p_cond.double() - p_uncond.double()) / normaliser(p_cond, x0_g, floor)
 
 
@@ -149,22 +149,22 @@ class CDM(Method):
         validate(options)
         super().__init__(teacher, options, ctx)
         self._generator = trainable_copy(teacher, options)
-        self.critic = trainable_copy(teacher)  # F_phi: the student at init (methods/notes/cdm.md sec. 2), full weights
+        self.critic = trainable_copy(teacher)  # F_phi: the student at init (sec. 2), full weights
         self.discrete = teacher.schedule.kind != "flow"
         self.shift = grid_shift(teacher, options)
 
     def plan(self, step):
-        """Fake teacher every iteration, the student every update_ratio-th (methods/notes/cdm.md sec. 5)."""
+        """Fake teacher every iteration, the student every update_ratio-th (sec. 5)."""
         return ["critic"] + (["generator"] if (step + 1) % self.opt.update_ratio == 0 else [])
 
     @classmethod
-    def sampler(cls, teacher, options) -> StudentSpec:  # deterministic, no guidance (methods/notes/cdm.md sec. 5)
+    def sampler(cls, teacher, options) -> StudentSpec:  # deterministic, no guidance (sec. 5)
         grid = student_grid(teacher, options.student_anchors, grid_shift(teacher, options))
         return StudentSpec(grid, theta=0.0, guidance=1.0)
 
     def after_update(self, net):
         """phi <- m phi + (1 - m) theta over the floating-point state after each fake-teacher
-        step (methods/notes/cdm.md sec. 4.1); the critic holds full weights, so LoRA adapters are merged first."""
+        step (sec. 4.1); the critic holds full weights, so LoRA adapters are merged first."""
         if net == "critic" and self.opt.ft_ema_from_student < 1.0:
             student = self.generator.denoiser
             theta = merged_state_dict(student) if self.opt.lora_rank > 0 else student.state_dict()
@@ -174,7 +174,7 @@ class CDM(Method):
         return self.student_loss(scratch) if net == "generator" else self.fake_teacher_loss(scratch)
 
     def trajectory(self, scratch: dict):
-        """(Anchor, prompts, times), drawn once per iteration (methods/notes/cdm.md sec. 3), shared by every branch."""
+        """(Anchor, prompts, times), drawn once per iteration (sec. 3), shared by every branch."""
         if "anchor" not in scratch:
             times = self.schedule_times()
             batch = self.ctx.prompts(self.opt.batch, S_PROMPTS)
@@ -185,7 +185,7 @@ class CDM(Method):
         return scratch["anchor"], scratch["batch"], scratch["times"]
 
     def schedule_times(self) -> list[float]:
-        """This iteration's anchor times (methods/notes/cdm.md sec. 3); a fixed schedule goes through the sampler
+        """This iteration's anchor times (sec. 3); a fixed schedule goes through the sampler
         grid's own map, so it reproduces the student's sampler exactly (SDXL: k = 499, 249, where
         round(999 u) would give 500, 250)."""
         opt = self.opt
@@ -195,13 +195,13 @@ class CDM(Method):
         return anchor_times(self.teacher.schedule, u, self.shift)
 
     def levels(self, n: int, stream: str, hi=1.0) -> torch.Tensor:
-        """Per-sample times U(0, hi) clamped to t_clamp (methods/notes/cdm.md sec. 4), hi a float or (B,) bounds;
+        """Per-sample times U(0, hi) clamped to t_clamp (sec. 4), hi a float or (B,) bounds;
         discrete VP: k = floor(1000 u) with DMD2's range rule, t = k / 999 [EXT]."""
         bound = torch.as_tensor(hi, dtype=torch.float64, device=self.ctx.device)
         return draw_times(self.ctx, n, stream, 0.0, 1.0, self.opt.t_clamp, bound=bound,
                           grid=1000 if self.discrete else None)
 
-    # -- fake teacher (methods/notes/cdm.md sec. 4.1) --------------------------------------------------------------------
+    # -- fake teacher (sec. 4.1) -------------------------------------------------------------------
     def fake_teacher_loss(self, scratch):
         """Unweighted denoising of sg(x0_{i+1}) on the native target (v on flow, eps on SDXL)."""
         anchor, batch, times = self.trajectory(scratch)
@@ -211,10 +211,10 @@ class CDM(Method):
         loss = losses.denoising_loss(self.critic, x0, eps, tau, batch.cond)
         return loss, {"N": len(times), "t_i": anchor.t.mean()}
 
-    # -- student (methods/notes/cdm.md sec. 4.2-4.5) ---------------------------------------------------------------------
+    # -- student (sec. 4.2-4.5) --------------------------------------------------------------------
     def student_loss(self, scratch):
         """The weighted branches; each evaluates x0_G = G_theta(x_in, t_in, c) anew, with gradient
-        (methods/notes/cdm.md sec. 8 item 9); a branch of weight 0 costs no network evaluation."""
+        (sec. 8 item 9); a branch of weight 0 costs no network evaluation."""
         anchor, batch, _ = self.trajectory(scratch)
         w_ca, w_dm, w_cdm = self.opt.loss_weights
         total, stats = 0.0, {}
@@ -232,12 +232,12 @@ class CDM(Method):
         return total, stats
 
     def teacher_point(self, x0_g, tau, stream: str):
-        """x_tau = alpha(tau) sg(x0_G) + sigma(tau) eps, fresh eps (methods/notes/cdm.md sec. 8 item 5)."""
+        """x_tau = alpha(tau) sg(x0_G) + sigma(tau) eps, fresh eps (sec. 8 item 5)."""
         eps = self.ctx.randn_like(x0_g, stream + "/eps")
         return self.teacher.schedule.add_noise(x0_g.detach(), eps, tau)
 
     def branch_ca(self, anchor: Anchor, cond):
-        """CA at the anchor, tau ~ U(0, t_i) clamped (methods/notes/cdm.md sec. 4.2, 8 item 3)."""
+        """CA at the anchor, tau ~ U(0, t_i) clamped (sec. 4.2, 8 item 3)."""
         x0_g = self.generator.x0(anchor.x, anchor.t, cond)
         tau = self.levels(len(x0_g), S_CA + "/tau", hi=anchor.t.double())
         x_tau = self.teacher_point(x0_g, tau, S_CA)
@@ -248,13 +248,13 @@ class CDM(Method):
         return losses.displacement_loss(x0_g, delta), delta
 
     def branch_dm(self, anchor: Anchor, cond):
-        """On-trajectory DM at the anchor (x_i, t_i), tau ~ U(0, 1) clamped (methods/notes/cdm.md sec. 4.3)."""
+        """On-trajectory DM at the anchor (x_i, t_i), tau ~ U(0, 1) clamped (sec. 4.3)."""
         x0_g = self.generator.x0(anchor.x, anchor.t, cond)
         return self.matching(x0_g, cond, S_DM)
 
     def branch_cdm(self, anchor: Anchor, cond):
         """Off-trajectory DM at x' = alpha(t') x0_{i+1} + sigma(t') eps_hat_i, the DDIM step from
-        anchor i to an independent t' (methods/notes/cdm.md sec. 4.4, 6.2); on flow exactly x_i + (t' - t_i) v_i."""
+        anchor i to an independent t' (sec. 4.4, 6.2); on flow exactly x_i + (t' - t_i) v_i."""
         t_prime = self.offtraj_times(anchor)
         x_prime = self.teacher.schedule.add_noise(anchor.x0_next, anchor.eps, t_prime).detach()
         x0_g = self.generator.x0(x_prime, t_prime, cond)
@@ -267,7 +267,7 @@ class CDM(Method):
 
     def matching(self, x0_g, cond, stream: str):
         """Delta = (D_T(c) - D_F(c)) / nu at a fresh teacher point; teacher conditional only, fake
-        teacher unguided (methods/notes/cdm.md sec. 4.3); loss mean (x0_G - sg(x0_G + Delta))^2."""
+        teacher unguided (sec. 4.3); loss mean (x0_G - sg(x0_G + Delta))^2."""
         tau = self.levels(len(x0_g), stream + "/tau")
         x_tau = self.teacher_point(x0_g, tau, stream)
         with torch.no_grad():
@@ -278,7 +278,7 @@ class CDM(Method):
 
 
 def validate(opt: CDMOptions) -> None:
-    """Clear errors for option values the harness does not run (methods/notes/cdm.md sec. 6.2)."""
+    """Clear errors for option values the harness does not run (sec. 6.2)."""
     if opt.offtraj_mode != "trajectory_eps":
         raise FewstepError(f"cdm option offtraj_mode (cdm.offtraj.mode) = {opt.offtraj_mode!r} is not "
                            "implemented in the harness; only 'trajectory_eps' (the shipped configs') is")

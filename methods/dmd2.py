@@ -6,6 +6,7 @@ loss whose discriminator head sits on the critic's bottleneck (paper Eq. 4; meth
 Multi-step generators train with backward simulation (methods/notes/dmd2.md sec. 5.2): one stop index shared by the
 batch and all ranks, a no-grad rollout from independent noise, losses on the intermediate x0.
 One-step SDXL uses the conditioning timestep k = 399 (generator_grid = (0.4,)).
+Sections (sec. N) are those of methods/notes/dmd2.md.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ PRESETS = {
 class DMD2(DistributionMatching):
     name = "dmd2"
     Options = DMD2Options
-    requires = ("real",)  # the GAN's real images with their own captions (methods/notes/dmd2.md sec. 3.2)
+    requires = ("real",)  # the GAN's real images with their own captions (sec. 3.2)
     PRESETS = PRESETS
 
     def __init__(self, teacher, options, ctx):
@@ -65,7 +66,7 @@ class DMD2(DistributionMatching):
     def networks(self):
         critic = nn.ModuleDict({"denoiser": self.critic.denoiser})
         if self.head is not None:
-            critic["head"] = self.head  # critic and head share one optimiser (methods/notes/dmd2.md sec. 2)
+            critic["head"] = self.head  # critic and head share one optimiser (sec. 2)
         return {"generator": self.generator.denoiser, "critic": critic}
 
     def plan(self, step):
@@ -78,8 +79,8 @@ class DMD2(DistributionMatching):
 
     def sample(self, grad: bool):
         """(x_hat, prompts, stop): the generator turn uses the main prompt stream, critic-only
-        turns a second independent stream over the same prompt set (methods/notes/dmd2.md sec. 4); one backward
-        simulation stop index for the batch and all ranks (methods/notes/dmd2.md sec. 5.2)."""
+        turns a second independent stream over the same prompt set (sec. 4); one backward
+        simulation stop index for the batch and all ranks (sec. 5.2)."""
         batch = self.draw_prompts("prompts" if grad else "prompts_critic")
         z = self.ctx.randn((len(batch), *self.teacher.latent_shape), "z")
         stop = 0
@@ -88,13 +89,13 @@ class DMD2(DistributionMatching):
         return self.generate(z, batch.cond, grad=grad, stop=stop), batch, stop
 
     def logits(self, x, cond, stream: str):
-        """h(phi(F_k'(x))) with a fresh k' over the full range per sample (methods/notes/dmd2.md sec. 3.3)."""
+        """h(phi(F_k'(x))) with a fresh k' over the full range per sample (sec. 3.3)."""
         t = self.draw_t(self.critic_times, x.shape[0], f"{stream}/t")
         eps = self.ctx.randn_like(x, f"{stream}/eps")
         x_t = self.critic.schedule.add_noise(x, eps, t)
         return self.head(bottleneck_features(self.critic, x_t, t, cond, self.opt.gan_feature_layer))
 
-    # -- losses --------------------------------------------------------------------------------
+    # -- losses ------------------------------------------------------------------------------------
     def loss(self, net, scratch):
         return self.generator_loss(scratch) if net == "generator" else self.critic_total(scratch)
 

@@ -1,5 +1,5 @@
 """RTDMD: Reward-Tilted Distribution Matching Distillation (arXiv 2605.26108; official code
-Harahan/RTDMD), two stages picked by the `stage` option. Stage 1, AC-DMD (methods/notes/rtdmd.md sec. 4): a boundary
+Harahan/RTDMD), two stages picked by the `stage` option. Stage 1, AC-DMD (sec. 4): a boundary
 sample x_s after j ~ U{1..4} CPS steps of the generator is re-noised with the exact kernel x_t =
 a x_s + sigma_ts n (a = alpha(t)/alpha(s), sigma_ts^2 = sigma_t^2 - a^2 sigma_s^2); the critic fits
 the unbiased ambient target eps~ = (sigma_t/sigma_ts) n (v* on flow families, eps~ on SDXL, sec.
@@ -11,6 +11,7 @@ advantages with the global std; one critic step on the final x0, one generator s
 the selected steps, AC-DMD at s = 0 and the reward hinge relu(3 - r) (sec. 5.4). Harness choices
 [INT]: the critic is a full copy (LoRA on the generator only); the stage-2 loss takes the whole
 epoch at once (the reference accumulates 16 sub-batches); when no sample survives, all are kept.
+Sections (sec. N) are those of methods/notes/rtdmd.md.
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ class RTDMDOptions(TrainOptions):
               "eta": "[0, 1]"}
 
 
-# -- presets (sec. 6) ------------------------------------------------------------------------
+# -- presets (sec. 6) ------------------------------------------------------------------------------
 FOUR = (1.0, 0.75, 0.5, 0.25)
 STAGE1 = {"stage": 1, "eta": 0.9, "generator_every": 10, "gamma": 0.01, "delta_max": 200,
           "renoise_offset": 10, "renoise_clamp": (20, 980), "critic_weight_max": 10.0,
@@ -106,7 +107,7 @@ PRESETS = {
 }
 
 
-# -- the AC-DMD pieces (sec. 4) ----------------------------------------------------------------
+# -- the AC-DMD pieces (sec. 4) --------------------------------------------------------------------
 def ambient_eps(n, sigma_t, sigma_ts) -> torch.Tensor:
     """eps~ = (sigma_t/sigma_ts) n, unbiased for E[eps | x_t] given only x_s (sec. 4.2, 6.2)."""
     return col(sigma_t / sigma_ts, n) * n.double()
@@ -171,7 +172,7 @@ def advantages(rewards: dict[str, torch.Tensor], groups, eps: float = 1e-4, weig
 Epoch = namedtuple("Epoch", "metas cond xs logp adv keep selected reward")
 
 
-# -- the method: a shared base, one class per stage ------------------------------------------
+# -- the method: a shared base, one class per stage ------------------------------------------------
 class RTDMD(Method):
     """The registered method, what both stages share; `stage` picks the class that trains."""
 

@@ -108,7 +108,7 @@ class Metric:
     level: float = field(default=DEFAULT_LEVEL, kw_only=True)
     seed: int = field(default=0, kw_only=True)
 
-    # -- building from a config ------------------------------------------------------------------
+    # -- building from a config --------------------------------------------------------------------
     @classmethod
     def option_names(cls) -> list[str]:
         """The options a config may set: the public init fields, less the bootstrap settings."""
@@ -165,7 +165,7 @@ class Metric:
         """Files this metric reads from the weights cache (none for the toy metrics)."""
         return []
 
-    # -- scoring ---------------------------------------------------------------------------------
+    # -- scoring -----------------------------------------------------------------------------------
     def score(self, sample_set_folder, expected=None, resolution=None, allow_blank=False,
               **ctx) -> MetricResult:
         """Score a sample-set folder: `load_weights`, then load and check the set once (expected:
@@ -208,7 +208,7 @@ class Metric:
                    "n_resamples": self.n_resamples, **(details or {})}
         return self.result(ci.estimate, (ci.low, ci.high), len(ss), per_sample, identity, details)
 
-    # -- paired comparison of two sample sets on one (prompt_id, seed) grid ----------------------
+    # -- paired comparison of two sample sets on one (prompt_id, seed) grid ------------------------
     def set_statistic(self, rows: list[dict]) -> float:
         """The metric's value from per-sample rows (default: mean of "score"); override where the
         metric is not a plain mean (GenEval: mean over tasks)."""

@@ -32,6 +32,7 @@ The real route (`FID`, metrics/notes/metrics.md sec. 3.1-3.8) shares that machin
   resolution, crop policy, mode, Inception sha256) and cached like the toy references.
 * The CI resamples prompts and recomputes FID on each resample in float64 torch (same formula;
   2048-d resamples run on the GPU when there is one); KID as in the toy route.
+Sections (sec. N) are those of metrics/notes/metrics.md.
 """
 from __future__ import annotations
 
@@ -404,7 +405,7 @@ def _check_prompts(ss: SampleSet, ref: ReferenceStats, split: str) -> None:
 
 
 # =================================================================================================
-# Real FID/KID: clean-fid's Inception, weights from the weights cache (metrics/notes/metrics.md sec. 3)
+# Real FID/KID: clean-fid's Inception, weights from the weights cache (sec. 3)
 # =================================================================================================
 
 INCEPTION_MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
@@ -518,7 +519,7 @@ def _centre_crop(image: Image.Image, height: int, width: int) -> Image.Image:
 
 def protocol_transform(resolution: int, crop: str):
     """uint8 HxWx3 -> uint8 HxWx3: the protocol's crop and resize, applied to samples and
-    references alike before clean-fid's own resizer (DMD/DMD2 COCO protocols, metrics/notes/metrics.md sec. 3.8)."""
+    references alike before clean-fid's own resizer (DMD/DMD2 COCO protocols, sec. 3.8)."""
     check_mode_and_crop(MODE, crop)
 
     def apply(arr: np.ndarray) -> np.ndarray:

@@ -33,6 +33,7 @@ embeddings, renormalised; logits = 100 cos; argmax). The crop pastes the masked 
 rounds them), then open_clip's evaluation transform (shorter side 224 bicubic, centre crop, CLIP
 mean/std). fp16 autocast on CUDA (the reference's clip_benchmark runs under autocast), fp32 on
 the CPU, stated in the identity. Architectures with plain GELU are refused (the QuickGELU trap).
+Sections (sec. N) are those of metrics/notes/metrics.md.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ ROUTE = "geneval-hf-m2f"
 APPROXIMATE = ("approximate: transformers Mask2Former (Detectron2-trained weights), not the "
                "official mmdet route; never compare with published GenEval numbers")
 
-# COCO's 80 thing classes in COCO order, with GenEval's spellings (metrics/notes/metrics.md sec. 4.1): COCO's
+# COCO's 80 thing classes in COCO order, with GenEval's spellings (sec. 4.1): COCO's
 # "mouse", "remote" and "keyboard" are "computer mouse", "tv remote", "computer keyboard".
 GENEVAL_CLASSES = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
@@ -92,7 +93,7 @@ TOP_K = 100                 # test_cfg.max_per_image
 MASK_THRESHOLD = 0.5        # on the mask probability (= logit > 0)
 MASK_SCORE_EPS = 1e-6       # mmdet's guard in the mean mask probability
 
-# colour classification (metrics/notes/metrics.md sec. 4.4)
+# colour classification (sec. 4.4)
 COLOUR_TEMPLATES = ("a photo of a {colour} {object}", "a photo of a {colour}-colored {object}",
                     "a photo of a {colour} object")
 GREY = (0x99, 0x99, 0x99)   # GenEval's bgcolor "#999"
@@ -320,7 +321,7 @@ def crop_box(box, height: int, width: int) -> tuple[int, int, int, int]:
 
 
 def grey_canvas_crop(image: np.ndarray, mask, box, grey=GREY) -> np.ndarray:
-    """metrics/notes/metrics.md sec. 4.4: the masked object pasted onto a uniform grey canvas of the image size, cut
+    """sec. 4.4: the masked object pasted onto a uniform grey canvas of the image size, cut
     out at its box. Without a mask (a detector that has none) GenEval keeps the whole image."""
     if mask is None:
         canvas = image.copy()
@@ -347,7 +348,7 @@ def colour_class_embeddings(encode_text, object_class: str, colours=COLOURS,
 
 def require_quickgelu_config(model_name: str) -> None:
     """Refuse an open_clip architecture built with plain GELU: OpenAI's weights need QuickGELU
-    (the QuickGELU trap, metrics/notes/metrics.md sec. 4.4: open_clip 3.x only warns)."""
+    (the QuickGELU trap, sec. 4.4: open_clip 3.x only warns)."""
     import open_clip
 
     cfg = open_clip.get_model_config(model_name)
@@ -357,7 +358,7 @@ def require_quickgelu_config(model_name: str) -> None:
     if not cfg.get("quick_gelu", False):
         raise ValueError(f"GenEval's colour classifier is OpenAI CLIP, which uses QuickGELU, but "
                          f"open_clip builds {model_name!r} with plain GELU (the QuickGELU trap, "
-                         "metrics/notes/metrics.md sec. 4.4); use ViT-L-14-quickgelu")
+                         "sec. 4.4); use ViT-L-14-quickgelu")
 
 
 def uses_plain_gelu(model: torch.nn.Module) -> bool:
@@ -374,7 +375,7 @@ class CLIPColourClassifier:
         self.clip: LoadedCLIP = load_clip(self.variant, device or default_device())
         if uses_plain_gelu(self.clip.model):
             raise ValueError(f"{self.variant.model_name} was built with plain GELU; GenEval's "
-                             "colour classifier needs QuickGELU (metrics/notes/metrics.md sec. 4.4)")
+                             "colour classifier needs QuickGELU (sec. 4.4)")
         self.precision = precision
         self.name = f"clip-{self.variant.model_name}-{self.variant.pretrained}"
         self._classes: dict[str, torch.Tensor] = {}

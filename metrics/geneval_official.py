@@ -35,6 +35,7 @@ Route A, "geneval-legacy" (the exact evaluator, metrics/notes/metrics.md sec. 4.
 5. `read_official_results(<out>/results.jsonl)` reads the result lines back as per-image rows
    (prompt_id from the folder name, image, tag, score 1/0, reason) and raises unless there are
    exactly 2,212 lines (553 x 4).
+Sections (sec. N) are those of metrics/notes/metrics.md.
 """
 from __future__ import annotations
 

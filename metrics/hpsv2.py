@@ -31,6 +31,7 @@ batched matmul inside the precision context so that under autocast it is rounded
 reference's `image_features @ text_features.T`.
 
 `HPSv2Reward` is the same score as a differentiable training reward, `reward(images01, metas)`.
+Sections (sec. N) are those of metrics/notes/metrics.md.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ from metrics.sampleset import SampleSet
 ARCHITECTURE = "ViT-H-14"
 INPUT_SIZE = 224
 CONTEXT_LENGTH = 77
-# OpenAI CLIP's normalisation constants, which the HPS transform uses (metrics/notes/metrics.md sec. 1.3 step 5)
+# OpenAI CLIP's normalisation constants, which the HPS transform uses (sec. 1.3 step 5)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PRECISIONS = ("fp16-autocast", "fp32")
@@ -82,7 +83,7 @@ def checkpoint_entry(hps_version: str) -> WeightFile:
 
 def image_to_tensor01(image: Image.Image) -> torch.Tensor:
     """A PIL image as float (3, H, W) in [0, 1]; alpha is dropped (the reference would keep RGBA
-    as 4 channels, which breaks the model, metrics/notes/metrics.md sec. 1.3 step 1)."""
+    as 4 channels, which breaks the model, sec. 1.3 step 1)."""
     arr = np.asarray(image.convert("RGB"))
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
 
@@ -119,7 +120,7 @@ def normalise(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def hps_pixels(images01: torch.Tensor, antialias: bool = True) -> torch.Tensor:
-    """The model input of a batch of float images in [0, 1] (metrics/notes/metrics.md sec. 1.3 steps 3-5)."""
+    """The model input of a batch of float images in [0, 1] (sec. 1.3 steps 3-5)."""
     if images01.ndim != 4 or images01.shape[1] != 3:
         raise ValueError(f"HPS preprocessing needs images (B, 3, H, W) in [0, 1]; got shape "
                          f"{tuple(images01.shape)}")
@@ -319,7 +320,7 @@ class HPSv2(PerImageMetric):
     """Mean HPS (x100) of a sample set against its prompts, with a bootstrap CI over prompts.
 
     hps_version "v2.1" (default) or "v2.0" (use HPSv20); precision "fp16-autocast" (reference,
-    fp32 on the CPU) or "fp32"; antialias: the resize option of metrics/notes/metrics.md sec. 1.3. checkpoint and
+    fp32 on the CPU) or "fp32"; antialias: the resize option of sec. 1.3. checkpoint and
     model_config replace the cache file and ViT-H-14 (tests use a tiny config of the same classes).
     """
     name = "hpsv2.1"

@@ -21,6 +21,7 @@ Scale: the value is the mean z-scored reward (x1), as RTDMD reports it (1.3024);
 `ImageRewardReward` is the differentiable training reward with the tensor preprocessing of the
 package's ReFL trainer (torchvision resize of the shorter side to 224, bicubic, then centre crop
 and CLIP normalisation on tensors): on 224 x 224 images it equals the metric's per-image score.
+Sections (sec. N) are those of metrics/notes/metrics.md.
 """
 from __future__ import annotations
 

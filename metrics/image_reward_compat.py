@@ -17,6 +17,7 @@ written for transformers 4.15. `import_image_reward()` therefore:
    semantics (step 6).
 The tokenizer patch (step 4) and local files (step 7) are in `build_image_reward`, which replaces
 the package's `init_tokenizer` (it downloads `bert-base-uncased`) by one that reads a local folder.
+Sections (sec. N) are those of metrics/notes/metrics.md.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 PACKAGE = "ImageReward"
-MAX_TEXT_TOKENS = 35  # the package's tokenizer call: padding to and truncation at 35 (metrics/notes/metrics.md sec. 2.1)
+MAX_TEXT_TOKENS = 35  # the package's tokenizer call: padding to and truncation at 35 (sec. 2.1)
 
 
 class ImageRewardPackageMissing(ImportError):
@@ -148,7 +149,7 @@ def import_image_reward():
 
 def local_tokenizer(folder: Path):
     """BLIP's tokenizer (bert-base-uncased + [DEC] bos + [ENC]) from a local folder; the [ENC] id is
-    looked up by name (transformers 5 dropped `additional_special_tokens_ids`, metrics/notes/metrics.md sec. 2.4 step
+    looked up by name (transformers 5 dropped `additional_special_tokens_ids`, sec. 2.4 step
     4)."""
     from transformers import BertTokenizer
 
@@ -192,7 +193,7 @@ def build_image_reward(med_config: Path, tokenizer_folder: Path, device="cpu",
 
 
 def check_key_report(missing, unexpected, checkpoint) -> None:
-    """metrics/notes/metrics.md sec. 2.2: no unexpected keys, and only `position_ids` buffers missing."""
+    """sec. 2.2: no unexpected keys, and only `position_ids` buffers missing."""
     bad_missing = [k for k in missing if not k.endswith("position_ids")]
     if unexpected or bad_missing:
         raise ValueError(f"{checkpoint} does not match the ImageReward model (BLIP ViT-L/16 + "

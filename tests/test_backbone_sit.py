@@ -101,7 +101,7 @@ def official_reference_forward(sd: dict, x, t_sit, y, heads: int, patch: int, ou
     return torch.einsum("nhwpqc->nchpwq", tok).reshape(x.shape[0], out_ch, g * patch, g * patch)
 
 
-# -- network -----------------------------------------------------------------------------------
+# -- network ---------------------------------------------------------------------------------------
 def test_named_xl2_config_and_official_key_set():
     assert SIT_CONFIGS["SiT-XL/2"] == {"depth": 28, "hidden_size": 1152, "num_heads": 16,
                                        "patch_size": 2}
@@ -142,7 +142,7 @@ def test_network_matches_official_forward_built_from_timm_layers():
     assert torch.allclose(b.net.forward_full(x, 1 - t, cond["y"]), ref, atol=1e-5)
 
 
-# -- official checkpoint ----------------------------------------------------------------------
+# -- official checkpoint ---------------------------------------------------------------------------
 @pytest.mark.parametrize("wrap", ["plain", "train.py"])
 def test_official_checkpoint_loads_with_equal_outputs(tmp_path, wrap):
     b = tiny()
@@ -170,7 +170,7 @@ def test_conversion_errors_name_the_culprits():
         convert_official_sit_state_dict(sd)
 
 
-# -- the shared checks, and our own folder -----------------------------------------------------
+# -- the shared checks, and our own folder ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A tiny latent SiT (with VAE) and the folder its save_pretrained wrote."""
@@ -193,7 +193,7 @@ class TestSiTConformance(BackboneConformance):
         assert loaded.sit_cfg_first3_channels and loaded.pixel_space  # the flag is saved
 
 
-# -- time and sign ----------------------------------------------------------------------------
+# -- time and sign ---------------------------------------------------------------------------------
 class UpstreamVelocityStub(nn.Module):
     """Returns the exact upstream regression target d x / d t_SiT = data - noise, and checks
     that it is called with t_SiT = 1 - t."""
@@ -247,7 +247,7 @@ def test_first3_channels_flag_reproduces_upstream_guidance():
         assert torch.equal(b.x0(x, t, cond, 1.0), b.x0(x, t, cond))  # no guidance: no change
 
 
-# -- conditions --------------------------------------------------------------------------------
+# -- conditions ------------------------------------------------------------------------------------
 def test_labels_null_and_dropout():
     b = tiny()
     assert b.encode([1, "2", torch.tensor(3)])["y"].tolist() == [1, 2, 3]
@@ -261,7 +261,7 @@ def test_labels_null_and_dropout():
     assert torch.equal(b.net.drop_labels(y, prob=0.0), y)
 
 
-# -- missing weights ---------------------------------------------------------------------------
+# -- missing weights -------------------------------------------------------------------------------
 def test_missing_checkpoint_names_file_and_env(tmp_path, monkeypatch):
     monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "cache"))
     with pytest.raises(MissingWeightsError) as err:

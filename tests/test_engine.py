@@ -272,7 +272,7 @@ def test_trainable_weights_are_fp32_masters_of_a_half_precision_teacher():
     assert {p.dtype for p in teacher.denoiser.parameters()} == {torch.bfloat16}  # untouched
 
 
-# -- the run's inputs: the teacher and every file that shapes training --------------------------
+# -- the run's inputs: the teacher and every file that shapes training -----------------------------
 
 def test_resume_refuses_another_teacher_or_input_file(sit_teacher, tmp_path, capsys):
     """The recorded config holds the inputs' identities; a resume with another one is refused

@@ -2,6 +2,7 @@
 
 Tiny random SiT teachers at 8x8 pixels (non-zero output heads) with the toy world's classes; the
 critic is perturbed so that teacher and critic disagree and every direction is non-trivial.
+Sections (sec. N) are those of methods/notes/amd.md.
 """
 import math
 
@@ -95,7 +96,7 @@ def seen(method, x, cond, step=0):
     return method.teacher_critic_branches(x, cond)
 
 
-# -- 10.1 reduction to DMD2 ---------------------------------------------------------------------
+# -- 10.1 reduction to DMD2 ------------------------------------------------------------------------
 @pytest.mark.parametrize("family,omega,grid", [("sit", 2.0, FOUR), ("sit", 1.0, (1.0,)),
                                                 ("sdxl", 2.0, FOUR)])
 def test_s0_without_rls_is_dmd2_bit_for_bit(family, omega, grid):
@@ -125,7 +126,7 @@ def test_s0_without_rls_is_dmd2_bit_for_bit(family, omega, grid):
     assert "reward" in a["critic"][2] and "reward" in run_step(method, 0)["generator"][2]
 
 
-# -- 10.2 decomposition identity ----------------------------------------------------------------
+# -- 10.2 decomposition identity -------------------------------------------------------------------
 def test_decomposition_identity():
     omega = 3.0
     method = make_amd(teacher_guidance=omega)
@@ -156,13 +157,13 @@ def test_decomposition_identity():
 
 
 def test_weights_multiply_the_components_not_the_whole_vector():
-    """methods/notes/amd.md sec. 8 item 1: beta scales the DM term, alpha the CA term."""
+    """sec. 8 item 1: beta scales the DM term, alpha the CA term."""
     pc, pf, pg = torch.zeros(1, 1, 1, 1), -torch.ones(1, 1, 1, 1), 3 * torch.ones(1, 1, 1, 1)
     h = amd.dsa_direction(pg, pc, pf, torch.tensor([0.5]), torch.tensor([2.0]))
     assert float(h) == 2.0 * (0 - (-1)) + 0.5 * (3 - 0)
 
 
-# -- 10.3 omega = 1 -------------------------------------------------------------------------------
+# -- 10.3 omega = 1 --------------------------------------------------------------------------------
 def test_omega_one_scales_each_sample_by_beta():
     method = make_amd(teacher_guidance=1.0, coeff_s=0.3)
     cond = method.ctx.prompts(2, repeat=K).cond
@@ -182,7 +183,7 @@ def test_omega_one_scales_each_sample_by_beta():
                                atol=1e-3 * float(g_dmd2.abs().max()))
 
 
-# -- 10.4 tied rewards ----------------------------------------------------------------------------
+# -- 10.4 tied rewards -----------------------------------------------------------------------------
 @pytest.mark.parametrize("k,value", [(4, 0.37), (3, 0.1), (5, -2.3)])
 def test_tied_group_gives_unit_weights(k, value):
     groups = torch.arange(2).repeat_interleave(k)
@@ -205,7 +206,7 @@ def test_constant_reward_leaves_the_method_unweighted():
     assert torch.equal(adv, torch.zeros_like(adv)) and stats["reward"] == 0.25
 
 
-# -- 10.5 direction and range ---------------------------------------------------------------------
+# -- 10.5 direction and range ----------------------------------------------------------------------
 @pytest.mark.parametrize("squash", ["clip", "tanh"])
 def test_direction_and_range(squash):
     s, groups = 0.1, torch.arange(3).repeat_interleave(K)
@@ -223,7 +224,7 @@ def test_direction_and_range(squash):
 
 
 def test_two_sample_groups_hit_the_extremes():
-    """methods/notes/amd.md sec. 3.3: with K = 2, |a| = sigma_g / (sigma_g + eps), a sign up to eps / sigma_g, so
+    """sec. 3.3: with K = 2, |a| = sigma_g / (sigma_g + eps), a sign up to eps / sigma_g, so
     alpha, beta sit at 1 +- s whatever the reward gap (once it is large against eps)."""
     adv = amd.advantages(torch.tensor([0.0, 1.0, 5.0, 5.1]), torch.tensor([0, 0, 1, 1]))
     alpha, beta = amd.coefficients(adv, 0.1)
@@ -249,7 +250,7 @@ def test_hard_gate_applies_dsa_only_to_failing_samples():
     torch.testing.assert_close(beta, torch.tensor([1.1, 1.02, 1.0, 1.0], dtype=torch.float64))
 
 
-# -- 10.6 RLS normalisation -----------------------------------------------------------------------
+# -- 10.6 RLS normalisation ------------------------------------------------------------------------
 def test_group_mean_weights_average_one_and_keep_equal_losses():
     groups = torch.arange(3).repeat_interleave(K)
     adv = amd.advantages(torch.randn(3 * K, generator=torch.Generator().manual_seed(6)), groups)
@@ -284,7 +285,7 @@ def test_critic_loss_is_the_rls_weighted_native_loss():
     assert not torch.allclose(out["critic"][0], per.mean())
 
 
-# -- 10.7 reward isolation ------------------------------------------------------------------------
+# -- 10.7 reward isolation -------------------------------------------------------------------------
 class NetReward(nn.Module):
     def __init__(self):
         super().__init__()
@@ -313,7 +314,7 @@ def test_reward_gets_no_gradient_and_changes_nothing():
     assert x.requires_grad and not method.rewards(x, batch, stop).requires_grad
 
 
-# -- groups, options, plumbing --------------------------------------------------------------------
+# -- groups, options, plumbing ---------------------------------------------------------------------
 def test_groups_share_prompt_and_stop_index():
     method = make_amd()
     other = AMD(method.teacher, method.opt, context(method.teacher, info=DistInfo(rank=1, world_size=2)))

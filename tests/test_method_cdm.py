@@ -261,7 +261,7 @@ def test_normaliser_floor_and_gradient():
     assert grad[0, 0, 0, 0] == 0 and torch.isfinite(grad).all()
 
 
-# -- update schedule, options, and the engine loop (methods/notes/cdm.md sec. 5, 6.2) ---------------------------------
+# -- update schedule, options, and the engine loop (methods/notes/cdm.md sec. 5, 6.2) --------------
 def test_plan_options_and_errors(sit):
     method = make(sit)
     assert [method.plan(s) for s in range(4)] == [["critic"], ["critic", "generator"]] * 2

@@ -1,4 +1,7 @@
-"""DMD and DMD2 fidelity: the "Checks a faithful implementation passes" of methods/notes/dmd.md and methods/notes/dmd2.md."""
+"""DMD and DMD2 fidelity: the "Checks a faithful implementation passes" of methods/notes/dmd.md and methods/notes/dmd2.md.
+
+Sections (sec. N) are those of methods/notes/dmd.md.
+"""
 import math
 
 import pytest
@@ -36,7 +39,7 @@ def grads(module):
     return {n: (p.grad.clone() if p.grad is not None else None) for n, p in module.named_parameters()}
 
 
-# methods/notes/dmd.md sec. 10 item 1 / methods/notes/dmd2.md sec. 10 item 1
+# sec. 10 item 1 / methods/notes/dmd2.md sec. 10 item 1
 @pytest.mark.parametrize("family", ["sdxl", "sd3", "sit"])
 def test_zero_dm_gradient_at_equilibrium(built, family):
     m = method(built[family], "dmd", generator_grid=[1.0])
@@ -47,7 +50,7 @@ def test_zero_dm_gradient_at_equilibrium(built, family):
     assert torch.count_nonzero(x.grad) == 0
 
 
-# methods/notes/dmd.md sec. 10 item 2
+# sec. 10 item 2
 def test_surrogate_gradient_is_g_over_n():
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     g = torch.randn(2, 3, 4, 4, dtype=torch.float64)
@@ -55,7 +58,7 @@ def test_surrogate_gradient_is_g_over_n():
     assert torch.allclose(x.grad, g / x.numel(), atol=1e-15)
 
 
-# methods/notes/dmd.md sec. 10 item 3
+# sec. 10 item 3
 def test_normaliser_is_per_sample():
     x, p_t, p_f = (torch.randn(2, 3, 4, 4, dtype=torch.float64) for _ in range(3))
     both = losses.dm_gradient(x, p_t, p_f)
@@ -74,7 +77,7 @@ def test_nonfinite_entries_are_zeroed():
     assert torch.count_nonzero(g) == 0
 
 
-# methods/notes/dmd.md sec. 10 item 4 / methods/notes/dmd2.md sec. 10 item 8: guidance in x0 space equals native-space guidance (eps, v, SiT u)
+# sec. 10 item 4 / methods/notes/dmd2.md sec. 10 item 8: guidance in x0 space equals native-space guidance (eps, v, SiT u)
 @pytest.mark.parametrize("family", ["sdxl", "sd3", "sit"])
 def test_x0_guidance_equals_native_guidance(built, family):
     bb = built[family]
@@ -88,7 +91,7 @@ def test_x0_guidance_equals_native_guidance(built, family):
     assert torch.allclose(ours.double(), native, atol=1e-4)
 
 
-# methods/notes/dmd.md sec. 10 item 5
+# sec. 10 item 5
 def test_generator_step_changes_only_generator_and_critic_step_only_critic(built, tmp_path):
     m = method(built["sit"], "dmd", teacher_guidance=2.0, lr=1e-3)
     trainer = Trainer(m, tmp_path)
@@ -107,7 +110,7 @@ def test_generator_step_changes_only_generator_and_critic_step_only_critic(built
     assert all(torch.equal(v, m.teacher.state_dict()[k]) for k, v in teacher_before.items())
 
 
-# methods/notes/dmd.md sec. 10 item 6
+# sec. 10 item 6
 def test_sdxl_timestep_ranges(built):
     m = method(built["sdxl"], "dmd")
     sched = m.teacher.schedule
@@ -117,7 +120,7 @@ def test_sdxl_timestep_ranges(built):
     assert set(k_critic.tolist()) == set(range(1000))
 
 
-# methods/notes/dmd.md sec. 10 item 7
+# sec. 10 item 7
 def test_regression_is_zero_when_generator_reproduces_pairs(built, tmp_path):
     from safetensors.torch import save_file
 
@@ -140,7 +143,7 @@ def test_regression_is_zero_when_generator_reproduces_pairs(built, tmp_path):
     assert float(m.regression(y_ref + 0.5, y_ref)) > 0.0
 
 
-# methods/notes/dmd.md sec. 10 item 8 / methods/notes/dmd2.md sec. 10 item 3
+# sec. 10 item 8 / methods/notes/dmd2.md sec. 10 item 3
 @pytest.mark.parametrize("family", ["sdxl", "sit"])
 def test_dmd_without_regression_equals_dmd2_without_gan_at_ratio_one(built, family):
     common = dict(teacher_guidance=2.0, generator_grid=[1.0])

@@ -27,7 +27,7 @@ def build(teacher, name, **overrides):
     return build_method(name, teacher, ctx, "toy", {"batch": 2, **overrides})
 
 
-# -- the one sampler hook ---------------------------------------------------------------------
+# -- the one sampler hook --------------------------------------------------------------------------
 def test_export_writes_the_classes_sampler(sit_teacher, tmp_path):
     class TwoStep(Dummy):
         @classmethod
@@ -45,7 +45,7 @@ def test_export_writes_the_classes_sampler(sit_teacher, tmp_path):
     assert info["student"] == StudentSpec([1.0, 0.5], theta=0.25).to_dict()
 
 
-# -- DMD2's critic weight hook ----------------------------------------------------------------
+# -- DMD2's critic weight hook ---------------------------------------------------------------------
 def test_dmd2_critic_weights_come_from_its_hook(sit_teacher):
     def critic_loss(method):
         method.ctx.step = 0
@@ -63,7 +63,7 @@ def test_dmd2_critic_weights_come_from_its_hook(sit_teacher):
     assert not torch.allclose(base, reweighted)  # the weights reach the critic's denoising loss
 
 
-# -- family facts live in the backbones -------------------------------------------------------
+# -- family facts live in the backbones ------------------------------------------------------------
 def test_each_family_names_its_lora_targets_and_gan_features():
     for family in ("sit", "sdxl", "sd3"):
         teacher = teachers.build(family, resolution=16, seed=0)

@@ -86,7 +86,7 @@ def vec(v, n):
     return torch.full((n,), float(v), dtype=torch.float64)
 
 
-# -- 10.1 ambient target at s = 0; general path = flow formulas ---------------------------------
+# -- 10.1 ambient target at s = 0; general path = flow formulas ------------------------------------
 def test_ambient_target_at_s0_is_eps_minus_x0(toy):
     sd3 = toy("sd3")
     x0, eps = torch.randn(4, 3, RES, RES), torch.randn(4, 3, RES, RES)
@@ -134,7 +134,7 @@ def test_general_kernel_target_and_cps_reduce_to_flow_formulas(toy):
     torch.testing.assert_close(out, FLOW.ddim_step(x, x0, tt, tn, xi, THETA))
 
 
-# -- 10.2 unbiasedness ----------------------------------------------------------------------------
+# -- 10.2 unbiasedness -----------------------------------------------------------------------------
 @pytest.mark.parametrize("sched", [FLOW, VP], ids=["flow", "vp"])
 def test_ambient_target_is_unbiased_least_squares(sched):
     """x0 ~ N(0, v0): E[target | x_t] = c x_t with c known; regress the target on x_t."""
@@ -164,7 +164,7 @@ def test_ambient_target_is_unbiased_least_squares(sched):
         assert abs(float(coef[1])) < 5 * float(resid.std()) / math.sqrt(N)
 
 
-# -- 10.3 kernel marginal -------------------------------------------------------------------------
+# -- 10.3 kernel marginal --------------------------------------------------------------------------
 def test_kernel_marginal_variance():
     v0 = 0.3
     for sched in (FLOW, VP):
@@ -182,7 +182,7 @@ def test_kernel_marginal_variance():
     assert abs(float(x_t.var()) - ((1 - t) ** 2 * v0 + t ** 2)) < 0.01
 
 
-# -- 10.4 noise cancellation ----------------------------------------------------------------------
+# -- 10.4 noise cancellation -----------------------------------------------------------------------
 def test_noise_cancels_with_shared_xi_and_s0_is_dmd():
     B, shape, f64 = 4, (4, 3, 5, 5), torch.float64
     t = torch.tensor([0.3, 0.5, 0.8, 0.95], dtype=f64)
@@ -210,7 +210,7 @@ def test_noise_cancels_with_shared_xi_and_s0_is_dmd():
     torch.testing.assert_close(diff, c(alpha_s - sigma_s * math.cos(THETA) * alpha_t / sigma_t) * (p_F - p_T))
 
 
-# -- 10.5 CPS limits ------------------------------------------------------------------------------
+# -- 10.5 CPS limits -------------------------------------------------------------------------------
 def test_cps_limits_euler_and_noise_free_last_step(toy):
     shape = (3, 3, RES, RES)
     x, x0, xi = torch.randn(shape), torch.randn(shape), torch.randn(shape)
@@ -236,7 +236,7 @@ def test_cps_limits_euler_and_noise_free_last_step(toy):
     assert (logp[0] < 0).all()
 
 
-# -- 10.6 consistency estimator -------------------------------------------------------------------
+# -- 10.6 consistency estimator --------------------------------------------------------------------
 def test_consistency_estimator_mean_and_eta0():
     gen = torch.Generator().manual_seed(0)
     M, C = 20_000, 3
@@ -260,7 +260,7 @@ def test_consistency_estimator_mean_and_eta0():
     torch.testing.assert_close(est0, ((h(x_det, None) - h0[:8]) ** 2).mean().float())
 
 
-# -- 10.7 advantages ------------------------------------------------------------------------------
+# -- 10.7 advantages -------------------------------------------------------------------------------
 def test_advantages_properties():
     gen = torch.Generator().manual_seed(0)
     groups = torch.arange(6).repeat_interleave(4)
@@ -300,7 +300,7 @@ def test_zero_advantage_samples_never_reach_the_loss(toy):
     assert torch.isfinite(loss) and stats["kept"] == 0.5
 
 
-# -- 10.8 shared noise ----------------------------------------------------------------------------
+# -- 10.8 shared noise -----------------------------------------------------------------------------
 def test_shared_noise_identical_across_group_and_ranks(toy):
     """One prompt, K = 4 images over 2 ranks: non-selected steps share noise, the rest differ."""
     sd3 = toy("sd3")
@@ -330,7 +330,7 @@ def test_shared_noise_identical_across_group_and_ranks(toy):
     assert not torch.equal(later[0], shared[0][0])  # a new epoch, new noise
 
 
-# -- the method: schedule, times, presets, both stages --------------------------------------------
+# -- the method: schedule, times, presets, both stages ---------------------------------------------
 def test_plan_times_and_presets(toy):
     method = make(toy("sd3"), "sd3")
     plans = [method.plan(i) for i in range(20)]

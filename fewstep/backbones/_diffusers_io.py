@@ -173,7 +173,7 @@ class DiffusersBackbone(Backbone):
                 f"channels but the {'VAE has' if vae else 'pixel-space codec (no vae/ folder) has'} "
                 f"{codec_channels}; the folder's parts do not belong together")
 
-    # -- the denoiser and the text stack ---------------------------------------------------------
+    # -- the denoiser and the text stack -----------------------------------------------------------
     @property
     def denoiser(self) -> torch.nn.Module:
         """The trainable network (UNet or transformer)."""
@@ -211,14 +211,14 @@ class DiffusersBackbone(Backbone):
     def pixel_space(self) -> bool:
         return isinstance(self.codec, PixelCodec)
 
-    # -- codec ----------------------------------------------------------------------------------
+    # -- codec -------------------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.codec.decode(latents)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.codec.encode(images)
 
-    # -- folders ---------------------------------------------------------------------------------
+    # -- folders -----------------------------------------------------------------------------------
     @classmethod
     def _parts(cls, with_text: bool) -> list[Part]:
         text = [p for pair in cls.TEXT_PARTS for p in pair] if with_text else []
@@ -290,7 +290,7 @@ class DiffusersBackbone(Backbone):
 
 
 
-# -- tiny random models (tests and the toy world) -------------------------------------------------
+# -- tiny random models (tests and the toy world) --------------------------------------------------
 def scheduler_config_of(scheduler) -> dict:
     """The scheduler_config.json content of a diffusers scheduler object (class name included)."""
     import diffusers

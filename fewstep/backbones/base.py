@@ -3,6 +3,7 @@
 Adapters implement `native` (the network's own output) and `x0_from_native`; classifier-free
 guidance is applied here, in x0 space, which is exact because x0 is affine in the native output
 (fewstep/notes/conventions.md sec. 5).
+Sections (sec. N) are those of fewstep/notes/conventions.md.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ class Backbone(nn.Module):
         super().__init__()
         self._cond_cache: dict[str, Cond] = {}
 
-    # -- to implement ---------------------------------------------------------------------------
+    # -- to implement ------------------------------------------------------------------------------
     def native(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         raise NotImplementedError
 
@@ -78,7 +79,7 @@ class Backbone(nn.Module):
         `layer` picks a transformer block (None: the middle one)."""
         raise NotImplementedError(f"{type(self).__name__} names no GAN feature layer")
 
-    # -- shared ---------------------------------------------------------------------------------
+    # -- shared ------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
@@ -99,13 +100,13 @@ class Backbone(nn.Module):
         return x0_c, x0_u
 
     def guide(self, x0_c: torch.Tensor, x0_u: torch.Tensor, guidance: float) -> torch.Tensor:
-        """D^w = D(null) + w (D(c) - D(null)) in x0 space (fewstep/notes/conventions.md sec. 5)."""
+        """D^w = D(null) + w (D(c) - D(null)) in x0 space (sec. 5)."""
         return x0_u + guidance * (x0_c - x0_u)
 
     def native_target(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """The native output that maps to the clean x0: the regression target of a denoising loss.
 
-        x0_from_native is affine in the output o, x0 = a + b o (fewstep/notes/conventions.md sec. 5), so
+        x0_from_native is affine in the output o, x0 = a + b o (sec. 5), so
         o* = (x0 - a) / b with a = x0_from_native(o = 0) and b = x0_from_native(o = 1) - a:
         eps for SDXL, eps - x0 for SD3, x0 - eps for SiT, without a per-family formula.
         """

@@ -72,7 +72,7 @@ class SD3Backbone(DiffusersBackbone):
                 f"pooled_projection_dim={cfg.pooled_projection_dim} do not match the text "
                 f"encoders (expected T5 d_model {t5.d_model} and CLIP projections summed {pooled})")
 
-    # -- constructors ---------------------------------------------------------------------------
+    # -- constructors ------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, resolution=None,
                         text_encoders: bool = True) -> "SD3Backbone":
@@ -120,7 +120,7 @@ class SD3Backbone(DiffusersBackbone):
         return cls(transformer, TextStack(tokenizers, encoders), scheduler_config_of(scheduler),
                    vae, resolution)
 
-    # -- conditioning ---------------------------------------------------------------------------
+    # -- conditioning ------------------------------------------------------------------------------
     def _clip_embeds(self, text: TextStack, prompts: Sequence[str]):
         """Penultimate hidden states and projected pooled outputs of CLIP-L and CLIP-G."""
         hidden, pooled = [], []
@@ -157,7 +157,7 @@ class SD3Backbone(DiffusersBackbone):
         self.encode([NULL_PROMPT])  # the null condition must outlive the encoders
         super().release_text_encoders()
 
-    # -- the network in the shared convention ---------------------------------------------------
+    # -- the network in the shared convention ------------------------------------------------------
     def native(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """v̂ = ε − x0 from the transformer at timestep input 1000·t."""
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)

@@ -69,7 +69,7 @@ class SDXLBackbone(DiffusersBackbone):
                 f" do not match the text encoders (expected {width} and {added}: hidden sizes "
                 "summed, and 6 time ids x addition_time_embed_dim + CLIP-G projection_dim)")
 
-    # -- constructors ---------------------------------------------------------------------------
+    # -- constructors ------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, resolution=None,
                         text_encoders: bool = True) -> "SDXLBackbone":
@@ -119,7 +119,7 @@ class SDXLBackbone(DiffusersBackbone):
         return cls(unet, TextStack(tokenizers, encoders), scheduler_config_of(scheduler), vae,
                    resolution)
 
-    # -- conditioning ---------------------------------------------------------------------------
+    # -- conditioning ------------------------------------------------------------------------------
     def time_ids(self, batch: int) -> torch.Tensor:
         """(orig H, orig W, crop top, crop left, target H, target W): uncropped, at the resolution
         (diffusers SDXL pipeline, _get_add_time_ids)."""
@@ -149,7 +149,7 @@ class SDXLBackbone(DiffusersBackbone):
         return {"prompt_embeds": torch.zeros_like(cond["prompt_embeds"]),
                 "pooled": torch.zeros_like(cond["pooled"]), "time_ids": cond["time_ids"]}
 
-    # -- the network in the shared convention ---------------------------------------------------
+    # -- the network in the shared convention ------------------------------------------------------
     def native(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """ε̂ from the UNet at the integer timestep k = round(999 t)."""
         k = self.schedule.k_of_t(t).clamp(0, self.schedule.n_steps - 1).to(x_t.device)

@@ -73,7 +73,7 @@ class SiTBackbone(Backbone):
     def pixel_space(self) -> bool:
         return isinstance(self.codec, PixelCodec)
 
-    # -- the network in its own convention -----------------------------------------------------
+    # -- the network in its own convention ---------------------------------------------------------
     def native(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """SiT velocity u = x0 - eps (first C channels), evaluated at t_SiT = 1 - t."""
         t_sit = FlowSchedule.sit_time(torch.as_tensor(t, dtype=torch.float64,
@@ -93,7 +93,7 @@ class SiTBackbone(Backbone):
         # u channel by channel, so doing this in x0 space equals doing it on the velocity.
         return torch.cat([guided[:, :3], x0_c[:, 3:]], dim=1)
 
-    # -- conditions ------------------------------------------------------------------------------
+    # -- conditions --------------------------------------------------------------------------------
     def _encode(self, labels: Sequence) -> Cond:
         ids = [_label_id(label, i, self.num_classes) for i, label in enumerate(labels)]
         return {"y": torch.tensor(ids, dtype=torch.long, device=self.device)}
@@ -101,7 +101,7 @@ class SiTBackbone(Backbone):
     def null(self, cond: Cond) -> Cond:
         return {"y": torch.full_like(_labels_of(cond), self.num_classes)}
 
-    # -- images ----------------------------------------------------------------------------------
+    # -- images ------------------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self.pixel_space and latents.shape[1] != 3:
             raise ValueError(f"this SiT backbone works in pixel space with {latents.shape[1]} "
@@ -116,7 +116,7 @@ class SiTBackbone(Backbone):
         """Transformer block `layer` (None: floor(L/2)); its tokens are the GAN feature."""
         return middle_block(self.denoiser.blocks, layer)
 
-    # -- construction ----------------------------------------------------------------------------
+    # -- construction ------------------------------------------------------------------------------
     @classmethod
     def tiny(cls, resolution: int = 32, in_channels: int = 3, num_classes: int = 10,
              pixel_space: bool = True, depth: int = 2, hidden: int = 64, num_heads: int = 4,

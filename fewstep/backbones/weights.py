@@ -109,7 +109,7 @@ def require_files(folder: str | os.PathLike, expected: list[str], what: str) -> 
         f"{len(expected)} expected files:\n{listing}\n{_where_hint(folder)}")
 
 
-# -- single cache entries (metrics, `fewstep weights check`) -------------------------------------
+# -- single cache entries (metrics, `fewstep weights check`) ---------------------------------------
 # An entry is a path relative to the cache root; "a|b" means either file will do, and a trailing
 # "/" names a folder that must hold at least one file (e.g. a folder of FID reference images).
 

@@ -36,7 +36,7 @@ class Context:
         self.autocast_enabled = autocast and self.device.type == "cuda"
         self.step = 0
 
-    # -- randomness ---------------------------------------------------------------------------
+    # -- randomness --------------------------------------------------------------------------------
     def gen(self, stream: str) -> torch.Generator:
         """Rank-local generator for this iteration and stream (CPU; tensors move to the device)."""
         return torch.Generator().manual_seed(_seed(self.seed, self.step, stream, "rank", self.rank))
@@ -60,7 +60,7 @@ class Context:
         g = self.shared_gen(stream) if shared else self.gen(stream)
         return torch.randint(low, high + 1, (n,), generator=g).to(self.device)
 
-    # -- data ---------------------------------------------------------------------------------
+    # -- data --------------------------------------------------------------------------------------
     def prompts(self, n: int, stream: str = "prompts", repeat: int = 1) -> PromptBatch:
         batch = self.pool.draw(n, self.gen(stream), repeat)
         batch.cond = {k: v.to(self.device) for k, v in batch.cond.items()}

@@ -47,7 +47,7 @@ class DistributionMatching(Method):
         self.critic_times = TimeSampler("grid", 0.0, 1.0) if discrete else \
             TimeSampler("uniform", *options.critic_t_clip)
 
-    # -- sampling ------------------------------------------------------------------------------
+    # -- sampling ----------------------------------------------------------------------------------
     @classmethod
     def sampler(cls, teacher, options) -> StudentSpec:
         grid = student_grid(teacher, options.generator_grid, options.grid_shift)
@@ -74,7 +74,7 @@ class DistributionMatching(Method):
             t_stop = torch.full_like(t_prev, self.grid[stop])
             return self.generator.schedule.add_noise(x0_prev, z, t_stop)
 
-    # -- losses --------------------------------------------------------------------------------
+    # -- losses ------------------------------------------------------------------------------------
     def teacher_and_critic(self, x, cond, stream: str = "dm"):
         """(x_t, t, p_T^omega, p_F) at a fresh DM time; no gradient anywhere (DMD Alg. 2 steps 1-3)."""
         t = self.draw_t(self.dm_times, x.shape[0], f"{stream}/t")

@@ -154,7 +154,7 @@ class Trainer:
             if opt.ema_decay > 0 else {}
         self.state = RunState()
 
-    # -- checkpoints ------------------------------------------------------------------------------
+    # -- checkpoints -------------------------------------------------------------------------------
     def resume(self) -> None:
         folder = checkpoint.latest(self.run_dir, report=self.info.main)
         if folder is None:
@@ -178,7 +178,7 @@ class Trainer:
                                               "config": run_config(self.method, self.inputs)})
         barrier(self.info)
 
-    # -- one iteration ----------------------------------------------------------------------------
+    # -- one iteration -----------------------------------------------------------------------------
     def update(self, net: str, scratch: dict) -> dict:
         method, step = self.method, self.state.step
         opt = self.optimizers[net]
@@ -225,7 +225,7 @@ class Trainer:
                 self.state.ema_updates += 1
         return row
 
-    # -- the loop ---------------------------------------------------------------------------------
+    # -- the loop ----------------------------------------------------------------------------------
     def run(self, progress: bool = True) -> RunState:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.resume()

@@ -85,7 +85,7 @@ class Method:
         the class of the stage its options name. One registered name, one preset namespace."""
         return cls
 
-    # -- to implement ---------------------------------------------------------------------------
+    # -- to implement ------------------------------------------------------------------------------
     def networks(self) -> dict[str, nn.Module]:
         """Trainable modules by name ("generator" first); each gets its own optimiser. The default
         is the generator's denoiser and, when the method has a `critic` backbone, the critic's."""
@@ -117,7 +117,7 @@ class Method:
     def generator(self) -> Backbone:
         return self._generator
 
-    # -- per-network optimiser settings ---------------------------------------------------------
+    # -- per-network optimiser settings ------------------------------------------------------------
     def lr(self, net: str) -> float:
         if net == "generator" or self.opt.critic_lr is None:
             return self.opt.lr
@@ -128,7 +128,7 @@ class Method:
             return self.opt.weight_decay
         return self.opt.critic_weight_decay
 
-    # -- helpers shared by the methods -----------------------------------------------------------
+    # -- helpers shared by the methods -------------------------------------------------------------
     def rollout(self, z: torch.Tensor, cond, grid: list[float], stop: int, theta: float,
                 stream: str) -> torch.Tensor:
         """No-grad run of the generator's sampler from z through grid[:stop]; x at grid[stop] (z
