@@ -35,7 +35,8 @@ def requires(method: str) -> tuple[str, ...]:
 
 
 def runs(config: dict) -> dict[str, Run]:
-    """run name -> Run; a staged method expands to one run per stage, the last named as the method."""
+    """run name -> Run; a staged method expands to one run per stage (the last one named as the
+    method)."""
     distill, plan = config["distill"], {}
     for method in distill["methods"]:
         presets = distill["stages"].get(method, [distill["preset"]])
@@ -48,7 +49,8 @@ def runs(config: dict) -> dict[str, Run]:
 
 
 def released(config: dict) -> dict:
-    """Published students evaluated instead of trained: {method: {family: {weights, lora, preset}}}."""
+    """Published students evaluated instead of trained:
+    {method: {family: {weights, lora, preset}}}."""
     return config["distill"].get("released", {})
 
 
@@ -174,7 +176,8 @@ def score_extra_inputs(config: dict) -> dict[str, str]:
 
 
 def score_params(config: dict) -> dict:
-    """The score jobs' parameters (config strings quoted: the metric options are one JSON argument)."""
+    """The score jobs' parameters (config strings quoted: the metric options are one JSON
+    argument)."""
     return dict(
         metrics=" ".join(config["metrics"]),
         seeds=" ".join(map(str, config["eval"]["seeds"])),

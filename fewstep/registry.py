@@ -77,8 +77,9 @@ class Registry:
         """Raise a did-you-mean error for an unknown name; return the name otherwise."""
         self._scan_entry_points()
         if name not in self._targets:
-            raise UnknownNameError(f"unknown {self.kind} {name!r}.{did_you_mean(name, self._targets)}"
-                                   f" Known {self.plural}: {', '.join(self.names())}.")
+            hint = did_you_mean(name, self._targets)
+            raise UnknownNameError(f"unknown {self.kind} {name!r}.{hint} Known {self.plural}: "
+                                   f"{', '.join(self.names())}.")
         return name
 
     def get(self, name: str):
@@ -88,7 +89,7 @@ class Registry:
         return self._loaded[name]
 
     def _checked(self, name: str, obj):
-        """obj itself if it subclasses the registry's base; a PluginError naming its origin if not."""
+        """obj itself if it subclasses the registry's base; else a PluginError naming its origin."""
         if self.base is None:
             return obj
         base = _import(self.base)

@@ -13,7 +13,8 @@ from fewstep.engine.method import Method
 from fewstep.registry import METHODS
 
 DEFAULT = workflow_config.load(workflow_config.DEFAULT)
-REAL = workflow_config.load(workflow_config.REPO / "workflows/config/paper/sit-imagenet256-train.yaml")
+REAL = workflow_config.load(workflow_config.REPO / "workflows/config/paper" /
+                            "sit-imagenet256-train.yaml")
 
 
 class NeedsAll(Method):
@@ -68,7 +69,8 @@ def test_toy_train_args_are_the_commands_the_dag_runs():
 def test_a_plugin_gets_the_inputs_it_requires_in_both_worlds(needs_all):
     cfg = with_methods(DEFAULT, needs_all)
     assert set(planning.train_inputs(cfg, "sit", needs_all)) == {"teacher", "pairs", "reward"}
-    assert "--reward results/metrics/toy_reward_net.safetensors" in planning.train_args(cfg, "sit", needs_all)
+    toy_args = planning.train_args(cfg, "sit", needs_all)
+    assert "--reward results/metrics/toy_reward_net.safetensors" in toy_args
     real = with_methods(REAL, needs_all, rewards={needs_all: "hpsv2:v2.0"})
     inputs = planning.train_inputs(real, "sit", needs_all)
     assert set(inputs) == {"teacher", "pairs", "prompts"}  # the real reward is a name, not a file

@@ -52,7 +52,8 @@ def released(trained, plugin_env):
     """The same workdir with the plugin's trained weights configured as a published release."""
     weights = trained / "published" / "example_plugin_sit.safetensors"
     weights.parent.mkdir()
-    weights.write_bytes((trained / f"results/models/sit/{PLUGIN}/generator.safetensors").read_bytes())
+    trained_weights = trained / f"results/models/sit/{PLUGIN}/generator.safetensors"
+    weights.write_bytes(trained_weights.read_bytes())
     cfg = {**TINY, "distill": {**TINY["distill"],
                                "released": {PLUGIN: {"sit": {"weights": str(weights)}}}}}
     snakemake(trained, cfg, plugin_env, "released.yaml")
@@ -84,7 +85,8 @@ def test_the_plugins_release_is_sampled_scored_and_reported(released):
     assert model["released"]["sha256"] == {weights.name: file_sha256(weights)}
     assert model["student"] == json.loads(
         (work / f"results/models/sit/{PLUGIN}/student.json").read_text())["student"]
-    sampled = json.loads((work / f"results/samples/sit/{PLUGIN}/student/provenance.json").read_text())
+    samples = work / f"results/samples/sit/{PLUGIN}/student"
+    sampled = json.loads((samples / "provenance.json").read_text())
     assert f"results/released/sit/{PLUGIN}" in json.dumps(sampled)
     board = (work / "reports/leaderboard.md").read_text()
     assert f"| sit | {PLUGIN} (plumbing, released checkpoint) | 2 | 2 |" in board

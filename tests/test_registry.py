@@ -32,7 +32,8 @@ def test_unknown_name_gets_a_did_you_mean_and_the_known_names():
 
 
 def test_an_entry_point_that_takes_a_builtin_name_is_refused(tmp_path, monkeypatch):
-    fake_distribution(tmp_path, "fewstep-clash", {"fewstep.methods": {"dmd": "fake_plugin_module:X"}})
+    fake_distribution(tmp_path, "fewstep-clash",
+                      {"fewstep.methods": {"dmd": "fake_plugin_module:X"}})
     monkeypatch.syspath_prepend(str(tmp_path))
     registry = fresh(METHODS)
     with pytest.raises(PluginError) as err:

@@ -49,7 +49,8 @@ class TwoStepRegression(Method):
         mse = torch.mean((x0 - target) ** 2)
         # the reward's gradient reaches the generator through the decoded images
         reward = torch.as_tensor(self.ctx.reward(self.teacher.decode(x0), batch.metas)).mean()
-        return mse - self.opt.reward_weight * reward, {"mse": mse.detach(), "reward": reward.detach()}
+        stats = {"mse": mse.detach(), "reward": reward.detach()}
+        return mse - self.opt.reward_weight * reward, stats
 
     @classmethod
     def sampler(cls, teacher, options):
