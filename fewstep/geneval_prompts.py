@@ -1,9 +1,10 @@
 """GenEval's official prompt set (djghosh13/geneval): its task tables and the metadata reader.
 
-The 553-prompt metadata file (`prompts/evaluation_metadata.jsonl` of the GenEval repository) is
-read from the weights cache (`$FEWSTEP_WEIGHTS/prompts/geneval/`), checked line by line and against
-the official task sizes (metrics/notes/metrics.md sec. 4.1), and its sha256 is returned so that every result names the
-exact prompt set; a file that is not the official set is reported, not used silently.
+The 553-prompt metadata file (`prompts/evaluation_metadata.jsonl` of the GenEval repository) is read
+from the weights cache (`$FEWSTEP_WEIGHTS/prompts/geneval/`), checked line by line and against the
+official task sizes (metrics/notes/metrics.md sec. 4.1), and its sha256 is returned so that every
+result names the exact prompt set; a file that is not the official set is reported, not used
+silently.
 
 Core, not metrics: the prompt sets (fewstep.prompt_sets) read it while the DAG is parsed, which
 must not pay for numpy, PIL or any metric; the GenEval metrics import these tables from here.

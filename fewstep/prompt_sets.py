@@ -1,15 +1,15 @@
 """Benchmark prompt sets read from the data folder, each with a content hash.
 
-The papers' claims use fixed prompt sets (fewstep/notes/claims.md): the HPD v2 benchmark prompts (HPSv2),
-GenEval's 553 prompts, COCO-2014 val captions (10K / 30K subsets), DrawBench, and the 1000 ImageNet
-classes (SiT). Mixing up subsets silently changes numbers (fewstep/notes/pitfalls.md item 13), so every set is read
-from its original upstream file under the weights/data cache `$FEWSTEP_WEIGHTS/prompts/<set>/`
-(metrics/notes/metrics.md sec. 6; the harness never downloads) and named by a hash that every score can carry
-(metrics/notes/metrics.md, top).
+The papers' claims use fixed prompt sets (fewstep/notes/claims.md): the HPD v2 benchmark prompts
+(HPSv2), GenEval's 553 prompts, COCO-2014 val captions (10K / 30K subsets), DrawBench, and the 1000
+ImageNet classes (SiT). Mixing up subsets silently changes numbers (fewstep/notes/pitfalls.md item
+13), so every set is read from its original upstream file under the weights/data cache
+`$FEWSTEP_WEIGHTS/prompts/<set>/` (sec. 6; the harness never downloads) and named by a hash that
+every score can carry (metrics/notes/metrics.md, top).
 
 Cache layout (relative to $FEWSTEP_WEIGHTS):
 * `prompts/hpdv2/{anime,concept-art,paintings,photo}.json`: JSON lists of 800 strings
-  (metrics/notes/metrics.md sec. 1.5).
+  (sec. 1.5).
 * `prompts/geneval/evaluation_metadata.jsonl`: read by fewstep.geneval_prompts.read_metadata.
 * `prompts/coco2014/annotations/captions_val2014.json`: the COCO file keeps its own folder name
   (`annotations/`, as the official zip unpacks) under a set folder `coco2014/`.
@@ -37,8 +37,9 @@ Choices (uncertain; recorded here so they can be revisited):
 * COCO subset rule: one caption per image (the annotation with the lowest id), images sorted by id,
   `numpy.random.default_rng(seed).permutation(n_images)`, first n, kept in permutation order (so the
   first 10K of the 30K-s0 set is the 10K-s0 set). This is our rule, not DMD2's exact 10K list
-  (fewstep/notes/claims.md: "seed 123"); a claim that needs DMD2's list is reported as a hash mismatch by
-  check_hash. numpy may change Generator streams across major versions; the hash would show it.
+  (fewstep/notes/claims.md: "seed 123"); a claim that needs DMD2's list is reported as a hash
+  mismatch by check_hash. numpy may change Generator streams across major versions; the hash would
+  show it.
 * `require_official=True` checks the official counts (HPD v2: 800 per style; GenEval: task sizes;
   COCO: 40,504 val images; ImageNet: 1000 classes; DrawBench: 200 prompts); False accepts any
   non-empty file (tests, deliberate subsets).

@@ -1,7 +1,7 @@
 """Teacher samplers: n-step DDIM (eps families) / Euler (flow families) with CFG in x0 space.
 
 One loop for both: `Schedule.ddim_step` with theta = 0 is DDIM on the VP schedule and exactly the
-Euler step of the probability-flow ODE on the flow schedule (fewstep/notes/conventions.md sec. 3).
+Euler step of the probability-flow ODE on the flow schedule (sec. 3).
 Sections (sec. N) are those of fewstep/notes/conventions.md.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The one time convention, the noise schedules, and the time samplers.
 
 t in [0, 1]; t = 0 is clean data, t = 1 is noise; x_t = alpha(t) * x0 + sigma(t) * eps
-(fewstep/notes/conventions.md sec. 3). Every conversion here runs in float64 and returns the
+(sec. 3). Every conversion here runs in float64 and returns the
 caller's dtype, so a bf16 network never sees a bf16 schedule.
 Sections (sec. N) are those of fewstep/notes/conventions.md.
 """

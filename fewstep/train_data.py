@@ -3,14 +3,15 @@
 * Prompt rows: a PromptPool of conditions encoded once (the toy world's training split), drawn by
   index into a PromptBatch; the engine's Context draws from it (the engine sits above this module).
 * Prompt stream: a fewstep prompt file (JSONL rows with `prompt_id` and `prompt`; SiT rows carry
-  `class_label`), e.g. LAION-Aesthetic 6.25+ captions for DMD2 on SDXL (methods/notes/dmd2.md sec. 6.1), the PickScore
-  training prompts for RTDMD's stage 1 (methods/notes/rtdmd.md sec. 6), ImageNet's class ids for SiT. Drawn rows are
-  encoded per batch: a pool of millions of captions cannot be held encoded.
+  `class_label`), e.g. LAION-Aesthetic 6.25+ captions for DMD2 on SDXL (methods/notes/dmd2.md sec.
+  6.1), the PickScore training prompts for RTDMD's stage 1 (methods/notes/rtdmd.md sec. 6),
+  ImageNet's class ids for SiT. Drawn rows are encoded per batch: a pool of millions of captions
+  cannot be held encoded.
 * Real images: a folder in the Hugging Face *imagefolder* layout, image files plus a
   `metadata.jsonl` whose rows name the file (`file_name`) and its own caption (`prompt` or `text`)
-  or `class_label`. DMD2's GAN sees real images with their own captions (methods/notes/dmd2.md sec. 3.2); images are
-  resized (shorter side) and centre-cropped to the teacher's resolution, then VAE-encoded by the
-  engine.
+  or `class_label`. DMD2's GAN sees real images with their own captions (methods/notes/dmd2.md sec.
+  3.2); images are resized (shorter side) and centre-cropped to the teacher's resolution, then
+  VAE-encoded by the engine.
 
 Draws take the engine's per-(iteration, stream, rank) generator, so a resumed run reads the same
 rows the uninterrupted run read, without data-loader state.

@@ -1,11 +1,11 @@
 """AMD (reconstructed): Adaptive Matching Distillation (Bai, Zhou et al., 2602.07345), Eq. 10-13.
 
 RECONSTRUCTION. Neither the paper's full text nor its code was available; this implements the
-harness reconstruction of methods/notes/amd.md on top of DMD2 (methods/dmd2.py) and must be reported as
-"AMD (reconstructed)". Every uncertain choice is an option of methods/notes/amd.md sec. 6 (dots become
-underscores: `amd.advantage.clip` -> `advantage_clip`) with the spec's default.
+harness reconstruction of methods/notes/amd.md on top of DMD2 (methods/dmd2.py) and must be reported
+as "AMD (reconstructed)". Every uncertain choice is an option of sec. 6 (dots become underscores:
+`amd.advantage.clip` -> `advantage_clip`) with the spec's default.
 
-Per iteration (methods/notes/amd.md sec. 4): B prompts x K noises form groups that share the prompt and the
+Per iteration (sec. 4): B prompts x K noises form groups that share the prompt and the
 backward-simulation stop index; a frozen reward R scores decode(x) without gradient; group
 advantages a~ (Eq. 12, section 3.3) give
 * Dynamic Score Adaptation (Eq. 10, 13; section 3.2-3.4): the CFG-decomposed DMD direction
@@ -13,7 +13,7 @@ advantages a~ (Eq. 12, section 3.3) give
   normalised per sample like DMD2 and applied through L = 1/2 mean (x - sg(x + H))^2;
 * Repulsive Landscape Sharpening (section 3.5): the critic's native denoising loss of sample i is
   weighted by W_i = exp(-a~_i), optionally renormalised to mean 1 within each group.
-With s = 0 and RLS off an AMD step is DMD2's step bit for bit (methods/notes/amd.md sec. 10 item 1): the same random
+With s = 0 and RLS off an AMD step is DMD2's step bit for bit (sec. 10 item 1): the same random
 streams, the same batched guided-teacher call, and H written as DMD2's vector plus deviations.
 Sections (sec. N) are those of methods/notes/amd.md.
 """

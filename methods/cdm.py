@@ -1,7 +1,7 @@
 """CDM: Continuous-Time Distribution Matching (arXiv 2605.06376; official code byliutao/cdm at
 bacc57f). A few-step student G_theta is trained by distribution matching along its own
 deterministic sampling trajectories, drawn with a random length N ~ U{1..28} and random
-continuous anchor times (methods/notes/cdm.md sec. 3). Three student losses share one displacement form (sec. 4):
+continuous anchor times (sec. 3). Three student losses share one displacement form (sec. 4):
 CA, the teacher's CFG direction at the anchor (sec. 4.2); DM, on-trajectory distribution matching
 at the anchor (sec. 4.3); CDM, off-trajectory matching at a point extrapolated along the student's
 own step (sec. 4.4). The fake teacher F_phi (a copy of the student) is trained with plain

@@ -1,12 +1,13 @@
 """DMD: Distribution Matching Distillation (Yin et al., CVPR 2024, arXiv 2311.18828), Eq. 6-9.
 
-One-step generator loss L_G = L_DM + lambda_reg L_reg (Eq. 7-9, Algorithm 1): the DM gradient of
-the guided teacher against an unguided critic on fresh noise, plus a regression of G(z_ref) onto
-the teacher's deterministic ODE samples y_ref from the same noise (pairs made by a DAG rule with
-the same guidance). The critic fits the generator's samples with the teacher's own denoising loss
-over the full time range (Eq. 6). One critic update per generator update, no EMA, no dropout (spec
-methods/notes/dmd.md). The regression distance is L2 on decoded images (the paper's CIFAR ablation, and the toy
-world's choice); LPIPS (`dmd.regression = lpips`) would need VGG-LPIPS weights, not supported.
+One-step generator loss L_G = L_DM + lambda_reg L_reg (Eq. 7-9, Algorithm 1): the DM gradient of the
+guided teacher against an unguided critic on fresh noise, plus a regression of G(z_ref) onto the
+teacher's deterministic ODE samples y_ref from the same noise (pairs made by a DAG rule with the
+same guidance). The critic fits the generator's samples with the teacher's own denoising loss over
+the full time range (Eq. 6). One critic update per generator update, no EMA, no dropout (spec
+methods/notes/dmd.md). The regression distance is L2 on decoded images (the paper's CIFAR ablation,
+and the toy world's choice); LPIPS (`dmd.regression = lpips`) would need VGG-LPIPS weights, not
+supported.
 """
 from __future__ import annotations
 

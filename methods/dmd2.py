@@ -1,9 +1,9 @@
 """DMD2: Improved Distribution Matching Distillation (Yin et al., NeurIPS 2024, 2405.14867), Eq. 4.
 
 DMD's DM gradient without the regression loss, stabilised by a two-time-scale update rule (the
-critic updates every iteration, the generator every r-th; methods/notes/dmd2.md sec. 4) and a diffusion-GAN
-loss whose discriminator head sits on the critic's bottleneck (paper Eq. 4; methods/notes/dmd2.md sec. 3.3).
-Multi-step generators train with backward simulation (methods/notes/dmd2.md sec. 5.2): one stop index shared by the
+critic updates every iteration, the generator every r-th; sec. 4) and a diffusion-GAN
+loss whose discriminator head sits on the critic's bottleneck (paper Eq. 4; sec. 3.3).
+Multi-step generators train with backward simulation (sec. 5.2): one stop index shared by the
 batch and all ranks, a no-grad rollout from independent noise, losses on the intermediate x0.
 One-step SDXL uses the conditioning timestep k = 399 (generator_grid = (0.4,)).
 Sections (sec. N) are those of methods/notes/dmd2.md.

@@ -1,7 +1,8 @@
 """Metric results and the Metric base class.
 
 A result carries its value, a bootstrap confidence interval, the sample count, per-sample rows and
-the metric identity (everything that must match for two numbers to be comparable: metrics/notes/metrics.md, top).
+the metric identity (everything that must match for two numbers to be comparable:
+metrics/notes/metrics.md, top).
 """
 from __future__ import annotations
 

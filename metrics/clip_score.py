@@ -1,4 +1,5 @@
-"""CLIP score (metrics/notes/metrics.md sec. 5): the cosine between CLIP's image and text embeddings.
+"""CLIP score (metrics/notes/metrics.md sec. 5): the cosine between CLIP's image and text
+embeddings.
 
 Per (image, prompt): cos = <e_img / |e_img|, e_txt / |e_txt|>; the model's logit scale plays no
 role. Reported scales (part of the identity, fewstep/notes/pitfalls.md E.22):
@@ -10,8 +11,8 @@ role. Reported scales (part of the identity, fewstep/notes/pitfalls.md E.22):
 Variants (named identities; numbers of different variants are never compared):
 * "clip-l14-openai" (default): open_clip `ViT-L-14-quickgelu` with OpenAI's weights. OpenAI CLIP
   uses QuickGELU and open_clip 3.x builds plain GELU for `ViT-L-14`, warning only (the QuickGELU
-  trap, metrics/notes/metrics.md sec. 4.4), so the `-quickgelu` name is part of the identity, and a variant whose
-  pretrained tag expects QuickGELU on an architecture without it is refused.
+  trap, metrics/notes/metrics.md sec. 4.4), so the `-quickgelu` name is part of the identity, and a
+  variant whose pretrained tag expects QuickGELU on an architecture without it is refused.
 * "clip-g14-dmd2": open_clip `ViT-g-14` with `laion2b_s12b_b42k`, DMD2's protocol as read in
   tianweiy/DMD2 main/coco_eval/coco_evaluator.py: centre crop to a square, Lanczos resize to 256,
   then the CLIP transform; captions prefixed with "A photo depicts " (DMD2 inserts the prefix's

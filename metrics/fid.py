@@ -1,6 +1,6 @@
 """FID (and KID) through clean-fid: the toy route (toy feature net) and the real route (Inception).
 
-How the toy FID keeps to clean-fid's code path (metrics/notes/metrics.md sec. 3):
+How the toy FID keeps to clean-fid's code path (sec. 3):
 * Images are read and featurised by clean-fid itself: `cleanfid.fid.get_files_features`, i.e. its
   ResizeDataset (PIL -> RGB uint8 -> resizer -> float tensor in [0, 255]) and its batch loop that
   calls the custom extractor under no_grad on the device. This is what `compute_fid` runs inside;
@@ -12,21 +12,22 @@ How the toy FID keeps to clean-fid's code path (metrics/notes/metrics.md sec. 3)
   re-quantisation) with the output size set to the extractor's input size instead of 299. For
   samples at the extractor's resolution this resize is the identity. The identity records
   mode "clean" and this resize policy.
-* The file list is the manifest's, never a glob, so stray files cannot enter (fewstep/notes/pitfalls.md A.7).
+* The file list is the manifest's, never a glob, so stray files cannot enter
+  (fewstep/notes/pitfalls.md A.7).
 * The Frechet distance is ours (same formula; matrix square root by symmetric eigendecomposition),
   so it does not depend on `scipy.linalg.sqrtm`'s signature (`disp=` was removed in SciPy 1.18).
 * KID uses clean-fid's `kernel_distance`, with NumPy's global RNG seeded and then restored.
 * Reference statistics are built once from renders of the prompt set and cached in a file keyed by
   (reference set, resolution, extractor hash, resize policy); never in the package folder.
 
-The real route (`FID`, metrics/notes/metrics.md sec. 3.1-3.8) shares that machinery with clean-fid's own Inception:
+The real route (`FID`, sec. 3.1-3.8) shares that machinery with clean-fid's own Inception:
 * Mode "clean" by default (clean-fid's PIL bicubic float resizer to 299 and the TorchScript
   Inception); "legacy_tensorflow" and "legacy_pytorch" are named options; the mode is recorded.
 * The Inception file is the one clean-fid would download (its name is read from the installed
   package) and comes from the weights cache, `$FEWSTEP_WEIGHTS/cleanfid/`: clean-fid's wrapper
   is built on that folder with download disabled (legacy_pytorch: its state-dict fetch is served
   the local file), so nothing is fetched and the hard-coded /tmp cache is never used.
-* Protocol (metrics/notes/metrics.md sec. 3.8): samples and reference images are brought to the evaluation
+* Protocol (sec. 3.8): samples and reference images are brought to the evaluation
   resolution by the crop policy (centre square crop + Lanczos as DMD/DMD2 do; or patch crops)
   before clean-fid's resizer. Reference features are built once per (reference folder listing,
   resolution, crop policy, mode, Inception sha256) and cached like the toy references.

@@ -1,4 +1,4 @@
-"""GenEval route B, "geneval-hf-m2f" (metrics/notes/metrics.md sec. 4.8 B): an APPROXIMATION of GenEval.
+"""GenEval route B, "geneval-hf-m2f" (sec. 4.8 B): an APPROXIMATION of GenEval.
 
 Never compare its numbers with published GenEval numbers, nor mix them with route A (the exact
 legacy mmdet environment, see metrics/geneval_official.py) in one table; compare the two routes on
@@ -10,7 +10,7 @@ of `facebook/mask2former-swin-small-coco-instance` (the official Detectron2-trai
 instance model, not mmdet's checkpoint), read from the weights cache folder
 `$FEWSTEP_WEIGHTS/hf/facebook--mask2former-swin-small-coco-instance/` (a local
 `from_pretrained` folder: config.json + model.safetensors). fp32.
-* Preprocessing as mmdet's test pipeline (metrics/notes/metrics.md sec. 4.8): bilinear resize of the uint8 image so
+* Preprocessing as mmdet's test pipeline (sec. 4.8): bilinear resize of the uint8 image so
   the shorter side is 800 and the longer at most 1333 (mmcv's keep-ratio rescale: one scale
   factor, sizes rounded half up; mmcv resizes the uint8 image with cv2, so the resized values are
   rounded to integers here too; cv2's fixed-point weights may still differ by one grey level),
@@ -25,7 +25,7 @@ instance model, not mmdet's checkpoint), read from the weights cache folder
 * Label ids 0..79 are GenEval classes by position (COCO order, `GENEVAL_CLASSES`); the config's
   own label names are not used, and names that differ from COCO's are reported in the identity.
 
-Colour classifier (`CLIPColourClassifier`, metrics/notes/metrics.md sec. 4.4): open_clip `ViT-L-14-quickgelu` with
+Colour classifier (`CLIPColourClassifier`, sec. 4.4): open_clip `ViT-L-14-quickgelu` with
 OpenAI's weights, loaded by metrics/clip_score.py's loader from its cache entry; zero-shot over
 the 10 colours with the three GenEval templates (class embedding = mean of the unit template
 embeddings, renormalised; logits = 100 cos; argmax). The crop pastes the masked object onto a

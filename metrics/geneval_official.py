@@ -3,11 +3,11 @@
 * The 553-prompt metadata file, its checks and task tables are core (fewstep.geneval_prompts:
   `read_metadata`), since the prompt sets read it while the DAG is parsed.
 * A fewstep sample set is written into the official layout `<root>/<00000>/metadata.jsonl` +
-  `samples/<0000>.png` (metrics/notes/metrics.md sec. 4.2) for the exact legacy evaluator (route A), after asserting
+  `samples/<0000>.png` (sec. 4.2) for the exact legacy evaluator (route A), after asserting
   553 folders x 4 PNGs; the evaluator's result lines are read back with the count asserted
-  (2,212), because the official scripts silently shrink the denominator (metrics/notes/metrics.md sec. 4.7).
+  (2,212), because the official scripts silently shrink the denominator (sec. 4.7).
 
-Route A, "geneval-legacy" (the exact evaluator, metrics/notes/metrics.md sec. 4.3 and 4.8 A), step by step:
+Route A, "geneval-legacy" (the exact evaluator, sec. 4.3 and 4.8 A), step by step:
 1. An isolated environment, separate from fewstep's: python 3.9, torch 1.12.1+cu113 (with
    torchvision 0.13.1+cu113), mmcv-full 1.7.1 compiled for the GPU's architecture (e.g.
    `MMCV_WITH_OPS=1 TORCH_CUDA_ARCH_LIST=<arch> pip install mmcv-full==1.7.1`; a build without
@@ -16,7 +16,7 @@ Route A, "geneval-legacy" (the exact evaluator, metrics/notes/metrics.md sec. 4.
    mmdet 2.27.0 installed from a checkout of open-mmlab/mmdetection's 2.x source (tag v2.27.0)
    for its configs, open-clip-torch 2.20.0, clip-benchmark 1.4.0, and a checkout of
    djghosh13/geneval (its evaluation/ folder holds the script and object_names.txt).
-2. Weights (metrics/notes/metrics.md sec. 6): the mmdet 2.x checkpoint saved as
+2. Weights (sec. 6): the mmdet 2.x checkpoint saved as
    `$FEWSTEP_WEIGHTS/geneval/mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.pth` and the config
    with its base chain under `$FEWSTEP_WEIGHTS/geneval/configs/`. open_clip 2.20 fetches the
    OpenAI ViT-L-14 weights on first use; on an offline machine put them in its cache first.

@@ -1,6 +1,6 @@
-"""HPSv2 (Human Preference Score v2.0 / v2.1), metrics/notes/metrics.md sec. 1, by the open_clip route.
+"""HPSv2 (Human Preference Score v2.0 / v2.1), sec. 1, by the open_clip route.
 
-Model (metrics/notes/metrics.md sec. 1.2): open_clip's ViT-H-14 with plain GELU, built by open_clip 3.x and loaded
+Model (sec. 1.2): open_clip's ViT-H-14 with plain GELU, built by open_clip 3.x and loaded
 strictly from the HPS checkpoint (`HPS_v2_compressed.pt` for v2.0, `HPS_v2.1_compressed.pt` for
 v2.1; the state dict sits under a "state_dict" key). Both towers are fine-tuned, so the LAION
 ViT-H-14 weights are never needed. The files come from the weights cache only:
@@ -17,14 +17,14 @@ model's logit scale plays no role. Tables report 100 x the mean cosine (e.g. 27.
 rows hold both the raw cosine and the x100 score. v2.0 and v2.1 are separate metrics ("hpsv2.0",
 "hpsv2.1"): their scales differ and must never be mixed (README of tgxs002/HPSv2).
 
-Preprocessing (metrics/notes/metrics.md sec. 1.3, the reference "val" transform with letterboxing): RGB (alpha
+Preprocessing (sec. 1.3, the reference "val" transform with letterboxing): RGB (alpha
 dropped), float in [0, 1], bicubic resize of the float tensor so the longer side is 224
 (antialias is a named option, on by default as current torchvision does), black zero padding to
 224 x 224 with floor(pad / 2) on the left and top, CLIP mean/std. No centre crop. The reference
 pads only when it resizes; an image whose longer side already is 224 but is not square is padded
 here too, since the model needs a square input.
 
-Precision (metrics/notes/metrics.md sec. 1.2): fp16 autocast on CUDA is the reference (it causes ties, as the HPSv2
+Precision (sec. 1.2): fp16 autocast on CUDA is the reference (it causes ties, as the HPSv2
 maintainers report) and the default; "fp32" is a separate identity. On the CPU autocast fp16 is
 not available, so the computation is fp32 and the identity says so. The cosine is taken as a
 batched matmul inside the precision context so that under autocast it is rounded to fp16 like the

@@ -1,15 +1,16 @@
-"""ImageReward (Xu et al. 2023), metrics/notes/metrics.md sec. 2, through the installed image-reward package.
+"""ImageReward (Xu et al. 2023), sec. 2, through the installed image-reward package.
 
-Model (metrics/notes/metrics.md sec. 2.1): BLIP, a ViT-L/16 image encoder and a BERT-base text encoder that
+Model (sec. 2.1): BLIP, a ViT-L/16 image encoder and a BERT-base text encoder that
 cross-attends to the image tokens; the [CLS] output goes through a 768-1024-128-64-16-1 head
 without activations, and the reward is the z-score r = (raw - mean) / std with the package's
 constants. The package's own classes are used (adapted at import time, image_reward_compat), so
 the network is the package's network; only file locations, batching and inference mode are ours.
 
-Files (metrics/notes/metrics.md sec. 2.2 and 6), from the weights cache only ($FEWSTEP_WEIGHTS/imagereward/): the plain fp32
+Files (sec. 2.2 and 6), from the weights cache only ($FEWSTEP_WEIGHTS/imagereward/): the plain fp32
 state dict `ImageReward.pt` and `med_config.json` (Hugging Face THUDM/ImageReward), and the
-`bert-base-uncased` tokenizer folder (`tokenizers/bert-base-uncased/`, its `vocab.txt`). The state dict is loaded with strict=False
-as the package does, then checked: no unexpected keys, only `position_ids` buffers missing.
+`bert-base-uncased` tokenizer folder (`tokenizers/bert-base-uncased/`, its `vocab.txt`). The state
+dict is loaded with strict=False as the package does, then checked: no unexpected keys, only
+`position_ids` buffers missing.
 
 Preprocessing: the metric uses the package's own PIL transform (shorter side to 224 bicubic,
 centre crop 224, RGB, CLIP mean/std); ImageReward centre-crops where HPSv2 letterboxes. Text:

@@ -1,5 +1,5 @@
 """Load the installed `image-reward` 1.5 package on today's transformers and timm, without
-vendoring it (metrics/notes/metrics.md sec. 2.3-2.4).
+vendoring it (sec. 2.3-2.4).
 
 The package is installed without its dependencies (it pins timm 0.6.13). Importing it normally
 runs its `__init__`, which pulls OpenAI `clip` and the ReFL trainer, and its BLIP-BERT copy was
@@ -7,7 +7,7 @@ written for transformers 4.15. `import_image_reward()` therefore:
 
 1. registers placeholder modules for `ImageReward` and `ImageReward.models` whose search paths
    point at the installed folders, so their `__init__` files never run, and imports only the
-   scorer module and the BLIP submodules (metrics/notes/metrics.md sec. 2.4 step 2);
+   scorer module and the BLIP submodules (sec. 2.4 step 2);
 2. makes three helpers importable from `transformers.modeling_utils` again: the two that moved to
    `transformers.pytorch_utils` are aliased, the removed pruning helper becomes a stand-in that
    raises (scoring never prunes) (step 3);

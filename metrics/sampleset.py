@@ -1,7 +1,8 @@
 """Sample sets on disk: a flat folder of PNGs plus `manifest.jsonl`.
 
 Metrics read sample sets from disk, never tensors in memory, and refuse an incomplete or corrupt set
-instead of shrinking their denominator (fewstep/notes/pitfalls.md C.12): every problem found is named in one error.
+instead of shrinking their denominator (fewstep/notes/pitfalls.md C.12): every problem found is
+named in one error.
 
 Sets are verified by content, not only structure: a relabelled record, a row with another NFE, two
 images swapped across prompts or an image replaced by another valid PNG are all refused.

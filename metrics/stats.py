@@ -1,8 +1,9 @@
 """Bootstrap confidence intervals over prompts, paired differences and per-prompt win rates.
 
-Samples of one prompt are correlated (same text, same task), so the resampling unit is the prompt:
-a cluster bootstrap draws prompt ids with replacement and keeps all seeds of each drawn prompt
-(fewstep/notes/pitfalls.md B.9). Method comparisons use paired differences on the shared (prompt_id, seed) grid.
+Samples of one prompt are correlated (same text, same task), so the resampling unit is the prompt: a
+cluster bootstrap draws prompt ids with replacement and keeps all seeds of each drawn prompt
+(fewstep/notes/pitfalls.md B.9). Method comparisons use paired differences on the shared (prompt_id,
+seed) grid.
 """
 from __future__ import annotations
 

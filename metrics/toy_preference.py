@@ -1,12 +1,13 @@
 """Toy stand-ins for the HPSv2 and ImageReward slots: per-image rewards from toy-world nets.
 
-On real backbones the leaderboard's preference columns are HPSv2 and ImageReward. The toy world
-has no human preference data, so each slot is filled by a small reward model trained on the toy
-world (the toy reward of metrics/toy_reward.py: the prompt's objects present, the right count, a
-clean image), each from its own shipped net: seed 2 for the HPSv2 slot, seed 3 for the ImageReward
-slot (fewstep/toy/features.py, hashes pinned). The training reward of AMD/RTDMD is seed 1, so a
-reward-guided method is never scored by the network it optimised (fewstep/notes/pitfalls.md F.24: reward leakage).
-The report names them `toy_hps` and `toy_imagereward`; they are stand-ins, not the real metrics.
+On real backbones the leaderboard's preference columns are HPSv2 and ImageReward. The toy world has
+no human preference data, so each slot is filled by a small reward model trained on the toy world
+(the toy reward of metrics/toy_reward.py: the prompt's objects present, the right count, a clean
+image), each from its own shipped net: seed 2 for the HPSv2 slot, seed 3 for the ImageReward slot
+(fewstep/toy/features.py, hashes pinned). The training reward of AMD/RTDMD is seed 1, so a
+reward-guided method is never scored by the network it optimised (fewstep/notes/pitfalls.md F.24:
+reward leakage). The report names them `toy_hps` and `toy_imagereward`; they are stand-ins, not the
+real metrics.
 
 Value: mean over images of r(x, c) <= 0 (higher is better), with a cluster-bootstrap CI over
 prompts; per-image scores allow paired comparisons and win rates.

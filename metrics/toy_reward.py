@@ -1,12 +1,13 @@
-"""The toy world's differentiable reward: a stand-in for HPSv2 / ImageReward in reward-guided methods.
+"""The toy world's differentiable reward: a stand-in for HPSv2 / ImageReward in reward-guided
+methods.
 
 r(x, c) = mean_j log sigmoid(presence logit of object j of the prompt)   (what the prompt asks for)
         + log p(count = the prompt's object count)                          (how many)
         + log p(degradation = clean)                                        (image quality)
 from a toy feature network trained with a different seed than the one behind the toy FID, so the
-reward and the FID features share no weights (fewstep/notes/pitfalls.md F.24: a training reward that is also the
-metric leaks; GenEval is scored by the exact detector, never by this network). Position relations
-are not rewarded. Values are <= 0; higher is better. Gradients flow to the images.
+reward and the FID features share no weights (fewstep/notes/pitfalls.md F.24: a training reward that
+is also the metric leaks; GenEval is scored by the exact detector, never by this network). Position
+relations are not rewarded. Values are <= 0; higher is better. Gradients flow to the images.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The installed hpsv2 package (1.2.0) as a parity and speed reference, adapted at import time.
 
 Used by tests/test_metric_hpsv2.py (parity) and tests/benchmarks/bench_metrics.py (speed). The
-package cannot be imported as shipped (metrics/notes/metrics.md sec. 1.4); nothing of it is copied here, it is only
-made importable and kept offline:
+package cannot be imported as shipped (metrics/notes/metrics.md sec. 1.4); nothing of it is copied
+here, it is only made importable and kept offline:
 * placeholder modules for `hpsv2`, `hpsv2.src` and `hpsv2.src.open_clip` (their __init__ files
   would import the benchmark downloader and every fork module), with their search paths pointing
   at the installed folders; `hpsv2.src.open_clip` then gets the two names img_score imports;

@@ -1,4 +1,4 @@
-"""AMD (reconstructed): the checks of methods/notes/amd.md sec. 10, and the reduction to DMD2.
+"""AMD (reconstructed): the checks of sec. 10, and the reduction to DMD2.
 
 Tiny random SiT teachers at 8x8 pixels (non-zero output heads) with the toy world's classes; the
 critic is perturbed so that teacher and critic disagree and every direction is non-trivial.

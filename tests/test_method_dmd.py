@@ -1,4 +1,5 @@
-"""DMD and DMD2 fidelity: the "Checks a faithful implementation passes" of methods/notes/dmd.md and methods/notes/dmd2.md.
+"""DMD and DMD2 fidelity: the "Checks a faithful implementation passes" of methods/notes/dmd.md and
+methods/notes/dmd2.md.
 
 Sections (sec. N) are those of methods/notes/dmd.md.
 """

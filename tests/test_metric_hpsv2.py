@@ -1,16 +1,16 @@
 """HPSv2 (metrics/hpsv2.py) on a tiny random open_clip CLIP saved in the genuine checkpoint layout.
 
 Parity reference: the hpsv2 package (1.2.0, installed with --no-deps, requirements-nodeps.lock) run
-through its own scoring function `hpsv2.img_score.score`, which builds its bundled open_clip
-fork's model and "val" transform (`create_model_and_transforms(..., light_augmentation=True)`,
-i.e. the letterboxing ResizeMaxSize), loads the checkpoint strictly from `{"state_dict": ...}`,
-tokenises with the fork's tokenizer and returns image_features @ text_features.T. The package
-cannot be imported as shipped (metrics/notes/metrics.md sec. 1.4); tests/hpsv2_reference.py adapts it at import time
-without copying any of it (placeholder package modules, stubbed clint/turtle, the missing BPE file
-served from open_clip's, token ids compared separately below) and redirects the model factory call
-inside `score` from ViT-H-14 + LAION weights (a 3.94 GB download) to the tiny config with no
-pretrained weights; everything else is the package's own code, on the CPU (`img_score.device`),
-where its CUDA autocast is inactive, i.e. fp32.
+through its own scoring function `hpsv2.img_score.score`, which builds its bundled open_clip fork's
+model and "val" transform (`create_model_and_transforms(..., light_augmentation=True)`, i.e. the
+letterboxing ResizeMaxSize), loads the checkpoint strictly from `{"state_dict": ...}`, tokenises
+with the fork's tokenizer and returns image_features @ text_features.T. The package cannot be
+imported as shipped (metrics/notes/metrics.md sec. 1.4); tests/hpsv2_reference.py adapts it at
+import time without copying any of it (placeholder package modules, stubbed clint/turtle, the
+missing BPE file served from open_clip's, token ids compared separately below) and redirects the
+model factory call inside `score` from ViT-H-14 + LAION weights (a 3.94 GB download) to the tiny
+config with no pretrained weights; everything else is the package's own code, on the CPU
+(`img_score.device`), where its CUDA autocast is inactive, i.e. fp32.
 """
 from __future__ import annotations
 

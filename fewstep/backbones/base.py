@@ -2,7 +2,7 @@
 
 Adapters implement `native` (the network's own output) and `x0_from_native`; classifier-free
 guidance is applied here, in x0 space, which is exact because x0 is affine in the native output
-(fewstep/notes/conventions.md sec. 5).
+(sec. 5).
 Sections (sec. N) are those of fewstep/notes/conventions.md.
 """
 from __future__ import annotations

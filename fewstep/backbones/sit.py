@@ -10,9 +10,10 @@ transport/transport.py, Transport.sample/training_losses):
       x0 = x_t + t u      (FlowSchedule.x0_from_sit_u; fewstep/notes/conventions.md sec. 4).
   The network's time input is t_SiT itself, unscaled (the ODE/SDE samplers pass it as is).
 
-Guidance: applied in x0 space on all channels (exact, fewstep/notes/conventions.md sec. 5). The option
-`sit_cfg_first3_channels` reproduces upstream forward_with_cfg, which guides output channels 0-2
-only and keeps the conditional prediction elsewhere (discussed on the facebookresearch/DiT tracker).
+Guidance: applied in x0 space on all channels (exact, fewstep/notes/conventions.md sec. 5). The
+option `sit_cfg_first3_channels` reproduces upstream forward_with_cfg, which guides output channels
+0-2 only and keeps the conditional prediction elsewhere (discussed on the facebookresearch/DiT
+tracker).
 """
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
-"""fewstep pairs: the teacher's deterministic ODE samples for DMD's regression loss (methods/notes/dmd.md sec. 3.3).
+"""fewstep pairs: the teacher's deterministic ODE samples for DMD's regression loss
+(methods/notes/dmd.md sec. 3.3).
 
 Noise z_ref is drawn per (training prompt, seed) like every sample in the harness; y_ref is the
-teacher's n-step deterministic sample from it with the same guidance the DM loss uses (methods/notes/dmd.md sec. 8,
-item 7). Prompts come from the toy world's training split, never the held-out evaluation split.
+teacher's n-step deterministic sample from it with the same guidance the DM loss uses
+(methods/notes/dmd.md sec. 8, item 7). Prompts come from the toy world's training split, never the
+held-out evaluation split.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""fewstep sample: a teacher at n steps (or a trained student) on a prompt set, written as a sample set.
+"""fewstep sample: a teacher at n steps (or a trained student) on a prompt set, written as a sample
+set.
 
 Several step counts in one call (`--steps 1 2 4 8 32 --out a b c d e`) load the teacher and encode
 the prompts once: on the toy world a process's start-up (imports, loading) costs as much as

@@ -1,4 +1,5 @@
-"""Training checkpoints: safetensors for every tensor (weights, EMA, optimiser, RNG), JSON for the rest.
+"""Training checkpoints: safetensors for every tensor (weights, EMA, optimiser, RNG), JSON for the
+rest.
 
 Layout of a run folder:
     ckpt/step_00000400/{weights,ema,optim,rng}.safetensors + state.json + manifest.json

@@ -1,9 +1,9 @@
 """What a method may ask of the engine during an iteration: randomness, prompts, real data, reward.
 
-Randomness is derived from (seed, iteration, stream name) and, for rank-local draws, the rank, so
-a resumed run draws exactly what the uninterrupted run drew, without saving data-loader state,
-and draws that must agree across ranks (stop index, schedule length, shared t) come from the
-`shared` generators, which are identical on every rank by construction (fewstep/notes/conventions.md sec. 6).
+Randomness is derived from (seed, iteration, stream name) and, for rank-local draws, the rank, so a
+resumed run draws exactly what the uninterrupted run drew, without saving data-loader state, and
+draws that must agree across ranks (stop index, schedule length, shared t) come from the `shared`
+generators, which are identical on every rank by construction (fewstep/notes/conventions.md sec. 6).
 """
 from __future__ import annotations
 

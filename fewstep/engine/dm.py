@@ -1,9 +1,9 @@
 """Distribution-matching building blocks shared by DMD, DMD2 and AMD.
 
-One generator G_theta (teacher copy) and one critic D_F (teacher copy, the "fake score"), the
-DM gradient of fewstep/notes/conventions.md sec. 6 (DMD Eq. 7-8, Algorithm 2) and the critic's denoising
-loss on the native target. Times follow each family: SDXL draws integers k on the DMD2 grid
-(k in {20..980} for DM, {0..999} for the critic), flow families draw continuous t.
+One generator G_theta (teacher copy) and one critic D_F (teacher copy, the "fake score"), the DM
+gradient of fewstep/notes/conventions.md sec. 6 (DMD Eq. 7-8, Algorithm 2) and the critic's
+denoising loss on the native target. Times follow each family: SDXL draws integers k on the DMD2
+grid (k in {20..980} for DM, {0..999} for the critic), flow families draw continuous t.
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """DMD2's diffusion-GAN discriminator: bottleneck features of the critic and a small conv head.
 
-Features (methods/notes/dmd2.md sec. 3.3): the output of the module the critic's backbone names (`feature_module`:
-the SDXL UNet's mid-block; for transformer critics the image-token stream after block floor(L/2),
-reshaped to its spatial grid; option `dmd2.gan.feature_layer`). The forward pass stops at the
-hooked module (DMD2's "classify mode" also skips the decoder half), so a feature call costs about
-half a network evaluation.
+Features (methods/notes/dmd2.md sec. 3.3): the output of the module the critic's backbone names
+(`feature_module`: the SDXL UNet's mid-block; for transformer critics the image-token stream after
+block floor(L/2), reshaped to its spatial grid; option `dmd2.gan.feature_layer`). The forward pass
+stops at the hooked module (DMD2's "classify mode" also skips the decoder half), so a feature call
+costs about half a network evaluation.
 """
 from __future__ import annotations
 

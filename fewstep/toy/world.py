@@ -4,11 +4,11 @@ It is the embedded default domain of the harness: tiny diffusion models can lear
 minutes, and `fewstep.toy.detector` recovers every rendered object exactly, so the toy GenEval
 runs the real GenEval rules without a neural detector.
 
-Metadata mirrors GenEval's `evaluation_metadata.jsonl` (djghosh13/geneval, prompts/create_prompts.py):
-include clauses {class, count, optional color, optional position = [relation, target clause index]},
-exclude clauses {class, count} ("fewer than count"). As in GenEval, a position prompt
-"a photo of a A left of a B" lists the reference B first and A second with position
-["left of", 0], because the evaluator only resolves targets that were already matched.
+Metadata mirrors GenEval's `evaluation_metadata.jsonl` (djghosh13/geneval,
+prompts/create_prompts.py): include clauses {class, count, optional color, optional position =
+[relation, target clause index]}, exclude clauses {class, count} ("fewer than count"). As in
+GenEval, a position prompt "a photo of a A left of a B" lists the reference B first and A second
+with position ["left of", 0], because the evaluator only resolves targets that were already matched.
 """
 
 from __future__ import annotations
