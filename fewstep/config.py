@@ -42,7 +42,7 @@ def validate(config: dict, source: str = "config") -> dict:
             METHODS.check(method)
         for method in list(config["distill"]["stages"]) + list(config["distill"]["overrides"]):
             METHODS.check(method)
-    except UnknownNameError as err:
+    except (UnknownNameError, FewstepError) as err:  # FewstepError: a refused plugin
         raise ConfigError(f"{source}: {err}") from None
     _check_metric_options(config, source)
     _check_training(config, source)

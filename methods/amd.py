@@ -254,12 +254,12 @@ class AMD(DMD2):
         dm, stats = self.dsa_loss(x, batch.cond, adv)
         return dm, {**stats, **reward_stats}
 
-    def critic_sample_weight(self, scratch):
+    def critic_sample_weight(self, x, batch, scratch):
         """RLS weights W_i = exp(-a~_i) (sec. 3.5) on the critic's denoising term, or None."""
         if not self.opt.rls_enabled or "adv" not in scratch:
             return None
         adv = scratch["adv"]
-        weight = rls_weights(adv, scratch["batch"].groups.to(adv.device), self.opt.rls_normalise)
+        weight = rls_weights(adv, batch.groups.to(adv.device), self.opt.rls_normalise)
         scratch["rls_weight"] = weight
         return weight
 

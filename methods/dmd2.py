@@ -115,9 +115,10 @@ class DMD2(DistributionMatching):
         method that modulates the direction (AMD's DSA) overrides it."""
         return self.dm_loss(x, batch.cond)
 
-    def critic_sample_weight(self, scratch) -> torch.Tensor | None:
-        """Per-sample weights of the critic's denoising loss on this iteration's samples; DMD2
-        weighs them equally (None). A method that reweights the critic (AMD's RLS) overrides it."""
+    def critic_sample_weight(self, x, batch, scratch) -> torch.Tensor | None:
+        """Per-sample weights of the critic's denoising loss on this iteration's samples x (drawn
+        for `batch`, by the generator turn or the critic-only turn); DMD2 weighs them equally
+        (None). A method that reweights the critic (AMD's RLS) overrides it."""
         return None
 
     def critic_total(self, scratch):
@@ -125,7 +126,7 @@ class DMD2(DistributionMatching):
             x, batch, _ = self.sample(grad=False)
         else:
             x, batch = scratch["x"], scratch["batch"]
-        loss_f = self.critic_loss(x, batch.cond, weight=self.critic_sample_weight(scratch))
+        loss_f = self.critic_loss(x, batch.cond, weight=self.critic_sample_weight(x, batch, scratch))
         stats = {"denoise": loss_f}
         if self.gan and self.opt.gan_w_D > 0:
             real, real_batch = self.ctx.real(self.opt.batch)  # real latents, their own captions

@@ -52,10 +52,11 @@ def test_dmd2_critic_weights_come_from_its_hook(sit_teacher):
         return method.critic_total({})[1]["denoise"]
 
     plain = build(sit_teacher, "dmd2", gan_w_G=0.0, gan_w_D=0.0, generator_grid=[1.0])
-    assert plain.critic_sample_weight({}) is None
+    assert plain.critic_sample_weight(None, None, {}) is None
 
     class Reweighted(DMD2):
-        def critic_sample_weight(self, scratch):
+        def critic_sample_weight(self, x, batch, scratch):
+            assert x.shape[0] == len(batch)  # the samples the weights apply to
             return torch.tensor([2.0, 0.0], dtype=torch.float64)
 
     weighted = Reweighted(sit_teacher, plain.opt, plain.ctx)  # the same teacher copies and draws
