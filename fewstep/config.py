@@ -10,6 +10,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from fewstep.errors import FewstepError
 from fewstep.registry import BACKBONES, METHODS, METRICS, UnknownNameError
 
 REPO = Path(__file__).resolve().parent.parent

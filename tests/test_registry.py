@@ -105,3 +105,18 @@ def test_importing_the_registry_imports_no_base_class():
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_config_validation_reports_a_refused_plugin_as_a_config_error(tmp_path, monkeypatch):
+    """Snakemake parses the config through fewstep.config: a clashing plugin is a ConfigError
+    naming the entry point, not a traceback."""
+    import fewstep.config as config_module
+    from fewstep.config import DEFAULT, ConfigError, _read, validate
+
+    fake_distribution(tmp_path, "fewstep-clash",
+                      {"fewstep.methods": {"dmd": "fake_plugin_module:X"}})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(config_module, "METHODS", fresh(METHODS))
+    with pytest.raises(ConfigError) as err:
+        validate(_read(DEFAULT), "config")
+    assert "entry point 'dmd'" in str(err.value)
