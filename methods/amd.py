@@ -55,17 +55,14 @@ class AMDOptions(DMD2Options):
               "coeff_s": "[0, 1)"}
 
 
-# sec. 5.2: a DMD2 preset plus AMD's two mechanisms; K = 4 and s = 0.1 everywhere.
-AMD_DEFAULTS = {"group_size": 4, "coeff_s": 0.1}
+# sec. 5.2: a DMD2 preset (its guidance too) plus AMD's two mechanisms, with K = 4 and
+# s = 0.1 (the options' defaults) everywhere.
 PRESETS = {
     # DMD2 used 2 samples per GPU; same_rank groups need a multiple of K per rank.
-    "amd-sdxl-int": {**DMD2_PRESETS["dmd2-sdxl4-paper"], **AMD_DEFAULTS, "teacher_guidance": 8.0,
-                     "reward_model": "hpsv2.1", "batch": 4},
-    "amd-sit-int": {**DMD2_PRESETS["dmd2-sit-ext"], **AMD_DEFAULTS, "teacher_guidance": 1.0,
-                    "reward_model": "dinov2_cls", "batch": 8},
-    "amd-sd3-ext": {**DMD2_PRESETS["dmd2-sd3-ext"], **AMD_DEFAULTS, "teacher_guidance": 7.0,
-                    "reward_model": "hpsv2.1", "batch": 8},
-    "toy": {**DMD2_PRESETS["toy"], **AMD_DEFAULTS, "batch": 16, "reward_model": "toy"},  # 4 x K=4
+    "amd-sdxl-int": {**DMD2_PRESETS["dmd2-sdxl4-paper"], "reward_model": "hpsv2.1", "batch": 4},
+    "amd-sit-int": {**DMD2_PRESETS["dmd2-sit-ext"], "reward_model": "dinov2_cls", "batch": 8},
+    "amd-sd3-ext": {**DMD2_PRESETS["dmd2-sd3-ext"], "reward_model": "hpsv2.1", "batch": 8},
+    "toy": {**DMD2_PRESETS["toy"], "batch": 16},  # 4 x K=4; the toy reward is the default
 }
 
 

@@ -39,7 +39,7 @@ class CDMOptions(TrainOptions):
     schedule_range: tuple[float, float] = (0.25, 0.95)  # cdm.schedule.range: inner anchors u ~ U[lo, hi]
     schedule_shift: float | None = None                # flow shift of the anchors; None: the teacher's
     fixed_schedule: tuple[float, ...] | None = None    # cdm.fixed_schedule: anchors u (1.0 first)
-    student_anchors: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)  # inference anchors u (sec. 6.2)
+    generator_grid: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)  # inference anchors u (sec. 6.2)
     ca_w: float = 7.0                                  # cdm.ca.w, used as-is (omega = 1 + w)
     loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)   # cdm.loss.weights (CA, DM, CDM)
     ft_ema_from_student: float = 0.999                 # cdm.ft.ema_from_student m (1.0: no merge)
@@ -47,34 +47,28 @@ class CDMOptions(TrainOptions):
     t_clamp: tuple[float, float] = (0.02, 0.98)        # clamp of every teacher / off-trajectory time
     offtraj_mode: str = choice(*OFFTRAJ_MODES)         # cdm.offtraj.mode (only the first runs)
     offtraj_t_sampler: str = choice("uniform", "uniform_capped")  # cdm.offtraj.t_sampler
-    update_ratio: int = 2                              # student step every r-th fake-teacher step
-    batch: int = 16
-    lr: float = 1e-5
-    critic_lr: float | None = 5e-6
-    weight_decay: float = 1e-4
-    grad_clip: float = 1.0
-    warmup: int = 100
-    ema_decay: float = 0.999
-    ema_warmup: bool = True                            # decay min(0.999, (1 + n) / (10 + n))
-    ema_on: str = "generator_update"                   # EMA once per student step (sec. 5)
-    RANGES = {"update_ratio": "[1, inf)", "ft_ema_from_student": "[0, 1]", "norm_floor": "(0, inf)",
+    generator_every: int = 2                           # student when (step + 1) % r == 0 (sec. 5)
+    # the paper's names
+    ALIASES = {"update_ratio": "generator_every", "student_anchors": "generator_grid"}
+    RANGES = {"generator_every": "[1, inf)", "ft_ema_from_student": "[0, 1]", "norm_floor": "(0, inf)",
               "ca_w": "[0, inf)"}
 
 
-FOUR = (1.0, 0.75, 0.5, 0.25)
-PAPER = {"batch": 16, "steps": 4001, "lr": 1e-5, "critic_lr": 5e-6, "weight_decay": 1e-4,
-         "betas": (0.9, 0.999), "grad_clip": 1.0, "warmup": 100, "ema_decay": 0.999,
-         "ema_warmup": True, "schedule_len": (1, 28), "schedule_range": (0.25, 0.95),
-         "update_ratio": 2, "student_anchors": FOUR, "seed": 42}
+# The official training recipe (the paper's presets and the toy one); CDM's own options are
+# CDMOptions' defaults. The EMA ticks once per student step, decay min(0.999, (1 + n) / (10 + n)).
+RECIPE = {"batch": 16, "lr": 1e-5, "critic_lr": 5e-6, "weight_decay": 1e-4, "betas": (0.9, 0.999),
+          "grad_clip": 1.0, "warmup": 100, "ema_decay": 0.999, "ema_warmup": True,
+          "ema_on": "generator_update"}
+PAPER = {**RECIPE, "steps": 4001, "seed": 42}
 PRESETS = {
-    "cdm-sd3-paper": {**PAPER, "ca_w": 7.0, "schedule_shift": 3.0},
-    "cdm-sdxl-ext": {**PAPER, "ca_w": 7.0},           # [EXT] integer anchors k = round(999 u)
+    "cdm-sd3-paper": {**PAPER, "schedule_shift": 3.0},
+    "cdm-sdxl-ext": {**PAPER},         # [EXT] integer anchors k = round(999 u)
     "cdm-sit-ext": {**PAPER, "ca_w": 0.0, "schedule_shift": 1.0},  # [EXT] CA off by default
     # Toy teachers are sampled with CFG 2 (w = 1); short schedules keep a CPU iteration cheap. lr
     # 1e-4 collapsed the toy students (no 1/2 in the loss, three branches); 2e-5 is twice the
     # paper's. 301 iterations: SDXL's toy FID 70.4 [66.6, 74.6] at 301, 81.6 at 401 (same seeds).
-    "toy": {"batch": 16, "steps": 301, "lr": 2e-5, "critic_lr": 1e-5, "warmup": 20, "ca_w": 1.0,
-            "schedule_len": (1, 8), "student_anchors": FOUR, "checkpoint_every": 200},
+    "toy": {**RECIPE, "steps": 301, "lr": 2e-5, "critic_lr": 1e-5, "warmup": 20, "ca_w": 1.0,
+            "schedule_len": (1, 8), "checkpoint_every": 200},
 }
 
 
@@ -154,12 +148,12 @@ class CDM(Method):
         self.shift = grid_shift(teacher, options)
 
     def plan(self, step):
-        """Fake teacher every iteration, the student every update_ratio-th (sec. 5)."""
-        return ["critic"] + (["generator"] if (step + 1) % self.opt.update_ratio == 0 else [])
+        """Fake teacher every iteration, the student every generator_every-th (sec. 5)."""
+        return ["critic"] + (["generator"] if (step + 1) % self.opt.generator_every == 0 else [])
 
     @classmethod
     def sampler(cls, teacher, options) -> StudentSpec:  # deterministic, no guidance (sec. 5)
-        grid = student_grid(teacher, options.student_anchors, grid_shift(teacher, options))
+        grid = student_grid(teacher, options.generator_grid, grid_shift(teacher, options))
         return StudentSpec(grid, theta=0.0, guidance=1.0)
 
     def after_update(self, net):

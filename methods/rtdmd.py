@@ -30,7 +30,7 @@ from fewstep.backbones.base import cond_cat, cond_index
 from fewstep.engine.adapt import trainable_copy
 from fewstep.engine.distributed import all_gather
 from fewstep.engine.method import Method, StudentSpec, student_grid
-from fewstep.engine.options import TrainOptions
+from fewstep.engine.options import TrainOptions, choice
 from fewstep.engine.rollout import rollout
 from fewstep.engine.run import load_student
 from fewstep.errors import FewstepError
@@ -39,7 +39,7 @@ from fewstep.schedule import col, draw_times
 
 @dataclass
 class RTDMDOptions(TrainOptions):
-    stage: int = 1                       # 1: AC-DMD cold start (sec. 4); 2: RTDMD (sec. 5)
+    stage: int = choice(1, 2)            # 1: AC-DMD cold start (sec. 4); 2: RTDMD (sec. 5)
     init_from: str = ""                  # stage 2: the stage-1 model folder (fewstep train --out)
     teacher_guidance: float = 1.0        # omega of the teacher (both stages); critic unguided
     eta: float = 0.9                     # CPS eta, theta = eta pi/2 (sec. 3)
@@ -62,37 +62,26 @@ class RTDMDOptions(TrainOptions):
     dm_weight: float = 1e-3              # AC-DMD at s = 0 on the final step
     bp_weight: float = 1e-4              # reward back-propagation hinge
     bp_margin: float = 3.0
-    # engine defaults as in the stage-1 recipe (sec. 6.1)
-    batch: int = 9
-    lr: float = 3e-5
-    critic_lr: float | None = 3e-5
-    weight_decay: float = 0.0
-    critic_weight_decay: float | None = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.99
     RANGES = {"generator_every": "[1, inf)", "group_size": "[1, inf)",
               "prompts_per_epoch": "[1, inf)", "delta_max": "[1, inf)", "gamma": "[0, inf)",
               "eta": "[0, 1]"}
 
 
 # -- presets (sec. 6) ------------------------------------------------------------------------------
-FOUR = (1.0, 0.75, 0.5, 0.25)
-STAGE1 = {"stage": 1, "eta": 0.9, "generator_every": 10, "gamma": 0.01, "delta_max": 200,
-          "renoise_offset": 10, "renoise_clamp": (20, 980), "critic_weight_max": 10.0,
-          "lr": 3e-5, "critic_lr": 3e-5, "weight_decay": 0.0, "critic_weight_decay": 0.0,
+# Each stage's own options are RTDMDOptions' defaults (stage 1 the default stage); the presets
+# hold each stage's engine recipe (sec. 6.1) and each family's grid shift and guidance.
+STAGE1 = {"lr": 3e-5, "critic_lr": 3e-5, "weight_decay": 0.0, "critic_weight_decay": 0.0,
           "grad_clip": 1.0, "warmup": 0, "ema_decay": 0.99, "ema_every": 1, "ema_warmup": False,
           "lora_rank": 32, "lora_alpha": 64, "grad_checkpointing": True, "batch": 9,
           "steps": 15000}
-STAGE2 = {"stage": 2, "eta": 0.9, "gamma": 0.01, "lr": 3e-6, "critic_lr": 3e-5,
+STAGE2 = {"stage": 2, "lr": 3e-6, "critic_lr": 3e-5,
           "weight_decay": 1e-4, "critic_weight_decay": 0.0, "grad_clip": 1.0, "warmup": 0,
           "ema_decay": 0.9, "ema_every": 8, "ema_warmup": True, "lora_rank": 32, "lora_alpha": 64,
-          "grad_checkpointing": True, "selected_steps": 2, "ppo_clip": 1e-5, "adv_clip": 5.0,
-          "dm_weight": 1e-3, "bp_weight": 1e-4, "bp_margin": 3.0, "steps": 1000,
-          "prompts_per_epoch": 32, "group_size": 16, "batch": 2}
-SD3 = {"generator_grid": FOUR, "grid_shift": 3.0, "teacher_guidance": 7.0}
-SDXL = {"generator_grid": FOUR, "grid_shift": 1.0, "teacher_guidance": 8.0}
-SIT = {"generator_grid": FOUR, "grid_shift": 1.0, "teacher_guidance": 1.0}
-TOY = {"generator_grid": FOUR, "grid_shift": 1.0, "teacher_guidance": 2.0, "lora_rank": 0,
+          "grad_checkpointing": True, "steps": 1000, "batch": 2}
+SD3 = {"grid_shift": 3.0, "teacher_guidance": 7.0}
+SDXL = {"teacher_guidance": 8.0}
+SIT: dict = {}  # unguided teacher, unshifted grid: the defaults
+TOY = {"teacher_guidance": 2.0, "lora_rank": 0,
        "grad_checkpointing": False, "checkpoint_every": 100, "log_every": 10}
 PRESETS = {
     "rtdmd-sd3-paper": {**STAGE1, **SD3},
@@ -184,8 +173,6 @@ class RTDMD(Method):
 
     @classmethod
     def for_options(cls, options) -> type[Method]:
-        if options.stage not in STAGES:
-            raise FewstepError(f"rtdmd.stage must be 1 or 2, got {options.stage!r}")
         return STAGES[options.stage]
 
     def __init__(self, teacher, options, ctx):

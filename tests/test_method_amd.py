@@ -44,7 +44,7 @@ def context(teacher, family="sit", reward=brightness, info=None):
 
 def options(cls, **over):
     base = dict(batch=8, group_size=K, teacher_guidance=2.0, generator_grid=FOUR, backsim=True,
-                ttur_ratio=2, warmup=1)
+                generator_every=2, warmup=1)
     base.update(over)
     names = cls.__dataclass_fields__
     return cls(**{k: v for k, v in base.items() if k in names})
@@ -266,7 +266,7 @@ def test_group_mean_weights_average_one_and_keep_equal_losses():
 
 
 def test_critic_loss_is_the_rls_weighted_native_loss():
-    method = make_amd(gan_w_G=0.0, gan_w_D=0.0, generator_grid=(1.0,), ttur_ratio=1)
+    method = make_amd(gan_w_G=0.0, gan_w_D=0.0, generator_grid=(1.0,), generator_every=1)
     out = run_step(method, 0)
     method.ctx.step = 0
     x, batch, _ = method.sample(grad=True)
@@ -363,7 +363,7 @@ def test_critic_only_turns_follow_reward_every_iteration():
     for every, expected in ((True, 1), (False, 0)):
         calls.clear()
         method = make_amd(reward=reward, reward_every_iteration=every)
-        out = run_step(method, 1)  # ttur_ratio 2: a critic-only turn
+        out = run_step(method, 1)  # generator_every 2: a critic-only turn
         assert list(out) == ["critic"] and len(calls) == expected
         assert ("rls_w_max" in out["critic"][2]) == every
 

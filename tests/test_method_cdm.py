@@ -8,6 +8,7 @@ from fewstep.engine.context import Context, PromptPool
 from fewstep.engine.distributed import DistInfo
 from fewstep.engine.loop import Trainer
 from fewstep.engine.method import student_spec
+from fewstep.engine.options import resolve
 from fewstep.engine.run import build_method, toy_context
 from fewstep.errors import FewstepError
 from fewstep.sampling import sample_student
@@ -267,9 +268,10 @@ def test_plan_options_and_errors(sit):
     assert [method.plan(s) for s in range(4)] == [["critic"], ["critic", "generator"]] * 2
     assert method.opt.ema_on == "generator_update" and method.opt.ema_every == 1
     assert method.opt.ema_warmup and method.opt.ema_decay == 0.999
-    paper = cdm.PRESETS["cdm-sd3-paper"]
-    assert (paper["lr"], paper["critic_lr"], paper["grad_clip"], paper["warmup"]) == (1e-5, 5e-6, 1.0, 100)
-    assert cdm.PRESETS["cdm-sit-ext"]["ca_w"] == 0.0 and cdm.PRESETS["cdm-sdxl-ext"]["ca_w"] == 7.0
+    paper, sit_ext, sdxl_ext = (resolve(cdm.CDMOptions, cdm.PRESETS, p, None, "cdm")
+                                for p in ("cdm-sd3-paper", "cdm-sit-ext", "cdm-sdxl-ext"))
+    assert (paper.lr, paper.critic_lr, paper.grad_clip, paper.warmup) == (1e-5, 5e-6, 1.0, 100)
+    assert sit_ext.ca_w == 0.0 and sdxl_ext.ca_w == 7.0
     with pytest.raises(FewstepError, match="offtraj_mode.*'fresh'.*not implemented in the harness"):
         make(sit, offtraj_mode="fresh")
     with pytest.raises(FewstepError, match="offtraj_t_sampler"):

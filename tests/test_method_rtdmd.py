@@ -348,9 +348,9 @@ def test_plan_times_and_presets(toy):
     assert paper.grid == pytest.approx([1.0, 0.9, 0.75, 0.5])
     assert (paper.opt.ema_decay, paper.opt.ema_every, paper.opt.ema_warmup) == (0.99, 1, False)
     for name in R.PRESETS:
-        opt = R.PRESETS[name]
-        if opt["stage"] == 2:
-            assert (opt["ema_decay"], opt["ema_every"], opt["ema_warmup"]) == (0.9, 8, True)
+        opt = resolve(R.RTDMDOptions, R.PRESETS, name, None, "rtdmd")
+        if opt.stage == 2:
+            assert (opt.ema_decay, opt.ema_every, opt.ema_warmup) == (0.9, 8, True)
     sdxl = make(toy("sdxl"), "sdxl", "toy")
     k = VP.k_of_t(sdxl.renoise_t(249 / 999, 32, "t"))
     assert int(k.min()) >= 259 and int(k.max()) <= 980
@@ -398,5 +398,5 @@ def test_stage2_errors_are_clear(toy, tmp_path):
         make(toy("sd3"), "sd3", "toy-stage2")
     with pytest.raises(FewstepError, match="needs a reward"):
         make(toy("sd3"), "sd3", "toy-stage2", reward=None)
-    with pytest.raises(FewstepError, match="stage must be 1 or 2"):
+    with pytest.raises(FewstepError, match="stage: 3 is not one of 1, 2"):
         make(toy("sd3"), "sd3", stage=3)

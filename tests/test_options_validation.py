@@ -1,13 +1,16 @@
 """Training options are checked by type and range when resolved, and a config's presets and
 overrides are resolved at validation, so `snakemake -n` refuses them before any job runs."""
+import dataclasses
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from fewstep import config
-from fewstep.engine.options import TrainOptions, choice, dataclass, in_range, resolve
+from fewstep.engine.options import (TrainOptions, checked, choice, dataclass, in_range,
+                                    option_names, resolve)
 from fewstep.errors import FewstepError
 from fewstep.registry import METHODS
 
@@ -92,6 +95,76 @@ def test_a_papers_name_is_an_alias_of_the_harness_option():
     with pytest.raises(FewstepError, match=r"unknown stepped option 'ttur_raito'\. Did you mean "
                                            r"'ttur_ratio'"):
         stepped(ttur_raito=3)
+
+
+def test_a_methods_choices_are_its_fields():
+    cls = METHODS.get("cdm")
+    with pytest.raises(FewstepError, match=r"cdm option offtraj_mode: 'fressh' is not one of "
+                                           r"'trajectory_eps', 'fresh', .*\. Did you mean 'fresh'"):
+        resolve(cls.Options, cls.PRESETS, "toy", {"offtraj_mode": "fressh"}, "cdm")
+    cls = METHODS.get("amd")
+    with pytest.raises(FewstepError, match=r"amd option amd\.advantage\.squash: 'tanch' is not one of "
+                                           r"'clip', 'tanh'\. Did you mean 'tanh'"):
+        resolve(cls.Options, cls.PRESETS, "toy", {"amd.advantage.squash": "tanch"}, "amd")
+
+
+@pytest.mark.parametrize("method, alias, name, value", [
+    ("dmd2", "ttur_ratio", "generator_every", 3), ("amd", "ttur_ratio", "generator_every", 2),
+    ("cdm", "update_ratio", "generator_every", 3), ("cdm", "student_anchors", "generator_grid", (1.0, 0.5))])
+def test_a_papers_name_for_an_option_resolves_to_the_harness_name(method, alias, name, value):
+    cls = METHODS.get(method)
+    by_alias = resolve(cls.Options, cls.PRESETS, "toy", {alias: list(value) if isinstance(value, tuple)
+                                                         else value}, method)
+    assert by_alias == resolve(cls.Options, cls.PRESETS, "toy", {name: value}, method)
+    assert getattr(by_alias, name) == value != getattr(resolve(cls.Options, cls.PRESETS, "toy", None,
+                                                              method), name)
+    with pytest.raises(FewstepError, match="are the same option"):
+        resolve(cls.Options, cls.PRESETS, "toy", {alias: value, name: value}, method)
+
+
+def test_generator_every_keeps_each_papers_phase():
+    """DMD2 updates the generator on iterations 0, r, 2r, ...; CDM and RTDMD stage 1 on r - 1,
+    2r - 1, ... (the fake-teacher or critic steps come first)."""
+    def generator_steps(method, r, **opt):
+        opt = SimpleNamespace(generator_every=r, **opt)
+        plan = METHODS.get(method).for_options(opt).plan  # a staged method: its stage's class
+        return [s for s in range(2 * r) if "generator" in plan(SimpleNamespace(opt=opt), s)]
+
+    assert generator_steps("dmd2", 3) == generator_steps("amd", 3) == [0, 3]
+    assert generator_steps("cdm", 3) == generator_steps("rtdmd", 3, stage=1) == [2, 5]
+
+
+def own_fields(cls) -> dict[str, str]:
+    """{field: the options class declaring it} for the classes below TrainOptions."""
+    declared = {}
+    for klass in cls.__mro__[:cls.__mro__.index(TrainOptions)]:
+        for name in vars(klass).get("__annotations__", {}):
+            declared.setdefault(name, klass.__name__)
+    return declared
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_each_default_is_declared_once(method):
+    """A method's options never redeclare an inherited option: the engine's defaults stay neutral
+    and a method's training recipe (batch, learning rates, EMA, ...) lives in its presets."""
+    seen = {}
+    for klass in reversed(METHODS.get(method).Options.__mro__):
+        for name in vars(klass).get("__annotations__", {}):
+            assert name not in seen, f"{klass.__name__} redeclares {name} of {seen[name]}"
+            seen[name] = klass.__name__
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_no_preset_repeats_a_default_of_the_methods_own_options(method):
+    """A method's own option has one source: its default, or the presets that change it."""
+    cls = METHODS.get(method)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls.Options)}
+    repeats = [f"{preset}: {name} = {value!r}"
+               for preset, values in cls.PRESETS.items()
+               for name, (key, value) in option_names(cls.Options, values, method).items()
+               if name in own_fields(cls.Options)
+               and checked(cls.Options, name, value, method, key) == defaults[name]]
+    assert not repeats, f"presets repeat {method}'s defaults: {repeats}"
 
 
 def test_good_options_are_coerced_as_before():
