@@ -84,7 +84,7 @@ def _check_training(config: dict, source: str) -> None:
     """Every preset a training job will name and every override, resolved by the method's own
     options now (types and ranges included), so `snakemake -n` refuses them before any job.
     Released presets are resolved too: the release job names them."""
-    from fewstep.engine.options import resolve
+    from fewstep.options import resolve
     from fewstep.errors import FewstepError
 
     distill = config["distill"]

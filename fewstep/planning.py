@@ -138,7 +138,7 @@ def pairs_guidance(config: dict) -> float:
     """The pairs are sampled with the guidance of the DM teacher that uses them (methods/notes/
     dmd.md sec. 8, item 7): the resolved `teacher_guidance` of the (first) run whose method reads
     pairs."""
-    from fewstep.engine.options import resolve
+    from fewstep.options import resolve
     from fewstep.registry import METHODS
 
     method, preset, _ = next(r for r in runs(config).values() if "pairs" in requires(r.method))

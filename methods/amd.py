@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from fewstep import losses
-from fewstep.engine.options import choice
+from fewstep.options import choice
 from fewstep.errors import FewstepError
 from methods.dmd2 import DMD2, DMD2Options
 from methods.dmd2 import PRESETS as DMD2_PRESETS

@@ -21,7 +21,7 @@ from fewstep.backbones.base import cond_cat
 from fewstep.engine.adapt import merged_state_dict, trainable_copy
 from fewstep.engine.loop import lerp_toward
 from fewstep.engine.method import Method, StudentSpec, student_grid
-from fewstep.engine.options import TrainOptions, choice
+from fewstep.options import TrainOptions, choice
 from fewstep.engine.rollout import rollout
 from fewstep.errors import FewstepError
 from fewstep.schedule import draw_times, shift as shift_map

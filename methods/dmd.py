@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from fewstep.backbones.base import cond_cat
 from fewstep.engine.dm import DistributionMatching, DMOptions
-from fewstep.engine.options import choice
+from fewstep.options import choice
 from fewstep.errors import FewstepError
 from fewstep.train_data import encode_rows
 

@@ -11,7 +11,7 @@ import torch
 from fewstep import losses
 from fewstep.engine.adapt import trainable_copy
 from fewstep.engine.method import Method, StudentSpec, student_grid
-from fewstep.engine.options import TrainOptions
+from fewstep.options import TrainOptions
 
 
 class Dummy(Method):

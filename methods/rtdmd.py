@@ -30,7 +30,7 @@ from fewstep.backbones.base import cond_cat, cond_index
 from fewstep.engine.adapt import trainable_copy
 from fewstep.engine.distributed import all_gather
 from fewstep.engine.method import Method, StudentSpec, student_grid
-from fewstep.engine.options import TrainOptions, choice
+from fewstep.options import TrainOptions, choice
 from fewstep.engine.rollout import rollout
 from fewstep.engine.run import load_student
 from fewstep.errors import FewstepError

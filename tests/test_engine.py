@@ -259,7 +259,7 @@ def test_trainable_weights_are_fp32_masters_of_a_half_precision_teacher():
     (the LoRA adapters, or the whole denoiser without LoRA)."""
     from fewstep.backbones.sdxl import SDXLBackbone
     from fewstep.engine.adapt import trainable_copy
-    from fewstep.engine.options import TrainOptions
+    from fewstep.options import TrainOptions
 
     teacher = SDXLBackbone.tiny(resolution=16).to(torch.bfloat16)
     full = trainable_copy(teacher, TrainOptions())

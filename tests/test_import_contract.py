@@ -46,14 +46,7 @@ EVALUATION = ("fewstep.scoring", "fewstep.pairing", "fewstep.reporting")
 ENTRY = ("fewstep.cli", "fewstep.__main__")
 
 # Known violations, to be emptied: (importing file, imported module) -> why it is still there.
-ALLOWED: dict[tuple[str, str], str] = {
-    # config validation resolves each method's presets with the engine's option resolver; it goes
-    # when the options module (pure dataclasses, no torch) moves into the core, or the method
-    # class resolves its own presets through the registry.
-    ("fewstep/config.py", "fewstep.engine.options"): "options resolution lives in the engine",
-    # the DAG's planner reads the pairs' teacher guidance from the resolved options, likewise
-    ("fewstep/planning.py", "fewstep.engine.options"): "options resolution lives in the engine",
-}
+ALLOWED: dict[tuple[str, str], str] = {}  # known violations, each with its reason (none)
 
 
 def layer_of(module: str) -> str:

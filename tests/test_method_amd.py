@@ -13,7 +13,7 @@ from torch import nn
 from fewstep import losses
 from fewstep.backbones.sit import SiTBackbone
 from fewstep.engine.distributed import DistInfo
-from fewstep.engine.options import resolve
+from fewstep.options import resolve
 from fewstep.engine.run import toy_context
 from fewstep.errors import FewstepError
 from fewstep.registry import METHODS

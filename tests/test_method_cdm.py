@@ -8,7 +8,7 @@ from fewstep.engine.context import Context, PromptPool
 from fewstep.engine.distributed import DistInfo
 from fewstep.engine.loop import Trainer
 from fewstep.engine.method import student_spec
-from fewstep.engine.options import resolve
+from fewstep.options import resolve
 from fewstep.engine.run import build_method, toy_context
 from fewstep.errors import FewstepError
 from fewstep.sampling import sample_student

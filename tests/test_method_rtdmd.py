@@ -10,7 +10,7 @@ from fewstep import losses
 from fewstep.engine.distributed import DistInfo
 from fewstep.engine.loop import Trainer
 from fewstep.engine.method import student_spec
-from fewstep.engine.options import resolve
+from fewstep.options import resolve
 from fewstep.engine.run import build_method, export, toy_context
 from fewstep.errors import FewstepError
 from fewstep.noise import prompt_noise

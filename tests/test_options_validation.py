@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from fewstep import config
-from fewstep.engine.options import (TrainOptions, checked, choice, dataclass, in_range,
+from fewstep.options import (TrainOptions, checked, choice, dataclass, in_range,
                                     option_names, resolve)
 from fewstep.errors import FewstepError
 from fewstep.registry import METHODS

@@ -74,7 +74,7 @@ def run(args):
 
     from fewstep import teachers
     from fewstep.config import parse_overrides
-    from fewstep.engine.options import as_dict, resolve
+    from fewstep.options import as_dict, resolve
     from fewstep.engine.run import STUDENT_FILE, WEIGHTS_FILE, teacher_identity
     from fewstep.io import atomic_path
     from fewstep.registry import METHODS

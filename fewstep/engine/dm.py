@@ -14,7 +14,7 @@ import torch
 from fewstep import losses
 from fewstep.engine.adapt import trainable_copy
 from fewstep.engine.method import RENOISE, Method, StudentSpec, student_grid
-from fewstep.engine.options import TrainOptions, choice
+from fewstep.options import TrainOptions, choice
 from fewstep.schedule import TimeSampler
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from fewstep.backbones.base import Backbone
 from fewstep.engine.context import Context
-from fewstep.engine.options import TrainOptions
+from fewstep.options import TrainOptions
 from fewstep.engine.rollout import rollout
 
 

@@ -21,7 +21,7 @@ from fewstep.engine.context import Context, PromptPool
 from fewstep.engine.distributed import DistInfo
 from fewstep.engine.loop import Trainer
 from fewstep.engine.method import student_spec
-from fewstep.engine.options import as_dict, resolve
+from fewstep.options import as_dict, resolve
 from fewstep.errors import FewstepError
 from fewstep.io import atomic_path, file_sha256
 from fewstep.registry import METHODS

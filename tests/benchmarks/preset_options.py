@@ -18,7 +18,7 @@ import sys
 
 def resolved() -> dict:
     """{method: {preset or "null": as_dict(options)}} as JSON values."""
-    from fewstep.engine.options import as_dict, resolve
+    from fewstep.options import as_dict, resolve
     from fewstep.registry import METHODS
 
     out = {}
@@ -31,7 +31,7 @@ def resolved() -> dict:
 
 def renamed(method: str, options: dict) -> dict:
     """Old options under this checkout's names (an old name that is now an alias)."""
-    from fewstep.engine.options import option_aliases
+    from fewstep.options import option_aliases
     from fewstep.registry import METHODS
 
     aliases = option_aliases(METHODS.get(method).Options)

@@ -13,7 +13,7 @@ import torch
 
 from fewstep.engine.adapt import trainable_copy
 from fewstep.engine.method import Method, StudentSpec, student_grid
-from fewstep.engine.options import TrainOptions
+from fewstep.options import TrainOptions
 from fewstep.errors import FewstepError
 
 FRACTIONS = (1.0, 0.5)  # the student's two steps, as fractions of the time range (1 = noise)
