@@ -24,6 +24,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from fewstep.geneval_prompts import RELATIONS, TASKS  # the official GenEval tasks the toy world mirrors
+
 SHAPES = ("circle", "square", "triangle")
 # GenEval colour names, chosen near corners of the RGB cube so that every pair (and each colour
 # against the background) is at least ~150 apart: nearest-colour assignment survives noise.
@@ -37,8 +39,6 @@ PALETTE = {
 }
 COLORS = tuple(PALETTE)
 BACKGROUND = (128, 128, 128)
-TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-RELATIONS = ("left of", "right of", "above", "below")
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 
 MIN_SIZE = 16
