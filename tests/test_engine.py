@@ -307,6 +307,31 @@ def test_a_checkpoint_from_before_inputs_were_recorded_resumes_with_a_warning(si
     assert "records no inputs" in capsys.readouterr().err
 
 
+
+
+def _record_by_papers_name(folder, value=None):
+    """Rewrite a DMD2 checkpoint's recorded options as before the rename: `ttur_ratio`."""
+    import json
+
+    state = json.loads((folder / "state.json").read_text())
+    config = state["extra"]["config"]
+    recorded = config.pop("generator_every")
+    config["ttur_ratio"] = recorded if value is None else value
+    (folder / "state.json").write_text(json.dumps(state))
+    checkpoint.write_manifest(folder)
+
+
+def test_a_checkpoint_that_records_an_option_by_its_papers_name_resumes(sit_teacher, tmp_path):
+    """`ttur_ratio` is DMD2's name (an alias) of `generator_every`: a checkpoint that records the
+    option under it is the same run, compared through the aliases; another value is not."""
+    for run, value in (("same", None), ("other", 3)):
+        Trainer(make(sit_teacher, steps=2), tmp_path / run).run(progress=False)
+        _record_by_papers_name(checkpoint.latest(tmp_path / run), value)
+    resumed = Trainer(make(sit_teacher, steps=3), tmp_path / "same").run(progress=False)
+    assert resumed.resumed_from == 2
+    with pytest.raises(FewstepError, match="generator_every: 3 -> 2"):
+        Trainer(make(sit_teacher, steps=3), tmp_path / "other").run(progress=False)
+
 def _toy_teacher_folder(path, seed):
     """A toy teacher folder (recipe.json with file hashes) of freshly built weights."""
     teachers.save(teachers.build("sit", resolution=16, seed=seed), teachers.Recipe("sit"), path,

@@ -26,6 +26,7 @@ from fewstep.engine.distributed import DistInfo, any_rank, average_gradients, ba
 from fewstep.engine.method import Method
 from fewstep.errors import FewstepError
 from fewstep.io import write_text
+from fewstep.options import option_aliases
 
 STOP_EXIT = 75  # EX_TEMPFAIL: stopped by a signal after saving; rerun to resume
 
@@ -95,11 +96,13 @@ def _changes(saved: dict, current: dict) -> list[str]:
             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
 
 
-def check_same_run(saved: dict | None, current: dict, folder) -> None:
+def check_same_run(saved: dict | None, current: dict, folder, aliases: dict | None = None) -> None:
     """Refuse to resume a checkpoint written with another method, other options, another teacher
-    or other input files."""
+    or other input files. An option the checkpoint records under a paper's name (an alias of the
+    options class) is compared as its harness name."""
     if saved is None:  # a checkpoint from before configs were recorded
         return
+    saved = {(aliases or {}).get(k, k): v for k, v in saved.items()}
     if "inputs" not in saved:  # a checkpoint from before inputs were recorded: nothing to compare
         print(f"fewstep: warning: the checkpoint {folder} records no inputs (written before fewstep "
               "recorded the teacher and input files): cannot check this resume uses the same ones",
@@ -162,7 +165,8 @@ class Trainer:
                 broadcast_module(module, self.info)
             return
         check_same_run(checkpoint.read_extra(folder).get("config"),
-                       run_config(self.method, self.inputs), folder)
+                       run_config(self.method, self.inputs), folder,
+                       option_aliases(type(self.method.opt)))
         saved = checkpoint.load(folder, self.nets, self.emas, self.optimizers, self.schedulers)
         self.state.step = self.state.resumed_from = saved["step"]
         self.state.ema_updates = saved["extra"].get("ema_updates", 0)
