@@ -30,8 +30,7 @@ def build_metric(name: str, args, prompt_rows: list[dict]):
 
     cls = METRICS.get(name)
     options = args.metric_options.get(name, {})
-    cls.check_options(options, name)  # first, so that a message names the metric as configured
-    return cls.from_options(options, scoring_context(args, prompt_rows))
+    return cls.from_options(options, scoring_context(args, prompt_rows), name)
 
 
 def prompt_set_of(prompts_path) -> dict:

@@ -139,7 +139,7 @@ class Metric:
                                  f"{', '.join(known) or 'none'}")
 
     @classmethod
-    def from_options(cls, options: dict, context) -> "Metric":
+    def from_options(cls, options: dict, context, name: str | None = None) -> "Metric":
         """The metric for one scoring job: the config's `options` (checked) over the defaults the
         metric takes from the job's `context`, with the job's bootstrap settings.
 
@@ -151,8 +151,9 @@ class Metric:
           reference_images           how many reference renders the toy FID draws in all;
           cache                      folder of cached reference statistics.
         A metric reads only what its `context_defaults` names; the scorer never names a metric.
+        `name`: the registry name the options were configured under (it names them in errors).
         """
-        cls.check_options(options)
+        cls.check_options(options, name)
         bootstrap = dict(n_resamples=context.n_resamples, level=context.level, seed=context.seed)
         return cls(**bootstrap, **{**cls.context_defaults(context), **options})
 
