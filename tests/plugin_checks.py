@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLE = Path(__file__).resolve().parent / "plugin_example"
 
 
@@ -19,3 +21,9 @@ def install_plugin(where: Path) -> dict:
     assert out.returncode == 0, out.stderr[-3000:]
     path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path}
+
+
+@pytest.fixture(scope="module")
+def plugin_env(tmp_path_factory):
+    """The example method package installed (not into the venv) and put on the path."""
+    return install_plugin(tmp_path_factory.mktemp("plugin"))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from plugin_checks import install_plugin
+from plugin_checks import plugin_env  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
@@ -26,12 +26,6 @@ TINY = {
 def snakemake(workdir, *args, timeout=900, env=None):
     return subprocess.run([*SNAKEMAKE, "-d", str(workdir), "--cores", "2", *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
-
-
-@pytest.fixture(scope="module")
-def plugin_env(tmp_path_factory):
-    """The example method package installed (not into the venv) and put on the path."""
-    return install_plugin(tmp_path_factory.mktemp("plugin"))
 
 
 @pytest.fixture(scope="module")

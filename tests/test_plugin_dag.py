@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from fewstep.io import file_sha256
-from plugin_checks import install_plugin
+from plugin_checks import plugin_env  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN = "example_plugin"
@@ -33,11 +33,6 @@ def snakemake(workdir: Path, cfg: dict, env: dict, name: str):
                          capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
-
-
-@pytest.fixture(scope="module")
-def plugin_env(tmp_path_factory):
-    return install_plugin(tmp_path_factory.mktemp("plugin"))
 
 
 @pytest.fixture(scope="module")
