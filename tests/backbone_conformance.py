@@ -37,7 +37,8 @@ class BackboneConformance:
     missing_files: tuple[str, ...] = ()
 
     def tiny_pixel(self):
-        raise NotImplementedError
+        """Each family's test class builds its own (listed in the module docstring)."""
+        raise NotImplementedError(f"{type(self).__name__} must define tiny_pixel()")
 
     def check_loaded(self, backbone, loaded) -> None:
         """The family's extra assertions on a backbone loaded back from its folder."""
