@@ -24,6 +24,8 @@ VERBS = {
     "release": ("fewstep.commands.release", "a published student's weights as a model folder "
                                             "(sampled with its method's preset)"),
     "audit": ("fewstep.commands.audit", "judge the papers' claims against the score files"),
+    "methods": ("fewstep.commands.methods", "list the methods; --fidelity: each one's fidelity "
+                                            "ledger (where it differs from its paper)"),
     "config": ("fewstep.commands.configcmd", "validate a workflow config"),
     "profile": ("fewstep.commands.profile", "install a Snakemake profile (slurm) where --profile finds it"),
     "weights": ("fewstep.commands.weights", "check that the weight files a config needs are in the cache"),

@@ -203,6 +203,22 @@ def check_metric_options(name: str, options) -> None:
     METRICS.get(name).check_options(options, name)  # the registry name, as the config spells it
 
 
+def check_selection_set(config: dict, path, source: str = "config") -> dict:
+    """The check a checkpoint selection must pass before it scores anything: its validation
+    prompt file (JSONL, `fewstep prompts`) is none of the config's evaluation sets and shares no
+    prompt with them (fewstep.selection). Returns the file's reference (name, sha256)."""
+    from fewstep.prompt_sets import load_prompt_file
+    from fewstep.selection import SelectionError, check_validation_set, evaluation_sets, reference
+
+    loaded = load_prompt_file(path)
+    validation = reference(loaded.name, loaded.rows)
+    try:
+        check_validation_set(validation, evaluation_sets(config))
+    except SelectionError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return {"name": validation["name"], "sha256": validation["sha256"]}
+
+
 def parse_overrides(items: list[str]) -> dict:
     """`--set KEY=VALUE` items (values in YAML) as a mapping of option overrides."""
     out = {}

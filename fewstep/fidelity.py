@@ -43,10 +43,112 @@ def _plain(value):
 
 
 def ledger(method_cls) -> tuple[Deviation, ...]:
-    """Every entry the method declares (its own and its base classes')."""
-    return tuple(getattr(method_cls, "ledger", ()))
+    """Every entry the method declares, its own and its base classes' (AMD's include DMD2's, a
+    stage class's its registered class's): one per `what`, the most derived class's winning, in
+    the order the bases first declared them."""
+    merged: dict[str, Deviation] = {}
+    for klass in reversed(getattr(method_cls, "__mro__", (method_cls,))):
+        for entry in vars(klass).get("ledger", ()) or ():
+            merged[entry.what] = entry
+    return tuple(merged.values())
 
 
 def deviations(method_cls, options) -> list[dict]:
     """The entries that apply to a run of `method_cls` with these options, described."""
     return [d.describe(options) for d in ledger(method_cls) if d.applies(options)]
+
+
+def fmt(value) -> str:
+    """A ledger value as tables print it: strings bare, anything else as JSON."""
+    import json
+
+    return value if isinstance(value, str) else json.dumps(_plain(value), default=str)
+
+
+def summary(entry: dict) -> str:
+    """One applied entry (deviations()) in a line: 'regression_loss = l2 (paper: lpips; DMD sec.
+    3.3)', as the result tables' footnotes print it."""
+    return (f"{entry['what']} = {fmt(entry.get('ours'))} (paper: {fmt(entry.get('paper'))}; "
+            f"{entry.get('source', 'source not given')})")
+
+
+def is_paper_preset(preset) -> bool:
+    """A preset that follows a published recipe (fewstep/notes/conventions.md sec. 7)."""
+    return isinstance(preset, str) and preset.endswith("-paper")
+
+
+# -- the ledger as a table (`fewstep methods --fidelity`, reports/fidelity.md, the HTML report) ---
+
+def preset_options(method_cls, name: str) -> dict:
+    """{"default" and each preset: its resolved options}; a preset that does not resolve is left
+    out (`fewstep config` names its error)."""
+    from fewstep.options import resolve
+
+    out = {}
+    for preset in [None, *method_cls.PRESETS]:
+        try:
+            out[preset or "default"] = resolve(method_cls.Options, method_cls.PRESETS, preset,
+                                               None, method=name)
+        except (ValueError, KeyError, TypeError):  # FewstepError is a ValueError
+            continue
+    return out
+
+
+def _ours(entry: Deviation, runs: dict) -> str:
+    """What the harness does for this entry: an option's value in each preset; a fixed choice's
+    value, on every run or on the presets whose training class declares it."""
+    if entry.ours is not None or not any(entry.is_option(o) for o, _ in runs.values()):
+        where = [p for p, (_, cls) in runs.items() if entry.what in {d.what for d in ledger(cls)}]
+        scope = "every run" if len(where) == len(runs) else "presets " + ", ".join(where)
+        return f"{fmt(entry.ours)} ({scope})"
+    return "; ".join(f"{p}: {fmt(_plain(getattr(o, entry.what)))}" for p, (o, _) in runs.items()
+                     if entry.is_option(o))
+
+
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def method_ledger(name: str) -> str:
+    """One method's ledger as Markdown: a line per entry (option or fixed choice, the paper's
+    value, ours in each preset, why, source) and the paper presets that still deviate."""
+    from fewstep.registry import METHODS
+
+    cls = METHODS.get(name)
+    runs = {p: (o, cls.for_options(o)) for p, o in preset_options(cls, name).items()}
+    entries = {e.what: e for c in [cls, *(c for _, c in runs.values())] for e in ledger(c)}
+    head = [f"## {name} ({cls.fidelity})", ""]
+    if not entries:
+        return "\n".join(head + [f"It has no fidelity ledger declared (`{cls.__module__}` sets no "
+                                 "`ledger`): no difference from the paper is recorded.", ""])
+    lines = ["| option or choice | paper | ours | why | source |", "|---|---|---|---|---|"]
+    for e in entries.values():
+        what = f"`{e.what}`" if any(e.is_option(o) for o, _ in runs.values()) else e.what
+        lines.append("| " + " | ".join(_cell(c) for c in (what, fmt(e.paper), _ours(e, runs),
+                                                            e.why, e.source)) + " |")
+    return "\n".join(head + lines + [""] + _paper_presets(runs) + [""])
+
+
+def _paper_presets(runs: dict) -> list[str]:
+    """A line per -paper preset: whether it follows the paper in every ledger entry."""
+    out = []
+    for preset, (options, cls) in runs.items():
+        if is_paper_preset(preset):
+            applied = [d["what"] for d in deviations(cls, options)]
+            out.append(f"- `{preset}` deviates from the paper in {len(applied)} "
+                       f"entr{'y' if len(applied) == 1 else 'ies'}: {', '.join(applied)}"
+                       if applied else f"- `{preset}` follows the paper in every entry")
+    return out
+
+
+def markdown(names) -> str:
+    """The ledgers of the named methods: the page `fewstep methods --fidelity` prints and the
+    report step writes as reports/fidelity.md."""
+    return "\n".join([
+        "# Fidelity ledger", "",
+        "Every choice where a method differs from its paper or official code, as each method file "
+        "declares it (`FIDELITY`; fewstep/fidelity.py). Generated by `fewstep methods --fidelity`; "
+        "never edit by hand. An option's entry applies to a run when the run's value differs from "
+        "the paper's; a fixed choice applies to every run. A trained student records the entries "
+        "that apply to it (student.json `deviations`) and the result tables mark it D.", "",
+        *(method_ledger(n) for n in names)])

@@ -67,7 +67,16 @@ class Method:
     """Base class. Subclasses set `name`, `Options`, `PRESETS`, and implement the hooks."""
 
     name = "abstract"
-    fidelity = "faithful"  # "faithful" | "reconstructed" (shown in reports)
+    # How the implementation was obtained, a property of the method (shown beside its name in
+    # every table): "faithful" (from the paper and its official code; every difference from them
+    # is an entry of `ledger`), "reconstructed" (no paper text or code: every guess is an option,
+    # AMD), "plumbing" (not a distillation method). Where one run differs from the paper is the
+    # ledger's business, a property of the run: its applicable entries are recorded in
+    # student.json and marked "D" in the result tables (fewstep.fidelity).
+    fidelity = "faithful"
+    # The fidelity ledger: (fewstep.fidelity.Deviation, ...), the method file's FIDELITY; merged
+    # down the inheritance chain (fewstep.fidelity.ledger). Printed by `fewstep methods --fidelity`.
+    ledger: tuple = ()
     Options = TrainOptions
     PRESETS: dict[str, dict] = {}
     # extra DAG inputs: "pairs" (teacher ODE pairs), "reward", "real" (captioned real images;

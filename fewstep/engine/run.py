@@ -2,7 +2,8 @@
 
 The exported model folder holds `generator.safetensors` (the denoiser's weights, LoRA merged,
 EMA weights when the method keeps an EMA) and `student.json` (method, preset, resolved options,
-sampler spec, teacher hashes and identity, the run's inputs); `fewstep sample --student` reads
+sampler spec, the fidelity ledger's entries that apply to the run, which checkpoint it is (the
+final one), teacher hashes and identity, the run's inputs); `fewstep sample --student` reads
 exactly these, and refuses a teacher other than the one the student was made with.
 """
 from __future__ import annotations
@@ -23,8 +24,10 @@ from fewstep.engine.loop import Trainer
 from fewstep.engine.method import student_spec
 from fewstep.options import as_dict, resolve
 from fewstep.errors import FewstepError
+from fewstep.fidelity import deviations
 from fewstep.io import atomic_path, file_sha256
 from fewstep.registry import METHODS
+from fewstep.selection import CHECKPOINT
 
 STUDENT_FILE, WEIGHTS_FILE = "student.json", "generator.safetensors"
 
@@ -142,6 +145,12 @@ def export(method, trainer: Trainer, out: Path, extra: dict, provenance: dict | 
     spec = student_spec(method)
     info = {"method": method.name, "fidelity": method.fidelity, "family": method.teacher.family,
             "student": spec.to_dict(), "options": as_dict(method.opt),
+            # the ledger entries this run's options (and the class that trained them: a staged
+            # method's stage class, from for_options) make apply; the result tables mark them "D"
+            "deviations": deviations(type(method), method.opt),
+            # the last iteration's weights (EMA when kept): never a checkpoint selected on any
+            # prompts, least of all the evaluation ones (fewstep.selection)
+            "checkpoint": CHECKPOINT,
             "weights": "ema" if "generator" in trainer.emas else "raw",
             "iterations": trainer.state.step,
             "train_seconds": round(trainer.state.seconds, 3),  # the report's training cost
