@@ -12,6 +12,8 @@ STYLE = """body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-
 margin:1em 0;font-size:13px}td,th{border:1px solid #bbb;padding:3px 6px;text-align:right}
 th{background:#eee}caption{text-align:left;font-size:12px;color:#555}.ci{color:#666;font-size:11px}
 .leak{background:#c00;color:#fff;padding:0 3px;border-radius:3px;font-size:10px}.na{color:#999}
+.dev{background:#b60;color:#fff;padding:0 3px;border-radius:3px;font-size:10px}
+.devnotes{font-size:12px;color:#444}
 .better{background:#e3f6e3}.worse{background:#f9e0e0}.tie{background:#f7f7f7}
 .plots img{margin:4px;border:1px solid #ddd}td:first-child{text-align:left}"""
 # the headless-browser test reads this marker: how many images decoded, out of how many
@@ -45,14 +47,14 @@ def against_dmd2_pairs(rows, metrics, pair):
     return out
 
 
-def family_section(family, rows, metrics, img: Path, pair) -> list[str]:
-    parts = [f"<h2>{html.escape(family)}</h2>", tables.leaderboard(rows, metrics)]
+def family_section(family, rows, metrics, img: Path, pair, notes) -> list[str]:
+    parts = [f"<h2>{html.escape(family)}</h2>", tables.leaderboard(rows, metrics, notes)]
     teacher_pairs = against_teacher_pairs(rows)
     if teacher_pairs:
-        parts.append(tables.paired_table(teacher_pairs, metrics, "the teacher"))
+        parts.append(tables.paired_table(teacher_pairs, metrics, "the teacher", notes))
     dmd2_pairs = against_dmd2_pairs(rows, metrics, pair)
     if dmd2_pairs:
-        parts.append(tables.paired_table(dmd2_pairs, metrics, "DMD2"))
+        parts.append(tables.paired_table(dmd2_pairs, metrics, "DMD2", notes))
     plots = []
     for metric in metrics:
         for x in ("nfe", "latency"):
@@ -75,6 +77,28 @@ def audit_section(verdicts: list[dict] | None) -> list[str]:
     return ["<h2>Claims audit</h2>",
             tables.table(["claim", "world", "verdict", "evidence"], body,
                          "reports/claims.yaml judged by fewstep audit (reports/claims_audit.md)")]
+
+
+def deviations_section(notes) -> list[str]:
+    """The footnotes of every D mark in the report's tables."""
+    if not notes.notes:
+        return []
+    return ["<h2>Deviations from the papers</h2>", tables.deviation_list(notes)]
+
+
+def ledger_section(rows) -> list[str]:
+    """The fidelity ledger of each method in the report (`fewstep methods --fidelity`), as
+    preformatted Markdown; a method that is not installed here is named, not shown."""
+    from fewstep.fidelity import markdown
+
+    names = sorted({r["method"] for r in rows if r["method"] != "teacher"})
+    try:
+        text = markdown(names)
+    except KeyError as err:  # a plugin method that is not installed where the report is built
+        text = f"not available: {err}"
+    return ["<details><summary>Fidelity ledger of every method in this report (<code>fewstep "
+            "methods --fidelity</code>; reports/fidelity.md)</summary>"
+            f"<pre>{html.escape(text)}</pre></details>"]
 
 
 def identities(rows) -> list[str]:
@@ -101,10 +125,14 @@ def build(rows: list[dict], out_dir, experiment: str, verdicts=None, pair=None,
                  "bootstrap CIs over prompts; NFE counts network evaluations (a guided step "
                  "counts 2); latency: one image at batch 1 on the sampling device. "
                  '<span class="leak">L</span> marks a score by a metric whose model the method '
-                 "trained on.</p>"]
+                 'trained on; <span class="dev">D</span> marks a student whose run deviates from '
+                 "its paper (the entries of its method's fidelity ledger that apply to it, listed "
+                 "under the tables and in the ledger below).</p>"]
+        notes = tables.DeviationNotes(ordered(rows))
         for family in sorted({r["family"] for r in rows}):
             fam_rows = ordered([r for r in rows if r["family"] == family])
-            parts += family_section(family, fam_rows, metrics, tmp / "img", pair)
+            parts += family_section(family, fam_rows, metrics, tmp / "img", pair, notes)
+        parts += deviations_section(notes) + ledger_section(rows)
         if figures.training_cost_plot(rows, tmp / "img" / "training-cost.png"):
             parts.append('<h2>Training cost</h2><img src="img/training-cost.png" alt="training cost">')
         parts += audit_section(verdicts) + identities(rows)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import html
 
+from fewstep.fidelity import is_paper_preset, summary
+
 # What a training reward (its `fewstep train --reward` spec or a preset's reward_model) shares a
 # model with: scoring a student with one of these metrics is leakage (fewstep/notes/claims.md "L").
 REWARD_METRICS = {"hpsv2": ("hpsv2.1",), "hpsv2:v2.1": ("hpsv2.1",), "hpsv2:v2.0": ("hpsv2.0",),
@@ -26,6 +28,52 @@ def method_label(row: dict) -> str:
     """Method name, flagged when it is not a faithful implementation (fewstep/notes/conventions.md sec. 7)."""
     fidelity = student_info(row).get("fidelity", "faithful")
     return row["method"] if fidelity == "faithful" else f"{row['method']} ({fidelity})"
+
+
+class DeviationNotes:
+    """The "D" marks of a report: a student whose run deviates from its paper (the fidelity
+    ledger's entries its student.json records) gets D<n>, one footnote per distinct (method,
+    preset, entries); a student recorded before the ledger gets D?. Teachers carry no mark."""
+
+    def __init__(self, rows: list[dict]):
+        self._numbers: dict[tuple, int] = {}
+        self.notes: list[tuple[str, str]] = []  # (mark, footnote)
+        for row in rows:
+            self.mark(row)
+
+    @staticmethod
+    def _key(row: dict):
+        info = student_info(row)
+        if row["method"] == "teacher" or not info:
+            return None
+        if "deviations" not in info:
+            return (row["method"], None)
+        entries = tuple(summary(d) for d in info["deviations"])
+        return (row["method"], info.get("preset"), entries) if entries else None
+
+    def mark(self, row: dict) -> str:
+        """"" (no deviation), "D?" (not recorded) or "D<n>"; registers the footnote."""
+        key = self._key(row)
+        if key is None:
+            return ""
+        if key not in self._numbers:
+            self._numbers[key] = sum(len(k) == 3 for k in self._numbers) + 1
+            self.notes.append((self._label(key), self._text(self._label(key), key)))
+        return self._label(key)
+
+    def _label(self, key: tuple) -> str:
+        return "D?" if len(key) == 2 else f"D{self._numbers[key]}"
+
+    @staticmethod
+    def _text(label: str, key: tuple) -> str:
+        if len(key) == 2:
+            return (f"D?: {key[0]}: its student.json records no deviations (trained before the "
+                    "fidelity ledger); train it again to record them")
+        method, preset, entries = key
+        where = f"preset {preset}" if preset else "no preset"
+        if is_paper_preset(preset):
+            where += ", a paper preset that deviates from the paper"
+        return f"{label}: {method} ({where}): " + "; ".join(entries)
 
 
 def arrow(result: dict) -> str:
@@ -60,8 +108,29 @@ def td(text) -> str:
     return f"<td>{html.escape(str(text))}</td>"
 
 
-def leaderboard(rows: list[dict], metrics: list[str]) -> str:
-    """One row per sample set of a family: teacher steps first, then the students."""
+def method_cell(row: dict, notes: DeviationNotes) -> str:
+    """The method's label with its D mark (the footnote as the mark's tooltip)."""
+    mark = notes.mark(row)
+    if not mark:
+        return td(method_label(row))
+    title = dict(notes.notes)[mark]
+    return (f'<td>{html.escape(method_label(row))} <span class="dev" '
+            f'title="{html.escape(title)}">{mark}</span></td>')
+
+
+def deviation_list(notes: DeviationNotes) -> str:
+    """The footnotes of the D marks, below a table ("" when no row deviates)."""
+    if not notes.notes:
+        return ""
+    items = "".join(f"<li>{html.escape(text)}</li>" for _, text in notes.notes)
+    return (f'<ul class="devnotes">{items}</ul>')
+
+
+def leaderboard(rows: list[dict], metrics: list[str], notes: DeviationNotes | None = None) -> str:
+    """One row per sample set of a family: teacher steps first, then the students. Without
+    `notes` (the report's, shared by its tables) the footnotes of its D marks follow it."""
+    own = notes is None
+    notes = DeviationNotes(rows) if own else notes
     example = {m: next(r["results"][m] for r in rows if m in r["results"]) for m in metrics}
     head = ["method", "steps", "NFE", "latency s/img", "n"] + [f"{m} {arrow(example[m])}"
                                                               for m in metrics]
@@ -71,16 +140,18 @@ def leaderboard(rows: list[dict], metrics: list[str]) -> str:
         latency = f"{timing['latency_s']:.4f}" if "latency_s" in timing else "-"
         n = max(res["n"] for res in r["results"].values())
         leaks = trained_on(r)
-        body.append([td(method_label(r)), td(r.get("steps")), td(r["nfe"]), td(latency), td(n)]
+        body.append([method_cell(r, notes), td(r.get("steps")), td(r["nfe"]), td(latency), td(n)]
                     + [value_cell(r["results"].get(m), m in leaks) for m in metrics])
-    return table(head, body, "values with 95 % bootstrap CIs over prompts; L: leakage")
+    caption = "values with 95 % bootstrap CIs over prompts; L: leakage; D: the run deviates from the paper"
+    return table(head, body, caption) + (deviation_list(notes) if own else "")
 
 
 def paired_table(pairs: list[tuple[dict, str, dict | None]], metrics: list[str],
-                 against: str) -> str:
+                 against: str, notes: DeviationNotes | None = None) -> str:
     """pairs: (student row, label of what it is compared with, {metric: paired dict})."""
+    notes = DeviationNotes([s for s, _, _ in pairs]) if notes is None else notes
     head = ["method", "NFE", f"against {against}"] + [f"Δ {m}" for m in metrics]
-    body = [[td(method_label(s)), td(s["nfe"]), td(label)]
+    body = [[method_cell(s, notes), td(s["nfe"]), td(label)]
             + [diff_cell((diffs or {}).get(m)) for m in metrics] for s, label, diffs in pairs]
     return table(head, body, f"paired differences (student − {against}) on the shared noise, "
                              "95 % paired bootstrap CI")
