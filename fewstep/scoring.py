@@ -100,6 +100,10 @@ def score_set(args, metrics, expected, samples, out, prompt_set: dict, prompt_ro
               f"[{result.ci_low:.4f}, {result.ci_high:.4f}]")
     head = ss.header  # the set-level fields are stated once, there; never read off one row
     prov = json.loads((Path(samples) / "provenance.json").read_text())
+    sampler = sampler_identity(prov)
+    if sampler is not None:  # a teacher set: its sampler is part of every metric's identity
+        for res in results.values():
+            res["identity"] = {**res["identity"], "sampler": sampler}
     row = {"sample_set": str(samples), "family": head["family"], "method": head["method"],
            "steps": head.get("steps"), "nfe": head["nfe"], "guidance": head.get("guidance"),
            "manifest_sha256": ss.manifest_sha256, "prompt_set": prompt_set,
@@ -108,6 +112,23 @@ def score_set(args, metrics, expected, samples, out, prompt_set: dict, prompt_ro
     if args.against:
         row["against_teacher"] = against_teacher(args, metrics, expected, row)
     write_json(out, row)
+
+
+def sampler_identity(provenance: dict) -> dict | None:
+    """The teacher sampler a sample set was drawn with, as its scores' identity records it: the
+    sampler's name, and the scheduler class and config hash (fewstep.sampling.sampler_record), so
+    scores of sets drawn with another sampler, or before samplers were recorded, are another
+    protocol. None for a set whose provenance records no teacher sampler (a student's)."""
+    rec = provenance.get("sampler")
+    if not rec:
+        return None
+    from fewstep.sampling import config_sha256
+
+    ident = {"sampler": rec["sampler"]}
+    if rec.get("scheduler_class"):
+        ident.update(scheduler_class=rec["scheduler_class"],
+                     scheduler_config_sha256=config_sha256(rec.get("scheduler_config") or {}))
+    return ident
 
 
 def against_teacher(args, metrics, expected, row) -> dict:

@@ -211,6 +211,21 @@ class DiffusersBackbone(Backbone):
     def pixel_space(self) -> bool:
         return isinstance(self.codec, PixelCodec)
 
+    # -- the pipeline's use of its scheduler (fewstep.sampling's teacher sampler) ------------------
+    def pipeline_latents(self, scheduler, noise: torch.Tensor) -> torch.Tensor:
+        """The initial latents from given noise: noise * init_noise_sigma, as the Stable
+        Diffusion (XL) pipelines' prepare_latents scale latents passed in."""
+        return noise * scheduler.init_noise_sigma
+
+    def pipeline_model_input(self, scheduler, x: torch.Tensor, timestep) -> torch.Tensor:
+        """The network input of the latents at `timestep`: scheduler.scale_model_input, as the
+        Stable Diffusion (XL) pipelines call it before every network evaluation."""
+        return scheduler.scale_model_input(x, timestep)
+
+    def scheduler_kwargs(self, scheduler) -> dict:
+        """Extra arguments the family's pipeline gives set_timesteps (none by default)."""
+        return {}
+
     # -- codec -------------------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.codec.decode(latents)

@@ -66,6 +66,12 @@ class Backbone(nn.Module):
     def null(self, cond: Cond) -> Cond:
         raise NotImplementedError
 
+    def native_at(self, x_t: torch.Tensor, timestep: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The native output at the network's own timestep input, as a diffusers scheduler's
+        `timesteps` hold it (the teacher sampler of fewstep.sampling); families that ship a
+        diffusers scheduler implement it."""
+        raise NotImplementedError(f"{type(self).__name__} ships no diffusers scheduler")
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [0, 1], (B, 3, H, W), float32."""
         raise NotImplementedError

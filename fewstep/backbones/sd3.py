@@ -161,13 +161,42 @@ class SD3Backbone(DiffusersBackbone):
     def native(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """v̂ = ε − x0 from the transformer at timestep input 1000·t."""
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
-        timestep = (t * self.time_scale).expand(x_t.shape[0])
+        return self.native_at(x_t, t * self.time_scale, cond)
+
+    def native_at(self, x_t: torch.Tensor, timestep: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """v̂ at the transformer's own timestep input (1000·σ), as a diffusers scheduler hands it
+        out; broadcast to the batch as the SD3 pipeline does (t.expand(batch))."""
         to_net = self._run_network_dtype
         v = self.transformer(
-            hidden_states=to_net(x_t), timestep=timestep,
+            hidden_states=to_net(x_t), timestep=timestep.expand(x_t.shape[0]),
             encoder_hidden_states=to_net(cond["prompt_embeds"]),
             pooled_projections=to_net(cond["pooled"])).sample
         return v.to(x_t.dtype)
+
+    def pipeline_latents(self, scheduler, noise: torch.Tensor) -> torch.Tensor:
+        """The SD3 pipeline's prepare_latents takes latents passed in as they are (flow matching
+        starts at sigma = 1: no init_noise_sigma)."""
+        return noise
+
+    def pipeline_model_input(self, scheduler, x: torch.Tensor, timestep) -> torch.Tensor:
+        """The SD3 pipeline feeds the latents to the transformer unscaled (it never calls
+        scale_model_input; FlowMatchEulerDiscreteScheduler has none)."""
+        return x
+
+    def scheduler_kwargs(self, scheduler) -> dict:
+        """set_timesteps' extra arguments as the SD3 pipeline computes them: with
+        use_dynamic_shifting, mu from the image's token count (the pipeline's calculate_shift)."""
+        cfg = scheduler.config
+        if not cfg.get("use_dynamic_shifting"):
+            return {}
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import \
+            calculate_shift
+
+        patch = int(self.transformer.config.patch_size)
+        seq_len = (self.latent_shape[1] // patch) * (self.latent_shape[2] // patch)
+        return {"mu": calculate_shift(seq_len, cfg.get("base_image_seq_len", 256),
+                                      cfg.get("max_image_seq_len", 4096),
+                                      cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))}
 
     def x0_from_native(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """x0 = x_t − t·v̂, in float64."""

@@ -153,9 +153,14 @@ class SDXLBackbone(DiffusersBackbone):
     def native(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """ε̂ from the UNet at the integer timestep k = round(999 t)."""
         k = self.schedule.k_of_t(t).clamp(0, self.schedule.n_steps - 1).to(x_t.device)
+        return self.native_at(x_t, k, cond)
+
+    def native_at(self, x_t: torch.Tensor, timestep: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """ε̂ from the UNet at its own timestep input, as a diffusers scheduler hands it out
+        (the SDXL pipeline passes the scheduler's t to the UNet unchanged)."""
         to_net = self._run_network_dtype
         eps = self.unet(
-            to_net(x_t), k, encoder_hidden_states=to_net(cond["prompt_embeds"]),
+            to_net(x_t), timestep, encoder_hidden_states=to_net(cond["prompt_embeds"]),
             added_cond_kwargs={"text_embeds": to_net(cond["pooled"]),
                                "time_ids": to_net(cond["time_ids"])}).sample
         return eps.to(x_t.dtype)

@@ -3,7 +3,9 @@
 
 Noise z_ref is drawn per (training prompt, seed) like every sample in the harness; y_ref is the
 teacher's n-step deterministic sample from it with the same guidance the DM loss uses
-(methods/notes/dmd.md sec. 8, item 7). Prompts come from the toy world's training split, never the
+(methods/notes/dmd.md sec. 8, item 7), drawn by the same teacher sampler as the teacher's sample
+sets (fewstep.sampling.sample_teacher: the checkpoint's own scheduler by default), which the .json
+beside the pairs records. Prompts come from the toy world's training split, never the
 held-out evaluation split.
 """
 from __future__ import annotations
@@ -17,6 +19,9 @@ def add_arguments(p):
     p.add_argument("--count", type=int, required=True, help="number of pairs")
     p.add_argument("--steps", type=int, required=True, help="teacher sampler steps")
     p.add_argument("--guidance", type=float, required=True, help="CFG scale (= the DM teacher's)")
+    p.add_argument("--sampler", default="scheduler",
+                   help="teacher sampler, as `fewstep sample --sampler`: 'scheduler' (default; the "
+                        "checkpoint's own diffusers scheduler) or 'ddim-trailing'")
     p.add_argument("--prompts", default=None,
                    help="training prompt file to draw the pairs' prompts from (required for a real "
                         "teacher; the toy world's training split otherwise)")
@@ -32,12 +37,13 @@ def run(args):
 
     from fewstep.io import atomic_path, write_json
     from fewstep.noise import sample_noise
-    from fewstep.sampling import sample_ode
+    from fewstep.sampling import check_sampler, sample_teacher, sampler_record
     from fewstep import teachers
     from fewstep.train_data import encode_rows
 
     if args.count < 1:
         raise ValueError(f"--count must be >= 1, got {args.count}")
+    check_sampler(args.sampler)
     recipe = teachers.verify(Path(args.teacher))
     teacher = teachers.load(Path(args.teacher), verified=recipe).eval()
     family = recipe["recipe"]["family"]
@@ -49,14 +55,15 @@ def run(args):
                          teacher.latent_shape, stream="pairs")
         cond = encode_rows(teacher, chunk)
         zs.append(z)
-        ys.append(sample_ode(teacher, z, cond, args.steps, args.guidance))
+        ys.append(sample_teacher(teacher, z, cond, args.steps, args.guidance, args.sampler))
     tensors = {"z": torch.cat(zs), "y": torch.cat(ys).float(),
                "prompt_index": torch.arange(args.count, dtype=torch.int64)}
     with atomic_path(args.out) as tmp:
         save_file(tensors, str(tmp))
     write_json(Path(args.out).with_suffix(".json"),
                {"metas": metas, "steps": args.steps, "guidance": args.guidance, "family": family,
-                "teacher_sha256": recipe.get("sha256")})
+                "teacher_sha256": recipe.get("sha256"),
+                "sampler": sampler_record(teacher, args.sampler, args.steps)})
     print(f"wrote {args.count} teacher pairs ({family}, {args.steps} steps, w={args.guidance}) "
           f"to {args.out}")
 

@@ -19,7 +19,13 @@ def add_arguments(p):
                    help="teacher sampler steps, one set per value (not with --student)")
     p.add_argument("--student", help="trained model folder (fewstep train --out): sample the "
                                      "student with its own sampler instead of the teacher")
-    p.add_argument("--guidance", type=float, default=1.0, help="CFG scale in x0 space")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="CFG scale w: uncond + w (cond - uncond) (w = 1: conditional only)")
+    p.add_argument("--sampler", default="scheduler",
+                   help="teacher sampler: 'scheduler' (default; the checkpoint's own diffusers "
+                        "scheduler from its scheduler config, CFG as the diffusers pipelines apply "
+                        "it; SiT: its reference Euler sampler) or 'ddim-trailing' (the former "
+                        "trailing-DDIM / uniform-Euler grid, CFG in x0 space)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--batch", type=int, default=64,
                    help="images per forward (64: fastest per image on CPU for the toy teachers)")
@@ -54,11 +60,12 @@ def sample_jobs(backbone, rows, seeds, batch, desc, draw):
     return torch.cat(images), jobs
 
 
-def sample_images(backbone, rows, seeds, steps, guidance, batch):
-    from fewstep.sampling import sample_ode
+def sample_images(backbone, rows, seeds, steps, guidance, batch, sampler="scheduler"):
+    from fewstep.sampling import sample_teacher
 
     return sample_jobs(backbone, rows, seeds, batch, f"sample {steps} steps",
-                       lambda noise, cond, ids, sd: sample_ode(backbone, noise, cond, steps, guidance))
+                       lambda noise, cond, ids, sd: sample_teacher(backbone, noise, cond, steps,
+                                                                   guidance, sampler))
 
 
 def sample_student_images(generator, spec, rows, seeds, batch):
@@ -138,12 +145,14 @@ def check_outputs(args):
 
 def run_teacher(args, backbone, recipe, rows, steps, out):
     from fewstep.provenance import record
-    from fewstep.sampling import nfe_of
+    from fewstep.sampling import nfe_of, sampler_record
     from metrics.sampleset import write_sample_set
 
     images, jobs, times = timing(
-        lambda: sample_images(backbone, rows, args.seeds, steps, args.guidance, args.batch),
-        lambda: sample_images(backbone, rows[:1], args.seeds[:1], steps, args.guidance, 1),
+        lambda: sample_images(backbone, rows, args.seeds, steps, args.guidance, args.batch,
+                              args.sampler),
+        lambda: sample_images(backbone, rows[:1], args.seeds[:1], steps, args.guidance, 1,
+                              args.sampler),
         len(rows) * len(args.seeds), args.batch, backbone.device)
     nfe = nfe_of(steps, args.guidance)
     records = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "seed": s,
@@ -152,7 +161,8 @@ def run_teacher(args, backbone, recipe, rows, steps, out):
     with atomic_path(out) as tmp:
         write_sample_set(tmp, images, records)
         record(tmp / "provenance.json", {**vars(args), "steps": steps, "out": out},
-               seeds=args.seeds, teacher_recipe=recipe, timing=times)
+               seeds=args.seeds, teacher_recipe=recipe, timing=times,
+               sampler=sampler_record(backbone, args.sampler, steps))
     print(f"wrote {len(records)} images ({backbone.family}, {steps} steps, NFE {nfe}) to {out}")
 
 
@@ -161,8 +171,11 @@ def run(args):
 
     from fewstep.prompts import read_prompts
     from fewstep import teachers
+    from fewstep.sampling import check_sampler
 
     check_outputs(args)
+    if not args.student:
+        check_sampler(args.sampler)  # before the teacher loads
     rows = read_prompts(args.prompts)
     recipe = teachers.verify(Path(args.teacher))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
