@@ -41,6 +41,12 @@ class Verdict:
     verdict: str
     evidence: str = ""
     ours: dict = field(default_factory=dict)
+    # the claim's marks: "L" (the method trained on the metric's model), "S" (the paper's
+    # checkpoint was selected on the set the claim is measured on)
+    marks: list = field(default_factory=list)
+    # of each student score row the verdict used whose run deviates from its paper: the
+    # footnote (fewstep.fidelity.run_note); the report marks the verdict D
+    deviations: list = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------- claims file
@@ -60,6 +66,9 @@ def _claim_problems(claim: dict) -> list[str]:
                      if k not in claim]
         if claim.get("claim", RELATIVE_CLAIMS[0]) not in RELATIVE_CLAIMS:
             problems.append(f"{where}: claim must be one of {RELATIVE_CLAIMS}")
+    for flag in ("leakage", "selected_on_test"):
+        if not isinstance(claim.get(flag, False), bool):
+            problems.append(f"{where}: {flag} must be true or false, got {claim[flag]!r}")
     return problems
 
 
@@ -102,6 +111,28 @@ def protocol_differences(claimed: dict, ours: dict) -> list[str]:
         if ours["identity"].get(key) != value:
             out.append(f"{key}: claim {value}, ours {ours['identity'].get(key)}")
     return out
+
+
+def run_deviations(*rows: dict) -> list[str]:
+    """The fidelity notes of the student rows a verdict used (teachers and runs that follow
+    their paper in every ledger entry give none)."""
+    from fewstep.fidelity import run_note
+
+    out = []
+    for row in rows:
+        info = (row.get("sampling_provenance") or {}).get("student") or {}
+        if row["method"] == "teacher" or not info:
+            continue
+        entries = info.get("deviations")
+        if entries is None or entries:
+            out.append(run_note(row["method"], info.get("preset"), entries))
+    return out
+
+
+def claim_marks(claim: dict) -> list[str]:
+    """L: the method trained on the metric's model; S: the paper's checkpoint was selected on
+    the set the claim is measured on (fewstep/notes/claims.md)."""
+    return [m for m, key in (("L", "leakage"), ("S", "selected_on_test")) if claim.get(key)]
 
 
 def candidates(rows: list[dict], family: str, method: str, metric: str) -> list[dict]:
@@ -150,11 +181,13 @@ def judge_absolute(claim: dict, rows: list[dict], tolerance: float) -> Verdict:
             "score_file": row.get("score_file")}
     if differences:
         return Verdict(claim["id"], "real", "protocol mismatch (" + "; ".join(differences) + ")",
-                       "closest score file differs in the protocol", ours)
+                       "closest score file differs in the protocol", ours,
+                       deviations=run_deviations(row))
     verdict = absolute_verdict(float(claim["value"]), result, tolerance)
     return Verdict(claim["id"], "real", verdict,
                    f"claimed {claim['value']}, ours {result['value']:.4g} "
-                   f"[{result['ci_low']:.4g}, {result['ci_high']:.4g}]", ours)
+                   f"[{result['ci_low']:.4g}, {result['ci_high']:.4g}]", ours,
+                   deviations=run_deviations(row))
 
 
 def pick(rows: list[dict], family: str, side: dict, metric: str, world: str) -> tuple[dict | None, str]:
@@ -195,7 +228,7 @@ def judge_relative(claim: dict, rows: list[dict], world: str, pair) -> Verdict:
                 f" ({'higher' if up else 'lower'} is better)")
     return Verdict(claim["id"], world, verdict, evidence,
                    {"difference": paired["difference"],
-                    "ci": [paired["ci_low"], paired["ci_high"]]})
+                    "ci": [paired["ci_low"], paired["ci_high"]]}, deviations=run_deviations(a, b))
 
 
 def audit(claims: list[dict], rows: list[dict], defaults: dict, pair) -> list[Verdict]:
@@ -203,10 +236,12 @@ def audit(claims: list[dict], rows: list[dict], defaults: dict, pair) -> list[Ve
     out = []
     for claim in claims:
         if claim["kind"] == "absolute":
-            out.append(judge_absolute(claim, rows, float(defaults["noise_tolerance"])))
-            continue
-        out.append(judge_relative(claim, rows, "real", pair))
-        out.append(judge_relative(claim, rows, "toy", pair))
+            judged = [judge_absolute(claim, rows, float(defaults["noise_tolerance"]))]
+        else:
+            judged = [judge_relative(claim, rows, world, pair) for world in ("real", "toy")]
+        for verdict in judged:
+            verdict.marks = claim_marks(claim)
+        out += judged
     return out
 
 
@@ -214,6 +249,7 @@ def audit(claims: list[dict], rows: list[dict], defaults: dict, pair) -> list[Ve
 
 def render(claims: list[dict], verdicts: list[Verdict], defaults: dict) -> str:
     by_id = {c["id"]: c for c in claims}
+    numbers: dict[str, int] = {}  # deviation note -> its D number, in order of first use
     lines = ["# Claims audit", "",
              "Generated by `fewstep audit` from `reports/claims.yaml` and the score files; never "
              "edited by hand. Verdicts: reproduced, within noise (absolute claims: within "
@@ -221,7 +257,11 @@ def render(claims: list[dict], verdicts: list[Verdict], defaults: dict) -> str:
              "relative claims: the paired CI contains 0), contradicted, not run, protocol "
              "mismatch (naming each differing field). Toy rows are toy-scale evidence: the same "
              "relative claim on the toy world with the toy metric in the same slot, never a "
-             "check of the paper's number. L: the method trained on this metric's model.", "",
+             "check of the paper's number. L: the method trained on this metric's model. "
+             "S: the paper's checkpoint was selected on the set the claim is measured on (the "
+             "harness evaluates its final checkpoint). D<n>: a run behind our verdict deviates "
+             "from its paper (footnotes below; every method's ledger: `fewstep methods "
+             "--fidelity`).", "",
              "| claim | paper (source, reliability) | claim | world | verdict | evidence |",
              "|---|---|---|---|---|---|"]
     for v in verdicts:
@@ -231,9 +271,12 @@ def render(claims: list[dict], verdicts: list[Verdict], defaults: dict) -> str:
         else:
             what = (f"{c['a']['method']} {c['claim'].removeprefix('a ')} than "
                     f"{c['b']['method']} on {c['metric']}, {c['family']}")
-        if c.get("leakage"):
-            what += " (L)"
+        what += "".join(f" ({m})" for m in (v.marks or claim_marks(c)))
+        marks = "".join(f" D{numbers.setdefault(n, len(numbers) + 1)}" for n in v.deviations)
         world = "toy-scale evidence" if v.world == "toy" else "paper protocol"
         lines.append(f"| {c['id']} | {c['paper']} ({c['source']}, {c['reliability']}) | {what} | "
-                     f"{world} | **{v.verdict}** | {v.evidence} |")
+                     f"{world} | **{v.verdict}**{marks} | {v.evidence} |")
+    if numbers:
+        lines += ["", "Deviations from the papers of the runs behind the verdicts:", ""]
+        lines += [f"- D{i}: {note}" for note, i in numbers.items()]
     return "\n".join(lines) + "\n"

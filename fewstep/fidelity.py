@@ -72,6 +72,19 @@ def summary(entry: dict) -> str:
             f"{entry.get('source', 'source not given')})")
 
 
+def run_note(method: str, preset, entries) -> str:
+    """What a result table's footnote says of a student's run: its method, its preset (a paper
+    preset that deviates says so) and the entries that apply (deviations()); entries None: the
+    student was recorded before the ledger."""
+    if entries is None:
+        return (f"{method}: its student.json records no deviations (trained before the fidelity "
+                "ledger); train it again to record them")
+    where = f"preset {preset}" if preset else "no preset"
+    if is_paper_preset(preset):
+        where += ", a paper preset that deviates from the paper"
+    return f"{method} ({where}): " + "; ".join(summary(e) for e in entries)
+
+
 def is_paper_preset(preset) -> bool:
     """A preset that follows a published recipe (fewstep/notes/conventions.md sec. 7)."""
     return isinstance(preset, str) and preset.endswith("-paper")

@@ -217,3 +217,11 @@ def test_the_ledger_merges_base_classes_with_the_subclass_winning():
         ledger = (Deviation("b", 3, "child", "s"), Deviation("c", 4, "w", "s"))
 
     assert [(d.what, d.paper) for d in fidelity.ledger(Child)] == [("a", 1), ("b", 3), ("c", 4)]
+
+
+def test_the_html_audit_shows_the_selection_and_deviation_marks():
+    from fewstep.reporting.page import audit_section
+    verdict = {"claim_id": "DMD2-T2-4step-FID", "world": "real", "verdict": "reproduced",
+               "evidence": "e", "marks": ["S"], "deviations": ["dmd2 (preset p): x = 1"]}
+    page = "".join(audit_section([verdict]))
+    assert "DMD2-T2-4step-FID (S)" in page and 'class="dev"' in page and "x = 1" in page

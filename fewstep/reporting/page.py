@@ -71,12 +71,23 @@ def family_section(family, rows, metrics, img: Path, pair, notes) -> list[str]:
 def audit_section(verdicts: list[dict] | None) -> list[str]:
     if not verdicts:
         return []
-    body = [[tables.td(v["claim_id"]), tables.td("toy-scale evidence" if v["world"] == "toy"
-                                                  else "paper protocol"),
-             tables.td(v["verdict"]), tables.td(v["evidence"])] for v in verdicts]
+    body = [[tables.td(v["claim_id"] + "".join(f" ({m})" for m in v.get("marks", ()))),
+             tables.td("toy-scale evidence" if v["world"] == "toy" else "paper protocol"),
+             verdict_cell(v), tables.td(v["evidence"])] for v in verdicts]
     return ["<h2>Claims audit</h2>",
             tables.table(["claim", "world", "verdict", "evidence"], body,
-                         "reports/claims.yaml judged by fewstep audit (reports/claims_audit.md)")]
+                         "reports/claims.yaml judged by fewstep audit (reports/claims_audit.md); "
+                         "L: leakage; S: the paper's checkpoint was selected on the claim's own "
+                         "test set; D: a run behind the verdict deviates from its paper")]
+
+
+def verdict_cell(v: dict) -> str:
+    """The verdict, with a D mark whose tooltip lists the deviations of the runs behind it."""
+    notes = v.get("deviations") or []
+    if not notes:
+        return tables.td(v["verdict"])
+    return (f'<td>{html.escape(v["verdict"])} <span class="dev" '
+            f'title="{html.escape("; ".join(notes))}">D</span></td>')
 
 
 def deviations_section(notes) -> list[str]:

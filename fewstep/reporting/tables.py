@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import html
+import json
 
-from fewstep.fidelity import is_paper_preset, summary
+from fewstep.fidelity import run_note
 
 # What a training reward (its `fewstep train --reward` spec or a preset's reward_model) shares a
 # model with: scoring a student with one of these metrics is leakage (fewstep/notes/claims.md "L").
@@ -48,7 +49,7 @@ class DeviationNotes:
             return None
         if "deviations" not in info:
             return (row["method"], None)
-        entries = tuple(summary(d) for d in info["deviations"])
+        entries = tuple(json.dumps(d, sort_keys=True, default=str) for d in info["deviations"])
         return (row["method"], info.get("preset"), entries) if entries else None
 
     def mark(self, row: dict) -> str:
@@ -58,22 +59,13 @@ class DeviationNotes:
             return ""
         if key not in self._numbers:
             self._numbers[key] = sum(len(k) == 3 for k in self._numbers) + 1
-            self.notes.append((self._label(key), self._text(self._label(key), key)))
+            entries = None if len(key) == 2 else [json.loads(e) for e in key[2]]
+            text = run_note(key[0], key[1] if len(key) == 3 else None, entries)
+            self.notes.append((self._label(key), f"{self._label(key)}: {text}"))
         return self._label(key)
 
     def _label(self, key: tuple) -> str:
         return "D?" if len(key) == 2 else f"D{self._numbers[key]}"
-
-    @staticmethod
-    def _text(label: str, key: tuple) -> str:
-        if len(key) == 2:
-            return (f"D?: {key[0]}: its student.json records no deviations (trained before the "
-                    "fidelity ledger); train it again to record them")
-        method, preset, entries = key
-        where = f"preset {preset}" if preset else "no preset"
-        if is_paper_preset(preset):
-            where += ", a paper preset that deviates from the paper"
-        return f"{label}: {method} ({where}): " + "; ".join(entries)
 
 
 def arrow(result: dict) -> str:
