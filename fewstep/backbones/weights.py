@@ -164,3 +164,26 @@ def file_sha256(path: str | os.PathLike) -> str:
     if key not in _SHA256_CACHE:
         _SHA256_CACHE[key] = digest(path)
     return _SHA256_CACHE[key]
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict:
+    """A state dict from a .safetensors file, or a torch file read by the tensor-only loader
+    (never a full unpickle; `fewstep weights convert` re-saves a pickle a person trusts)."""
+    import torch
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise FewstepError(f"{path}: not a tensor-only torch file ({type(err).__name__}: {err}); "
+                           "re-save it with `fewstep weights convert --trust-pickle FILE --out "
+                           "FILE.safetensors` if you trust it") from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise FewstepError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    return state

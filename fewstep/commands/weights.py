@@ -1,8 +1,10 @@
-"""fewstep weights check: the weight files a config's metrics and backbone families need, where
-each is expected in the weights cache ($FEWSTEP_WEIGHTS), where to get it, and which are missing.
+"""fewstep weights check: the weight files a config's metrics, backbone families and trained
+methods need, where each is expected in the weights cache ($FEWSTEP_WEIGHTS), where to get it, and
+which are missing.
 
 Nothing is downloaded. Metrics declare their files with `weight_files()` (toy metrics need none);
-families with `required_weights()`, the same lists their loaders check. In the toy world the
+families with `required_weights()`, the same lists their loaders check; methods with the
+classmethod `weight_files(options)` for each preset the config trains (DMD's LPIPS trunk). In the toy world the
 families run the shipped toy teachers, so only `--world real` lists their checkpoints.
 Exit status: 0 when every file is present, 1 when some are missing.
 
@@ -159,6 +161,27 @@ def train_data_needs(data: dict) -> list[Need]:
     return needs
 
 
+def method_needs(config: dict) -> dict[str, list[Need]]:
+    """Files each trained preset's options need (e.g. DMD's LPIPS trunk), from the method class's
+    `weight_files(options)` when it has one; the groups are keyed "method <name> (<preset>)"."""
+    from fewstep.config import trained_presets
+    from fewstep.options import resolve
+    from fewstep.registry import METHODS
+
+    groups = {}
+    overrides = config["distill"].get("overrides", {})
+    for method, presets in trained_presets(config).items():
+        cls = METHODS.get(method)
+        for preset in presets:
+            options = resolve(cls.Options, cls.PRESETS, preset, overrides.get(method), method)
+            listing = getattr(cls.for_options(options), "weight_files", None)
+            if listing is None:
+                continue
+            groups[f"method {method} ({preset})"] = [
+                Need(f"method {method}", wf.path, wf.source, wf.note) for wf in listing(options)]
+    return groups
+
+
 def collect(metrics: list[str], families: list[str], world: str) -> dict[str, list[Need]]:
     from fewstep.registry import BACKBONES, METRICS
 
@@ -279,6 +302,7 @@ def run(args) -> int:
             groups[f"released {method} on {family}"] = [Need(
                 f"released {method}", spec["weights"] + ("" if Path(spec["weights"]).suffix else "/"),
                 "the method's published checkpoint (a local copy)")]
+    groups.update(method_needs(config))
     for family, data in config["distill"].get("train_data", {}).items():
         groups[f"training data of {family}"] = train_data_needs(data)
     configured = [spec["name"] for spec in config["eval"].get("prompt_sets", {}).values()]
