@@ -225,3 +225,30 @@ def test_the_html_audit_shows_the_selection_and_deviation_marks():
                "evidence": "e", "marks": ["S"], "deviations": ["dmd2 (preset p): x = 1"]}
     page = "".join(audit_section([verdict]))
     assert "DMD2-T2-4step-FID (S)" in page and 'class="dev"' in page and "x = 1" in page
+
+
+def test_a_released_student_records_its_presets_deviations(ledgered, tmp_path):
+    from safetensors.torch import save_file
+    teacher_dir = teachers.SHIPPED / "sdxl"
+    weights = tmp_path / "release.safetensors"
+    save_file({k: v.contiguous() for k, v in teachers.load(teacher_dir).denoiser.state_dict().items()},
+              str(weights))
+    main(["release", "--method", ledgered, "--preset", "toy", "--teacher", str(teacher_dir),
+          "--weights", str(weights), "--out", str(tmp_path / "model")])
+    info = json.loads((tmp_path / "model" / "student.json").read_text())
+    assert info["checkpoint"] == "released"
+    assert [d["what"] for d in info["deviations"]] == ["regression_loss", "critic precision"]
+
+
+def test_the_report_step_writes_the_ledger_of_its_methods(ledgered, tmp_path):
+    rows = [score_row(ledgered, L2), score_row("teacher", [])]
+    paths = []
+    for i, row in enumerate(rows):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(row))
+    out = tmp_path / "fidelity.md"
+    main(["report", "--scores", *map(str, paths), "--out", str(tmp_path / "board.md"),
+          "--fidelity", str(out)])
+    text = out.read_text()
+    assert "## ledgered (faithful)" in text and "| `regression_loss` |" in text
+    assert "## teacher" not in text

@@ -74,6 +74,7 @@ def run(args):
 
     from fewstep import teachers
     from fewstep.config import parse_overrides
+    from fewstep.fidelity import deviations
     from fewstep.options import as_dict, resolve
     from fewstep.engine.run import STUDENT_FILE, WEIGHTS_FILE, teacher_identity
     from fewstep.io import atomic_path
@@ -93,6 +94,11 @@ def run(args):
     state = released_denoiser(teacher, weights, args.lora)
     student = {"method": args.method, "fidelity": f"{cls.fidelity}, released checkpoint",
                "family": teacher.family, "student": spec.to_dict(), "options": as_dict(options),
+               # the ledger entries the preset's options make apply (its sampler's among them)
+               "deviations": deviations(cls.for_options(options), options),
+               # the authors' checkpoint, chosen by them (claims.yaml marks one chosen on its
+               # own test set "S")
+               "checkpoint": "released",
                "preset": args.preset, "weights": "released", "iterations": None,
                "teacher_sha256": info.get("sha256"), "teacher_identity": teacher_identity(info),
                "released": {"path": str(weights.resolve()), "lora": args.lora,

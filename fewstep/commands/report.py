@@ -1,5 +1,6 @@
-"""fewstep report: the leaderboard, one row per (family, method, steps), with CIs and arrows, and
-the static HTML report (fewstep.reporting: this module declares the arguments and the paths)."""
+"""fewstep report: the leaderboard, one row per (family, method, steps), with CIs and arrows, the
+static HTML report (fewstep.reporting: this module declares the arguments and the paths) and the
+fidelity ledger of the methods it shows (--fidelity)."""
 from __future__ import annotations
 
 import json
@@ -19,6 +20,8 @@ def add_arguments(p):
     p.add_argument("--html", help="folder of the static HTML report (index.html + img/)")
     p.add_argument("--experiment", default="toy", help="the HTML report's title")
     p.add_argument("--verdicts", help="fewstep audit's verdicts .json, shown in the HTML report")
+    p.add_argument("--fidelity", help="write the fidelity ledger of every method in the scores "
+                                      "here (Markdown, e.g. reports/fidelity.md)")
     p.add_argument("--no-dmd2-pairs", action="store_true",
                    help="skip the paired differences against DMD2 (they rescore feature metrics)")
 
@@ -40,6 +43,12 @@ def run(args):
     html = html_folder(args.html, args.out) if args.html else None  # checked before any write
     write_text(args.out, text)
     print(f"wrote {args.out} ({len(rows)} rows)")
+    if args.fidelity:
+        from fewstep.fidelity import markdown
+
+        write_text(args.fidelity, markdown(sorted({r["method"] for r in rows
+                                                   if r["method"] != "teacher"})) + "\n")
+        print(f"wrote {args.fidelity}")
     if html:
         from fewstep.pairing import paired
         from fewstep.reporting.page import build
