@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fewstep.noise import sample_noise
-from fewstep.sampling import nfe_of, sample_ode
+from fewstep.sampling import nfe_of, sample_ode, sample_teacher
 from fewstep.toy import teachers, world
 
 
@@ -31,13 +31,14 @@ def test_recipe_writes_a_verifiable_teacher(trained, family):
     assert backbone.family == family and backbone.latent_shape == (3, 16, 16)
 
 
+@pytest.mark.parametrize("sampler", ["scheduler", "ddim-trailing"])
 @pytest.mark.parametrize("family", ["sdxl", "sd3", "sit"])
-def test_teacher_samples_decode_to_images(trained, family):
+def test_teacher_samples_decode_to_images(trained, family, sampler):
     backbone = teachers.load(trained[family][0]).eval()
     rows = [world.class_meta(0) if family == "sit" else world.prompt_set("eval", n=1)[0]] * 2
     conds = [r.get("class_label", r["prompt"]) for r in rows]
     noise = sample_noise(["p0", "p1"], [0, 0], backbone.latent_shape)
-    x0 = sample_ode(backbone, noise, backbone.encode(conds), steps=2, guidance=2.0)
+    x0 = sample_teacher(backbone, noise, backbone.encode(conds), 2, 2.0, sampler)
     images = backbone.decode(x0)
     assert images.shape == (2, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
     assert nfe_of(2, 2.0) == 4 and nfe_of(2, 1.0) == 2
@@ -79,3 +80,35 @@ def test_a_teacher_folder_named_without_a_slash_is_a_path_not_a_cache_name(train
     from fewstep import teachers as any_teacher
 
     assert any_teacher.load(Path("./teacher")).family == "sit"
+
+
+def test_shipped_toy_teachers_name_the_scheduler_they_are_sampled_with():
+    """Toy SDXL ships SDXL base's scheduler (Euler, leading spacing, steps_offset 1); toy SD3 a
+    flow-matching Euler scheduler with the shift its recipe trains at (1: t ~ U(0, 1)); SiT ships
+    none (its reference Euler sampler). The teacher sampler builds exactly these."""
+    from fewstep.sampling import build_scheduler, sampler_record
+
+    sdxl = json.loads((teachers.SHIPPED / "sdxl/scheduler/scheduler_config.json").read_text())
+    assert sdxl["_class_name"] == "EulerDiscreteScheduler"
+    assert (sdxl["timestep_spacing"], sdxl["steps_offset"]) == ("leading", 1)
+    assert (sdxl["beta_schedule"], sdxl["prediction_type"]) == ("scaled_linear", "epsilon")
+    sd3 = json.loads((teachers.SHIPPED / "sd3/scheduler/scheduler_config.json").read_text())
+    assert sd3["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    assert sd3["shift"] == teachers.TOY_ARCH["sd3"]["shift"] == 1.0
+    assert not sd3["use_dynamic_shifting"]
+    assert not (teachers.SHIPPED / "sit/scheduler").exists()
+    for config in (sdxl, sd3):
+        assert type(build_scheduler(config)).__name__ == config["_class_name"]
+    sit = teachers.load(teachers.SHIPPED / "sit")
+    assert sampler_record(sit, "scheduler", steps=2)["sampler"] == "sit-euler"
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_the_recipe_writes_the_shipped_scheduler(trained, family):
+    """A teacher trained by the recipe ships the same scheduler config as the packaged one."""
+    folder, _ = trained[family]
+    ours = json.loads((folder / "scheduler/scheduler_config.json").read_text())
+    shipped = json.loads((teachers.SHIPPED / family / "scheduler/scheduler_config.json").read_text())
+    drop = ("_diffusers_version",)
+    assert {k: v for k, v in ours.items() if k not in drop} == \
+        {k: v for k, v in shipped.items() if k not in drop}
