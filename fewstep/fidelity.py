@@ -86,8 +86,9 @@ def run_note(method: str, preset, entries) -> str:
 
 
 def is_paper_preset(preset) -> bool:
-    """A preset that follows a published recipe (fewstep/notes/conventions.md sec. 7)."""
-    return isinstance(preset, str) and preset.endswith("-paper")
+    """A preset that follows a published recipe (fewstep/notes/conventions.md sec. 7), a staged
+    method's later stage included (rtdmd-sd3-paper-stage2, dmd2-sdxl1-paper-warmstart)."""
+    return isinstance(preset, str) and (preset.endswith("-paper") or "-paper-" in preset)
 
 
 # -- the ledger as a table (`fewstep methods --fidelity`, reports/fidelity.md, the HTML report) ---
@@ -114,8 +115,15 @@ def _ours(entry: Deviation, runs: dict) -> str:
         where = [p for p, (_, cls) in runs.items() if entry.what in {d.what for d in ledger(cls)}]
         scope = "every run" if len(where) == len(runs) else "presets " + ", ".join(where)
         return f"{fmt(entry.ours)} ({scope})"
-    return "; ".join(f"{p}: {fmt(_plain(getattr(o, entry.what)))}" for p, (o, _) in runs.items()
-                     if entry.is_option(o))
+    groups: dict[str, list[str]] = {}  # value -> the presets ("default": no preset) with it
+    for preset, (options, _) in runs.items():
+        if entry.is_option(options):
+            groups.setdefault(fmt(_plain(getattr(options, entry.what))), []).append(preset)
+    if len(groups) == 1:
+        return f"{next(iter(groups))} (every preset)"
+    common = max(groups, key=lambda v: len(groups[v]))  # the most presets' value, said last
+    return "; ".join([f"{v}: {', '.join(ps)}" for v, ps in groups.items() if v != common]
+                     + [f"{common}: the others ({', '.join(groups[common])})"])
 
 
 def _cell(text) -> str:

@@ -75,7 +75,7 @@ def test_methods_fidelity_prints_each_entry_with_ours_per_preset(ledgered, capsy
     out = capsys.readouterr().out
     assert "## ledgered" in out and "faithful" in out
     line = next(l for l in out.splitlines() if l.startswith("| `regression_loss`"))
-    for text in ("lpips", "toy: l2", "ledgered-toy-paper: lpips", "default: l2",
+    for text in ("| lpips |", "lpips: ledgered-toy-paper; l2: the others (default, toy)",
                  "VGG at 224 px", "DMD sec. 3.3"):
         assert text in line, text
     fixed = next(l for l in out.splitlines() if l.startswith("| critic precision"))
@@ -252,3 +252,9 @@ def test_the_report_step_writes_the_ledger_of_its_methods(ledgered, tmp_path):
     text = out.read_text()
     assert "## ledgered (faithful)" in text and "| `regression_loss` |" in text
     assert "## teacher" not in text
+
+
+def test_paper_presets_include_later_stages():
+    assert fidelity.is_paper_preset("dmd2-sdxl4-paper")
+    assert fidelity.is_paper_preset("rtdmd-sd3-paper-stage2")
+    assert not fidelity.is_paper_preset("toy") and not fidelity.is_paper_preset(None)
