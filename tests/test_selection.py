@@ -57,3 +57,14 @@ def test_the_pure_check_compares_hashes():
 @pytest.mark.parametrize("family", ["sdxl", "sit"])
 def test_the_toy_evaluation_rows_are_the_ones_fewstep_prompts_writes(family):
     assert selection.toy_eval_rows(family, 61) == eval_prompts(family, 61)
+
+
+def test_fewstep_config_checks_a_validation_prompt_file(tmp_path, capsys):
+    from fewstep.cli import main
+    same = write_prompts(tmp_path / "val.jsonl", eval_prompts("sit", cfg.load()["eval"]["prompts"]))
+    assert main(["config", "--quiet", "--validation-prompts", str(same)]) == 2
+    err = capsys.readouterr().err
+    assert "val.jsonl refused" in err and "the toy sit held-out prompts" in err
+    other = write_prompts(tmp_path / "other.jsonl", [{"prompt_id": "v0", "prompt": "a red cube"}])
+    assert main(["config", "--quiet", "--validation-prompts", str(other)]) == 0
+    assert "disjoint from every evaluation set" in capsys.readouterr().out
