@@ -258,3 +258,9 @@ def test_paper_presets_include_later_stages():
     assert fidelity.is_paper_preset("dmd2-sdxl4-paper")
     assert fidelity.is_paper_preset("rtdmd-sd3-paper-stage2")
     assert not fidelity.is_paper_preset("toy") and not fidelity.is_paper_preset(None)
+
+
+def test_the_html_ledger_names_a_method_that_is_not_installed():
+    from fewstep.reporting.page import ledger_section
+    text = "".join(ledger_section([score_row("dmd2", []), score_row("not_installed", [])]))
+    assert "## dmd2" in text and "## not_installed" in text and "Not installed" in text

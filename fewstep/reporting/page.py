@@ -100,13 +100,19 @@ def deviations_section(notes) -> list[str]:
 def ledger_section(rows) -> list[str]:
     """The fidelity ledger of each method in the report (`fewstep methods --fidelity`), as
     preformatted Markdown; a method that is not installed here is named, not shown."""
+    from fewstep.errors import FewstepError
     from fewstep.fidelity import markdown
+    from fewstep.registry import METHODS
 
-    names = sorted({r["method"] for r in rows if r["method"] != "teacher"})
-    try:
-        text = markdown(names)
-    except KeyError as err:  # a plugin method that is not installed where the report is built
-        text = f"not available: {err}"
+    shown, missing = [], []
+    for name in sorted({r["method"] for r in rows if r["method"] != "teacher"}):
+        try:
+            METHODS.get(name)
+            shown.append(name)
+        except (KeyError, FewstepError):  # a plugin not installed (or refused) here
+            missing.append(name)
+    text = markdown(shown) + "".join(f"\n## {n}\n\nNot installed where this report was "
+                                     "built: its ledger is not shown.\n" for n in missing)
     return ["<details><summary>Fidelity ledger of every method in this report (<code>fewstep "
             "methods --fidelity</code>; reports/fidelity.md)</summary>"
             f"<pre>{html.escape(text)}</pre></details>"]
