@@ -103,6 +103,9 @@ def test_every_builtin_ledger_prints():
     from fewstep.commands.methods import fidelity_markdown
     text = fidelity_markdown(METHODS.names())
     assert all(f"## {name}" in text for name in ("dmd", "dmd2", "amd", "rtdmd", "cdm"))
+    # every distillation method states its differences from its paper (the plumbing one has none)
+    for name in ("dmd", "dmd2", "amd", "rtdmd", "cdm"):
+        assert fidelity.ledger(METHODS.get(name)), f"{name} declares no fidelity ledger"
 
 
 # --------------------------------------------------------------------------- the student record
