@@ -8,9 +8,10 @@ gets the normalised DM gradient after teacher and critic are mapped back to s by
 shares its noise (sec. 4.3). Stage 2 (sec. 5), from the stage-1 model: per iteration an epoch of
 K-repeated prompts, 4-step CPS rollouts with prompt-keyed noise off the selected steps and group
 advantages with the global std; one critic step on the final x0, one generator step with PPO on
-the selected steps, AC-DMD at s = 0 and the reward hinge relu(3 - r) (sec. 5.4). Harness choices
-[INT]: the critic is a full copy (LoRA on the generator only); the stage-2 loss takes the whole
-epoch at once (the reference accumulates 16 sub-batches); when no sample survives, all are kept.
+the selected steps, AC-DMD at s = 0 and the reward hinge relu(3 - r) (sec. 5.4). Generator and
+critic ("fake score") are LoRAs of rank 32, alpha 64 on the base weights; stage 2 merges each
+stage-1 LoRA and trains a fresh one on top (sec. 2). Every choice that differs from the official
+code is an entry of FIDELITY (the toy preset's full-weight generator and critic among them).
 Sections (sec. N) are those of methods/notes/rtdmd.md.
 """
 from __future__ import annotations
@@ -27,13 +28,14 @@ from safetensors.torch import load_file
 
 from fewstep import losses
 from fewstep.backbones.base import cond_cat, cond_index
-from fewstep.engine.adapt import trainable_copy
+from fewstep.engine.adapt import LoraSpec, trainable_copy
 from fewstep.engine.distributed import all_gather
 from fewstep.engine.method import Method, StudentSpec, student_grid
 from fewstep.options import TrainOptions, choice
 from fewstep.engine.rollout import rollout
 from fewstep.engine.run import load_student
 from fewstep.errors import FewstepError
+from fewstep.fidelity import Deviation
 from fewstep.schedule import col, draw_times
 
 
@@ -42,6 +44,13 @@ class RTDMDOptions(TrainOptions):
     stage: int = choice(1, 2)            # 1: AC-DMD cold start (sec. 4); 2: RTDMD (sec. 5)
     init_from: str = ""                  # stage 2: the stage-1 model folder (fewstep train --out)
     teacher_guidance: float = 1.0        # omega of the teacher (both stages); critic unguided
+    # the critic's LoRA on the base weights, on the generator's targets (`lora_targets`), as the
+    # official fake_score_lora (sec. 2); rank 0 fine-tunes the whole critic (an extension)
+    critic_lora_rank: int = 32
+    critic_lora_alpha: float = 64.0
+    # A of stage 2's fresh LoRAs (on the merged stage-1 weights): "normal" N(0, 1), as the
+    # official merge-then-reinit draws it; "gaussian" peft's N(0, 1/rank) (stage 1 always)
+    stage2_lora_init: str = choice("normal", "gaussian")
     eta: float = 0.9                     # CPS eta, theta = eta pi/2 (sec. 3)
     generator_grid: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)  # fractions, through grid_shift
     grid_shift: float = 1.0              # SD3: 3.0 -> t = [1, .9, .75, .5]
@@ -64,24 +73,39 @@ class RTDMDOptions(TrainOptions):
     bp_margin: float = 3.0
     RANGES = {"generator_every": "[1, inf)", "group_size": "[1, inf)",
               "prompts_per_epoch": "[1, inf)", "delta_max": "[1, inf)", "gamma": "[0, inf)",
-              "eta": "[0, 1]"}
+              "eta": "[0, 1]", "critic_lora_rank": "[0, inf)", "critic_lora_alpha": "[0, inf)"}
 
 
 # -- presets (sec. 6) ------------------------------------------------------------------------------
 # Each stage's own options are RTDMDOptions' defaults (stage 1 the default stage); the presets
-# hold each stage's engine recipe (sec. 6.1) and each family's grid shift and guidance.
-STAGE1 = {"lr": 3e-5, "critic_lr": 3e-5, "weight_decay": 0.0, "critic_weight_decay": 0.0,
+# hold each stage's engine recipe (sec. 6.1, the official cold-start and rtdmd configs) and each
+# family's grid shift and guidance. Every preset states its LoRAs (rank and alpha), iterations and
+# mixed precision.
+LORAS = {"lora_rank": 32, "lora_alpha": 64, "critic_lora_rank": 32, "critic_lora_alpha": 64}
+# Stage 1: 15000 iterations (stage 2 starts from checkpoint 15000; the config's total_steps is
+# 100000), 9 per GPU on 8 GPUs; no warm-up; bf16 autocast; EMA 0.99 every iteration.
+STAGE1 = {**LORAS, "lr": 3e-5, "critic_lr": 3e-5, "weight_decay": 0.0, "critic_weight_decay": 0.0,
           "grad_clip": 1.0, "warmup": 0, "ema_decay": 0.99, "ema_every": 1, "ema_warmup": False,
-          "lora_rank": 32, "lora_alpha": 64, "grad_checkpointing": True, "batch": 9,
-          "steps": 15000}
-STAGE2 = {"stage": 2, "lr": 3e-6, "critic_lr": 3e-5,
+          "grad_checkpointing": True, "bf16": True, "batch": 9, "steps": 15000}  # global 72 on 8 GPUs
+# Stage 2: 1000 epochs (the evaluated checkpoint); an epoch is prompts_per_epoch x group_size =
+# 32 x 16 = 512 rollouts over all ranks (16 sampling batches of 2 per GPU on 16 GPUs), already a
+# global count; `batch` is only the per-rank rollout chunk (memory, the official sample batch).
+STAGE2 = {**LORAS, "stage": 2, "lr": 3e-6, "critic_lr": 3e-5,
           "weight_decay": 1e-4, "critic_weight_decay": 0.0, "grad_clip": 1.0, "warmup": 0,
-          "ema_decay": 0.9, "ema_every": 8, "ema_warmup": True, "lora_rank": 32, "lora_alpha": 64,
-          "grad_checkpointing": True, "steps": 1000, "batch": 2}
-SD3 = {"grid_shift": 3.0, "teacher_guidance": 7.0}
+          "ema_decay": 0.9, "ema_every": 8, "ema_warmup": True, "grad_checkpointing": True,
+          "bf16": True, "steps": 1000, "batch": 2}
+# SD3: the official target modules (attention projections of the joint blocks only: "attn.",
+# not SD3.5's second attention "attn2.")
+SD3 = {"grid_shift": 3.0, "teacher_guidance": 7.0,
+       "lora_targets": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
+                        "attn.add_v_proj", "attn.add_q_proj", "attn.to_add_out")}
 SDXL = {"teacher_guidance": 8.0}
-SIT: dict = {}  # unguided teacher, unshifted grid: the defaults
-TOY = {"teacher_guidance": 2.0, "lora_rank": 0,
+# unguided teacher, unshifted grid (the defaults); SiTNet has no checkpointing switch (SiT-XL/2
+# trains without it)
+SIT = {"grad_checkpointing": False}
+# The toy world: full-weight generator and critic (ledger entries lora_rank, critic_lora_rank):
+# a rank-32 LoRA is most of a tiny network, and the toy numbers were made this way.
+TOY = {"teacher_guidance": 2.0, "lora_rank": 0, "critic_lora_rank": 0,
        "grad_checkpointing": False, "checkpoint_every": 100, "log_every": 10}
 PRESETS = {
     "rtdmd-sd3-paper": {**STAGE1, **SD3},
@@ -94,6 +118,34 @@ PRESETS = {
     "toy-stage2": {**STAGE2, **TOY, "steps": 50, "prompts_per_epoch": 4, "group_size": 4,
                    "batch": 16, "lr": 1e-5, "critic_lr": 1e-4, "checkpoint_every": 25},
 }
+
+
+# -- the fidelity ledger: where a run differs from the official code ------------------------------
+CONFIGS = "official configs/cold_start/*.yaml and configs/rtdmd/*.yaml"
+FILTER = "official rtdmd/trainers/grpo_trainer.py, zero-advantage filtering"
+FIDELITY = (
+    Deviation("critic_lora_rank", 32, "0 fine-tunes the whole critic (an extension; the toy "
+              "preset's critic, as the toy numbers were made)", f"{CONFIGS}: model.fake_score_lora"),
+    Deviation("critic_lora_alpha", 64, "the critic LoRA's scale is alpha / rank",
+              f"{CONFIGS}: model.fake_score_lora"),
+    Deviation("lora_rank", 32, "0 fine-tunes the whole generator (the toy preset)",
+              f"{CONFIGS}: model.generator_lora"),
+    Deviation("lora_alpha", 64, "the generator LoRA's scale is alpha / rank",
+              f"{CONFIGS}: model.generator_lora"),
+    Deviation("stage2_lora_init", "normal", "\"gaussian\" is peft's init, A ~ N(0, 1/rank): with "
+              "Adam the early updates B A scale with A, about rank times smaller than the official's",
+              "official rtdmd/utils/lora.py, the merge_before_training path of inject_lora"),
+    Deviation("stage2_loss_passes", "16 sub-batches per epoch, each loss / (16 |S u {3}|), "
+              "gradients accumulated into one step", "the engine takes one backward pass per "
+              "network per iteration; with equal sub-batches (the padding below) the sums agree",
+              "official rtdmd/trainers/rtdmd_trainer.py (gradient_accumulation_steps 16)",
+              ours="one loss over the epoch's kept samples, / |S u {3}|"),
+    Deviation("zero_advantage_padding", "kept samples padded with random zero-advantage ones to a "
+              "multiple of 16 per rank (they enter the AC-DMD and BP terms and every mean)",
+              "no sub-batches to fill", FILTER, ours="no padding: only samples with A != 0"),
+    Deviation("no_survivor_fallback", "16 random samples per rank (one per sub-batch)",
+              "no sub-batches to fill", FILTER, ours="every sample of the epoch"),
+)
 
 
 # -- the AC-DMD pieces (sec. 4) --------------------------------------------------------------------
@@ -168,6 +220,7 @@ class RTDMD(Method):
     name = "rtdmd"
     fidelity = "faithful"
     requires = ("reward",)
+    ledger = FIDELITY  # both stage classes inherit it
     Options = RTDMDOptions
     PRESETS = PRESETS
 
@@ -178,8 +231,11 @@ class RTDMD(Method):
     def __init__(self, teacher, options, ctx):
         super().__init__(teacher, options, ctx)
         generator, critic = self.initial_networks()  # defined by each stage
-        self._generator = trainable_copy(generator, options)  # stage 2: a fresh LoRA on top
-        self.critic = trainable_copy(critic)
+        gen_lora, critic_lora = self.loras()  # stage 2: fresh LoRAs on the merged stage-1 weights
+        self._generator = trainable_copy(generator, lora=gen_lora,
+                                         checkpointing=options.grad_checkpointing)
+        self.critic = trainable_copy(critic, lora=critic_lora,
+                                     checkpointing=options.grad_checkpointing)
         self.grid = student_grid(teacher, options.generator_grid, options.grid_shift)
         self.full_grid = self.grid + [0.0]  # the last step lands on clean data
         self.theta = options.eta * math.pi / 2
@@ -188,6 +244,20 @@ class RTDMD(Method):
         if 1000 * top + options.renoise_offset > options.renoise_clamp[1]:
             raise FewstepError(f"rtdmd: a boundary at t = {top:.3f} leaves no room for the "
                                f"re-noise level below {options.renoise_clamp[1]}")
+
+    def loras(self) -> tuple[LoraSpec | None, LoraSpec | None]:
+        """(generator's, critic's) LoRA, both on `lora_targets` (sec. 2); None: full weights.
+        Stage 1 draws A with peft's gaussian init; stage 2's fresh LoRAs `stage2_lora_init`. The
+        critic's init has its own seed stream (official: drawn after the generator's)."""
+        o = self.opt
+        init = "gaussian" if o.stage == 1 else o.stage2_lora_init
+        targets = tuple(o.lora_targets)
+        gen = LoraSpec(o.lora_rank, o.lora_alpha, targets, init, o.seed) if o.lora_rank > 0 else None
+        critic = None
+        if o.critic_lora_rank > 0:
+            critic = LoraSpec(o.critic_lora_rank, o.critic_lora_alpha, targets, init, o.seed,
+                              "critic", ("critic_lora_rank", "critic_lora_alpha"))
+        return gen, critic
 
     @classmethod
     def sampler(cls, teacher, options) -> StudentSpec:

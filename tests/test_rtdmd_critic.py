@@ -1,0 +1,230 @@
+"""RTDMD's critic as the official configs build it (methods/notes/rtdmd.md sec. 2): a LoRA of rank
+32, alpha 64 on the family's targets in stage 1; stage 2 merges it and puts a fresh LoRA on top.
+Also: LoRA alpha is explicit (fewstep/engine/adapt.py), the presets state their recipe, and the
+method's fidelity ledger."""
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import methods.rtdmd as R
+from fewstep.engine.adapt import LoraSpec, add_lora, trainable_copy
+from fewstep.engine.distributed import DistInfo
+from fewstep.engine.loop import Trainer
+from fewstep.engine.run import build_method, export, toy_context
+from fewstep.errors import FewstepError
+from fewstep.fidelity import deviations, ledger
+from fewstep.options import resolve
+from fewstep.toy import teachers
+
+RES = 8
+PAPER = {"sd3": "rtdmd-sd3-paper", "sdxl": "rtdmd-sdxl-ext", "sit": "rtdmd-sit-ext"}
+SMALL = {"batch": 2, "grad_checkpointing": False}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = teachers.build(family, resolution=RES, seed=0)
+        return cache[family]
+    return get
+
+
+def toy_reward(images, metas):
+    return -((images - 0.5) ** 2).mean((1, 2, 3))
+
+
+def make(teacher, family, preset, **over):
+    ctx = toy_context(teacher, family, RES, 0, DistInfo(), reward=toy_reward, autocast=False)
+    return build_method("rtdmd", teacher, ctx, preset, {**SMALL, **over})
+
+
+def matches(name: str, targets) -> bool:
+    """peft's rule for a list of target names: the module's full name, or its last components."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def expected_lora_params(denoiser: nn.Module, rank: int, targets) -> int:
+    """A rank-r LoRA's parameter count from the target modules' shapes: Linear in -> out adds
+    A (r x in) and B (out x r); a k x k Conv2d adds A (r x in x k x k) and a 1 x 1 B (out x r)."""
+    total = 0
+    for name, module in denoiser.named_modules():
+        if not matches(name, targets):
+            continue
+        if isinstance(module, nn.Linear):
+            total += rank * (module.in_features + module.out_features)
+        elif isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            total += rank * module.in_channels * kh * kw + module.out_channels * rank
+    assert total > 0, "no target module matched"
+    return total
+
+
+def trainable(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+def critic_out(critic, teacher, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((2, *teacher.latent_shape), generator=g)
+    t = torch.tensor([0.3, 0.8])
+    cond = teacher.encode(["a red cube", "a blue ball"] if teacher.family != "sit" else [1, 2])
+    with torch.no_grad():
+        return critic.native(x, t, cond)
+
+
+# -- the critic's LoRA (item: the official fake_score_lora) ----------------------------------------
+@pytest.mark.parametrize("family", ["sd3", "sdxl", "sit"])
+def test_paper_critic_trains_a_rank32_lora_on_the_family_targets(toy, family):
+    teacher = toy(family)
+    method = make(teacher, family, PAPER[family])
+    opt = method.opt
+    assert (opt.critic_lora_rank, opt.critic_lora_alpha) == (32, 64)
+    targets = opt.lora_targets or teacher.lora_targets
+    params = trainable(method.critic.denoiser)
+    assert params and all("lora_" in n for n in params)
+    assert sum(p.numel() for p in params.values()) == expected_lora_params(teacher.denoiser, 32, targets)
+    trainer_params = Trainer(method, "unused").params["critic"]  # what the optimiser steps
+    assert sum(p.numel() for p in trainer_params) == sum(p.numel() for p in params.values())
+    # B = 0 at init: the critic starts as the teacher (a LoRA that is not an identity would not)
+    torch.testing.assert_close(critic_out(method.critic, teacher), critic_out(teacher, teacher))
+
+
+def test_sd3_paper_targets_are_the_official_attention_projections():
+    opt = resolve(R.RTDMDOptions, R.PRESETS, "rtdmd-sd3-paper", None, "rtdmd")
+    assert set(opt.lora_targets) == {"attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                                     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                                     "attn.to_add_out"}
+
+
+def test_toy_critic_is_full_and_the_ledger_marks_it(toy):
+    method = make(toy("sit"), "sit", "toy")
+    params = trainable(method.critic.denoiser)
+    assert sum(p.numel() for p in params.values()) == sum(
+        p.numel() for p in toy("sit").denoiser.parameters())
+    marked = {d["what"] for d in deviations(type(method), method.opt)}
+    assert {"critic_lora_rank", "lora_rank"} <= marked
+
+
+def test_generator_and_critic_loras_start_from_different_draws(toy):
+    method = make(toy("sit"), "sit", "rtdmd-sit-ext")
+    gen, critic = trainable(method.generator.denoiser), trainable(method.critic.denoiser)
+    key = next(n for n in gen if "lora_A" in n)
+    assert not torch.equal(gen[key], critic[key])
+
+
+@pytest.fixture(scope="module")
+def lora_stage1(toy, tmp_path_factory):
+    """A stage-1 model exported from the sd3 paper preset with a non-zero critic LoRA (so the merge
+    matters), and that critic's outputs."""
+    teacher = toy("sd3")
+    method = make(teacher, "sd3", "rtdmd-sd3-paper", steps=1)
+    with torch.no_grad():
+        for name, p in trainable(method.critic.denoiser).items():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn_like(p))
+    root = tmp_path_factory.mktemp("rtdmd-lora")
+    trainer = Trainer(method, root / "run")
+    export(method, trainer, root / "model", {})
+    return root / "model", critic_out(method.critic, teacher)
+
+
+def test_stage1_critic_export_holds_merged_base_weights(toy, lora_stage1):
+    folder, lora_out = lora_stage1
+    teacher = toy("sd3")
+    saved = load_file(str(folder / "critic.safetensors"))
+    assert set(saved) == set(teacher.denoiser.state_dict())  # base names, no adapter keys
+    assert not all(torch.equal(saved[k], v) for k, v in teacher.denoiser.state_dict().items())
+    import copy
+    merged = copy.deepcopy(teacher)
+    merged.denoiser.load_state_dict(saved)
+    torch.testing.assert_close(critic_out(merged, teacher), lora_out, atol=1e-5, rtol=1e-5)
+
+
+def test_stage2_puts_a_fresh_lora_on_the_merged_critic(toy, lora_stage1):
+    folder, lora_out = lora_stage1
+    teacher = toy("sd3")
+    method = make(teacher, "sd3", "rtdmd-sd3-paper-stage2", init_from=str(folder),
+                  prompts_per_epoch=2, group_size=2)
+    params = trainable(method.critic.denoiser)
+    targets = method.opt.lora_targets
+    assert sum(p.numel() for p in params.values()) == expected_lora_params(teacher.denoiser, 32, targets)
+    assert all(float(p.detach().abs().max()) == 0 for n, p in params.items() if "lora_B" in n)
+    # output at init = the merged stage-1 critic's
+    torch.testing.assert_close(critic_out(method.critic, teacher), lora_out, atol=1e-5, rtol=1e-5)
+    # the fresh A is drawn N(0, 1) as the official merge-then-reinit does, not peft's N(0, 1/r)
+    a = torch.cat([p.flatten() for n, p in params.items() if "lora_A" in n])
+    assert 0.9 < float(a.std()) < 1.1
+    gen_a = torch.cat([p.flatten() for n, p in trainable(method.generator.denoiser).items()
+                       if "lora_A" in n])
+    assert 0.9 < float(gen_a.std()) < 1.1
+
+
+def test_stage1_lora_a_is_peft_gaussian(toy):
+    method = make(toy("sd3"), "sd3", "rtdmd-sd3-paper")
+    a = torch.cat([p.flatten() for n, p in trainable(method.critic.denoiser).items() if "lora_A" in n])
+    assert abs(float(a.std()) - 1 / 32) < 0.005
+
+
+# -- LoRA alpha is explicit ------------------------------------------------------------------------
+def test_lora_without_alpha_is_an_error_naming_the_option(toy):
+    teacher = toy("sit")
+    opt = types.SimpleNamespace(lora_rank=4, lora_alpha=0.0, lora_targets=(), seed=0,
+                                grad_checkpointing=False)
+    with pytest.raises(FewstepError, match="lora_alpha"):
+        trainable_copy(teacher, opt)
+    opt.lora_alpha = None
+    with pytest.raises(FewstepError, match="lora_alpha"):
+        trainable_copy(teacher, opt)
+    import copy
+    with pytest.raises(FewstepError, match="critic_lora_alpha"):
+        add_lora(copy.deepcopy(teacher), LoraSpec(4, 0.0, names=("critic_lora_rank", "critic_lora_alpha")))
+    with pytest.raises(FewstepError, match="critic_lora_alpha"):
+        make(teacher, "sit", "rtdmd-sit-ext", critic_lora_alpha=0)
+    opt.lora_alpha = 8.0  # an explicit alpha other than the rank is used as given
+    lora = trainable_copy(teacher, opt)
+    layer = next(m for m in lora.denoiser.modules() if hasattr(m, "scaling"))
+    assert layer.scaling["default"] == pytest.approx(8.0 / 4)
+
+
+def test_every_preset_states_its_lora_and_recipe():
+    for name, preset in R.PRESETS.items():
+        for rank, alpha in (("lora_rank", "lora_alpha"), ("critic_lora_rank", "critic_lora_alpha")):
+            assert rank in preset, (name, rank)
+            if preset[rank] > 0:
+                assert preset.get(alpha, 0) > 0, (name, alpha)
+        assert "steps" in preset and "bf16" in preset, name
+    stage1 = resolve(R.RTDMDOptions, R.PRESETS, "rtdmd-sd3-paper", None, "rtdmd")
+    assert (stage1.steps, stage1.warmup, stage1.ema_decay) == (15000, 0, 0.99)
+    stage2 = resolve(R.RTDMDOptions, R.PRESETS, "rtdmd-sd3-paper-stage2", None, "rtdmd")
+    assert (stage2.steps, stage2.prompts_per_epoch * stage2.group_size) == (1000, 512)
+    if getattr(stage1, "global_batch", None) is not None:
+        assert stage1.global_batch == 72  # 9 per GPU on 8 GPUs
+    else:
+        assert stage1.batch == 9  # per rank, on 8 ranks
+
+
+# -- the fidelity ledger ---------------------------------------------------------------------------
+def test_ledger_is_declared_for_both_stages_and_paper_presets_are_clean():
+    assert R.RTDMD.ledger is R.FIDELITY
+    assert ledger(R.ACDMD) == ledger(R.RewardTiltedDMD) == R.FIDELITY
+    whats = {d.what for d in R.FIDELITY}
+    assert {"critic_lora_rank", "critic_lora_alpha", "lora_rank", "lora_alpha"} <= whats
+    for name in ("rtdmd-sd3-paper", "rtdmd-sd3-paper-stage2"):
+        opt = resolve(R.RTDMDOptions, R.PRESETS, name, None, "rtdmd")
+        marked = {d["what"] for d in deviations(R.RTDMD.for_options(opt), opt)}
+        assert not marked & {"critic_lora_rank", "critic_lora_alpha", "lora_rank", "lora_alpha",
+                             "stage2_lora_init"}
