@@ -33,14 +33,26 @@ def choice(*choices, default=dataclasses.MISSING):
 @dataclass
 class TrainOptions:
     steps: int = 1000                 # iterations (each one updates the networks of the plan)
-    batch: int = 8                    # samples per rank per iteration
+    batch: int = 8                    # samples per rank per iteration (see global_batch)
+    # samples per iteration over all ranks: the papers' recipe, so 8 and 64 GPUs train the same
+    # one; batch is derived as global_batch / world size (resolve). None: batch is per rank
+    global_batch: int | None = None
     lr: float = 1e-5                  # generator learning rate
     critic_lr: float | None = None    # None: same as lr
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
     critic_weight_decay: float | None = None
     grad_clip: float = 10.0           # max global grad norm per network (0: off)
-    warmup: int = 0                   # linear LR warm-up iterations (then constant)
+    warmup: int = 0                   # linear LR warm-up, in scheduler ticks (then constant)
+    # what ticks a network's LR scheduler: every iteration (DMD2 steps both schedulers every
+    # iteration) or each update of that network (CDM: its scheduler steps after its own optimiser)
+    lr_schedule_on: str = choice("iteration", "update")
+    # ticks per scheduler step: the official codes run under Accelerate, whose prepared scheduler
+    # ticks once per process per step, so their warm-up lasts warmup / processes steps
+    warmup_ticks: int = 1
+    # LR of the first step: "step" lr / warmup (fewstep's rule), "zero" 0 (torch's LambdaLR with
+    # diffusers' constant_with_warmup lambda s / warmup, as the official codes use)
+    warmup_start: str = choice("step", "zero")
     ema_decay: float = 0.0            # generator EMA (0: none); see ema_warmup
     ema_warmup: bool = False          # decay min(ema_decay, (1 + n) / (10 + n)) (CDM, RTDMD stage 2)
     ema_every: int = 1                # EMA ticks between EMA updates (see ema_on)
@@ -50,7 +62,7 @@ class TrainOptions:
     bf16: bool = True                 # bf16 autocast on CUDA (never on CPU)
     grad_checkpointing: bool = False
     lora_rank: int = 0                # 0: full fine-tune of the generator; > 0: peft LoRA
-    lora_alpha: float = 0.0
+    lora_alpha: float = 0.0           # required with lora_rank > 0 (the update is alpha / rank)
     lora_targets: tuple[str, ...] = ()  # module-name patterns; () = the family's defaults
     checkpoint_every: int = 200
     log_every: int = 1                # every iteration: TTUR plans would hide generator rows otherwise
@@ -66,12 +78,29 @@ class TrainOptions:
         for name, allowed in option_choices(type(self)).items():
             if getattr(self, name) not in allowed:
                 raise FewstepError(not_a_choice(owner, name, getattr(self, name), allowed))
+        check_lora_alpha(self, owner)
+
+
+def check_lora_alpha(options, owner: str) -> None:
+    """A LoRA states its alpha: peft scales the update by alpha / rank, and the papers' values
+    differ (DMD2's SDXL LoRA: rank 64, alpha 8; RTDMD: rank 32, alpha 64); no default is safe.
+    Covers lora_rank/lora_alpha and every <net>_lora_rank/<net>_lora_alpha pair."""
+    for f in dataclasses.fields(options):
+        alpha = f.name[:-len("rank")] + "alpha"
+        if f.name.endswith("lora_rank") and hasattr(options, alpha):
+            rank = getattr(options, f.name)
+            if is_number(rank) and rank > 0 and not getattr(options, alpha):
+                raise FewstepError(f"{owner} option {f.name} = {rank} needs an explicit "
+                                   f"{alpha} (> 0; the LoRA update is scaled by {alpha} / "
+                                   f"{f.name}): set {alpha} (the paper's value), or {f.name} = 0 "
+                                   "for a full fine-tune")
 
 
 # Ranges of the shared options: a run that trains zero iterations, saves every 0 iterations or
 # keeps an EMA of decay 1 is a mistake, not a setting. A method adds ranges for its own options as
 # `RANGES` on its options class (a ClassVar, so not a field). Brackets as in maths: "[1, inf)".
-RANGES = {"steps": "[1, inf)", "batch": "[1, inf)", "lr": "(0, inf)", "critic_lr": "(0, inf)",
+RANGES = {"steps": "[1, inf)", "batch": "[1, inf)", "global_batch": "[1, inf)", "lr": "(0, inf)",
+          "critic_lr": "(0, inf)", "warmup_ticks": "[1, inf)",
           "weight_decay": "[0, inf)", "critic_weight_decay": "[0, inf)", "grad_clip": "[0, inf)",
           "warmup": "[0, inf)", "ema_decay": "[0, 1)", "ema_every": "[1, inf)",
           "lora_rank": "[0, inf)", "lora_alpha": "[0, inf)", "checkpoint_every": "[1, inf)",
@@ -152,10 +181,15 @@ def option_names(cls, values: dict, method: str) -> dict[str, tuple[str, object]
     return named
 
 
+BATCH_OPTIONS = ("batch", "global_batch")  # one idea: how many samples an iteration draws
+
+
 def resolve(cls, presets: dict[str, dict], preset: str | None, overrides: dict | None = None,
-            method: str = "method"):
+            method: str = "method", world_size: int = 1):
     """Options of `cls` from a named preset and overrides (an override replaces the preset's
-    value whichever name either uses); unknown names get did-you-mean errors."""
+    value whichever name either uses; batch and global_batch count as one option), with the
+    per-rank batch derived from global_batch for `world_size` processes; unknown names get
+    did-you-mean errors."""
     values: dict = {}
     if preset is not None:
         if preset not in presets:
@@ -163,9 +197,37 @@ def resolve(cls, presets: dict[str, dict], preset: str | None, overrides: dict |
                                f"{did_you_mean(preset, presets, cutoff=0.4)} "
                                f"Known presets: {', '.join(sorted(presets))}.")
         values.update(option_names(cls, presets[preset], method))
-    values.update(option_names(cls, overrides or {}, method))
-    return cls(**{name: checked(cls, name, value, method, key)
-                  for name, (key, value) in values.items()})
+    given = option_names(cls, overrides or {}, method)
+    if any(name in given for name in BATCH_OPTIONS):
+        values = {k: v for k, v in values.items() if k not in BATCH_OPTIONS}
+    values.update(given)
+    options = {name: checked(cls, name, value, method, key) for name, (key, value) in values.items()}
+    return cls(**derive_batch(options, world_size, method))
+
+
+def per_rank_batch(global_batch: int, world_size: int) -> int:
+    """global_batch / world_size, or an error naming both when it does not divide."""
+    if global_batch % world_size:
+        raise FewstepError(f"global_batch = {global_batch} is not divisible by the world size "
+                           f"{world_size} (processes of this run): run on a number of processes "
+                           f"that divides {global_batch}, or give global_batch a multiple of "
+                           f"{world_size}")
+    return global_batch // world_size
+
+
+def derive_batch(options: dict, world_size: int, method: str = "method") -> dict:
+    """Resolved option values with batch = global_batch / world size when global_batch is given;
+    a batch given beside it (in the same preset or the same overrides) must agree."""
+    total = options.get("global_batch")
+    if total is None:
+        return options
+    batch = per_rank_batch(total, world_size)
+    if "batch" in options and options["batch"] != batch:
+        raise FewstepError(f"{method} options batch = {options['batch']} and global_batch = "
+                           f"{total} disagree at world size {world_size} (global_batch / world "
+                           f"size = {batch} per rank): give one of them (global_batch = null "
+                           "makes batch per rank)")
+    return {**options, "batch": batch}
 
 
 def checked(cls, name: str, value, method: str = "method", key: str | None = None):
@@ -242,4 +304,4 @@ def as_dict(options) -> dict:
 
 
 __all__ = ["TrainOptions", "resolve", "as_dict", "choice", "option_aliases", "option_choices",
-           "dataclass", "field"]
+           "per_rank_batch", "dataclass", "field"]

@@ -24,6 +24,7 @@ from fewstep.engine.method import Method, StudentSpec, student_grid
 from fewstep.options import TrainOptions, choice
 from fewstep.engine.rollout import rollout
 from fewstep.errors import FewstepError
+from fewstep.fidelity import Deviation
 from fewstep.schedule import draw_times, shift as shift_map
 
 # Named random streams (engine context), so a test can redraw exactly what a branch drew.
@@ -56,10 +57,17 @@ class CDMOptions(TrainOptions):
 
 # The official training recipe (the paper's presets and the toy one); CDM's own options are
 # CDMOptions' defaults. The EMA ticks once per student step, decay min(0.999, (1 + n) / (10 + n)).
-RECIPE = {"batch": 16, "lr": 1e-5, "critic_lr": 5e-6, "weight_decay": 1e-4, "betas": (0.9, 0.999),
+# Each network's LR scheduler steps after that network's own optimiser step (the official
+# training script), so the warm-up counts that network's updates.
+RECIPE = {"lr": 1e-5, "critic_lr": 5e-6, "weight_decay": 1e-4, "betas": (0.9, 0.999),
           "grad_clip": 1.0, "warmup": 100, "ema_decay": 0.999, "ema_warmup": True,
-          "ema_on": "generator_update"}
-PAPER = {**RECIPE, "steps": 4001, "seed": 42}
+          "ema_on": "generator_update", "lr_schedule_on": "update"}
+# The SD3 config as launched (sec. 6.1): 4001 iterations (about 2000 student updates) of 16
+# prompts per GPU on 8 GPUs, bf16 mixed precision, seed 42. Its schedulers are prepared by
+# Accelerate, which ticks them once per process per step: the 100-tick warm-up from LR 0
+# (lambda s / 100) lasts 12.5 updates of each network; warmup_ticks = 8 keeps that at any world size.
+PAPER = {**RECIPE, "steps": 4001, "global_batch": 128, "warmup_ticks": 8, "warmup_start": "zero",
+         "bf16": True, "seed": 42}
 PRESETS = {
     "cdm-sd3-paper": {**PAPER, "schedule_shift": 3.0},
     "cdm-sdxl-ext": {**PAPER},         # [EXT] integer anchors k = round(999 u)
@@ -67,9 +75,43 @@ PRESETS = {
     # Toy teachers are sampled with CFG 2 (w = 1); short schedules keep a CPU iteration cheap. lr
     # 1e-4 collapsed the toy students (no 1/2 in the loss, three branches); 2e-5 is twice the
     # paper's. 301 iterations: SDXL's toy FID 70.4 [66.6, 74.6] at 301, 81.6 at 401 (same seeds).
-    "toy": {**RECIPE, "steps": 301, "lr": 2e-5, "critic_lr": 1e-5, "warmup": 20, "ca_w": 1.0,
-            "schedule_len": (1, 8), "checkpoint_every": 200},
+    # 16 per iteration on one process; a warm-up of 20 updates of each network, from lr / 20.
+    "toy": {**RECIPE, "batch": 16, "steps": 301, "lr": 2e-5, "critic_lr": 1e-5, "warmup": 20,
+            "ca_w": 1.0, "schedule_len": (1, 8), "checkpoint_every": 200},
 }
+
+# The fidelity ledger (fewstep/fidelity.py): each option's official value (an entry marks a run
+# that changes it, e.g. the toy preset), then the fixed choices where the harness differs.
+CONFIG, SCRIPT = "official config module (sd3())", "official training script"
+FIDELITY = (
+    Deviation("steps", 4001, "the toy world trains 301 iterations on a CPU", CONFIG),
+    Deviation("global_batch", 128, "the toy world trains 16 per iteration on one process",
+              CONFIG + ": 16 per GPU on 8 GPUs (README launch)"),
+    Deviation("lr", 1e-5, "toy: 2e-5 (1e-4 collapsed the toy students)", CONFIG),
+    Deviation("critic_lr", 5e-6, "toy: 1e-5, half the toy student's as in the paper", CONFIG),
+    Deviation("warmup", 100, "toy: 20 updates of its 150 student updates", "official config module"),
+    Deviation("warmup_ticks", 8, "Accelerate ticks a prepared scheduler once per process per "
+              "step (8 processes): the official warm-up lasts 12.5 updates; the toy world "
+              "ticks once per update", SCRIPT + " (accelerator.prepare of its schedulers)"),
+    Deviation("warmup_start", "zero", "toy: fewstep's rule, lr / warmup at the first update",
+              "official model-utility module (create_lr_lambda: step / warmup)"),
+    Deviation("lr_schedule_on", "update", "each scheduler steps after its own optimiser", SCRIPT),
+    Deviation("schedule_len", (1, 28), "toy: U{1..8} keeps a CPU iteration cheap", CONFIG),
+    Deviation("ca_w", 7.0, "SiT [EXT]: 0 (CA off; 0.5 is SiT's usual CFG 1.5); toy: 1 (the toy "
+              "teachers are sampled with CFG 2)", CONFIG + " (loss.cfg.guidance_scale)"),
+    Deviation("offtraj_t_sampler", "uniform", "`uniform_capped` is what the unused upper bound "
+              "seems to intend (sec. 9)", "official losses module"),
+    Deviation("schedule_shift", 3.0, "the SD3 model's shift, applied inside the pipeline's "
+              "scheduler; SDXL/SiT [EXT] use their own", "official pipeline module"),
+    Deviation("anchor random stream", "Python's process-global RNG (agrees across ranks only "
+              "under identical seeding and consumption)", "one rank-synchronised generator gives "
+              "N and the anchors to every rank (sec. 8 item 8)", SCRIPT,
+              ours="rank-synchronised named stream"),
+    Deviation("trainable weight precision", "bf16 (pipeline loaded in bf16, FSDP2 full shard)",
+              "updates of 1e-5 relative size vanish in bf16; the harness trains fp32 masters "
+              "under bf16 autocast (uncertain whether the official bf16 is deliberate, sec. 9)",
+              SCRIPT, ours="fp32 master weights, bf16 autocast"),
+)
 
 
 # -- random continuous schedule (sec. 3) -----------------------------------------------------------
@@ -136,6 +178,7 @@ class CDM(Method):
     fidelity = "faithful"
     Options = CDMOptions
     PRESETS = PRESETS
+    ledger = FIDELITY
 
     def __init__(self, teacher, options, ctx):
         if options.fixed_schedule is not None:  # YAML overrides arrive as lists

@@ -264,7 +264,7 @@ def test_trainable_weights_are_fp32_masters_of_a_half_precision_teacher():
     teacher = SDXLBackbone.tiny(resolution=16).to(torch.bfloat16)
     full = trainable_copy(teacher, TrainOptions())
     assert {p.dtype for p in full.denoiser.parameters()} == {torch.float32}
-    lora = trainable_copy(teacher, TrainOptions(lora_rank=4))
+    lora = trainable_copy(teacher, TrainOptions(lora_rank=4, lora_alpha=4))
     dtypes = {p.requires_grad: {q.dtype for q in lora.denoiser.parameters()
                                 if q.requires_grad == p.requires_grad}
               for p in lora.denoiser.parameters()}

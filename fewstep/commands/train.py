@@ -35,6 +35,23 @@ def add_arguments(p):
     p.add_argument("--no-progress", action="store_true")
 
 
+def check_global_batch(options, world_size: int) -> None:
+    """A run with global_batch trains global_batch samples per iteration over all its processes:
+    its per-rank batch must be global_batch / world size (resolve(..., world_size) derives it)."""
+    from fewstep.errors import FewstepError
+    from fewstep.options import per_rank_batch
+
+    total = getattr(options, "global_batch", None)
+    if total is None:
+        return
+    expected = per_rank_batch(total, world_size)
+    if options.batch != expected:
+        raise FewstepError(f"the options hold global_batch = {total} with batch = "
+                           f"{options.batch} per rank, which is not global_batch / world size on "
+                           f"{world_size} processes ({expected}): the options were resolved for "
+                           f"another world size; resolve them with world_size = {world_size}")
+
+
 def run(args):
     import torch
 
@@ -62,6 +79,7 @@ def run(args):
     ctx = data_context(teacher, family, args.resolution, 0, info, prompts=args.train_prompts,
                        real=args.real_data, reward=reward)
     method = build_method(args.method, teacher, ctx, args.preset, overrides)
+    check_global_batch(method.opt, info.world_size)  # before a single iteration runs
     check_init_from(method.opt, recipe)
     inputs = run_inputs(recipe, method.opt, args.reward, args.train_prompts, args.real_data)
     trainer = Trainer(method, Path(args.run_dir), info, inputs=inputs)

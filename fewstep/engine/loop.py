@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -96,13 +96,17 @@ def _changes(saved: dict, current: dict) -> list[str]:
             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
 
 
-def check_same_run(saved: dict | None, current: dict, folder, aliases: dict | None = None) -> None:
+def check_same_run(saved: dict | None, current: dict, folder, aliases: dict | None = None,
+                   defaults: dict | None = None) -> None:
     """Refuse to resume a checkpoint written with another method, other options, another teacher
     or other input files. An option the checkpoint records under a paper's name (an alias of the
-    options class) is compared as its harness name."""
+    options class) is compared as its harness name; an option it does not record (added since)
+    ran as its default, which keeps the old behaviour (`defaults`: the options class's)."""
     if saved is None:  # a checkpoint from before configs were recorded
         return
     saved = {(aliases or {}).get(k, k): v for k, v in saved.items()}
+    current = {k: v for k, v in current.items()
+               if k in saved or k not in (defaults or {}) or v != _json(defaults[k])}
     if "inputs" not in saved:  # a checkpoint from before inputs were recorded: nothing to compare
         print(f"fewstep: warning: the checkpoint {folder} records no inputs (written before fewstep "
               "recorded the teacher and input files): cannot check this resume uses the same ones",
@@ -116,6 +120,30 @@ def check_same_run(saved: dict | None, current: dict, folder, aliases: dict | No
                            f"{'; '.join(changed)}); resuming it would mix two runs. Give a new "
                            "--run-dir, or restore those options, teacher and input files (only "
                            "steps, checkpoint_every and log_every may change across a resume)")
+
+
+def _json(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def option_defaults(options) -> dict:
+    """{name: default} of an options dataclass's fields that have a plain default."""
+    return {f.name: f.default for f in fields(options) if f.default is not MISSING}
+
+
+def warmup_factor(step: int, warmup: int, ticks: int = 1, start: str = "step") -> float:
+    """LR multiplier of scheduler step `step` (0 first): linear warm-up over `warmup` ticks, then
+    1. `ticks` per step (Accelerate ticks a prepared scheduler once per process); `start` "step":
+    the first step at 1 / warmup (fewstep's rule), "zero": at 0 (constant_with_warmup)."""
+    if warmup <= 0:
+        return 1.0
+    return min(1.0, ticks * (step + (1 if start == "step" else 0)) / warmup)
+
+
+def lr_schedulers(optimizers: dict, opt) -> dict:
+    def factor(s, warm=int(opt.warmup), ticks=int(opt.warmup_ticks), start=opt.warmup_start):
+        return warmup_factor(s, warm, ticks, start)
+    return {n: torch.optim.lr_scheduler.LambdaLR(o, factor) for n, o in optimizers.items()}
 
 
 def ema_decay(method: Method, updates: int) -> float:
@@ -150,9 +178,7 @@ class Trainer:
         self.optimizers = {n: torch.optim.AdamW(self.params[n], lr=method.lr(n), betas=tuple(opt.betas),
                                                 weight_decay=method.weight_decay(n))
                            for n in self.nets}
-        warm = max(1, int(opt.warmup))
-        self.schedulers = {n: torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / warm))
-                           for n, o in self.optimizers.items()}
+        self.schedulers = lr_schedulers(self.optimizers, opt)
         self.emas = {"generator": copy.deepcopy(self.nets["generator"]).requires_grad_(False)} \
             if opt.ema_decay > 0 else {}
         self.state = RunState()
@@ -166,7 +192,7 @@ class Trainer:
             return
         check_same_run(checkpoint.read_extra(folder).get("config"),
                        run_config(self.method, self.inputs), folder,
-                       option_aliases(type(self.method.opt)))
+                       option_aliases(type(self.method.opt)), option_defaults(self.method.opt))
         saved = checkpoint.load(folder, self.nets, self.emas, self.optimizers, self.schedulers)
         self.state.step = self.state.resumed_from = saved["step"]
         self.state.ema_updates = saved["extra"].get("ema_updates", 0)
@@ -215,12 +241,15 @@ class Trainer:
         plan = method.plan(self.state.step)
         for net in plan:
             row.update(self.update(net, scratch))
+        # "iteration": every scheduler, updated or not (DMD2); "update": those of the networks
+        # that updated (CDM steps each scheduler after its own optimiser)
+        ticking = plan if method.opt.lr_schedule_on == "update" else self.schedulers
         with warnings.catch_warnings():
             # a network outside this iteration's plan has not stepped its optimiser; stepping its
-            # scheduler anyway is intended (DMD2 steps both schedulers every iteration)
+            # scheduler anyway is intended under "iteration"
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
-            for sched in self.schedulers.values():
-                sched.step()
+            for net in ticking:
+                self.schedulers[net].step()
         if self.emas and (method.opt.ema_on == "iteration" or "generator" in plan):
             self.state.ema_ticks += 1
             if self.state.ema_ticks % method.opt.ema_every == 0:
