@@ -2,9 +2,9 @@
 
 Which runs train, what each reads and the arguments each job gets. What a method reads besides
 its teacher comes from the method class's `requires` (through the registry, so an installed
-plugin gets its inputs as a built-in does): "pairs" the teacher's ODE pairs, "reward" the toy
-reward net in the toy world and distill/rewards/<method> in the real one, "real" captioned real
-images (distill/train_data/<family>/real_images; the toy world renders its own). Every config
+plugin gets its inputs as a built-in does; a staged method's run reads its stage class's):
+"pairs" the teacher's ODE pairs, "reward" the toy reward net in the toy world and
+distill/rewards/<method> in the real one, "real" captioned real images (distill/train_data/<family>/real_images; the toy world renders its own). Every config
 string reaches the shell quoted. No snakemake import: the functions are unit-tested directly.
 """
 from __future__ import annotations
@@ -32,6 +32,31 @@ def requires(method: str) -> tuple[str, ...]:
     from fewstep.registry import METHODS
 
     return tuple(METHODS.get(method).requires)
+
+
+def run_options(config: dict, run: str):
+    """(the class that trains the run, its resolved options): a staged method's stage class, from
+    `for_options` on the run's preset and the method's overrides."""
+    from fewstep.options import resolve
+    from fewstep.registry import METHODS
+
+    method, preset, _ = runs(config)[run]
+    cls = METHODS.get(method)
+    options = resolve(cls.Options, cls.PRESETS, preset, config["distill"]["overrides"].get(method),
+                      method)
+    return cls.for_options(options), options
+
+
+def run_requires(config: dict, run: str) -> tuple[str, ...]:
+    """The run's extra DAG inputs: its stage class's `requires` (DMD2's regression warm start
+    reads teacher pairs, its DMD2 stage real images); a method with one class, that class's."""
+    from fewstep.engine.method import Method
+    from fewstep.registry import METHODS
+
+    cls = METHODS.get(runs(config)[run].method)
+    if getattr(cls.for_options, "__func__", None) is Method.for_options.__func__:
+        return tuple(cls.requires)  # no stages: no options to resolve (a plugin may have none)
+    return tuple(run_options(config, run)[0].requires)
 
 
 def runs(config: dict) -> dict[str, Run]:
@@ -72,8 +97,8 @@ def all_model_dirs(config: dict) -> list[str]:
 
 def train_inputs(config: dict, family: str, run: str) -> dict[str, str]:
     """The train job's input files by name: the teacher, and what the method requires."""
-    method, _, previous = runs(config)[run]
-    needs = requires(method)
+    previous = runs(config)[run].previous
+    needs = run_requires(config, run)
     inputs = {"teacher": f"results/teachers/{family}"}
     if "pairs" in needs:
         inputs["pairs"] = f"results/pairs/{family}.safetensors"
@@ -90,7 +115,7 @@ def train_args(config: dict, family: str, run: str) -> str:
     """`fewstep train`'s arguments for the run, but the teacher and the output folders."""
     distill, toy = config["distill"], is_toy(config)
     method, preset, _ = runs(config)[run]
-    inputs, needs = train_inputs(config, family, run), requires(method)
+    inputs, needs = train_inputs(config, family, run), run_requires(config, run)
     sets = [f"{k}={v}" for k, v in distill["overrides"].get(method, {}).items()]
     if "pairs" in inputs:
         sets.append(f"pairs={inputs['pairs']}")
@@ -136,16 +161,17 @@ def pairs_inputs(config: dict, family: str) -> dict[str, str]:
 
 def pairs_guidance(config: dict) -> float:
     """The pairs are sampled with the guidance of the DM teacher that uses them (methods/notes/
-    dmd.md sec. 8, item 7): the resolved `teacher_guidance` of the (first) run whose method reads
-    pairs."""
-    from fewstep.options import resolve
-    from fewstep.registry import METHODS
+    dmd.md sec. 8, item 7): the resolved `teacher_guidance` of the runs that read pairs (DMD,
+    DMD2's regression warm start), which must agree: one pairs file per family."""
+    from fewstep.errors import FewstepError
 
-    method, preset, _ = next(r for r in runs(config).values() if "pairs" in requires(r.method))
-    cls = METHODS.get(method)
-    overrides = config["distill"]["overrides"].get(method)
-    options = resolve(cls.Options, cls.PRESETS, preset, overrides, method)
-    return float(options.teacher_guidance)  # a number by validation; never a config string
+    readers = {run: float(run_options(config, run)[1].teacher_guidance)
+               for run in runs(config) if "pairs" in run_requires(config, run)}
+    if len(set(readers.values())) > 1:
+        raise FewstepError(f"the runs that read teacher pairs use different guidance {readers}; "
+                           "the DAG samples one pairs file per family: give them one "
+                           "teacher_guidance (distill/overrides)")
+    return next(iter(readers.values()))  # a number by validation; never a config string
 
 
 def release_params(config: dict, family: str, method: str) -> dict[str, str]:

@@ -141,9 +141,14 @@ class ImageFolder:
             raise FewstepError(f"real image {path} (listed in {self.folder / METADATA}) cannot be "
                                f"read: {err}") from None
 
+    def draw_rows(self, n: int, gen: torch.Generator) -> list[dict]:
+        """n rows drawn with replacement, without reading their images (DMD2's multi-step
+        generator takes only the captions, methods/notes/dmd2.md sec. 5.2)."""
+        return [self.rows[i] for i in torch.randint(len(self.rows), (n,), generator=gen).tolist()]
+
     def draw(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, list[dict]]:
-        """n images in [0, 1] (B, 3, H, W) and their rows."""
-        rows = [self.rows[i] for i in torch.randint(len(self.rows), (n,), generator=gen).tolist()]
+        """n images in [0, 1] (B, 3, H, W) and their rows (the rows `draw_rows` draws)."""
+        rows = self.draw_rows(n, gen)
         pixels = np.stack([self.load(r) for r in rows]).transpose(0, 3, 1, 2)
         return torch.from_numpy(np.ascontiguousarray(pixels, np.float32) / 255.0), rows
 

@@ -74,6 +74,14 @@ def check_options(opt: AMDOptions) -> None:
     if int(opt.group_size) < 2:
         raise FewstepError(f"amd.group_size must be >= 2 (got {opt.group_size}): a group of one "
                            "sample has no advantage")
+    if opt.stage == "regression":
+        raise FewstepError("amd has no stage regression: the warm start is DMD2's (train it with "
+                           "--method dmd2 and start AMD from it with init_from)")
+    if not opt.backsim and len(opt.generator_grid) > 1:
+        # DMD2's path draws a grid step per sample; AMD's groups share theirs (sec. 8 item 4)
+        raise FewstepError("amd with backsim = false on a multi-step generator_grid is not "
+                           "reconstructed (DMD2 would train on real latents at a grid step per "
+                           "sample, AMD's groups share one); use backsim = true")
     if opt.batch % opt.group_size:
         raise FewstepError(f"batch {opt.batch} is not a multiple of amd.group_size "
                            f"{opt.group_size}: with same_rank layout every rank holds whole groups")
@@ -168,6 +176,10 @@ class AMD(DMD2):
     Options = AMDOptions
     PRESETS = PRESETS
 
+    @classmethod
+    def for_options(cls, options):
+        return cls  # DMD2's regression stage is not AMD's (check_options refuses it)
+
     def __init__(self, teacher, options, ctx):
         check_options(options)
         super().__init__(teacher, options, ctx)
@@ -183,9 +195,10 @@ class AMD(DMD2):
 
     # -- groups and rewards (sec. 4, sec. 8 items 4-5) ---------------------------------------------
     def draw_prompts(self, stream: str):
-        """B prompts x K noises: each group shares its prompt and, like the batch, DMD2's stop
-        index and streams, so the draws of both methods coincide."""
-        return self.ctx.prompts(self.n_prompts, stream, repeat=self.opt.group_size)
+        """B prompts x K noises: each group shares its prompt (from DMD2's source: real captions
+        for a multi-step generator) and, like the batch, DMD2's stop index and streams, so the
+        draws of both methods coincide."""
+        return self.prompt_source(self.n_prompts, stream, repeat=self.opt.group_size)
 
     @torch.no_grad()
     def finish_rollout(self, x0, cond, stop: int):
@@ -227,7 +240,7 @@ class AMD(DMD2):
         with torch.no_grad():
             x_t = self.teacher.schedule.add_noise(x.detach(), eps, t)
             p_cond, p_guided = teacher_branches(self.teacher, x_t, t, cond, self.opt.teacher_guidance)
-            p_fake = self.critic.x0(x_t, t, cond)
+            p_fake = self.critic_prediction(x_t, t, cond)  # fp32, as DMD2's (official sd_guidance)
         return p_guided, p_cond, p_fake
 
     def dsa_loss(self, x, cond, adv):

@@ -70,20 +70,34 @@ class Context:
         """Real latents with their own captions (DMD2's GAN data)."""
         if self._real_data is not None:
             images, rows = self._real_data.draw(n, self.gen(stream))
-            cond = {k: v.to(self.device) for k, v in encode_rows(self.teacher, rows).items()}
-            batch = PromptBatch(rows, cond, torch.arange(n))
+            batch = self._row_batch(rows, 1)
         elif self._real_images is not None:
             batch = self.prompts(n, stream + "/prompts")
             images = self._real_images(batch.metas, self.gen(stream))
         else:
-            from fewstep.errors import FewstepError
-
-            raise FewstepError("this run has no real data; the method needs real images "
-                               "(`fewstep train --real-data FOLDER`, config distill/train_data/"
-                               "<family>/real_images)")
+            raise no_real_data()
         with torch.no_grad():
             latents = self.teacher.encode_images(images.to(self.device))
         return latents, batch
+
+    def real_captions(self, n: int, stream: str, repeat: int = 1) -> PromptBatch:
+        """The captions of n real images, without reading the images, each repeated `repeat`
+        times (DMD2's multi-step generator prompts, methods/notes/dmd2.md sec. 5.2). The toy
+        world's real images are renders of its training prompts, so there a real caption is a
+        draw of the prompt pool on this stream."""
+        if self._real_data is not None:
+            return self._row_batch(self._real_data.draw_rows(n, self.gen(stream)), repeat)
+        if self._real_images is not None:
+            return self.prompts(n, stream, repeat)
+        raise no_real_data("or draw the generator's prompts from the prompt stream "
+                           "(backsim_prompts = prompt_stream)")
+
+    def _row_batch(self, rows: list[dict], repeat: int) -> PromptBatch:
+        """Drawn data rows encoded once, each repeated `repeat` times (one group per row)."""
+        cond = {k: v.to(self.device).repeat_interleave(repeat, dim=0)
+                for k, v in encode_rows(self.teacher, rows).items()}
+        return PromptBatch([r for r in rows for _ in range(repeat)], cond,
+                           torch.arange(len(rows)).repeat_interleave(repeat))
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast_enabled)
@@ -94,3 +108,12 @@ class Context:
         from fewstep.noise import prompt_noise
 
         return prompt_noise(prompts, like.shape[1:], stream, self.seed).to(like)
+
+
+def no_real_data(alternative: str = ""):
+    """The error of a run that draws real data and was given none."""
+    from fewstep.errors import FewstepError
+
+    return FewstepError("this run has no real data; the method needs real images (`fewstep train "
+                        "--real-data FOLDER`, config distill/train_data/<family>/real_images)"
+                        + (f"; {alternative}" if alternative else ""))

@@ -30,22 +30,35 @@ class DMOptions(TrainOptions):
     RANGES = {"teacher_guidance": "[0, inf)", "dm_t_shift": "(0, inf)", "grid_shift": "(0, inf)"}
 
 
+def full_precision(like: torch.Tensor):
+    """Autocast off on `like`'s device: the official DMD2 code runs its no-grad forwards (the
+    critic's DM prediction, the backward-simulation rollout, the critic-only turn's generator
+    sample) outside autocast, in fp32 ("autocast and no_grad don't work well together", official
+    sd_guidance and sd_unified_model modules; methods/notes/dmd2.md sec. 3.1)."""
+    return torch.autocast(device_type=like.device.type, enabled=False)
+
+
 class DistributionMatching(Method):
-    """Generator + critic initialised from the teacher; helpers for the DM and critic losses."""
+    """Generator (the teacher or a method's warm start) + critic initialised from the teacher;
+    helpers for the DM and critic losses."""
 
     Options = DMOptions
 
     def __init__(self, teacher, options, ctx):
         super().__init__(teacher, options, ctx)
-        self._generator = trainable_copy(teacher, options)
-        self.critic = trainable_copy(teacher)  # full copy: LoRA applies to the generator only
         self.grid = student_grid(teacher, options.generator_grid, options.grid_shift)
+        self._generator = trainable_copy(self.initial_generator(), options)
+        self.critic = trainable_copy(teacher)  # full copy: LoRA applies to the generator only
         discrete = teacher.schedule.kind != "flow"
         lo, hi = options.dm_t_range
         self.dm_times = TimeSampler("grid", lo, hi) if discrete else \
             TimeSampler("uniform", lo, hi, shift=options.dm_t_shift)
         self.critic_times = TimeSampler("grid", 0.0, 1.0) if discrete else \
             TimeSampler("uniform", *options.critic_t_clip)
+
+    def initial_generator(self):
+        """The backbone the generator starts from: the teacher (DMD2's warm start overrides it)."""
+        return self.teacher
 
     # -- sampling ----------------------------------------------------------------------------------
     @classmethod
@@ -57,19 +70,28 @@ class DistributionMatching(Method):
         return sampler.sample(n, self.ctx.gen(stream)).float().to(self.ctx.device)
 
     def generate(self, z, cond, grad: bool = True, stop: int = 0, stream: str = "gen"):
-        """x_hat = G(x_stop, t_stop, c); x_stop from a no-grad rollout when stop > 0."""
+        """x_hat = G(x_stop, t_stop, c); x_stop from a no-grad rollout when stop > 0. Without
+        gradient the call runs in fp32 (full_precision)."""
         x_in = z if stop == 0 else self.rollout_input(z, cond, stop, stream)
         t = torch.full((z.shape[0],), self.grid[stop], device=z.device)
-        with torch.set_grad_enabled(grad):
-            return self.generator.x0(x_in, t, cond)
+        return self.generator_x0(x_in, t, cond, grad)
+
+    def generator_x0(self, x_in, t, cond, grad: bool):
+        """G(x_in, t, c): under the run's autocast with gradient, in fp32 without."""
+        if grad:
+            with torch.enable_grad():
+                return self.generator.x0(x_in, t, cond)
+        with torch.no_grad(), full_precision(x_in):
+            return self.generator.x0(x_in.float(), t, cond)
 
     def rollout_input(self, z, cond, stop: int, stream: str):
-        """DMD2 backward simulation (methods/notes/dmd2.md sec. 5.2): rollout from independent noise z' to stop-1, then
-        x_stop = F_{t_stop}(x0_{stop-1}, z) re-noised with the batch noise z."""
+        """DMD2 backward simulation (methods/notes/dmd2.md sec. 5.2): rollout from independent
+        noise z' to stop-1, then x_stop = F_{t_stop}(x0_{stop-1}, z) re-noised with the batch
+        noise z; in fp32, like the official sample_backward."""
         z_prime = self.ctx.randn_like(z, f"{stream}/z_prime")
-        x = self.rollout(z_prime, cond, self.grid, stop - 1, theta=RENOISE, stream=stream)
-        t_prev = torch.full((z.shape[0],), self.grid[stop - 1], device=z.device)
-        with torch.no_grad():
+        with torch.no_grad(), full_precision(z):
+            x = self.rollout(z_prime.float(), cond, self.grid, stop - 1, theta=RENOISE, stream=stream)
+            t_prev = torch.full((z.shape[0],), self.grid[stop - 1], device=z.device)
             x0_prev = self.generator.x0(x, t_prev, cond)
             t_stop = torch.full_like(t_prev, self.grid[stop])
             return self.generator.schedule.add_noise(x0_prev, z, t_stop)
@@ -82,8 +104,14 @@ class DistributionMatching(Method):
         with torch.no_grad():
             x_t = self.teacher.schedule.add_noise(x.detach(), eps, t)
             p_real = self.teacher.x0(x_t, t, cond, self.opt.teacher_guidance)
-            p_fake = self.critic.x0(x_t, t, cond)
+            p_fake = self.critic_prediction(x_t, t, cond)
         return x_t, t, p_real, p_fake
+
+    def critic_prediction(self, x_t, t, cond):
+        """D_F(x_t, t, c) of the DM gradient, no gradient, in fp32 (official sd_guidance module:
+        the fake score runs outside autocast; the teacher in bf16)."""
+        with torch.no_grad(), full_precision(x_t):
+            return self.critic.x0(x_t.float(), t, cond)
 
     def dm_loss(self, x, cond, stream: str = "dm") -> tuple[torch.Tensor, dict]:
         """L_DM = 1/2 mean (x - sg(x - g))^2 with g = (p_F - p_T) / mean|x - p_T| (DMD Eq. 7-8)."""
