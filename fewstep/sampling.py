@@ -56,7 +56,7 @@ def sample_ode(backbone: Backbone, noise: torch.Tensor, cond: Cond, steps: int,
     return x
 
 
-# -- the checkpoint's own diffusers scheduler -------------------------------------------------------
+# -- the checkpoint's own diffusers scheduler ------------------------------------------------------
 def check_sampler(name: str) -> str:
     if name not in SAMPLERS:
         raise FewstepError(f"teacher sampler {name!r} is not known; use one of "
@@ -114,8 +114,8 @@ def guided_native(backbone: Backbone, x_in: torch.Tensor, timestep, cond: Cond,
 def sample_scheduler(backbone: Backbone, noise: torch.Tensor, cond: Cond, steps: int,
                      guidance: float = 1.0) -> torch.Tensor:
     """The diffusers pipelines' denoising loop with the teacher's own scheduler: the pipeline's
-    initial latents from the noise; per timestep, the pipeline's model input, the guided native output,
-    scheduler.step; returns the final latents (the pipelines' output_type="latent")."""
+    initial latents from the noise; per timestep, the pipeline's model input, the guided native
+    output, scheduler.step; returns the final latents (the pipelines' output_type="latent")."""
     scheduler = ready_scheduler(backbone, steps, noise.device)
     eta = {"eta": 0.0} if "eta" in inspect.signature(scheduler.step).parameters else {}
     x = backbone.pipeline_latents(scheduler, noise)

@@ -108,7 +108,8 @@ def test_the_recipe_writes_the_shipped_scheduler(trained, family):
     """A teacher trained by the recipe ships the same scheduler config as the packaged one."""
     folder, _ = trained[family]
     ours = json.loads((folder / "scheduler/scheduler_config.json").read_text())
-    shipped = json.loads((teachers.SHIPPED / family / "scheduler/scheduler_config.json").read_text())
+    shipped = json.loads(
+        (teachers.SHIPPED / family / "scheduler/scheduler_config.json").read_text())
     drop = ("_diffusers_version",)
     assert {k: v for k, v in ours.items() if k not in drop} == \
         {k: v for k, v in shipped.items() if k not in drop}
