@@ -113,6 +113,18 @@ def test_lpips_of_identical_images_is_zero(reference, cache):
     assert float(regression_distance("lpips", ToyDecoder())(x, x)) == 0.0
 
 
+def test_resolution_option_and_unknown_options(reference, cache):
+    install_trunk(cache, reference)
+    decoder = ToyDecoder()
+    x, y = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    ours = regression_distance("lpips", decoder, {"resolution": 64})(x, y)
+    img = [F.interpolate(decoder.decode(v) * 2 - 1, size=(64, 64), mode="bilinear",
+                         align_corners=False) for v in (x, y)]
+    torch.testing.assert_close(ours, reference(*img).mean(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(FewstepError, match=r"\['size'\]: unknown; known: \['resolution'\]"):
+        regression_distance("l2", decoder, {"size": 64})
+
+
 def test_missing_trunk_names_the_file_where_it_goes_and_the_command(cache):
     with pytest.raises(FewstepError) as err:
         regression_distance("lpips", ToyDecoder())

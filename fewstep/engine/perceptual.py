@@ -16,6 +16,7 @@ cache, never downloaded; the linear heads ship inside the `lpips` package.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
@@ -42,18 +43,28 @@ Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def regression_distance(kind: str, teacher, options=None) -> Distance:
     """The distance `kind` between latents of `teacher`'s family (see the module docstring).
 
-    options: None or a mapping; "resolution" (lpips only) overrides the paper's 224. Building
-    "lpips" loads the VGG16 trunk now, so a missing file fails before any training."""
+    options: None, a mapping {"resolution": px} (lpips only; default the paper's 224), or a
+    method's options object, read only for an `lpips_resolution` field. Building "lpips" loads the
+    VGG16 trunk now, so a missing file fails before any training."""
     if kind not in KINDS:
         raise FewstepError(not_a_choice("regression", "kind", kind, KINDS))
-    opts = dict(options or {})
-    unknown = sorted(set(opts) - set(OPTION_KEYS))
-    if unknown:
-        raise FewstepError(f"regression distance options {unknown}: unknown; known: "
-                           f"{list(OPTION_KEYS)}")
+    opts = distance_options(options)
     if kind == "l2":
         return lambda x, y: l2_distance(teacher, x, y)
     return LPIPSDistance(teacher, int(opts.get("resolution", LPIPS_RESOLUTION)))
+
+
+def distance_options(options) -> dict:
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):  # an options dataclass: only its own LPIPS field
+        value = getattr(options, "lpips_resolution", None)
+        return {} if value is None else {"resolution": value}
+    unknown = sorted(set(options) - set(OPTION_KEYS))
+    if unknown:
+        raise FewstepError(f"regression distance options {unknown}: unknown; known: "
+                           f"{list(OPTION_KEYS)}")
+    return dict(options)
 
 
 def l2_distance(teacher, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
