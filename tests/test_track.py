@@ -13,7 +13,9 @@ def score(family, method, steps, value, leak_reward=None):
            "identity": {"metric": "toy_hps", "resolution": [16, 16]}, "details": {}}
     student = None if method == "teacher" else {
         "method": method, "fidelity": "reconstructed" if method == "amd" else "faithful",
-        "options": {"lr": 1e-5, "reward_model": "toy"}, "preset": "toy", "reward": leak_reward}
+        "options": {"lr": 1e-5, "reward_model": "toy"}, "preset": "toy", "reward": leak_reward,
+        "deviations": [{"what": "regression", "paper": "lpips", "ours": "l2"},
+                       {"what": "critic_lora_rank", "paper": 32, "ours": 0}]}
     row = {"family": family, "method": method, "steps": steps, "nfe": steps,
            "results": {"toy_hps": res, "hpsv2.1": {**res, "name": "hpsv2.1"}},
            "sampling_provenance": {"student": student, "environment": {"git_commit": "abc123"}}}
@@ -63,6 +65,7 @@ def test_one_run_per_model_with_params_metrics_tags_and_artifacts(layout):
     assert [m.step for m in curve] == [0, 1, 2, 3, 4]
     tags = run.data.tags
     assert tags["fidelity"] == "reconstructed" and tags["leakage"] == "hpsv2.1"
+    assert tags["deviations"] == "critic_lora_rank,regression"  # the ledger entries its run used
     assert tags["git_commit"] == "abc123" and len(tags["protocol.toy_hps"]) == 16
     assert "config_sha256" in tags
     names = {a.path for folder in client.list_artifacts(run.info.run_id)
@@ -70,6 +73,7 @@ def test_one_run_per_model_with_params_metrics_tags_and_artifacts(layout):
     assert {"amd/steps4.json", "amd/metrics.jsonl", "amd/student.json"} <= names
     teacher = client.get_run(tracked["runs"]["sd3/teacher"])
     assert teacher.data.metrics["steps1.toy_hps"] == 1.0 and teacher.data.tags["leakage"] == "none"
+    assert teacher.data.tags["deviations"] == "none"
 
 
 def test_pushing_again_updates_and_never_duplicates(layout):

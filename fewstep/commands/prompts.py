@@ -33,8 +33,10 @@ def eval_prompts(family: str, n: int) -> list[dict]:
     """Text families: the first n held-out GenEval-grammar prompts.
 
     SiT (class-conditional): every class, repeated round(n / classes) times (at least once) under
-    distinct prompt ids, so classes stay balanced and the set size stays close to n.
+    distinct prompt ids, so classes stay balanced and the set size stays close to n. The rows are
+    `fewstep.selection.toy_eval_rows`, which the config's validation-set check reads too.
     """
+    from fewstep.selection import toy_eval_rows
     from fewstep.toy import world
 
     BACKBONES.check(family)
@@ -43,15 +45,7 @@ def eval_prompts(family: str, n: int) -> list[dict]:
         if n > available:
             raise ValueError(f"eval.prompts = {n}, but the toy world holds out {available} "
                              f"prompts; set eval.prompts <= {available} (and add seeds for more images)")
-        return world.prompt_set("eval", n=n)
-    reps = max(1, round(n / len(world.CLASSES)))
-    rows = []
-    for rep in range(reps):
-        for label in range(len(world.CLASSES)):
-            meta = dict(world.class_meta(label))
-            meta["prompt_id"] = f"{meta['prompt_id']}-r{rep}"
-            rows.append(meta)
-    return rows
+    return toy_eval_rows(family, n)
 
 
 def run_set(args):

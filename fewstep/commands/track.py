@@ -103,6 +103,16 @@ def curve_metrics(logs: list[tuple[str, Path]]) -> list[tuple[str, float, int]]:
     return out
 
 
+def deviation_tag(score: dict, info: dict) -> str:
+    """The fidelity-ledger entries a student's run deviates in ("none" for a teacher or a faithful
+    run; "unknown" for a student recorded before runs recorded them)."""
+    if score["method"] == "teacher":
+        return "none"
+    if "deviations" not in info:
+        return "unknown"
+    return ",".join(sorted(d["what"] for d in info["deviations"])) or "none"
+
+
 def run_tags(key: str, scores: list[tuple[Path, dict]], config_sha: str | None) -> dict:
     from fewstep.reporting.tables import student_info, trained_on
 
@@ -113,6 +123,7 @@ def run_tags(key: str, scores: list[tuple[Path, dict]], config_sha: str | None) 
             "fidelity": student_info(first).get("fidelity", "teacher" if first["method"] ==
                                                 "teacher" else "faithful"),
             "leakage": ",".join(sorted(trained_on(first) & scored)) or "none",
+            "deviations": deviation_tag(first, student_info(first)),
             "git_commit": str(env.get("git_commit", "unknown"))}
     if config_sha:
         tags["config_sha256"] = config_sha

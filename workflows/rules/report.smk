@@ -34,6 +34,7 @@ rule report:
     output:
         board="reports/leaderboard.md",
         html=f"reports/{EXPERIMENT}/index.html",
+        fidelity="reports/fidelity.md",
     params:
         html=f"reports/{EXPERIMENT}",
         experiment=shlex.quote(EXPERIMENT),
@@ -43,7 +44,7 @@ rule report:
     shell:
         THREADS_ENV + " {FEWSTEP} report --scores {input.scores} --out {output.board} "
         "--html {params.html} --experiment {params.experiment} --verdicts {input.verdicts} "
-        "> {log} 2>&1"
+        "--fidelity {output.fidelity} > {log} 2>&1"
 
 
 # The papers' claims (reports/claims.yaml) judged against the scores: paper-protocol verdicts and,
