@@ -68,12 +68,17 @@ class RTDMDOptions(TrainOptions):
     ppo_clip: float = 1e-5               # clip range of the ratio (calibrated to the log-prob)
     adv_clip: float = 5.0
     adv_eps: float = 1e-4
+    # the official loss runs in this many equal sub-batches per rank: the kept (nonzero-advantage)
+    # samples are padded with random zero-advantage ones to a multiple of it, and this many random
+    # ones are kept when none survives (sec. 5.1); 0: no padding, all kept when none survives
+    sub_batches: int = 16
     dm_weight: float = 1e-3              # AC-DMD at s = 0 on the final step
     bp_weight: float = 1e-4              # reward back-propagation hinge
     bp_margin: float = 3.0
     RANGES = {"generator_every": "[1, inf)", "group_size": "[1, inf)",
               "prompts_per_epoch": "[1, inf)", "delta_max": "[1, inf)", "gamma": "[0, inf)",
-              "eta": "[0, 1]", "critic_lora_rank": "[0, inf)", "critic_lora_alpha": "[0, inf)"}
+              "eta": "[0, 1]", "critic_lora_rank": "[0, inf)", "critic_lora_alpha": "[0, inf)",
+              "sub_batches": "[0, inf)"}
 
 
 # -- presets (sec. 6) ------------------------------------------------------------------------------
@@ -105,7 +110,7 @@ SDXL = {"teacher_guidance": 8.0}
 SIT = {"grad_checkpointing": False}
 # The toy world: full-weight generator and critic (ledger entries lora_rank, critic_lora_rank):
 # a rank-32 LoRA is most of a tiny network, and the toy numbers were made this way.
-TOY = {"teacher_guidance": 2.0, "lora_rank": 0, "critic_lora_rank": 0,
+TOY = {"teacher_guidance": 2.0, "lora_rank": 0, "critic_lora_rank": 0, "sub_batches": 0,
        "grad_checkpointing": False, "checkpoint_every": 100, "log_every": 10}
 PRESETS = {
     "rtdmd-sd3-paper": {**STAGE1, **SD3},
@@ -135,16 +140,10 @@ FIDELITY = (
     Deviation("stage2_lora_init", "normal", "\"gaussian\" is peft's init, A ~ N(0, 1/rank): with "
               "Adam the early updates B A scale with A, about rank times smaller than the official's",
               "official rtdmd/utils/lora.py, the merge_before_training path of inject_lora"),
-    Deviation("stage2_loss_passes", "16 sub-batches per epoch, each loss / (16 |S u {3}|), "
-              "gradients accumulated into one step", "the engine takes one backward pass per "
-              "network per iteration; with equal sub-batches (the padding below) the sums agree",
-              "official rtdmd/trainers/rtdmd_trainer.py (gradient_accumulation_steps 16)",
-              ours="one loss over the epoch's kept samples, / |S u {3}|"),
-    Deviation("zero_advantage_padding", "kept samples padded with random zero-advantage ones to a "
-              "multiple of 16 per rank (they enter the AC-DMD and BP terms and every mean)",
-              "no sub-batches to fill", FILTER, ours="no padding: only samples with A != 0"),
-    Deviation("no_survivor_fallback", "16 random samples per rank (one per sub-batch)",
-              "no sub-batches to fill", FILTER, ours="every sample of the epoch"),
+    Deviation("sub_batches", 16, "0 keeps only the nonzero-advantage samples (no padding) and all "
+              "of them when none survives (the toy stage 2, as its numbers were made); with 16 the "
+              "one-pass loss over the kept samples equals the official sum over 16 equal "
+              "sub-batches", FILTER),
 )
 
 
@@ -206,6 +205,23 @@ def advantages(rewards: dict[str, torch.Tensor], groups, eps: float = 1e-4, weig
         w = 1.0 if weights is None else float(weights[name])
         total = w * a_k if total is None else total + w * a_k
     return (total - total.mean()) / (total.std(unbiased=False) + eps), total
+
+
+def kept_rows(nonzero: torch.Tensor, sub_batches: int, gen: torch.Generator) -> torch.Tensor:
+    """The rows that reach the generator loss (sec. 5.1): those with a nonzero advantage, padded
+    with random zero-advantage rows up to a multiple of `sub_batches` when enough are left, and
+    `sub_batches` random rows when none survives (official zero-advantage filter). 0: no padding,
+    every row when none survives."""
+    if sub_batches == 0:
+        return nonzero if nonzero.any() else torch.ones_like(nonzero)
+    keep = nonzero.clone()
+    if not keep.any():
+        keep[torch.randperm(len(keep), generator=gen)[:sub_batches].to(keep.device)] = True
+    missing = -int(keep.sum()) % sub_batches
+    free = (~keep).nonzero().flatten()
+    if missing and len(free) >= missing:
+        keep[free[torch.randperm(len(free), generator=gen)[:missing].to(keep.device)]] = True
+    return keep
 
 
 # One stage-2 epoch on this rank: prompts, rollout states x_0..x_4, old log-probs, advantages,
@@ -424,9 +440,7 @@ class RewardTiltedDMD(RTDMD):
         rewards = {k: all_gather(v.detach().double(), self.ctx.world_size) for k, v in rewards.items()}
         adv, adv_pre = advantages(rewards, groups.to(self.ctx.device), self.opt.adv_eps)
         mine = slice(self.ctx.rank * len(metas), (self.ctx.rank + 1) * len(metas))
-        keep = adv_pre[mine] != 0
-        if not keep.any():
-            keep = torch.ones_like(keep)  # nothing survives: keep all, as the padding would
+        keep = kept_rows(adv_pre[mine] != 0, self.opt.sub_batches, self.ctx.gen("keep"))
         reward = float(sum(rewards.values()).mean())
         return Epoch(metas, cond, xs, logp, adv[mine], keep, selected, reward)
 

@@ -228,3 +228,22 @@ def test_ledger_is_declared_for_both_stages_and_paper_presets_are_clean():
         marked = {d["what"] for d in deviations(R.RTDMD.for_options(opt), opt)}
         assert not marked & {"critic_lora_rank", "critic_lora_alpha", "lora_rank", "lora_alpha",
                              "stage2_lora_init"}
+
+
+# -- stage 2's kept samples: the official sub-batch padding ----------------------------------------
+def test_kept_rows_are_padded_to_the_sub_batches_as_the_official_filter():
+    g = torch.Generator().manual_seed(0)
+    nonzero = torch.tensor([True, False, True, False, False, True, False, False, False, False])
+    keep = R.kept_rows(nonzero, 4, g)
+    assert int(keep.sum()) == 4 and bool(keep[nonzero].all())  # 3 kept + 1 zero-advantage pad
+    none = torch.zeros(10, dtype=torch.bool)
+    assert int(R.kept_rows(none, 4, g).sum()) == 4  # nothing survives: one per sub-batch
+    few = torch.tensor([True, False, False])
+    assert torch.equal(R.kept_rows(few, 4, g), few)  # too few to pad: as they are
+    # sub_batches 0 (the toy stage 2): no padding, and every row when nothing survives
+    assert torch.equal(R.kept_rows(nonzero, 0, g), nonzero)
+    assert bool(R.kept_rows(none, 0, g).all())
+    paper = resolve(R.RTDMDOptions, R.PRESETS, "rtdmd-sd3-paper-stage2", None, "rtdmd")
+    toy_opt = resolve(R.RTDMDOptions, R.PRESETS, "toy-stage2", None, "rtdmd")
+    assert (paper.sub_batches, toy_opt.sub_batches) == (16, 0)
+    assert "sub_batches" in {d["what"] for d in deviations(R.RewardTiltedDMD, toy_opt)}
