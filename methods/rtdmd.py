@@ -72,6 +72,9 @@ class RTDMDOptions(TrainOptions):
     # samples are padded with random zero-advantage ones to a multiple of it, and this many random
     # ones are kept when none survives (sec. 5.1); 0: no padding, all kept when none survives
     sub_batches: int = 16
+    # stage 2's re-noise times and consistency steps are drawn per rank (the official AC mixin,
+    # whose ranks hold different numbers of kept samples); True shares them as stage 1 does
+    stage2_shared_draws: bool = False
     dm_weight: float = 1e-3              # AC-DMD at s = 0 on the final step
     bp_weight: float = 1e-4              # reward back-propagation hinge
     bp_margin: float = 3.0
@@ -111,7 +114,8 @@ SIT = {"grad_checkpointing": False}
 # The toy world: full-weight generator and critic (ledger entries lora_rank, critic_lora_rank):
 # a rank-32 LoRA is most of a tiny network, and the toy numbers were made this way.
 TOY = {"teacher_guidance": 2.0, "lora_rank": 0, "critic_lora_rank": 0, "sub_batches": 0,
-       "grad_checkpointing": False, "checkpoint_every": 100, "log_every": 10}
+       "stage2_shared_draws": True, "grad_checkpointing": False, "checkpoint_every": 100,
+       "log_every": 10}
 PRESETS = {
     "rtdmd-sd3-paper": {**STAGE1, **SD3},
     "rtdmd-sd3-paper-stage2": {**STAGE2, **SD3},
@@ -144,6 +148,9 @@ FIDELITY = (
               "of them when none survives (the toy stage 2, as its numbers were made); with 16 the "
               "one-pass loss over the kept samples equals the official sum over 16 equal "
               "sub-batches", FILTER),
+    Deviation("stage2_shared_draws", False, "True draws stage 2's re-noise times and consistency "
+              "steps alike on all ranks, as stage 1 does (the toy stage 2, as its numbers were "
+              "made; one process: the same law)", "official rtdmd/trainers/ac_dmd_mixin.py"),
 )
 
 
@@ -286,14 +293,21 @@ class RTDMD(Method):
 
     def renoise_t(self, s: float, n: int, stream: str) -> torch.Tensor:
         """t ~ U[1000 s + 10, 1000] timestep units, clamped to [20, 980], /1000, unshifted (sec.
-        4.1); rank-synchronised. SDXL: integer k ~ U{k_s + 10, ..., 999}, same clamp, t = k/999."""
-        offset, clamp = self.opt.renoise_offset, self.opt.renoise_clamp
+        4.1); rank-synchronised in stage 1 (`shared_draws`). SDXL: integer k ~ U{k_s + 10, ...,
+        999}, same clamp, t = k/999."""
+        offset, clamp, shared = self.opt.renoise_offset, self.opt.renoise_clamp, self.shared_draws
         if self.sched.kind == "flow":
             return draw_times(self.ctx, n, stream, 1000.0 * s + offset, 1000.0, clamp,
-                              unit=1000.0, shared=True)
+                              unit=1000.0, shared=shared)
         top = self.sched.n_steps - 1
         return draw_times(self.ctx, n, stream, int(round(top * s)) + offset, top, clamp,
-                          grid=self.sched.n_steps, integers=True, shared=True)
+                          grid=self.sched.n_steps, integers=True, shared=shared)
+
+    @property
+    def shared_draws(self) -> bool:
+        """Re-noise times and consistency steps alike on all ranks: the official stage 1
+        broadcasts them, its stage 2 draws them per rank (stage2_shared_draws)."""
+        return self.opt.stage == 1 or self.opt.stage2_shared_draws
 
     def renoised(self, x_s, s: float, stream: str):
         """(x_t, t, n, sigma_ts, alpha_t, sigma_t): sg(x_s) at level s re-noised to a fresh t by
@@ -319,9 +333,13 @@ class RTDMD(Method):
         stats["cons"] = float(loss_cons.detach())
         return loss_ac + self.opt.gamma * loss_cons, stats
 
+    def consistency_delta(self, x_t, stream: str) -> torch.Tensor:
+        """delta ~ U{1..delta_max} timesteps per sample (sec. 4.2)."""
+        return self.ctx.randint(1, self.opt.delta_max, x_t.shape[0], f"{stream}/delta",
+                                shared=self.shared_draws)
+
     def consistency(self, x_t, t, h0, cond, stream: str):
-        delta = self.ctx.randint(1, self.opt.delta_max, x_t.shape[0], f"{stream}/delta", shared=True)
-        t2 = self.sched.steps_earlier(t, delta)
+        t2 = self.sched.steps_earlier(t, self.consistency_delta(x_t, stream))
         xi1 = self.ctx.randn_like(x_t, f"{stream}/cons_xi1")
         xi2 = self.ctx.randn_like(x_t, f"{stream}/cons_xi2")
         both = cond_cat([cond, cond])

@@ -247,3 +247,30 @@ def test_kept_rows_are_padded_to_the_sub_batches_as_the_official_filter():
     toy_opt = resolve(R.RTDMDOptions, R.PRESETS, "toy-stage2", None, "rtdmd")
     assert (paper.sub_batches, toy_opt.sub_batches) == (16, 0)
     assert "sub_batches" in {d["what"] for d in deviations(R.RewardTiltedDMD, toy_opt)}
+
+
+# -- stage 2 draws its re-noise times and consistency steps per rank ------------------------------
+class Stage2FromTeacher(R.RewardTiltedDMD):
+    def initial_networks(self):
+        return self.teacher, self.teacher
+
+
+def stage2_on_rank(teacher, rank, **over):
+    ctx = toy_context(teacher, "sd3", RES, 0, DistInfo(rank=rank, world_size=2), reward=toy_reward,
+                      autocast=False)
+    options = resolve(R.RTDMDOptions, R.PRESETS, "rtdmd-sd3-paper-stage2",
+                      {**SMALL, "lora_rank": 0, "critic_lora_rank": 0, **over}, "rtdmd")
+    return Stage2FromTeacher(teacher, options, ctx)
+
+
+def test_stage2_renoise_draws_are_rank_local_as_the_official_ac_mixin(toy):
+    teacher = toy("sd3")
+    a, b = stage2_on_rank(teacher, 0), stage2_on_rank(teacher, 1)
+    assert not torch.equal(a.renoise_t(0.0, 8, "t"), b.renoise_t(0.0, 8, "t"))
+    x = torch.zeros(8, 1)
+    assert not torch.equal(a.consistency_delta(x, "c"), b.consistency_delta(x, "c"))
+    a, b = (stage2_on_rank(teacher, r, stage2_shared_draws=True) for r in (0, 1))
+    assert torch.equal(a.renoise_t(0.0, 8, "t"), b.renoise_t(0.0, 8, "t"))
+    toy_opt = resolve(R.RTDMDOptions, R.PRESETS, "toy-stage2", None, "rtdmd")
+    assert toy_opt.stage2_shared_draws  # the toy numbers' draws; marked in the ledger
+    assert "stage2_shared_draws" in {d["what"] for d in deviations(R.RewardTiltedDMD, toy_opt)}
