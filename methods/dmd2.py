@@ -134,7 +134,15 @@ WARM_START_FIDELITY = (
               source=f"{OFFICIAL} main/train_sd_ode.py",
               why="one LPIPS implementation and one decoder per family for DMD and DMD2; piq's "
                   "L2-pooled VGG and the Tiny VAE are not offered yet"),
-    Deviation("data draws", "shuffled epochs without replacement (DataLoader shuffle, drop_last)",
+    Deviation("warm-start pairs", "EulerDiscreteScheduler with trailing spacing, 50 steps, w = 8, "
+              "zero null embeddings; noise stored in fp16",
+              ours="the pairs file `pairs` names; the DAG's `fewstep pairs` samples with the "
+                   "checkpoint's own scheduler (SDXL base: Euler, leading spacing) at "
+                   "distill/pairs/steps; `--sampler ddim-trailing` is the closest (the same "
+                   "timesteps; DDIM's last step ends at alpha_bar_0, not sigma = 0)",
+              source=f"{OFFICIAL} main/sdxl/generate_noise_image_pairs_laion_sdxl.py",
+              why="one pairs sampler for DMD and DMD2; the DAG's pairs rule takes no sampler yet"),
+    Deviation("pair draws", "shuffled epochs without replacement (DataLoader shuffle, drop_last)",
               ours="pairs drawn with replacement per (seed, iteration)",
               source=f"{OFFICIAL} main/train_sd_ode.py",
               why="a resumed run redraws exactly what the uninterrupted run drew"),
