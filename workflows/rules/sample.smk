@@ -14,6 +14,7 @@ rule sample_teacher:
         [directory(path) for path in expand(TEACHER_SETS, family="{family}", steps=STEPS)],
     params:
         guidance=lambda wc: config["teachers"]["guidance"][wc.family],
+        sampler=config["teachers"].get("sampler", "scheduler"),  # a schema enum
         seeds=SEEDS,
         steps=" ".join(map(str, STEPS)),
     threads: 1
@@ -25,4 +26,4 @@ rule sample_teacher:
     shell:
         THREADS_ENV + " {FEWSTEP} sample --teacher {input.teacher} --prompts {input.prompts} "
         "--steps {params.steps} --guidance {params.guidance} --seeds {params.seeds} "
-        "--out {output} > {log} 2>&1"
+        "--sampler {params.sampler} --out {output} > {log} 2>&1"

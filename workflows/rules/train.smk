@@ -47,6 +47,7 @@ rule pairs:
         n=DISTILL["pairs"]["count"],
         steps=DISTILL["pairs"]["steps"],
         guidance=lambda wc: planning.pairs_guidance(config),
+        sampler=config["teachers"].get("sampler", "scheduler"),  # a schema enum
         prompts=lambda wc, input: f"--prompts {input.prompts}" if "prompts" in input.keys() else "",
     threads: 1
     priority: 60
@@ -56,8 +57,8 @@ rule pairs:
         "results/logs/pairs/{family}.log",
     shell:
         THREADS_ENV + " {FEWSTEP} pairs --teacher {input.teacher} --count {params.n} "
-        "--steps {params.steps} --guidance {params.guidance} {params.prompts} --out {output.pairs} "
-        "> {log} 2>&1"
+        "--steps {params.steps} --guidance {params.guidance} --sampler {params.sampler} "
+        "{params.prompts} --out {output.pairs} > {log} 2>&1"
 
 
 PROCESSES = DISTILL.get("processes", 1)
