@@ -122,6 +122,13 @@ class Method:
         the one sampler hook: training, export and `fewstep release` all read it."""
         raise NotImplementedError(f"{cls.__name__} does not define sampler(teacher, options)")
 
+    @classmethod
+    def weight_files(cls, options) -> list:
+        """Files beyond the teacher a run with these options reads from the weights cache
+        (fewstep.backbones.weights.WeightFile: DMD's LPIPS trunk); `fewstep weights check` lists
+        them. A method that needs none keeps this default."""
+        return []
+
     @property
     def generator(self) -> Backbone:
         return self._generator
