@@ -90,18 +90,22 @@ class RTDMDOptions(TrainOptions):
 # family's grid shift and guidance. Every preset states its LoRAs (rank and alpha), iterations and
 # mixed precision.
 LORAS = {"lora_rank": 32, "lora_alpha": 64, "critic_lora_rank": 32, "critic_lora_alpha": 64}
+# Each network's scheduler steps after its own update, lambda s / warmup (the official trainers'
+# warm-up-then-constant scheduler); with no warm-up the learning rates are constant.
+SCHEDULE = {"warmup": 0, "lr_schedule_on": "update", "warmup_start": "zero", "warmup_ticks": 1}
 # Stage 1: 15000 iterations (stage 2 starts from checkpoint 15000; the config's total_steps is
-# 100000), 9 per GPU on 8 GPUs; no warm-up; bf16 autocast; EMA 0.99 every iteration.
-STAGE1 = {**LORAS, "lr": 3e-5, "critic_lr": 3e-5, "weight_decay": 0.0, "critic_weight_decay": 0.0,
-          "grad_clip": 1.0, "warmup": 0, "ema_decay": 0.99, "ema_every": 1, "ema_warmup": False,
-          "grad_checkpointing": True, "bf16": True, "batch": 9, "steps": 15000}  # global 72 on 8 GPUs
+# 100000), 9 per GPU on 8 GPUs; bf16 autocast; EMA 0.99 every iteration.
+STAGE1 = {**LORAS, **SCHEDULE, "lr": 3e-5, "critic_lr": 3e-5, "weight_decay": 0.0,
+          "critic_weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.99, "ema_every": 1,
+          "ema_warmup": False, "grad_checkpointing": True, "bf16": True, "global_batch": 72,
+          "steps": 15000}
 # Stage 2: 1000 epochs (the evaluated checkpoint); an epoch is prompts_per_epoch x group_size =
-# 32 x 16 = 512 rollouts over all ranks (16 sampling batches of 2 per GPU on 16 GPUs), already a
-# global count; `batch` is only the per-rank rollout chunk (memory, the official sample batch).
-STAGE2 = {**LORAS, "stage": 2, "lr": 3e-6, "critic_lr": 3e-5,
-          "weight_decay": 1e-4, "critic_weight_decay": 0.0, "grad_clip": 1.0, "warmup": 0,
-          "ema_decay": 0.9, "ema_every": 8, "ema_warmup": True, "grad_checkpointing": True,
-          "bf16": True, "steps": 1000, "batch": 2}
+# 32 x 16 = 512 rollouts over all ranks, whatever the world size; the (global) batch is one
+# rollout pass over all ranks, 2 per GPU on 16 GPUs: the per-rank chunk bounds memory only.
+STAGE2 = {**LORAS, **SCHEDULE, "stage": 2, "lr": 3e-6, "critic_lr": 3e-5, "weight_decay": 1e-4,
+          "critic_weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.9, "ema_every": 8,
+          "ema_warmup": True, "grad_checkpointing": True, "bf16": True, "steps": 1000,
+          "global_batch": 32}
 # SD3: the official target modules (attention projections of the joint blocks only: "attn.",
 # not SD3.5's second attention "attn2.")
 SD3 = {"grid_shift": 3.0, "teacher_guidance": 7.0,
@@ -113,9 +117,10 @@ SDXL = {"teacher_guidance": 8.0}
 SIT = {"grad_checkpointing": False}
 # The toy world: full-weight generator and critic (ledger entries lora_rank, critic_lora_rank):
 # a rank-32 LoRA is most of a tiny network, and the toy numbers were made this way.
-TOY = {"teacher_guidance": 2.0, "lora_rank": 0, "critic_lora_rank": 0, "sub_batches": 0,
-       "stage2_shared_draws": True, "grad_checkpointing": False, "checkpoint_every": 100,
-       "log_every": 10}
+# Per-rank batches (global_batch None): the toy world trains in one process.
+TOY = {"teacher_guidance": 2.0, "global_batch": None, "lora_rank": 0, "critic_lora_rank": 0,
+       "sub_batches": 0, "stage2_shared_draws": True, "grad_checkpointing": False,
+       "checkpoint_every": 100, "log_every": 10}
 PRESETS = {
     "rtdmd-sd3-paper": {**STAGE1, **SD3},
     "rtdmd-sd3-paper-stage2": {**STAGE2, **SD3},

@@ -211,10 +211,13 @@ def test_every_preset_states_its_lora_and_recipe():
     assert (stage1.steps, stage1.warmup, stage1.ema_decay) == (15000, 0, 0.99)
     stage2 = resolve(R.RTDMDOptions, R.PRESETS, "rtdmd-sd3-paper-stage2", None, "rtdmd")
     assert (stage2.steps, stage2.prompts_per_epoch * stage2.group_size) == (1000, 512)
-    if getattr(stage1, "global_batch", None) is not None:
-        assert stage1.global_batch == 72  # 9 per GPU on 8 GPUs
-    else:
-        assert stage1.batch == 9  # per rank, on 8 ranks
+    eight = resolve(R.RTDMDOptions, R.PRESETS, "rtdmd-sd3-paper", None, "rtdmd", world_size=8)
+    assert (eight.global_batch, eight.batch) == (72, 9)  # 9 per GPU on 8 GPUs
+    sixteen = resolve(R.RTDMDOptions, R.PRESETS, "rtdmd-sd3-paper-stage2", None, "rtdmd",
+                      world_size=16)
+    assert (sixteen.global_batch, sixteen.batch) == (32, 2)  # rollout passes of 2 per GPU
+    for name in ("toy", "toy-stage2"):  # the toy world: per-rank batches, one process
+        assert resolve(R.RTDMDOptions, R.PRESETS, name, None, "rtdmd").global_batch is None
 
 
 # -- the fidelity ledger ---------------------------------------------------------------------------
