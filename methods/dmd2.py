@@ -136,12 +136,13 @@ WARM_START_FIDELITY = (
                   "L2-pooled VGG and the Tiny VAE are not offered yet"),
     Deviation("warm-start pairs", "EulerDiscreteScheduler with trailing spacing, 50 steps, w = 8, "
               "zero null embeddings; noise stored in fp16",
-              ours="the pairs file `pairs` names; the DAG's `fewstep pairs` samples with the "
-                   "checkpoint's own scheduler (SDXL base: Euler, leading spacing) at "
-                   "distill/pairs/steps; `--sampler ddim-trailing` is the closest (the same "
-                   "timesteps; DDIM's last step ends at alpha_bar_0, not sigma = 0)",
+              ours="the file `pairs` names, from `fewstep pairs`: --sampler scheduler (the "
+                   "default; SDXL base: Euler, leading spacing) or ddim-trailing (the official "
+                   "timesteps; its last step ends at alpha_bar_0, not sigma = 0), at "
+                   "distill/pairs/steps",
               source=f"{OFFICIAL} main/sdxl/generate_noise_image_pairs_laion_sdxl.py",
-              why="one pairs sampler for DMD and DMD2; the DAG's pairs rule takes no sampler yet"),
+              why="one pairs sampler per DAG for DMD and DMD2 (teachers/sampler); Euler with "
+                  "trailing spacing is not offered"),
     Deviation("pair draws", "shuffled epochs without replacement (DataLoader shuffle, drop_last)",
               ours="pairs drawn with replacement per (seed, iteration)",
               source=f"{OFFICIAL} main/train_sd_ode.py",
@@ -305,6 +306,10 @@ class RegressionWarmStart(Method):
         from fewstep.engine.perceptual import regression_distance
 
         super().__init__(teacher, options, ctx)
+        if options.init_from:
+            raise FewstepError(f"dmd2 stage regression starts from the teacher (official "
+                               f"train_sd_ode.py); init_from = {options.init_from!r} is the DMD2 "
+                               "stage's option: drop it from this stage")
         self.pairs = teacher_pairs(options, teacher)
         self.distance = regression_distance(options.regression, teacher)  # LPIPS trunk: now
         self.grid = student_grid(teacher, options.generator_grid, options.grid_shift)

@@ -99,6 +99,9 @@ def test_regression_stage_names_its_missing_pairs(built, tmp_path):
     missing = tmp_path / "nowhere.safetensors"
     with pytest.raises(FewstepError, match=rf"{missing}.*fewstep pairs"):
         make(bb, stage="regression", regression="l2", pairs=str(missing))
+    with pytest.raises(FewstepError, match=r"stage regression starts from the teacher.*init_from"):
+        make(bb, stage="regression", regression="l2", pairs=write_pairs(tmp_path, bb),
+             teacher_guidance=2.0, init_from=str(tmp_path))
     with pytest.raises(FewstepError, match=r"regression: 'lpip' is not one of"):
         make(bb, stage="regression", regression="lpip")
 
@@ -366,3 +369,69 @@ def test_which_ledger_entries_apply():
     assert "backsim_prompts" in applied("toy", backsim_prompts="prompt_stream")
     assert "regression" not in applied("dmd2-sdxl1-paper-warmstart")
     assert "regression" in applied("toy-warmstart")  # L2: VGG at 224 px is not for a CPU
+
+
+# -- the warm start's files: the released checkpoint, `fewstep weights check`, the CLI -------------
+def test_the_released_warm_start_state_dict_is_a_warm_start(built, tmp_path, monkeypatch):
+    """The official warm start is a UNet state dict (a .bin read tensor-only), found in the
+    weights cache under the name `fewstep weights check` lists."""
+    from methods.dmd2 import DMD2, RELEASED_WARM_START
+
+    bb = built["sdxl"]
+    state = {k: v + 0.01 for k, v in bb.denoiser.state_dict().items()}
+    file = tmp_path / "cache" / RELEASED_WARM_START.path
+    file.parent.mkdir(parents=True)
+    torch.save(state, file)
+    monkeypatch.setenv("FEWSTEP_WEIGHTS", str(tmp_path / "cache"))
+    m = make(bb, init_from=RELEASED_WARM_START.path, warm_start=True, generator_grid=[0.4],
+             backsim=False)
+    for k, v in m.generator.denoiser.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    options = resolve(DMD2.Options, DMD2.PRESETS, "dmd2-sdxl1-paper",
+                      {"init_from": RELEASED_WARM_START.path}, "dmd2")
+    assert DMD2.weight_files(options) == [RELEASED_WARM_START]
+    monkeypatch.setenv("FEWSTEP_WEIGHTS", str(tmp_path / "empty"))
+    with pytest.raises(FewstepError, match=rf"{RELEASED_WARM_START.path}.*huggingface.co/tianweiy/DMD2"):
+        make(bb, init_from=RELEASED_WARM_START.path, generator_grid=[0.4], backsim=False)
+    torch.save({"not": torch.zeros(1)}, tmp_path / "other.bin")
+    with pytest.raises(FewstepError, match=r"other.bin: not a sdxl denoiser state dict"):
+        make(bb, init_from=str(tmp_path / "other.bin"), generator_grid=[0.4], backsim=False)
+
+
+def test_weights_check_lists_the_warm_start_files(tmp_path):
+    from fewstep.commands.weights import method_needs
+    from fewstep.engine.perceptual import LPIPS_TRUNK
+    from methods.dmd2 import RELEASED_WARM_START
+
+    cfg = copy.deepcopy(workflow_config.load(workflow_config.DEFAULT))
+    cfg["distill"].update(methods=["dmd2"],
+                          stages={"dmd2": ["dmd2-sdxl1-paper-warmstart", "dmd2-sdxl1-paper"]})
+    needs = method_needs(cfg)  # the DAG's stage 1 makes the warm start: only LPIPS's trunk
+    assert [n.entry for n in needs["method dmd2 (dmd2-sdxl1-paper-warmstart)"]] == [LPIPS_TRUNK.path]
+    assert needs["method dmd2 (dmd2-sdxl1-paper)"] == []
+    cfg["distill"].update(stages={}, preset="dmd2-sdxl1-paper",
+                          overrides={"dmd2": {"init_from": RELEASED_WARM_START.path}})
+    needs = method_needs(cfg)  # the released warm start instead of stage 1
+    assert [n.entry for n in needs["method dmd2 (dmd2-sdxl1-paper)"]] == [RELEASED_WARM_START.path]
+
+
+def test_the_cli_trains_the_warm_start_then_dmd2_from_it(tmp_path):
+    from fewstep.cli import main
+
+    teacher = tmp_path / "teacher"
+    main(["teacher", "install", "--family", "sit", "--resolution", "16", "--out", str(teacher)])
+    pairs = str(tmp_path / "pairs.safetensors")
+    main(["pairs", "--teacher", str(teacher), "--count", "4", "--steps", "2", "--guidance", "2.0",
+          "--out", pairs])
+    common = ["train", "--method", "dmd2", "--teacher", str(teacher), "--resolution", "16",
+              "--no-progress"]
+    assert main(common + ["--preset", "toy-warmstart", "--run-dir", str(tmp_path / "r1"),
+                          "--out", str(tmp_path / "ws"), "--set", "steps=2", f"pairs={pairs}"]) == 0
+    info = json.loads((tmp_path / "ws" / "student.json").read_text())
+    assert info["method"] == "dmd2" and info["options"]["stage"] == "regression"
+    assert [d["what"] for d in info["deviations"]][:1] == ["regression"]  # L2 in the toy world
+    assert main(common + ["--preset", "toy", "--run-dir", str(tmp_path / "r2"), "--out",
+                          str(tmp_path / "m"), "--set", "steps=2", "ttur_ratio=1",
+                          f"init_from={tmp_path / 'ws'}"]) == 0
+    info = json.loads((tmp_path / "m" / "student.json").read_text())
+    assert info["options"]["init_from"] == str(tmp_path / "ws") and "init_from" in info["inputs"]
