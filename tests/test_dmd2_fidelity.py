@@ -217,6 +217,21 @@ def test_backsim_prompts_are_the_real_latents_captions(tmp_path):
     assert {r["prompt"] for r in batch.metas} <= {"a red circle", "two blue squares"}
 
 
+def test_amd_groups_repeat_real_captions(tmp_path):
+    """AMD draws DMD2's prompts as groups: B real captions, each K times (one group each)."""
+    from methods.amd import AMD
+
+    m, images = real_world(tmp_path)
+    opts = resolve(AMD.Options, AMD.PRESETS, "toy", dict(batch=4, group_size=2, dsa_enabled=False,
+                                                        rls_enabled=False, warmup=1), "amd")
+    amd = AMD(m.teacher, opts, m.ctx)
+    amd.ctx.step = 0
+    batch = amd.draw_prompts("prompts")
+    rows = images.draw_rows(2, amd.ctx.gen("prompts"))
+    assert [r["prompt"] for r in batch.metas] == [r["prompt"] for r in rows for _ in range(2)]
+    assert batch.groups.tolist() == [0, 0, 1, 1]
+
+
 def test_one_step_generators_keep_the_prompt_stream(tmp_path):
     """The official one-step trainers draw their prompts from the prompt file (no denoising mode)."""
     m, _ = real_world(tmp_path, generator_grid=[0.4], backsim=False)
