@@ -175,11 +175,22 @@ def paper_presets():
     return [(name, preset) for name, preset in all_presets() if "-paper" in preset]
 
 
+def stated(method, preset) -> dict:
+    cls = METHODS.get(method)
+    return option_names(cls.Options, cls.PRESETS[preset], method)
+
+
 @pytest.mark.parametrize("method,preset", paper_presets())
 def test_paper_presets_state_their_iterations_and_global_batch(method, preset):
-    stated = option_names(METHODS.get(method).Options, METHODS.get(method).PRESETS[preset], method)
-    missing = [k for k in ("steps", "global_batch") if k not in stated]
+    missing = [k for k in ("steps", "global_batch") if k not in stated(method, preset)]
     assert not missing, f"{preset} does not state {missing} (the paper's recipe)"
+
+
+@pytest.mark.parametrize("method,preset", paper_presets())
+def test_paper_presets_state_their_scheduler_policy(method, preset):
+    """Which updates tick each network's LR scheduler is the paper's (CDM: its own updates;
+    DMD2: every iteration), stated in the preset rather than left to the engine's default."""
+    assert "lr_schedule_on" in stated(method, preset), f"{preset} does not state lr_schedule_on"
 
 
 # -- CDM's recipe and ledger -----------------------------------------------------------------------
