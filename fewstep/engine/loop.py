@@ -132,15 +132,17 @@ def option_defaults(options) -> dict:
 
 
 def warmup_factor(step: int, warmup: int, ticks: int = 1, start: str = "step") -> float:
-    """LR multiplier of scheduler step `step` (0 first): linear warm-up over `warmup` ticks, then
-    1. `ticks` per step (Accelerate ticks a prepared scheduler once per process); `start` "step":
-    the first step at 1 / warmup (fewstep's rule), "zero": at 0 (constant_with_warmup)."""
+    """LR multiplier after `step` scheduler steps: a linear warm-up over `warmup` ticks, constant
+    after it; `ticks` ticks per step (Accelerate ticks a prepared scheduler once per process);
+    `start` "step": the first step at 1 / warmup (fewstep's rule), "zero": at 0 (diffusers'
+    constant_with_warmup, the official codes')."""
     if warmup <= 0:
         return 1.0
     return min(1.0, ticks * (step + (1 if start == "step" else 0)) / warmup)
 
 
 def lr_schedulers(optimizers: dict, opt) -> dict:
+    """One warm-up LambdaLR per network; its step count is in the checkpoint (exact resume)."""
     def factor(s, warm=int(opt.warmup), ticks=int(opt.warmup_ticks), start=opt.warmup_start):
         return warmup_factor(s, warm, ticks, start)
     return {n: torch.optim.lr_scheduler.LambdaLR(o, factor) for n, o in optimizers.items()}
