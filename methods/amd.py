@@ -59,7 +59,9 @@ class AMDOptions(DMD2Options):
 # s = 0.1 (the options' defaults) everywhere.
 PRESETS = {
     # DMD2 used 2 samples per GPU; same_rank groups need a multiple of K per rank.
-    "amd-sdxl-int": {**DMD2_PRESETS["dmd2-sdxl4-paper"], "reward_model": "hpsv2.1", "batch": 4},
+    # per rank (global_batch None): AMD's batch and GPU count are undisclosed (sec. 5.1)
+    "amd-sdxl-int": {**DMD2_PRESETS["dmd2-sdxl4-paper"], "reward_model": "hpsv2.1",
+                     "global_batch": None, "batch": 4},
     "amd-sit-int": {**DMD2_PRESETS["dmd2-sit-ext"], "reward_model": "dinov2_cls", "batch": 8},
     "amd-sd3-ext": {**DMD2_PRESETS["dmd2-sd3-ext"], "reward_model": "hpsv2.1", "batch": 8},
     "toy": {**DMD2_PRESETS["toy"], "batch": 16},  # 4 x K=4; the toy reward is the default

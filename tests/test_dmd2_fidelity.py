@@ -144,6 +144,11 @@ def test_sdxl1_paper_is_the_official_two_stage_recipe():
     assert tuple(one.generator_grid) == (0.4,) and not one.backsim
     four = resolve(cls.Options, cls.PRESETS, "dmd2-sdxl4-paper", None, "dmd2")
     assert not four.warm_start  # the 4-step model starts from the teacher [P, App. F.4]
+    # 64 GPUs: 2 per GPU (4 pairs per GPU in the warm start); Accelerate ticks the warm-up 64x
+    assert (four.steps, one.steps, ws.steps) == (20000, 25000, 2000)
+    assert (four.global_batch, one.global_batch, ws.global_batch) == (128, 128, 256)
+    for o in (four, one, ws):
+        assert (o.warmup, o.warmup_ticks, o.warmup_start, o.lr_schedule_on) == (500, 64, "zero", "iteration")
 
 
 def test_the_dag_gives_the_regression_stage_pairs_and_the_dmd2_stage_its_init():
