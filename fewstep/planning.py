@@ -50,11 +50,11 @@ def run_options(config: dict, run: str):
 def run_requires(config: dict, run: str) -> tuple[str, ...]:
     """The run's extra DAG inputs: its stage class's `requires` (DMD2's regression warm start
     reads teacher pairs, its DMD2 stage real images); a method with one class, that class's."""
-    from fewstep.engine.method import Method
     from fewstep.registry import METHODS
 
     cls = METHODS.get(runs(config)[run].method)
-    if getattr(cls.for_options, "__func__", None) is Method.for_options.__func__:
+    # the base class's for_options (read by name: the core does not import the engine)
+    if getattr(cls.for_options, "__qualname__", "") == "Method.for_options":
         return tuple(cls.requires)  # no stages: no options to resolve (a plugin may have none)
     return tuple(run_options(config, run)[0].requires)
 
@@ -71,6 +71,14 @@ def runs(config: dict) -> dict[str, Run]:
             plan[name] = Run(method, preset, previous)
             previous = name
     return plan
+
+
+def trained_runs(config: dict) -> list[str]:
+    """The runs some family trains: a method released on every run family trains nothing, and
+    its (unvalidated, unused) training preset is never resolved."""
+    cells = released(config)
+    return [name for name, run in runs(config).items()
+            if any(f not in cells.get(run.method, {}) for f in config["families"])]
 
 
 def released(config: dict) -> dict:
@@ -166,7 +174,7 @@ def pairs_guidance(config: dict) -> float:
     from fewstep.errors import FewstepError
 
     readers = {run: float(run_options(config, run)[1].teacher_guidance)
-               for run in runs(config) if "pairs" in run_requires(config, run)}
+               for run in trained_runs(config) if "pairs" in run_requires(config, run)}
     if len(set(readers.values())) > 1:
         raise FewstepError(f"the runs that read teacher pairs use different guidance {readers}; "
                            "the DAG samples one pairs file per family: give them one "
