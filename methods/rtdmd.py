@@ -16,7 +16,6 @@ Sections (sec. N) are those of methods/notes/rtdmd.md.
 """
 from __future__ import annotations
 
-import copy
 import math
 from collections import namedtuple
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from fewstep.engine.distributed import all_gather
 from fewstep.engine.method import Method, StudentSpec, student_grid
 from fewstep.options import TrainOptions, choice
 from fewstep.engine.rollout import rollout
-from fewstep.engine.run import load_student
+from fewstep.engine.run import copy_with_weights, load_student
 from fewstep.errors import FewstepError
 from fewstep.fidelity import Deviation
 from fewstep.schedule import col, draw_times
@@ -502,13 +501,11 @@ def load_stage1(folder: str, teacher):
     if not folder:
         raise FewstepError("rtdmd stage 2 starts from a stage-1 model: set init_from to the folder "
                            "written by `fewstep train --method rtdmd --out` (stage 1)")
-    generator, info = load_student(Path(folder), teacher)
+    generator, info = load_student(Path(folder), teacher, fp32=True)  # unrounded by a bf16 teacher
     method, stage = info.get("method"), info.get("options", {}).get("stage")
     if method != "rtdmd" or stage != 1:
         raise FewstepError(f"{folder} is not a stage-1 rtdmd model (method {method!r}, stage {stage!r})")
     critic_file = Path(folder) / "critic.safetensors"
     if not critic_file.is_file():
         raise FewstepError(f"{folder} has no critic.safetensors; re-export the stage-1 run")
-    critic = copy.deepcopy(teacher)
-    critic.denoiser.load_state_dict(load_file(str(critic_file)))
-    return generator, critic
+    return generator, copy_with_weights(teacher, load_file(str(critic_file)), fp32=True)

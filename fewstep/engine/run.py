@@ -127,8 +127,21 @@ def run_inputs(recipe: dict, options, reward: str | None = None, train_prompts: 
     if real_data:  # the manifest of captions; the images are many and large
         inputs["real_data"] = file_sha256(resolve_data(real_data) / METADATA)
     if getattr(options, "init_from", ""):
-        inputs["init_from"] = _files_sha256(sorted(Path(options.init_from).glob("*.safetensors")))
+        inputs["init_from"] = init_from_sha256(options.init_from)
     return inputs
+
+
+def init_from_sha256(spec: str) -> str:
+    """The identity of what a staged run starts from: a model folder's weights, or a weights file
+    (a path, else a weights-cache entry: DMD2's released warm start)."""
+    from fewstep.backbones.weights import find_entry
+
+    path = Path(spec).expanduser()
+    if not path.exists():
+        path = find_entry(spec) or path
+    if path.is_file():
+        return _files_sha256([path])
+    return _files_sha256(sorted(path.glob("*.safetensors")))
 
 
 def build_method(name: str, teacher, ctx: Context, preset: str | None = None,
@@ -195,15 +208,15 @@ def check_teacher(model_dir: Path, info: dict, recipe: dict) -> None:
 def check_init_from(options, recipe: dict) -> None:
     """A staged run (init_from: a stage-1 model folder) starts from a model of this same teacher."""
     folder = getattr(options, "init_from", "")
-    if folder:
+    if folder and (Path(folder) / STUDENT_FILE).is_file():  # a weights file: its method's loader checks it
         check_teacher(Path(folder), json.loads((Path(folder) / STUDENT_FILE).read_text()), recipe)
 
 
-def load_student(model_dir: Path, teacher, recipe: dict | None = None):
+def load_student(model_dir: Path, teacher, recipe: dict | None = None, fp32: bool = False):
     """(generator backbone, student.json) from an exported model folder and its teacher;
-    recipe (teachers.verify's info of that teacher) makes it check the teacher's identity."""
-    import copy
-
+    recipe (teachers.verify's info of that teacher) makes it check the teacher's identity. The
+    copy takes the teacher's dtype (sampling), or with fp32 holds the stored weights exactly (a
+    later stage trains from them: a bf16 teacher's copy would round them)."""
     model_dir = Path(model_dir)
     for name in (STUDENT_FILE, WEIGHTS_FILE):
         if not (model_dir / name).is_file():
@@ -215,6 +228,15 @@ def load_student(model_dir: Path, teacher, recipe: dict | None = None):
                            f"{teacher.family}")
     if recipe is not None:
         check_teacher(model_dir, info, recipe)
-    generator = copy.deepcopy(teacher)
-    generator.denoiser.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE)))
-    return generator.eval(), info
+    return copy_with_weights(teacher, load_file(str(model_dir / WEIGHTS_FILE)), fp32).eval(), info
+
+
+def copy_with_weights(teacher, state: dict, fp32: bool = False):
+    """A copy of the teacher whose denoiser holds `state` (in fp32 when asked)."""
+    import copy
+
+    net = copy.deepcopy(teacher)
+    if fp32:
+        net.denoiser.float()
+    net.denoiser.load_state_dict(state)
+    return net
