@@ -49,3 +49,20 @@ def test_against_teacher_uses_the_paired_comparison_when_the_score_step_made_one
     table = against_teacher(TEACHERS + [student])
     # the unpaired intervals overlap (98 ± 2 vs 100 ± 2); the paired one excludes 0
     assert "| -2.000 [-3.000, -1.000] | 0.75 [0.60, 0.90] | better |" in table
+
+
+def test_the_leaderboard_names_each_familys_teacher_sampler_apart_from_the_metric_protocols():
+    from fewstep.reporting.leaderboard import leaderboard
+
+    euler = {"sampler": "scheduler", "scheduler_class": "EulerDiscreteScheduler",
+             "scheduler_config": {"timestep_spacing": "leading", "steps_offset": 1}}
+    rows = [row("teacher", 2, 40.0, family="sdxl"), row("teacher", 2, 30.0, family="sit"),
+            row("dmd2", 2, 35.0, family="sdxl")]
+    rows[0]["sampling_provenance"] = {"sampler": euler}
+    rows[1]["sampling_provenance"] = {"sampler": {"sampler": "sit-euler"}}
+    rows[0]["results"]["toy_fid"]["identity"] = {"metric": "fid", "sampler": {"sampler": "scheduler"}}
+    page = leaderboard(rows)
+    assert ("Teachers sampled with: sdxl: EulerDiscreteScheduler (timestep_spacing leading, "
+            "steps_offset 1); sit: the SiT reference Euler sampler.") in page
+    protocols = page.split("## Metric identities")[1]
+    assert '"metric": "fid"' in protocols and "sampler" not in protocols

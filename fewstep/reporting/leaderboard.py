@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fewstep.reporting.tables import DeviationNotes, method_label
+from fewstep.reporting.tables import DeviationNotes, method_label, metric_identity
 from fewstep.scoring import matching_teacher
 
 
@@ -105,8 +105,34 @@ def identities(rows) -> str:
     seen = {}
     for r in rows:
         for name, res in r["results"].items():
-            seen.setdefault(name, json.dumps(res.get("identity", {}), sort_keys=True))
+            seen.setdefault(name, json.dumps(metric_identity(res), sort_keys=True))
     return "\n".join(f"- `{name}`: `{ident}`" for name, ident in sorted(seen.items()))
+
+
+def sampler_label(record: dict) -> str:
+    """How a teacher set was sampled, in words: the checkpoint's own diffusers scheduler (with
+    its spacing and shift where its config has them) or the harness's own grid."""
+    if record.get("scheduler_class"):
+        config = record.get("scheduler_config") or {}
+        knobs = [f"{k} {config[k]}" for k in ("timestep_spacing", "steps_offset", "shift")
+                 if k in config]
+        return f"{record['scheduler_class']} ({', '.join(knobs)})" if knobs else record["scheduler_class"]
+    return {"sit-euler": "the SiT reference Euler sampler",
+            "ddim-trailing": "DDIM/Euler on the uniform trailing grid"}.get(record.get("sampler"),
+                                                                           "unrecorded")
+
+
+def teacher_samplers(rows) -> list[str]:
+    """One line naming each family's teacher sampler (the baseline every student is held to)."""
+    seen = {}
+    for r in rows:
+        if r["method"] == "teacher":
+            record = (r.get("sampling_provenance") or {}).get("sampler") or {}
+            seen.setdefault(r["family"], sampler_label(record))
+    if not seen:
+        return []
+    return ["Teachers sampled with: " + "; ".join(f"{fam}: {label}" for fam, label in
+                                                 sorted(seen.items())) + ".", ""]
 
 
 def deviations_section(notes: DeviationNotes) -> list[str]:
@@ -145,6 +171,7 @@ def leaderboard(rows: list[dict]) -> str:
         render(rows, notes),
         "",
         *deviations_section(notes),
+        *teacher_samplers(rows),
         *stand_ins(rows),
         *students_section(rows, notes),
         "## Metric identities",

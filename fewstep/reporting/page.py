@@ -122,7 +122,7 @@ def identities(rows) -> list[str]:
     seen = {}
     for r in rows:
         for name, res in r["results"].items():
-            seen.setdefault(name, res.get("identity", {}))
+            seen.setdefault(name, tables.metric_identity(res))
     items = "".join(f"<li><b>{html.escape(n)}</b>: <code>{html.escape(json.dumps(i, sort_keys=True))}"
                     f"</code></li>" for n, i in sorted(seen.items()))
     return [f"<details><summary>Metric identities (protocols)</summary><ul>{items}</ul></details>"]

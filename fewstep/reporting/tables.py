@@ -147,3 +147,9 @@ def paired_table(pairs: list[tuple[dict, str, dict | None]], metrics: list[str],
             + [diff_cell((diffs or {}).get(m)) for m in metrics] for s, label, diffs in pairs]
     return table(head, body, f"paired differences (student − {against}) on the shared noise, "
                              "95 % paired bootstrap CI")
+
+
+def metric_identity(res: dict) -> dict:
+    """A score's metric protocol: its identity without the teacher sampler a teacher set's
+    scores add (that is the set's, listed per family by teacher_samplers)."""
+    return {k: v for k, v in res.get("identity", {}).items() if k != "sampler"}
