@@ -61,7 +61,9 @@ class DMD2Options(DMOptions):
     RANGES = {"generator_every": "[1, inf)", "gan_w_G": "[0, inf)", "gan_w_D": "[0, inf)"}
 
 
-PAPER = {"warmup": 500, "grad_clip": 10.0, "weight_decay": 0.01}
+# both LR schedulers tick every iteration, the generator's too on critic-only iterations (official
+# trainer: the Accelerate schedulers step once per iteration)
+PAPER = {"warmup": 500, "grad_clip": 10.0, "weight_decay": 0.01, "lr_schedule_on": "iteration"}
 # the SDXL runs (sec. 6.1): 64 GPUs x 2 per GPU; both LR schedulers are Accelerate-prepared
 # constant_with_warmup (lambda s / 500 from LR 0), ticked once per process per iteration, so the
 # warm-up lasts 500 / 64 iterations; warmup_ticks = 64 keeps that at any world size
@@ -73,7 +75,8 @@ FOUR = (1.0, 0.75, 0.5, 0.25)
 # 0.01, no gradient clipping (the script passes max_grad_norm, the trainer never clips), LPIPS;
 # the released checkpoint is iteration 2000
 WARM_START = {"stage": "regression", "lr": 1e-5, "warmup": 500, "weight_decay": 0.01,
-              "grad_clip": 0.0, "checkpoint_every": 500}  # regression: lpips (the default)
+              "grad_clip": 0.0, "checkpoint_every": 500,  # regression: lpips (the default)
+              "lr_schedule_on": "iteration"}  # one network, updated every iteration
 PRESETS = {
     # paper: 20K iterations (the model zoo's 19K was picked on COCO-10k, never done here)
     "dmd2-sdxl4-paper": {**SDXL, "steps": 20000, "generator_grid": FOUR},
