@@ -38,9 +38,20 @@ def test_paper_config_builds_its_dag(path, tmp_path):
     trained = [m for m in cfg["distill"]["methods"] if family not in released.get(m, {})]
     for method in trained:  # trained on the family's configured prompts, never the toy world's
         assert f" train --method {method} " in plan
-    assert plan.count(f"--train-prompts results/train_prompts/{family}.jsonl") == len(trained)
+    runs = sum(len(cfg["distill"]["stages"].get(m, [None])) for m in trained)  # one per stage
+    assert plan.count(f"--train-prompts results/train_prompts/{family}.jsonl") == runs
     if not trained:
         assert " train --method" not in plan and "train_prompts" not in plan
+
+
+def test_dmd2s_one_step_sdxl_trains_its_regression_warm_start_first(tmp_path):
+    """DMD2 sec. 5.3: stage 1 regresses onto teacher pairs sampled with the DM teacher's guidance,
+    stage 2 (DMD2) starts from stage 1's exported model."""
+    plan = dry_run(tmp_path, config.REPO / "workflows/config/paper/dmd2-sdxl1-train.yaml")
+    assert "pairs --teacher results/teachers/sdxl --count 10000 --steps 50 --guidance 8.0 " in plan
+    assert "--preset dmd2-sdxl1-paper-warmstart" in plan
+    warm = plan.index("--preset dmd2-sdxl1-paper-warmstart")
+    assert "init_from" in plan[plan.index("--preset dmd2-sdxl1-paper ", warm):]
 
 
 def test_training_on_a_real_backbone_reads_its_data_and_reward(tmp_path):
