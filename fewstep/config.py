@@ -98,7 +98,10 @@ def _check_training(config: dict, source: str) -> None:
     for method, preset, overrides, where in uses:
         cls = METHODS.get(method)
         try:
-            resolve(cls.Options, cls.PRESETS, preset, overrides, method)
+            # a training job runs on distill/processes ranks, which must divide a global_batch
+            ranks = distill.get("processes", 1) if where.startswith("distill/stages") or \
+                where == "distill/preset" else 1
+            resolve(cls.Options, cls.PRESETS, preset, overrides, method, world_size=ranks)
         except FewstepError as err:
             both = f" with distill/overrides/{method}" if overrides else ""
             raise ConfigError(f"{source}: {where}{both}: {err}") from None

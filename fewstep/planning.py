@@ -43,7 +43,7 @@ def run_options(config: dict, run: str):
     method, preset, _ = runs(config)[run]
     cls = METHODS.get(method)
     options = resolve(cls.Options, cls.PRESETS, preset, config["distill"]["overrides"].get(method),
-                      method)
+                      method, world_size=config["distill"].get("processes", 1))
     return cls.for_options(options), options
 
 

@@ -215,3 +215,25 @@ def test_cdm_ledger():
     toy = resolve(cdm.CDMOptions, cdm.PRESETS, "toy", None, "cdm")
     marked = {d["what"] for d in deviations(cdm.CDM, toy)}
     assert {"steps", "global_batch", "lr", "warmup_ticks", "schedule_len", "ca_w"} <= marked
+
+
+def test_a_method_built_for_a_data_parallel_run_trains_its_share_of_the_global_batch():
+    from fewstep.engine.distributed import DistInfo
+    from fewstep.engine.run import build_method, toy_context
+    from fewstep.toy import teachers
+
+    teacher = teachers.load(teachers.SHIPPED / "sit")
+    ctx = toy_context(teacher, "sit", 16, 0, DistInfo())
+    ctx.world_size = 4  # as torchrun's fourth of four ranks would build it
+    method = build_method("cdm", teacher, ctx, "toy", {"global_batch": 8})
+    assert method.opt.batch == 2
+
+
+def test_the_dag_refuses_a_global_batch_its_processes_do_not_divide():
+    from fewstep import config
+
+    cfg = config.load(config.REPO / "workflows/config/paper/sit-imagenet256-train.yaml")
+    cfg["distill"]["overrides"] = {"dmd2": {"global_batch": 12}}
+    cfg["distill"]["processes"] = 8
+    with pytest.raises(config.ConfigError, match="global_batch = 12"):
+        config.validate(cfg)

@@ -147,7 +147,8 @@ def init_from_sha256(spec: str) -> str:
 def build_method(name: str, teacher, ctx: Context, preset: str | None = None,
                  overrides: dict | None = None):
     cls = METHODS.get(name)
-    options = resolve(cls.Options, cls.PRESETS, preset, overrides, method=name)
+    options = resolve(cls.Options, cls.PRESETS, preset, overrides, method=name,
+                      world_size=ctx.world_size)  # a global_batch is split over the ranks
     ctx.seed = options.seed
     return cls.for_options(options)(teacher, options, ctx)
 

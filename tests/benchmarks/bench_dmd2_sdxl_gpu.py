@@ -116,6 +116,7 @@ def main():
     p.add_argument("--toy", action="store_true", help="the shipped toy SDXL teacher (CPU check)")
     p.add_argument("--batch", type=int, default=2, help="DMD2's SDXL batch per GPU")
     p.add_argument("--lora-rank", type=int, default=64)
+    p.add_argument("--lora-alpha", type=float, default=8.0, help="DMD2's released SDXL LoRA: 8")
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--iters", type=int, default=3)
     args = p.parse_args()
@@ -124,7 +125,7 @@ def main():
 
     dtype = torch.bfloat16 if args.device == "cuda" and not args.toy else torch.float32
     teacher = sdxl_teacher(args.toy, args.device, dtype)
-    overrides = {"batch": args.batch, "lora_rank": args.lora_rank,
+    overrides = {"batch": args.batch, "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
                  "grad_checkpointing": not args.no_checkpointing}
     method = build_method("dmd2", teacher, context(teacher, args.device),
                           "toy" if args.toy else "dmd2-sdxl4-paper", overrides)
@@ -137,7 +138,7 @@ def main():
     mfu = f"{100 * flops / seconds / (tflops * 1e12):.1f} %" if tflops else "n/a (no GPU peak)"
     print(f"torch {torch.__version__}, device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""))
-    print(f"latents {tuple(teacher.latent_shape)}, batch {args.batch}, LoRA rank {args.lora_rank},"
+    print(f"latents {tuple(teacher.latent_shape)}, batch {args.batch}, LoRA rank {args.lora_rank} alpha {args.lora_alpha},"
           f" checkpointing {not args.no_checkpointing}, UNet dtype {dtype}")
     print(f"parameters: " + ", ".join(f"{n} {v / 1e9:.2f} B" for n, v in params.items()))
     print(f"s/iteration {seconds:.3f} (mean of {args.iters}; a generator turn and a critic turn "
