@@ -18,29 +18,12 @@ from fewstep.errors import FewstepError
 from fewstep.fidelity import deviations, ledger
 from fewstep.options import resolve
 from fewstep.toy import teachers
+# one thread for tiny networks; tiny untrained teachers by family (the RTDMD method tests' fixtures)
+from test_method_rtdmd import RES, one_thread, toy  # noqa: F401
 
-RES = 8
 PAPER = {"sd3": "rtdmd-sd3-paper", "sdxl": "rtdmd-sdxl-ext", "sit": "rtdmd-sit-ext"}
 SMALL = {"batch": 2, "grad_checkpointing": False}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def toy():
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = teachers.build(family, resolution=RES, seed=0)
-        return cache[family]
-    return get
 
 
 def toy_reward(images, metas):
