@@ -17,7 +17,6 @@ from fewstep.engine.run import build_method, export, toy_context
 from fewstep.errors import FewstepError
 from fewstep.fidelity import deviations, ledger
 from fewstep.options import resolve
-from fewstep.toy import teachers
 # one thread for tiny networks; tiny untrained teachers by family (the RTDMD method tests' fixtures)
 from test_method_rtdmd import RES, one_thread, toy  # noqa: F401
 
