@@ -146,6 +146,18 @@ def better(x: float, y: float, higher_is_better: bool) -> bool:
     return x > y if higher_is_better else x < y
 
 
+def fixed_reference(result: dict) -> bool:
+    """A set-level distance to fixed reference statistics (FID): its interval resamples prompts
+    at the set's size with the reference held fixed, so it covers the FID at that N, not the
+    infinite-sample FID, and FIDs at different N are not comparable (their bias differs)."""
+    return "min_n" in (result.get("details") or {})
+
+
+def size_note(result: dict) -> str:
+    """What an FID interval covers, for the evidence column ("" for other metrics)."""
+    return f" at {result['n']} images, reference fixed" if fixed_reference(result) else ""
+
+
 def absolute_verdict(value: float, result: dict, tolerance: float) -> str:
     """The claimed value against our estimate and CI (direction from the metric)."""
     lo, hi, up = result["ci_low"], result["ci_high"], result["higher_is_better"]
@@ -183,11 +195,14 @@ def judge_absolute(claim: dict, rows: list[dict], tolerance: float) -> Verdict:
         return Verdict(claim["id"], "real", "protocol mismatch (" + "; ".join(differences) + ")",
                        "closest score file differs in the protocol", ours,
                        deviations=run_deviations(row))
-    verdict = absolute_verdict(float(claim["value"]), result, tolerance)
-    return Verdict(claim["id"], "real", verdict,
-                   f"claimed {claim['value']}, ours {result['value']:.4g} "
-                   f"[{result['ci_low']:.4g}, {result['ci_high']:.4g}]", ours,
-                   deviations=run_deviations(row))
+    evidence = (f"claimed {claim['value']}, ours {result['value']:.4g} "
+                f"[{result['ci_low']:.4g}, {result['ci_high']:.4g}]{size_note(result)}")
+    if fixed_reference(result) and not result["details"].get("comparable", True):
+        verdict = (f"not comparable (FID at {result['n']} images; a published FID needs >= "
+                   f"{result['details']['min_n']})")
+    else:
+        verdict = absolute_verdict(float(claim["value"]), result, tolerance)
+    return Verdict(claim["id"], "real", verdict, evidence, ours, deviations=run_deviations(row))
 
 
 def pick(rows: list[dict], family: str, side: dict, metric: str, world: str) -> tuple[dict | None, str]:
@@ -220,12 +235,18 @@ def judge_relative(claim: dict, rows: list[dict], world: str, pair) -> Verdict:
         missing = claim["a"]["method"] if a is None else claim["b"]["method"]
         return Verdict(claim["id"], world, "not run",
                        f"no {metric} score of {missing} on {claim['family']}")
+    ra, rb = a["results"][metric], b["results"][metric]
+    if fixed_reference(ra) and ra["n"] != rb["n"]:
+        return Verdict(claim["id"], world, f"not comparable (FID at {ra['n']} vs {rb['n']} images, "
+                       "reference fixed)", f"{metric}: {claim['a']['method']} ({how_a}) and "
+                       f"{claim['b']['method']} ({how_b}) were scored on sets of different size",
+                       deviations=run_deviations(a, b))
     paired = pair(metric, a, b)
-    up = a["results"][metric]["higher_is_better"]
+    up = ra["higher_is_better"]
     verdict = relative_verdict(paired, up, claim["claim"])
     evidence = (f"{metric}: {claim['a']['method']} ({how_a}) - {claim['b']['method']} ({how_b}) = "
                 f"{paired['difference']:+.4g} [{paired['ci_low']:+.4g}, {paired['ci_high']:+.4g}]"
-                f" ({'higher' if up else 'lower'} is better)")
+                f"{size_note(ra)} ({'higher' if up else 'lower'} is better)")
     return Verdict(claim["id"], world, verdict, evidence,
                    {"difference": paired["difference"],
                     "ci": [paired["ci_low"], paired["ci_high"]]}, deviations=run_deviations(a, b))
@@ -255,7 +276,10 @@ def render(claims: list[dict], verdicts: list[Verdict], defaults: dict) -> str:
              "edited by hand. Verdicts: reproduced, within noise (absolute claims: within "
              f"{100 * float(defaults['noise_tolerance']):g} % of the claimed value beyond our CI; "
              "relative claims: the paired CI contains 0), contradicted, not run, protocol "
-             "mismatch (naming each differing field). Toy rows are toy-scale evidence: the same "
+             "mismatch (naming each differing field), not comparable (an FID on fewer images "
+             "than a published one needs, or two FIDs at different sample sizes). An FID's "
+             "interval resamples prompts at its set's size with the reference statistics fixed: "
+             "it covers the FID at that N, not the infinite-sample FID. Toy rows are toy-scale evidence: the same "
              "relative claim on the toy world with the toy metric in the same slot, never a "
              "check of the paper's number. L: the method trained on this metric's model. "
              "S: the paper's checkpoint was selected on the set the claim is measured on (the "

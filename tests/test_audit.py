@@ -136,3 +136,37 @@ def test_cli_writes_the_audit(tmp_path, prompts):
     assert "| DMD-T3 |" in text and "**not run**" in text
     verdicts = json.loads(js.read_text())
     assert {v["world"] for v in verdicts} == {"real", "toy"}
+
+
+def fid_result(value, n, min_n=1000):
+    """A set-level FID against fixed reference statistics (its details carry min_n)."""
+    res = result("fid", [value] * 4, higher=False, identity={"resolution": [16, 16]},
+                 ci=(value - 1, value + 1))
+    res.update(n=n, details={"min_n": min_n, "comparable": n >= min_n, "n_reference": 5000})
+    return res
+
+
+def test_an_fid_below_its_comparable_size_is_not_judged_against_a_published_fid():
+    claim = {"id": "C", "paper": "P", "source": "S", "kind": "absolute", "method": "dmd2",
+             "family": "sdxl", "metric": "fid", "value": 19.32, "protocol": {"nfe": 4}}
+    small = row("sdxl", "dmd2", 4, {"fid": fid_result(19.3, n=488)})
+    v = audit.judge_absolute(claim, [small], 0.02)
+    assert v.verdict == "not comparable (FID at 488 images; a published FID needs >= 1000)"
+    big = row("sdxl", "dmd2", 4, {"fid": fid_result(19.3, n=10000)})
+    v = audit.judge_absolute(claim, [big], 0.02)
+    assert v.verdict == "reproduced" and "at 10000 images, reference fixed" in v.evidence
+
+
+def test_fids_at_different_sample_sizes_are_never_compared():
+    claim = {"id": "R", "paper": "P", "source": "S", "kind": "relative", "family": "sit",
+             "metric": "fid", "a": {"method": "dmd2", "nfe": 4}, "b": {"method": "dmd", "nfe": 1},
+             "claim": "a better"}
+    rows = [row("sit", "dmd2", 4, {"fid": fid_result(10.0, n=488)}),
+            row("sit", "dmd", 1, {"fid": fid_result(20.0, n=432)})]
+    never = lambda *args: pytest.fail("FIDs at different N must not be paired")  # noqa: E731
+    v = audit.judge_relative(claim, rows, "real", never)
+    assert v.verdict == "not comparable (FID at 488 vs 432 images, reference fixed)"
+    rows[1]["results"]["fid"] = fid_result(20.0, n=488)
+    v = audit.judge_relative(claim, rows, "real",
+                             lambda *a: {"difference": -10.0, "ci_low": -12.0, "ci_high": -8.0})
+    assert v.verdict == "reproduced" and "at 488 images, reference fixed" in v.evidence

@@ -66,3 +66,21 @@ def test_the_leaderboard_names_each_familys_teacher_sampler_apart_from_the_metri
             "steps_offset 1); sit: the SiT reference Euler sampler.") in page
     protocols = page.split("## Metric identities")[1]
     assert '"metric": "fid"' in protocols and "sampler" not in protocols
+
+
+def fid(value, n):
+    res = result(value, 2.0)
+    res.update(n=n, details={"min_n": 1000, "comparable": False})
+    return res
+
+
+def test_fids_at_different_sizes_are_not_compared_and_the_page_says_what_their_interval_covers():
+    from fewstep.reporting.leaderboard import leaderboard
+
+    teacher, student = row("teacher", 4, 0.0), row("dmd2", 4, 0.0)
+    teacher["results"] = {"toy_fid": fid(50.0, 488)}
+    student["results"] = {"toy_fid": fid(30.0, 432)}
+    table = against_teacher([teacher, student])
+    assert "not compared (FID at 432 vs 488 images)" in table and "better" not in table
+    page = leaderboard([teacher, student])
+    assert "`toy_fid`: the interval resamples prompts at the row's n images" in page

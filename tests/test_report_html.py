@@ -118,3 +118,11 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert pixels.shape == (2400, 1400) and pixels.std() > 10  # not a blank page
     if os.environ.get("FEWSTEP_SCREENSHOT_DIR"):
         shutil.copy(shot, os.environ["FEWSTEP_SCREENSHOT_DIR"])
+
+
+def test_the_html_leaderboard_says_what_an_fid_interval_covers():
+    res = {"value": 30.0, "ci_low": 29.0, "ci_high": 31.0, "n": 488, "higher_is_better": False,
+           "details": {"min_n": 1000, "comparable": False}}
+    row = {"method": "dmd2", "nfe": 4, "steps": 4, "results": {"toy_fid": res}}
+    page = tables.leaderboard([row], ["toy_fid"])
+    assert "toy_fid: CI at the row&#x27;s n images with the reference fixed" in page

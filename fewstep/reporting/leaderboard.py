@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fewstep.audit import fixed_reference
 from fewstep.reporting.tables import DeviationNotes, method_label, metric_identity
 from fewstep.scoring import matching_teacher
 
@@ -84,7 +85,10 @@ def against_teacher(rows: list[dict], notes: DeviationNotes | None = None) -> st
                 continue
             t = teacher["results"][name]
             nfe = f"{teacher['nfe']}" + ("" if how == "same NFE" else f" ({how})")
-            diff, rate, word = paired_cells(paired.get(name), res, t)
+            if fixed_reference(res) and res["n"] != t["n"]:  # their FID biases differ
+                diff, rate, word = "-", "-", f"not compared (FID at {res['n']} vs {t['n']} images)"
+            else:
+                diff, rate, word = paired_cells(paired.get(name), res, t)
             lines.append(f"{head} {nfe} | {name} | {res['value']:.3f} | {t['value']:.3f} | {diff} | "
                          f"{rate} | {word} |")
     return "\n".join(lines)
@@ -156,6 +160,16 @@ def students_section(rows, notes: DeviationNotes) -> list[str]:
             "(ties count one half; per-image metrics only).", "", against_teacher(rows, notes), ""]
 
 
+def fid_note(rows) -> list[str]:
+    """What an FID interval covers, said wherever FIDs are shown."""
+    names = sorted({name for r in rows for name, res in r["results"].items() if fixed_reference(res)})
+    if not names:
+        return []
+    return [", ".join(f"`{n}`" for n in names) + ": the interval resamples prompts at the row's n "
+            "images with the reference statistics fixed, so it covers the FID at that n, not the "
+            "infinite-sample FID; FIDs at different n are never compared.", ""]
+
+
 def leaderboard(rows: list[dict]) -> str:
     """The whole leaderboard page of the score rows (load_rows)."""
     notes = DeviationNotes(rows)
@@ -170,6 +184,7 @@ def leaderboard(rows: list[dict]) -> str:
         "",
         render(rows, notes),
         "",
+        *fid_note(rows),
         *deviations_section(notes),
         *teacher_samplers(rows),
         *stand_ins(rows),

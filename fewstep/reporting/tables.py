@@ -4,6 +4,7 @@ from __future__ import annotations
 import html
 import json
 
+from fewstep.audit import fixed_reference
 from fewstep.fidelity import run_note
 
 # What a training reward (its `fewstep train --reward` spec or a preset's reward_model) shares a
@@ -135,6 +136,10 @@ def leaderboard(rows: list[dict], metrics: list[str], notes: DeviationNotes | No
         body.append([method_cell(r, notes), td(r.get("steps")), td(r["nfe"]), td(latency), td(n)]
                     + [value_cell(r["results"].get(m), m in leaks) for m in metrics])
     caption = "values with 95 % bootstrap CIs over prompts; L: leakage; D: the run deviates from the paper"
+    fids = [m for m in metrics if fixed_reference(example[m])]
+    if fids:
+        caption += (f"; {', '.join(fids)}: CI at the row's n images with the reference fixed (the "
+                    "FID at that n, not the infinite-sample FID)")
     return table(head, body, caption) + (deviation_list(notes) if own else "")
 
 
