@@ -4,6 +4,12 @@ Samples of one prompt are correlated (same text, same task), so the resampling u
 cluster bootstrap draws prompt ids with replacement and keeps all seeds of each drawn prompt
 (fewstep/notes/pitfalls.md B.9). Method comparisons use paired differences on the shared (prompt_id,
 seed) grid.
+
+Interval methods (INTERVAL_METHODS): "percentile" (the default) reads the bootstrap distribution's
+quantiles; "bca" is Efron's bias-corrected and accelerated interval (Efron 1987, "Better bootstrap
+confidence intervals", JASA 82; Efron & Tibshirani 1993, "An Introduction to the Bootstrap", ch. 14),
+which moves the quantiles for the bootstrap distribution's median bias and for the skewness of the
+estimator (metrics/notes/metrics.md, "Interval method").
 """
 from __future__ import annotations
 
@@ -14,6 +20,8 @@ import numpy as np
 
 DEFAULT_RESAMPLES = 1000
 DEFAULT_LEVEL = 0.95
+INTERVAL_METHODS = ("percentile", "bca", "studentized")
+DEFAULT_INTERVAL = "percentile"
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,68 @@ def _check_settings(n_resamples: int, level: float) -> None:
 def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
     tail = (1.0 - level) / 2.0 * 100.0
     low, high = np.percentile(values, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def _check_interval(method: str) -> None:
+    if method not in INTERVAL_METHODS:
+        from fewstep.errors import did_you_mean
+        raise ValueError(f"interval method {method!r} is not known; choose one of "
+                         f"{', '.join(INTERVAL_METHODS)} (bootstrap.interval in the config)."
+                         + did_you_mean(method, INTERVAL_METHODS))
+
+
+def _normal_cdf(x):
+    from scipy.special import ndtr
+    return ndtr(x)
+
+
+def _normal_quantile(p):
+    from scipy.special import ndtri
+    return ndtri(p)
+
+
+def bca_acceleration(jackknife_values, strata=None) -> float:
+    """Acceleration a of the BCa interval from leave-one-cluster-out estimates.
+
+    Unstratified: a = sum(d^3) / (6 * sum(d^2)^1.5) with d = mean(theta_(.)) - theta_(i) (Efron &
+    Tibshirani 1993, eq. 14.15). Stratified: the jackknife runs within each stratum, d is scaled to
+    the stratum's empirical influence (n_s - 1) * d / n_s and the sums run over all strata
+    (Davison & Hinkley 1997, sec. 3.2 and eq. 5.20, the multi-sample skewness of the influence
+    values). A stratum of one cluster is always redrawn, so it has no variance and adds nothing.
+    """
+    values = np.asarray(jackknife_values, dtype=np.float64)
+    members = [np.arange(len(values))] if strata is None else strata
+    cube = square = 0.0
+    for m in members:
+        if len(m) < 2:
+            continue
+        n = len(m)
+        infl = (n - 1) * (values[m].mean() - values[m]) / n
+        cube, square = cube + float(np.sum(infl ** 3)), square + float(np.sum(infl ** 2))
+    return 0.0 if square <= 0.0 else cube / (6.0 * square ** 1.5)
+
+
+def bca_interval(values: np.ndarray, estimate: float, acceleration: float,
+                 level: float) -> tuple[float, float]:
+    """BCa endpoints: quantiles of the bootstrap values at the adjusted levels
+    Phi(z0 + (z0 + z_q) / (1 - a (z0 + z_q))) (Efron & Tibshirani 1993, eq. 14.10).
+
+    z0 = Phi^-1(share of bootstrap values below the estimate), ties counted one half so that a
+    discrete statistic (win rates, accuracies) is not biased by its ties (eq. 14.14 counts strictly
+    below); the share is kept within [1/(2B), 1 - 1/(2B)] so z0 stays finite. Where 1 - a (z0 + z_q)
+    <= 0 the adjusted level is past the distribution's end, so the endpoint is its min or max.
+    """
+    b = len(values)
+    share = (np.sum(values < estimate) + 0.5 * np.sum(values == estimate)) / b
+    z0 = float(_normal_quantile(np.clip(share, 0.5 / b, 1.0 - 0.5 / b)))
+    tail = (1.0 - level) / 2.0
+    probs = []
+    for q in (tail, 1.0 - tail):
+        shift = z0 + float(_normal_quantile(q))
+        denom = 1.0 - acceleration * shift
+        probs.append(float(_normal_cdf(z0 + shift / denom)) if denom > 0 else float(shift > 0))
+    low, high = np.percentile(values, [100.0 * probs[0], 100.0 * probs[1]])
     return float(low), float(high)
 
 
@@ -78,10 +148,44 @@ def _strata_members(n_groups: int, strata) -> list[np.ndarray]:
     return members
 
 
+def _cluster_se(counts: np.ndarray, sums: np.ndarray, sizes: np.ndarray):
+    """Means and cluster-robust (ratio-estimator) standard errors of the per-sample mean, one per
+    row of cluster multiplicities: var = G / (G - 1) * sum_i c_i (s_i - m n_i)^2 / (sum_i c_i n_i)^2
+    (Cochran 1977, sec. 6.11, the ratio estimator's variance over G sampled clusters)."""
+    n_total = counts @ sizes
+    mean = (counts @ sums) / n_total
+    resid2 = counts @ sums ** 2 - 2 * mean * (counts @ (sums * sizes)) + mean ** 2 * (counts @ sizes ** 2)
+    g = counts.sum(axis=-1)
+    var = np.maximum(resid2, 0.0) * g / np.maximum(g - 1, 1) / n_total ** 2
+    return mean, np.sqrt(var)
+
+
+def _studentized_interval(counts, sums, sizes, level: float) -> tuple[float, float]:
+    """Bootstrap-t interval (Efron & Tibshirani 1993, ch. 12.5, eq. 12.19): the quantiles of
+    t* = (m* - m) / se* replace the normal's, se from the same cluster formula on every resample.
+    Resamples with se* = 0 (every drawn prompt alike) give no t and are left out."""
+    est, se = _cluster_se(np.ones((1, len(sums)), dtype=np.int64), sums, sizes)
+    means, ses = _cluster_se(counts, sums, sizes)
+    ok = ses > 0
+    if not ok.any() or se[0] == 0:
+        return float(est[0]), float(est[0])
+    t = (means[ok] - est[0]) / ses[ok]
+    tail = (1.0 - level) / 2.0 * 100.0
+    t_low, t_high = np.percentile(t, [tail, 100.0 - tail])
+    return float(est[0] - t_high * se[0]), float(est[0] - t_low * se[0])
+
+
 def cluster_mean_ci(scores, prompt_ids, *, n_resamples: int = DEFAULT_RESAMPLES,
-                    level: float = DEFAULT_LEVEL, seed: int = 0) -> BootstrapCI:
-    """Percentile CI of the mean of per-sample scores, resampling prompts (all seeds kept)."""
+                    level: float = DEFAULT_LEVEL, seed: int = 0,
+                    method: str = DEFAULT_INTERVAL) -> BootstrapCI:
+    """CI of the mean of per-sample scores, resampling prompts (all seeds kept).
+
+    method: "percentile" (default), "bca" or "studentized". BCa's acceleration comes from the
+    jackknife that deletes one prompt with all its seeds, the same cluster the bootstrap resamples;
+    "studentized" is the bootstrap-t with the cluster-robust standard error. All methods use the
+    same resamples for a given seed."""
     _check_settings(n_resamples, level)
+    _check_interval(method)
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 1 or len(scores) != len(prompt_ids) or len(scores) == 0:
         raise ValueError(f"need one score per prompt id; got {scores.shape} scores for "
@@ -95,6 +199,17 @@ def cluster_mean_ci(scores, prompt_ids, *, n_resamples: int = DEFAULT_RESAMPLES,
     rng = np.random.default_rng(seed)
     counts = _resample_counts(rng, n_resamples, len(groups), [np.arange(len(groups))])
     means = (counts @ sums) / (counts @ sizes)
+    if method == "studentized":
+        low, high = _studentized_interval(counts, sums, sizes, level)
+        return BootstrapCI(float(scores.mean()), low, high, level, n_resamples, len(groups), seed,
+                           "cluster studentized bootstrap-t (prompts; cluster-robust SE)")
+    if method == "bca":
+        estimate = float(scores.mean())
+        jackknife = (sums.sum() - sums) / np.maximum(sizes.sum() - sizes, 1.0)
+        low, high = bca_interval(means, estimate, bca_acceleration(jackknife) if len(groups) > 1
+                                 else 0.0, level)
+        return BootstrapCI(estimate, low, high, level, n_resamples, len(groups), seed,
+                           "cluster BCa (prompts; jackknife acceleration over prompts)")
     low, high = _percentiles(means, level)
     return BootstrapCI(float(scores.mean()), low, high, level, n_resamples, len(groups), seed,
                        "cluster percentile (prompts)")
@@ -102,8 +217,9 @@ def cluster_mean_ci(scores, prompt_ids, *, n_resamples: int = DEFAULT_RESAMPLES,
 
 def bootstrap(statistic_fn: Callable[[np.ndarray], float], groups: Sequence[np.ndarray], *,
               strata=None, n_resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL,
-              seed: int = 0, recentre: bool = False) -> BootstrapCI:
-    """Percentile CI of a set-level statistic (e.g. FID, GenEval overall), resampling groups.
+              seed: int = 0, recentre: bool = False,
+              method: str = DEFAULT_INTERVAL) -> BootstrapCI:
+    """CI of a set-level statistic (e.g. FID, GenEval overall), resampling groups.
 
     groups: one integer array of sample indices per prompt; statistic_fn receives the concatenated
     indices of a resample (duplicates included) and returns a float. strata: one label per group;
@@ -114,25 +230,62 @@ def bootstrap(statistic_fn: Callable[[np.ndarray], float], groups: Sequence[np.n
     such as FID are biased by the duplicates a resample contains (fewer distinct samples -> larger
     FID), so the plain percentile interval can miss the estimate; recentring keeps the bootstrap
     spread and removes that artificial offset.
+
+    method: "percentile" (default) or "bca" (acceleration from the delete-one-group jackknife, run
+    within each stratum when strata are given: statistic_fn is called once more per group of a
+    stratum with at least two groups). BCa corrects the median bias itself, so it is not combined
+    with recentre.
     """
     _check_settings(n_resamples, level)
+    _check_interval(method)
+    if method == "studentized":
+        raise ValueError("method='studentized' needs a standard error on every resample, which a "
+                         "general statistic_fn does not give; use 'bca' (or cluster_mean_ci for "
+                         "a plain mean)")
+    if method == "bca" and recentre:
+        raise ValueError("recentre=True and method='bca' both correct the bootstrap's offset; "
+                         "use one (bca corrects bias and skewness, recentre only the median)")
     if len(groups) == 0:
         raise ValueError("bootstrap needs at least one group")
     groups = [np.asarray(g, dtype=np.int64) for g in groups]
     estimate = float(statistic_fn(np.concatenate(groups)))
     rng = np.random.default_rng(seed)
-    counts = _resample_counts(rng, n_resamples, len(groups), _strata_members(len(groups), strata))
+    members = _strata_members(len(groups), strata)
+    counts = _resample_counts(rng, n_resamples, len(groups), members)
     values = np.array([statistic_fn(np.concatenate([np.repeat(g, c) for g, c in zip(groups, row)
                                                     if c])) for row in counts], dtype=np.float64)
     if not np.isfinite(values).all():
         raise ValueError("statistic_fn returned NaN/inf on a resample; make it defined on any "
                          "non-empty resample (use strata to keep every category present)")
+    if method == "bca":
+        jackknife = _jackknife_values(statistic_fn, groups, members)
+        low, high = bca_interval(values, estimate, bca_acceleration(jackknife, members), level)
+        label = "BCa, jackknife acceleration over groups"
+        label += " within strata (groups, stratified)" if strata is not None else " (groups)"
+        return BootstrapCI(estimate, low, high, level, n_resamples, len(groups), seed, label)
     if recentre:
         values = values - np.median(values) + estimate
     low, high = _percentiles(values, level)
-    method = "percentile" + (", recentred on the estimate" if recentre else "")
-    method += " (groups" + (", stratified)" if strata is not None else ")")
-    return BootstrapCI(estimate, low, high, level, n_resamples, len(groups), seed, method)
+    label = "percentile" + (", recentred on the estimate" if recentre else "")
+    label += " (groups" + (", stratified)" if strata is not None else ")")
+    return BootstrapCI(estimate, low, high, level, n_resamples, len(groups), seed, label)
+
+
+def _jackknife_values(statistic_fn, groups: list[np.ndarray], strata: list[np.ndarray]) -> np.ndarray:
+    """statistic_fn with each group left out in turn (NaN for a group alone in its stratum: leaving
+    it out would empty a stratum, and bca_acceleration skips such strata)."""
+    out = np.full(len(groups), np.nan)
+    for members in strata:
+        if len(members) < 2:
+            continue
+        for j in members:
+            kept = np.concatenate([g for i, g in enumerate(groups) if i != j])
+            out[j] = float(statistic_fn(kept))
+    used = [j for members in strata if len(members) > 1 for j in members]
+    if not np.isfinite(out[used]).all():
+        raise ValueError("statistic_fn returned NaN/inf with one group left out (BCa's jackknife); "
+                         "make it defined on any non-empty subset or use method='percentile'")
+    return out
 
 
 def align_pairs(keys_a: Sequence, keys_b: Sequence) -> tuple[np.ndarray, np.ndarray]:
