@@ -40,7 +40,9 @@ import copy
 import hashlib
 import importlib.metadata
 import json
+import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +52,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fewstep.backbones.weights import WeightFile
+from fewstep.errors import FewstepError
 from metrics.base import PerImageMetric
 from metrics.sampleset import SampleSet
 
@@ -70,6 +73,24 @@ CHECKPOINTS = {
     "v2.1": WeightFile("hps/HPS_v2.1_compressed.pt", f"{HF_SOURCE}, file HPS_v2.1_compressed.pt",
                        "HPSv2.1 ViT-H-14 checkpoint, about 1.9 GB"),
 }
+
+
+# sha256 of the published files, from the Git LFS pointers of Hugging Face xswu/HPSv2, commit
+# 697403c78157020a1ae59d23f111aa58ced35b0a ("Upload 2 files": HPS_v2.1_compressed.pt, size
+# 1972490005 bytes; HPS_v2_compressed.pt, size 1972484501 bytes). A file is called v2.0 or v2.1
+# only when its bytes hash to one of these, or to a hash its user pins (sec. 1.6).
+PUBLISHED_SHA256 = {
+    "v2.0": "07cb0d20626232204ca3a6ec53ff5984e7e53212a8a7b0e0ec2bac1bdaf125a1",
+    "v2.1": "c57a38fb4a2f7e7c15bf00da2ea377cdf165448b4dd1052a484c215a998c9837",
+}
+PUBLISHED_AT = "Hugging Face xswu/HPSv2, commit 697403c"
+PIN_OPTION = "expected_sha256"
+PIN_ENV = {"v2.0": "FEWSTEP_HPS_V2_0_SHA256", "v2.1": "FEWSTEP_HPS_V2_1_SHA256"}
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+
+
+class CheckpointIdentityError(FewstepError, ValueError):
+    """An HPS checkpoint whose sha256 is not that of the version asked for (or a malformed pin)."""
 
 
 def checkpoint_entry(hps_version: str) -> WeightFile:
@@ -247,14 +268,95 @@ def resolve_checkpoint(hps_version: str, checkpoint=None) -> Path:
     return path
 
 
+# ----------------------------------------------------------------------- checkpoint identity
+
+def normalised_pin(pin, where: str = PIN_OPTION) -> str | None:
+    """A pinned sha256 in lower case, or None when unset; anything else is refused, named."""
+    if pin is None or (isinstance(pin, str) and not pin.strip()):
+        return None
+    text = pin.strip().lower() if isinstance(pin, str) else ""
+    if not SHA256_PATTERN.fullmatch(text):
+        raise CheckpointIdentityError(
+            f"{where} = {pin!r} is not a sha256: give the 64 hexadecimal characters that "
+            "`sha256sum FILE` prints, or leave it unset to accept only the published files "
+            f"({', '.join(f'{v}: {h}' for v, h in sorted(PUBLISHED_SHA256.items()))})")
+    return text
+
+
+def requested_pin(hps_version: str, pin=None) -> tuple[str | None, str]:
+    """(pinned sha256 or None, where it came from): the option, else the version's variable."""
+    if pin is not None:
+        return normalised_pin(pin), f"the {PIN_OPTION} option"
+    variable = PIN_ENV[hps_version]
+    return normalised_pin(os.environ.get(variable), f"${variable}"), f"${variable}"
+
+
+def published_version(sha: str) -> str | None:
+    return next((version for version, h in PUBLISHED_SHA256.items() if h == sha), None)
+
+
+def how_to_pin(hps_version: str, found: str) -> str:
+    return (f"If you trust this file as HPS{hps_version} (e.g. a .safetensors that `fewstep "
+            "weights convert` made from a .pt whose `sha256sum` is the published hash), pin its "
+            f"hash: metric_options: {{hps{hps_version}: {{{PIN_OPTION}: {found}}}}} in the config, "
+            f"or {PIN_ENV[hps_version]}={found} in the environment (the training reward reads "
+            "only the variable). The identity then records the file as pinned, not published.")
+
+
+def identity_error(path: Path, hps_version: str, found: str, expected: str, by: str) -> str:
+    """Why a checkpoint is not the version asked for: file, version, both hashes, what to do."""
+    head = (f"HPSv2 ({hps_version}): checkpoint {path} has sha256 {found}; expected sha256 "
+            f"{expected} ({by}).")
+    other = published_version(found)
+    if other is not None and other != hps_version:
+        return (f"{head} Refused: this is the {other} checkpoint (the published file "
+                f"{Path(CHECKPOINTS[other].path).name}), not {hps_version}: put the {hps_version} "
+                f"file there ({CHECKPOINTS[hps_version].source}), or score it as hps{other}.")
+    if other == hps_version:
+        return f"{head} The file is the published {hps_version} checkpoint: drop or fix the pin."
+    if by.startswith("the published"):
+        return (f"{head} The file is neither published HPS checkpoint (modified, truncated, "
+                f"converted, or another file). {how_to_pin(hps_version, found)}")
+    return f"{head} Fix the pin, or put the pinned file there."
+
+
+def verify_checkpoint(path: Path, hps_version: str, pin=None) -> dict:
+    """The identity fields of a checkpoint whose sha256 is the version's published hash or the
+    user's pin; CheckpointIdentityError otherwise. The hash is cached per (path, size, mtime) for
+    the process, so the identity reuses it."""
+    from fewstep.backbones.weights import file_sha256
+
+    pin, where = requested_pin(hps_version, pin)
+    published = PUBLISHED_SHA256[hps_version]
+    if pin is not None and published_version(pin) not in (None, hps_version):
+        raise CheckpointIdentityError(
+            f"HPSv2 ({hps_version}): {where} = {pin} is the published {published_version(pin)} "
+            f"checkpoint's hash; a pin cannot make that file {hps_version} (this is the "
+            f"{published_version(pin)} checkpoint). Score it as hps{published_version(pin)}.")
+    found = file_sha256(path)
+    if published_version(found) not in (None, hps_version) or (pin or published) != found:
+        by = (f"the published {hps_version} file, {PUBLISHED_AT}" if pin is None
+              else f"the pin in {where}")
+        raise CheckpointIdentityError(identity_error(Path(path), hps_version, found,
+                                                     pin or published, by))
+    how = (f"published sha256 ({PUBLISHED_AT})" if found == published
+           else f"sha256 pinned by the user in {where} (not a published file)")
+    return {"checkpoint_sha256": found, "checkpoint_verified": True,
+            "checkpoint_published": found == published, "checkpoint_verified_by": how}
+
+
 class LoadedHPS:
     """A frozen HPS model with its tokenizer; embeddings are unit length."""
 
-    def __init__(self, model, checkpoint: Path, hps_version: str, cfg: dict):
+    def __init__(self, model, checkpoint: Path, hps_version: str, cfg: dict,
+                 verification: dict | None = None):
         import open_clip
 
         self.model, self.checkpoint, self.hps_version = model, Path(checkpoint), hps_version
         self.cfg = cfg
+        # how the file was recognised as hps_version (verify_checkpoint), for the identity
+        self.verification = verification or {"checkpoint_verified": False,
+                                             "checkpoint_verified_by": "not checked"}
         self.tokenizer = open_clip.get_tokenizer(ARCHITECTURE)  # bundled BPE, 77 tokens
         self._text_cache: dict[tuple, torch.Tensor] = {}
 
@@ -290,12 +392,15 @@ class LoadedHPS:
 
 
 def load_hps(hps_version: str = "v2.1", device=None, checkpoint=None,
-             config: dict | None = None) -> LoadedHPS:
-    """The HPS model of a version from the weights cache (or an explicit checkpoint file)."""
+             config: dict | None = None, expected_sha256: str | None = None) -> LoadedHPS:
+    """The HPS model of a version from the weights cache (or an explicit checkpoint file), once
+    the file's sha256 shows it is that version (published hash, or expected_sha256 / the
+    version's environment variable as the user's pin)."""
     path = resolve_checkpoint(hps_version, checkpoint)  # before any heavy work: fail fast
     cfg = model_config(config)
+    verification = verify_checkpoint(path, hps_version, expected_sha256)  # before reading it
     device = torch.device(device or default_device())
-    return LoadedHPS(build_model(cfg, path, device), path, hps_version, cfg)
+    return LoadedHPS(build_model(cfg, path, device), path, hps_version, cfg, verification)
 
 
 def paired_cosines(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
@@ -334,11 +439,13 @@ class HPSv2(PerImageMetric):
     batch_size: int = 16
     checkpoint: str | Path | None = None
     model_config: dict | None = None
+    expected_sha256: str | None = None      # the user's pin for a file that is not published
     _hps: LoadedHPS | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         checkpoint_entry(self.hps_version)          # validates the version
         effective_precision(self.precision, torch.device("cpu"))  # validates the name
+        self.expected_sha256 = normalised_pin(self.expected_sha256)
         self.name = f"hps{self.hps_version}"        # "hpsv2.1" / "hpsv2.0"
 
     def weight_files(self) -> list[WeightFile]:
@@ -347,7 +454,8 @@ class HPSv2(PerImageMetric):
     def hps(self) -> LoadedHPS:
         """The model, loaded on first use (building the metric reads no weights)."""
         if self._hps is None:
-            self._hps = load_hps(self.hps_version, self.device, self.checkpoint, self.model_config)
+            self._hps = load_hps(self.hps_version, self.device, self.checkpoint, self.model_config,
+                                 self.expected_sha256)
         return self._hps
 
     def cosines(self, ss: SampleSet) -> np.ndarray:
@@ -370,15 +478,13 @@ class HPSv2(PerImageMetric):
         return np.concatenate(out)
 
     def identity(self, ss: SampleSet) -> dict:
-        from fewstep.backbones.weights import file_sha256
-
         hps = self.hps()
         n_prompts = len(set(ss.prompt_ids()))
         model = (f"open_clip {ARCHITECTURE}, plain GELU" if self.model_config is None
                  else f"open_clip CLIP, custom config sha256 {config_sha256(hps.cfg)[:16]}")
         return {"metric": self.name, "version": self.version, "hps_version": self.hps_version,
                 "model": model, "checkpoint_file": hps.checkpoint.name,
-                "checkpoint_sha256": file_sha256(hps.checkpoint),
+                **hps.verification,     # checkpoint_sha256, _verified, _published, _verified_by
                 "formula": "cosine of unit-normalised image and text embeddings (no logit scale)",
                 "scale": f"x{SCALE:g}: value = {SCALE:g} x mean cosine",
                 "precision": precision_label(self.precision, hps.device),
@@ -419,9 +525,9 @@ class HPSv2Reward:
 
     def __init__(self, hps_version: str = "v2.1", device=None, precision: str = "fp16-autocast",
                  antialias: bool = True, checkpoint=None, model_config: dict | None = None,
-                 hps: LoadedHPS | None = None):
+                 hps: LoadedHPS | None = None, expected_sha256: str | None = None):
         effective_precision(precision, torch.device("cpu"))  # validates the name
-        self.hps = hps or load_hps(hps_version, device, checkpoint, model_config)
+        self.hps = hps or load_hps(hps_version, device, checkpoint, model_config, expected_sha256)
         self.hps_version = self.hps.hps_version
         self.precision, self.antialias = precision, antialias
 

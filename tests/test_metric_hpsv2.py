@@ -14,6 +14,7 @@ config with no pretrained weights; everything else is the package's own code, on
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import types
 from pathlib import Path
@@ -28,6 +29,7 @@ from fewstep.backbones.weights import MissingWeightsError
 # tests/hpsv2_reference.py (pytest's default import mode puts the tests folder on sys.path)
 from hpsv2_reference import (HPSv2PackageMissing, adapted_hpsv2, package_root, redirected_scoring,
                              scores_per_prompt)
+import metrics.hpsv2 as hpsv2
 from metrics.hpsv2 import (CHECKPOINTS, HPSv2, HPSv20, HPSv2Reward, hps_pixels, image_to_tensor01,
                            letterbox, letterbox_geometry, load_hps)
 from metrics.sampleset import read_manifest, write_sample_set
@@ -59,15 +61,23 @@ def tiny_model(seed: int):
     return model.eval()
 
 
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    """A weights cache holding both HPS files (different random weights), genuine layout."""
+    """A weights cache holding both HPS files (different random weights), genuine layout; while
+    it is used, their hashes stand in for the published ones (tests/test_hps_identity.py)."""
     root = tmp_path_factory.mktemp("weights")
     for seed, version in enumerate(("v2.1", "v2.0")):
         path = root / CHECKPOINTS[version].path
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"state_dict": tiny_model(seed).state_dict()}, path)
-    return root
+    table = {version: sha256_of(root / CHECKPOINTS[version].path) for version in CHECKPOINTS}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hpsv2, "PUBLISHED_SHA256", table)
+        yield root
 
 
 @pytest.fixture
@@ -257,6 +267,7 @@ def test_result_scale_ci_and_identity(scored, sample_set):
     ident = result.identity
     assert ident["checkpoint_file"] == "HPS_v2.1_compressed.pt"
     assert len(ident["checkpoint_sha256"]) == 64
+    assert ident["checkpoint_verified"] is True and ident["checkpoint_published"] is True
     assert ident["precision"].startswith("fp32") and "x100" in ident["scale"]
     assert ident["images_per_prompt"] == len(SEEDS) and ident["n_prompts"] == len(PROMPTS)
     assert ident["implementation"] == f"fewstep open_clip route, open_clip {open_clip.__version__}"
@@ -309,10 +320,10 @@ def test_checkpoint_layout_is_checked(tmp_path):
     bare, partial = tmp_path / "bare.pt", tmp_path / "partial.pt"
     torch.save(state, bare)
     torch.save({"state_dict": {k: v for k, v in list(state.items())[1:]}}, partial)
-    with pytest.raises(ValueError, match="state_dict"):
-        load_hps("v2.1", "cpu", bare, TINY_CONFIG)
+    with pytest.raises(ValueError, match="state_dict"):   # pinned: the hash check passes
+        load_hps("v2.1", "cpu", bare, TINY_CONFIG, sha256_of(bare))
     with pytest.raises(ValueError, match="does not match"):
-        load_hps("v2.1", "cpu", partial, TINY_CONFIG)
+        load_hps("v2.1", "cpu", partial, TINY_CONFIG, sha256_of(partial))
 
 
 def test_bad_settings_are_refused():
@@ -342,11 +353,12 @@ def test_a_pickle_that_would_run_code_is_refused_and_never_run(tmp_path):
     marker = tmp_path / "the-pickle-ran"
     crafted = tmp_path / "HPS_v2.1_compressed.pt"
     torch.save({"state_dict": tiny_model(0).state_dict(), "x": _RunsCode(marker)}, crafted)
+    pin = sha256_of(crafted)    # pinned, so that the hash check lets it reach the loader
     with pytest.raises(ValueError, match=r"fewstep weights convert --trust-pickle .*HPS_v2\.1_"
                                          r"compressed\.pt --out .*HPS_v2\.1_compressed\.safetensors"):
-        load_hps("v2.1", "cpu", crafted, TINY_CONFIG)
+        load_hps("v2.1", "cpu", crafted, TINY_CONFIG, pin)
     assert not marker.exists()
-    metric = tiny_metric(checkpoint=crafted)  # the path metric_options can give
+    metric = tiny_metric(checkpoint=crafted, expected_sha256=pin)  # what metric_options can give
     with pytest.raises(ValueError, match="trust-pickle"):
         metric.hps()
     assert not marker.exists()
@@ -368,6 +380,10 @@ def test_a_converted_safetensors_checkpoint_scores_the_same(weights, scored, sam
     save_file(state, str(pt.with_suffix(".safetensors")))
     monkeypatch.setenv("FEWSTEP_WEIGHTS", str(cache))
     assert resolve_checkpoint("v2.1") == pt.with_suffix(".safetensors")
-    result = tiny_metric().score(sample_set[0])
+    with pytest.raises(ValueError, match="expected_sha256"):   # not the published .pt's hash
+        tiny_metric().score(sample_set[0])
+    pin = sha256_of(pt.with_suffix(".safetensors"))
+    result = tiny_metric(expected_sha256=pin).score(sample_set[0])  # the user's pin
     assert result.value == scored[1].value
     assert result.identity["checkpoint_file"] == "HPS_v2.1_compressed.safetensors"
+    assert result.identity["checkpoint_published"] is False
