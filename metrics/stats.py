@@ -6,9 +6,9 @@ cluster bootstrap draws prompt ids with replacement and keeps all seeds of each 
 seed) grid.
 
 Interval methods (INTERVAL_METHODS): "percentile" (the default) reads the bootstrap distribution's
-quantiles; "bca" is Efron's bias-corrected and accelerated interval (Efron 1987, "Better bootstrap
-confidence intervals", JASA 82; Efron & Tibshirani 1993, "An Introduction to the Bootstrap", ch. 14),
-which moves the quantiles for the bootstrap distribution's median bias and for the skewness of the
+quantiles; "bca" is Efron's bias-corrected and accelerated interval (Efron 1987, "Better
+bootstrap confidence intervals", JASA 82; Efron & Tibshirani 1993, "An Introduction to the
+Bootstrap", ch. 14), which moves the quantiles for the bootstrap distribution's median bias and for the skewness of the
 estimator (metrics/notes/metrics.md, "Interval method").
 """
 from __future__ import annotations
@@ -154,7 +154,8 @@ def _cluster_se(counts: np.ndarray, sums: np.ndarray, sizes: np.ndarray):
     (Cochran 1977, sec. 6.11, the ratio estimator's variance over G sampled clusters)."""
     n_total = counts @ sizes
     mean = (counts @ sums) / n_total
-    resid2 = counts @ sums ** 2 - 2 * mean * (counts @ (sums * sizes)) + mean ** 2 * (counts @ sizes ** 2)
+    resid2 = (counts @ sums ** 2 - 2 * mean * (counts @ (sums * sizes))
+              + mean ** 2 * (counts @ sizes ** 2))
     g = counts.sum(axis=-1)
     var = np.maximum(resid2, 0.0) * g / np.maximum(g - 1, 1) / n_total ** 2
     return mean, np.sqrt(var)
@@ -271,7 +272,8 @@ def bootstrap(statistic_fn: Callable[[np.ndarray], float], groups: Sequence[np.n
     return BootstrapCI(estimate, low, high, level, n_resamples, len(groups), seed, label)
 
 
-def _jackknife_values(statistic_fn, groups: list[np.ndarray], strata: list[np.ndarray]) -> np.ndarray:
+def _jackknife_values(statistic_fn, groups: list[np.ndarray],
+                      strata: list[np.ndarray]) -> np.ndarray:
     """statistic_fn with each group left out in turn (NaN for a group alone in its stratum: leaving
     it out would empty a stratum, and bca_acceleration skips such strata)."""
     out = np.full(len(groups), np.nan)

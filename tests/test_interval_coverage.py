@@ -13,7 +13,7 @@ TRUE_MEAN = float(np.exp(SIGMA ** 2 / 2))       # E exp(sigma Z), Z ~ N(0, 1); t
 
 
 def _skewed(rng, n_prompts=N_PROMPTS, n_images=N_IMAGES):
-    """Per-image scores: a lognormal prompt effect shared by the prompt's images, plus image noise."""
+    """Per-image scores: a lognormal prompt effect shared by a prompt's images, plus noise."""
     effect = np.exp(SIGMA * rng.normal(size=n_prompts))
     scores = np.repeat(effect, n_images) + NOISE_SD * rng.normal(size=n_prompts * n_images)
     return scores, np.repeat(np.arange(n_prompts), n_images)
@@ -79,7 +79,8 @@ def test_default_is_the_percentile_interval_unchanged():
     # the percentile interval, computed directly from the same prompt draws
     rng = np.random.default_rng(4)
     draws = rng.integers(0, N_PROMPTS, size=(500, N_PROMPTS))
-    means = scores.reshape(N_PROMPTS, N_IMAGES).sum(axis=1)[draws].sum(axis=1) / (N_PROMPTS * N_IMAGES)
+    prompt_sums = scores.reshape(N_PROMPTS, N_IMAGES).sum(axis=1)
+    means = prompt_sums[draws].sum(axis=1) / (N_PROMPTS * N_IMAGES)
     low, high = np.percentile(means, [2.5, 97.5])
     assert (default.low, default.high) == pytest.approx((low, high), rel=1e-12)
 
@@ -100,7 +101,8 @@ def test_bca_matches_a_direct_computation():
     d = loo.mean() - loo
     a = np.sum(d ** 3) / (6 * np.sum(d ** 2) ** 1.5)
     assert a > 0 and z0 > 0                                        # right skew: both push upwards
-    adj = [nd.cdf(z0 + (z0 + z) / (1 - a * (z0 + z))) for z in (nd.inv_cdf(0.025), nd.inv_cdf(0.975))]
+    quantiles = (nd.inv_cdf(0.025), nd.inv_cdf(0.975))
+    adj = [nd.cdf(z0 + (z0 + z) / (1 - a * (z0 + z))) for z in quantiles]
     low, high = np.percentile(boot, [100 * adj[0], 100 * adj[1]])
     assert (ci.low, ci.high) == pytest.approx((low, high), rel=1e-9)
     pct = cluster_mean_ci(scores, prompts, n_resamples=2000, seed=2)
@@ -170,7 +172,8 @@ def test_constant_scores_give_a_point():
 
 def test_unknown_method_and_bad_combinations_are_refused():
     scores, prompts = _skewed(np.random.default_rng(0), n_prompts=5, n_images=2)
-    with pytest.raises(ValueError, match="'bcaa'.*percentile, bca, studentized.*Did you mean 'bca'"):
+    expect = "'bcaa'.*percentile, bca, studentized.*Did you mean 'bca'"
+    with pytest.raises(ValueError, match=expect):
         cluster_mean_ci(scores, prompts, method="bcaa")
     _, groups = group_indices(prompts)
     with pytest.raises(ValueError, match="recentre"):
