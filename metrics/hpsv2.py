@@ -6,6 +6,13 @@ v2.1; the state dict sits under a "state_dict" key). Both towers are fine-tuned,
 ViT-H-14 weights are never needed. The files come from the weights cache only:
 `$FEWSTEP_WEIGHTS/hps/<file>` (source: Hugging Face xswu/HPSv2).
 
+Checkpoint identity (sec. 1.6): a file is v2.0 or v2.1 by its sha256, never by its name. Before
+the model is read, the file's hash must be the published hash of the version asked for, or the
+hash the user pins (option expected_sha256, or $FEWSTEP_HPS_V2_1_SHA256 / $FEWSTEP_HPS_V2_0_SHA256,
+which the training reward reads); anything else is refused, naming the file, the version, both
+hashes, and "this is the v2.0 checkpoint" when the bytes are the other version's. The identity
+records checkpoint_sha256, checkpoint_verified, checkpoint_published and checkpoint_verified_by.
+
 The .pt files are read with torch's tensor-only loader and nothing else: a file it refuses is
 never unpickled fully (a crafted pickle runs any code, and the path can come from a config's
 metric_options). Such a file, if trusted, is converted once with `fewstep weights convert
