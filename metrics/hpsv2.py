@@ -335,13 +335,14 @@ def verify_checkpoint(path: Path, hps_version: str, pin=None) -> dict:
 
     pin, where = requested_pin(hps_version, pin)
     published = PUBLISHED_SHA256[hps_version]
-    if pin is not None and published_version(pin) not in (None, hps_version):
+    other = published_version(pin) if pin is not None else None
+    if other not in (None, hps_version):
         raise CheckpointIdentityError(
-            f"HPSv2 ({hps_version}): {where} = {pin} is the published {published_version(pin)} "
-            f"checkpoint's hash; a pin cannot make that file {hps_version} (this is the "
-            f"{published_version(pin)} checkpoint). Score it as hps{published_version(pin)}.")
+            f"HPSv2 ({hps_version}): {where} = {pin} is the published {other} checkpoint's hash: "
+            f"a file with it is the {other} checkpoint, and a pin cannot make it {hps_version}. "
+            f"Score it as hps{other}, or pin the hash of a {hps_version} file.")
     found = file_sha256(path)
-    if published_version(found) not in (None, hps_version) or (pin or published) != found:
+    if found != (pin or published):   # the other version's file never matches either
         by = (f"the published {hps_version} file, {PUBLISHED_AT}" if pin is None
               else f"the pin in {where}")
         raise CheckpointIdentityError(identity_error(Path(path), hps_version, found,

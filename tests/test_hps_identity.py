@@ -151,7 +151,7 @@ def test_a_pin_the_file_does_not_match_is_refused(fakes, published, tmp_path, mo
 
 
 def test_a_pin_cannot_relabel_the_other_versions_published_file(fakes, published):
-    with pytest.raises(FewstepError, match="this is the v2.0 checkpoint"):
+    with pytest.raises(FewstepError, match="is the v2.0 checkpoint, and a pin cannot make it"):
         hpsv2.load_hps("v2.1", "cpu", fakes["v2.0"], TINY_CONFIG,
                        expected_sha256=published["v2.0"])
 
