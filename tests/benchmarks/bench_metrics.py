@@ -356,8 +356,11 @@ def row_hpsv2(bench: Bench) -> Row:
     log(f"hpsv2.1: {checkpoint.stat().st_size / 2**30:.2f} GiB written")
 
     def ours() -> Side:
+        from fewstep.backbones.weights import file_sha256
+
+        # a random checkpoint is not the published one: pinned by its own hash
         metric = HPSv2(model_config=TINY_CONFIG if bench.tiny else None, device=bench.args.device,
-                       batch_size=bench.args.batch)
+                       batch_size=bench.args.batch, expected_sha256=file_sha256(checkpoint))
         return Side(lambda images: result_values(metric.score(images.folder), "cosine"))
 
     note = "ref: img_score.score once per prompt; reloads the checkpoint per call"
