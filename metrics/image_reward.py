@@ -12,6 +12,14 @@ state dict `ImageReward.pt` and `med_config.json` (Hugging Face THUDM/ImageRewar
 dict is loaded with strict=False as the package does, then checked: no unexpected keys, only
 `position_ids` buffers missing.
 
+Checkpoint identity (sec. 2.5): `ImageReward.pt` is recognised by its sha256, never by its name.
+Before the model is built or the file read, its hash must be the published one (Hugging Face
+THUDM/ImageReward's Git LFS pointer) or the hash the user pins (option expected_sha256, or
+$FEWSTEP_IMAGEREWARD_SHA256, which the training reward reads); anything else is refused, naming the
+file and both hashes. The identity records checkpoint_sha256, checkpoint_verified,
+checkpoint_published and checkpoint_verified_by. `med_config.json` is not an LFS file and has no
+published hash: its sha256 is recorded (med_config_sha256), not checked.
+
 Preprocessing: the metric uses the package's own PIL transform (shorter side to 224 bicubic,
 centre crop 224, RGB, CLIP mean/std); ImageReward centre-crops where HPSv2 letterboxes. Text:
 BLIP's bert-base-uncased tokenizer, padded to and truncated at 35 tokens (longer prompts are cut).
@@ -26,9 +34,11 @@ Sections (sec. N) are those of metrics/notes/metrics.md.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
-import hashlib
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +46,7 @@ import numpy as np
 import torch
 
 from fewstep.backbones.weights import WeightFile
+from fewstep.errors import FewstepError
 from metrics.base import PerImageMetric
 from metrics.image_reward_compat import (MAX_TEXT_TOKENS, build_image_reward, check_key_report)
 from metrics.sampleset import SampleSet
@@ -55,6 +66,19 @@ WEIGHTS = {
                             "Hugging Face google-bert/bert-base-uncased, file vocab.txt",
                             "BLIP's text tokenizer (the folder may also hold tokenizer_config.json)"),
 }
+
+# sha256 of the published ImageReward.pt, from the Git LFS pointer of Hugging Face THUDM/ImageReward
+# (commit 7a9e21f, blob/main/ImageReward.pt, size 1786880927 bytes). A file is called ImageReward
+# only when its bytes hash to this, or to a hash its user pins (sec. 2.5).
+PUBLISHED_SHA256 = "d71dc8d4912bc633c06ab8ef1ef6a81e8199d4369f14b47b29baf1d19de561f6"
+PUBLISHED_AT = f"{HF_SOURCE}, commit 7a9e21f"
+PIN_OPTION = "expected_sha256"
+PIN_ENV = "FEWSTEP_IMAGEREWARD_SHA256"
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+
+
+class CheckpointIdentityError(FewstepError, ValueError):
+    """An ImageReward checkpoint whose sha256 is neither published nor pinned (or a malformed pin)."""
 
 
 def resolve_files(checkpoint=None, med_config=None, tokenizer=None) -> dict[str, Path]:
@@ -78,11 +102,69 @@ def resolve_files(checkpoint=None, med_config=None, tokenizer=None) -> dict[str,
     return paths
 
 
+# ----------------------------------------------------------------------- checkpoint identity
+
+def normalised_pin(pin, where: str = PIN_OPTION) -> str | None:
+    """A pinned sha256 in lower case, or None when unset; anything else is refused, named."""
+    if pin is None or (isinstance(pin, str) and not pin.strip()):
+        return None
+    text = pin.strip().lower() if isinstance(pin, str) else ""
+    if not SHA256_PATTERN.fullmatch(text):
+        raise CheckpointIdentityError(
+            f"{where} = {pin!r} is not a sha256: give the 64 hexadecimal characters that "
+            "`sha256sum FILE` prints, or leave it unset to accept only the published "
+            f"ImageReward.pt ({PUBLISHED_SHA256})")
+    return text
+
+
+def requested_pin(pin=None) -> tuple[str | None, str]:
+    """(pinned sha256 or None, where it came from): the option, else the variable."""
+    if pin is not None:
+        return normalised_pin(pin), f"the {PIN_OPTION} option"
+    return normalised_pin(os.environ.get(PIN_ENV), f"${PIN_ENV}"), f"${PIN_ENV}"
+
+
+def identity_error(path: Path, found: str, expected: str, by: str) -> str:
+    """Why a checkpoint is refused: the file, both hashes, and what to do."""
+    head = f"ImageReward: checkpoint {path} has sha256 {found}; expected sha256 {expected} ({by})."
+    if found == PUBLISHED_SHA256:
+        return f"{head} The file is the published ImageReward.pt: drop or fix the pin."
+    if by.startswith("the published"):
+        return (f"{head} The file is not the published ImageReward.pt (modified, truncated, "
+                "converted, or another file). If you trust it, pin its hash: metric_options: "
+                f"{{imagereward: {{{PIN_OPTION}: {found}}}}} in the config, or {PIN_ENV}={found} "
+                "in the environment (the training reward reads only the variable). The identity "
+                "then records the file as pinned, not published.")
+    return f"{head} Fix the pin, or put the pinned file there."
+
+
+def verify_checkpoint(path: Path, pin=None) -> dict:
+    """The identity fields of a checkpoint whose sha256 is the published hash or the user's pin;
+    CheckpointIdentityError otherwise. The hash is cached per (path, size, mtime) for the
+    process, so the identity reuses it."""
+    from fewstep.backbones.weights import file_sha256
+
+    pin, where = requested_pin(pin)
+    found = file_sha256(path)
+    if found != (pin or PUBLISHED_SHA256):
+        by = f"the published file, {PUBLISHED_AT}" if pin is None else f"the pin in {where}"
+        raise CheckpointIdentityError(identity_error(Path(path), found, pin or PUBLISHED_SHA256,
+                                                     by))
+    published = found == PUBLISHED_SHA256
+    how = (f"published sha256 ({PUBLISHED_AT})" if published
+           else f"sha256 pinned by the user in {where} (not the published file)")
+    return {"checkpoint_sha256": found, "checkpoint_verified": True,
+            "checkpoint_published": published, "checkpoint_verified_by": how}
+
+
 class LoadedImageReward:
     """The package's ImageReward model, frozen, with batched scoring under our control."""
 
-    def __init__(self, model, files: dict[str, Path]):
+    def __init__(self, model, files: dict[str, Path], verification: dict | None = None):
         self.model, self.files = model, files
+        # how the checkpoint was recognised (verify_checkpoint), for the identity
+        self.verification = verification or {"checkpoint_verified": False,
+                                             "checkpoint_verified_by": "not checked"}
         self._text_cache: dict[str, tuple] = {}
 
     @property
@@ -118,9 +200,13 @@ class LoadedImageReward:
 
 
 def load_image_reward(device=None, checkpoint=None, med_config=None, tokenizer=None,
-                      vision: dict | None = None) -> LoadedImageReward:
-    """ImageReward from the weights cache (or explicit files); `vision`: a smaller ViT (tests)."""
+                      vision: dict | None = None,
+                      expected_sha256: str | None = None) -> LoadedImageReward:
+    """ImageReward from the weights cache (or explicit files), once the checkpoint's sha256 is
+    the published one or the user's pin (expected_sha256, else $FEWSTEP_IMAGEREWARD_SHA256);
+    `vision`: a smaller ViT (tests)."""
     files = resolve_files(checkpoint, med_config, tokenizer)  # fail fast, before building
+    verification = verify_checkpoint(files["checkpoint"], expected_sha256)  # before reading it
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_image_reward(files["med_config"], files["tokenizer"].parent, device, vision)
     state = torch.load(files["checkpoint"], map_location=device, weights_only=True)
@@ -132,7 +218,7 @@ def load_image_reward(device=None, checkpoint=None, med_config=None, tokenizer=N
     except RuntimeError as err:  # shape mismatches
         raise ValueError(f"{files['checkpoint']} does not fit the ImageReward model: {err}") from err
     check_key_report(report.missing_keys, report.unexpected_keys, files["checkpoint"])
-    return LoadedImageReward(model.eval().requires_grad_(False), files)
+    return LoadedImageReward(model.eval().requires_grad_(False), files, verification)
 
 
 def reward_pixels(images01: torch.Tensor, antialias: bool = True) -> torch.Tensor:
@@ -179,7 +265,11 @@ class ImageRewardScore(PerImageMetric):
     med_config: str | Path | None = None
     tokenizer: str | Path | None = None
     vision_config: dict | None = None
+    expected_sha256: str | None = None      # the user's pin for a file that is not published
     _loaded: LoadedImageReward | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        self.expected_sha256 = normalised_pin(self.expected_sha256)
 
     def weight_files(self) -> list[WeightFile]:
         given = {"checkpoint": self.checkpoint, "med_config": self.med_config,
@@ -189,7 +279,8 @@ class ImageRewardScore(PerImageMetric):
     def loaded(self) -> LoadedImageReward:
         if self._loaded is None:
             self._loaded = load_image_reward(self.device, self.checkpoint, self.med_config,
-                                             self.tokenizer, self.vision_config)
+                                             self.tokenizer, self.vision_config,
+                                             self.expected_sha256)
         return self._loaded
 
     def rewards(self, ss: SampleSet) -> np.ndarray:
@@ -212,7 +303,7 @@ class ImageRewardScore(PerImageMetric):
         n_prompts = len(set(ss.prompt_ids()))
         return {"metric": self.name, "version": self.version, "model": model,
                 "checkpoint_file": ir.files["checkpoint"].name,
-                "checkpoint_sha256": file_sha256(ir.files["checkpoint"]),
+                **ir.verification,  # checkpoint_sha256, _verified, _published, _verified_by
                 "med_config_sha256": file_sha256(ir.files["med_config"]),
                 "vocab_sha256": hashlib.sha256(vocab.read_bytes()).hexdigest(),
                 "formula": f"(head([CLS]) - {ir.model.mean}) / {ir.model.std}",

@@ -8,6 +8,7 @@ unit tests of the re-attached mask helpers check against their transformers 4.55
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import metrics.image_reward as image_reward
 from fewstep.backbones.weights import MissingWeightsError
 from metrics.image_reward import (WEIGHTS, ImageRewardReward, ImageRewardScore, load_image_reward,
                                   reward_pixels)
@@ -63,9 +65,17 @@ def weights(tmp_path_factory):
     return root
 
 
+def sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 @pytest.fixture
 def cache(weights, monkeypatch):
+    """The tiny cache, its checkpoint standing in for the published ImageReward.pt (the hash
+    check itself: tests/test_image_reward_identity.py)."""
     monkeypatch.setenv("FEWSTEP_WEIGHTS", str(weights))
+    monkeypatch.delenv(image_reward.PIN_ENV, raising=False)
+    monkeypatch.setattr(image_reward, "PUBLISHED_SHA256", sha(weights / WEIGHTS["checkpoint"].path))
     return weights
 
 
@@ -112,12 +122,14 @@ def test_weights_load_from_the_cache_with_the_key_report_checked(cache, tmp_path
         assert torch.equal(loaded.model.state_dict()[key], value)
     state["blip.extra.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="unexpected keys.*blip.extra.weight"):
-        load_image_reward("cpu", checkpoint=tmp_path / "bad.pt", vision=VISION)
+    with pytest.raises(ValueError, match="unexpected keys.*blip.extra.weight"):  # pinned: trusted
+        load_image_reward("cpu", checkpoint=tmp_path / "bad.pt", vision=VISION,
+                          expected_sha256=sha(tmp_path / "bad.pt"))
     del state["blip.extra.weight"], state["mlp.layers.0.weight"]
     torch.save(state, tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="missing keys.*mlp.layers.0.weight"):
-        load_image_reward("cpu", checkpoint=tmp_path / "missing.pt", vision=VISION)
+        load_image_reward("cpu", checkpoint=tmp_path / "missing.pt", vision=VISION,
+                          expected_sha256=sha(tmp_path / "missing.pt"))
 
 
 def test_a_missing_file_names_it_its_source_and_the_variable(tmp_path, monkeypatch):
