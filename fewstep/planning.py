@@ -211,12 +211,15 @@ def score_extra_inputs(config: dict) -> dict[str, str]:
 
 def score_params(config: dict) -> dict:
     """The score jobs' parameters (config strings quoted: the metric options are one JSON
-    argument)."""
+    argument). `interval` is the `--interval X ` flag, empty for the default percentile interval
+    so the default DAG's score commands stay as they were."""
+    interval = config["bootstrap"].get("interval", "percentile")
     return dict(
         metrics=" ".join(config["metrics"]),
         seeds=" ".join(map(str, config["eval"]["seeds"])),
         res=config["resolution"],
         boot=config["bootstrap"],
+        interval="" if interval == "percentile" else f"--interval {shlex.quote(interval)} ",
         n_ref=config.get("fid", {}).get("reference_images"),  # toy FID only
         options=shlex.quote(json.dumps(config.get("metric_options", {}), sort_keys=True)),
         # toy world: an empty canvas is a legitimate bad sample, scored rather than refused

@@ -16,11 +16,14 @@ from types import SimpleNamespace
 def scoring_context(args, prompt_rows: list[dict]) -> SimpleNamespace:
     """What a metric may take from the scoring job (Metric.from_options reads it): the bootstrap
     settings, the prompt file and its rows, the toy FID's feature net, reference renders and
-    cache. Score files of any age rebuild their metrics (fewstep.pairing): absent fields are None."""
+    cache. Score files of any age rebuild their metrics (fewstep.pairing): absent fields are None,
+    and an absent interval (score files written before `--interval`, or a default run) is the
+    percentile interval."""
     job = {k: getattr(args, k, None) for k in ("prompts", "feature_net", "reference_images",
                                               "cache")}
     return SimpleNamespace(n_resamples=args.resamples, level=args.confidence,
-                           seed=args.bootstrap_seed, prompt_rows=prompt_rows, **job)
+                           seed=args.bootstrap_seed, prompt_rows=prompt_rows,
+                           interval=getattr(args, "interval", None) or "percentile", **job)
 
 
 def build_metric(name: str, args, prompt_rows: list[dict]):

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from fewstep.backbones.weights import WeightFile
 from fewstep.io import write_text
-from metrics.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
+from metrics.stats import DEFAULT_INTERVAL, DEFAULT_LEVEL, DEFAULT_RESAMPLES
 
 RESULT_FIELDS = ("name", "version", "higher_is_better", "value", "ci_low", "ci_high", "n",
                  "per_sample", "identity", "details")
@@ -94,8 +94,15 @@ class Metric:
     once for all of them. Metrics with weights list them in `weight_files` (what `fewstep weights
     check` reports).
 
-    The bootstrap settings (n_resamples, level, seed) are keyword-only fields of this base: the
-    scorer sets them for every metric from its context (`from_options`), a config never does.
+    The bootstrap settings (n_resamples, level, seed, interval) are keyword-only fields of this
+    base: the scorer sets them for every metric from its context (`from_options`), a config's
+    metric_options never does (`bootstrap.interval` is the config's one place for the interval).
+    interval: how a CI is read from the bootstrap (metrics.stats.INTERVAL_METHODS). A plain mean
+    (per-image metrics, their paired differences, GenEval's per-task CIs) takes all three; a
+    set-level statistic through `stats.bootstrap` has no per-resample standard error, so a
+    studentized request uses BCa there (`set_interval`) and ci_method names the one used. FID keeps
+    its recentred percentile interval whatever is asked (its ci_method says so). The interval is
+    not part of a metric's identity: the value does not depend on it.
 
     Differentiable scorers for training share one call signature, `reward(images01 (B, 3, H, W) in
     [0, 1], metas: list of prompt-row dicts with "prompt") -> (B,) tensor`, higher is better,
@@ -108,6 +115,7 @@ class Metric:
     n_resamples: int = field(default=DEFAULT_RESAMPLES, kw_only=True)
     level: float = field(default=DEFAULT_LEVEL, kw_only=True)
     seed: int = field(default=0, kw_only=True)
+    interval: str = field(default=DEFAULT_INTERVAL, kw_only=True)
 
     # -- building from a config --------------------------------------------------------------------
     @classmethod
@@ -145,6 +153,7 @@ class Metric:
 
         context: any object with the attributes
           n_resamples, level, seed   bootstrap settings of the job (every metric);
+          interval                   the CI method (absent: percentile, as before the option);
           prompts                    path of the scored prompt .jsonl;
           prompt_rows                its rows (class-conditional sets carry "class_label");
           feature_net                the toy feature net file (toy FID), or None;
@@ -154,7 +163,8 @@ class Metric:
         `name`: the registry name the options were configured under (it names them in errors).
         """
         cls.check_options(options, name)
-        bootstrap = dict(n_resamples=context.n_resamples, level=context.level, seed=context.seed)
+        bootstrap = dict(n_resamples=context.n_resamples, level=context.level, seed=context.seed,
+                         interval=getattr(context, "interval", None) or DEFAULT_INTERVAL)
         return cls(**bootstrap, **{**cls.context_defaults(context), **options})
 
     @classmethod
@@ -201,7 +211,7 @@ class Metric:
         if len(scores) != len(ss) or not np.isfinite(scores).all():  # fewstep/notes/pitfalls.md C.12
             raise RuntimeError(f"scored {len(scores)} images of {len(ss)}, or got NaN/inf")
         ci = cluster_mean_ci(scores, ss.prompt_ids(), n_resamples=self.n_resamples,
-                             level=self.level, seed=self.seed)
+                             level=self.level, seed=self.seed, method=self.interval)
         extra = extra or {}
         per_sample = [{"prompt_id": r["prompt_id"], "seed": r["seed"], "path": r["path"],
                        **{k: float(v[i]) for k, v in extra.items()}, "score": float(scores[i])}
@@ -238,14 +248,21 @@ class Metric:
             # a plain mean: mean(A) - mean(B) on a resample is the mean of the per-sample
             # differences, so the vectorised cluster bootstrap draws the same resamples
             diffs = [ra["score"] - rb["score"] for ra, rb in zip(rows_a, rows_b)]
-            ci = cluster_mean_ci(diffs, prompts, **stats)
+            ci = cluster_mean_ci(diffs, prompts, method=self.interval, **stats)
         else:
             ci = bootstrap(lambda idx: self.set_statistic([rows_a[i] for i in idx])
                            - self.set_statistic([rows_b[i] for i in idx]),
-                           group_indices(prompts)[1], strata=strata, **stats)
+                           group_indices(prompts)[1], strata=strata, method=self.set_interval(),
+                           **stats)
         wins = win_rate([r["score"] for r in rows_a], keys_a, [r["score"] for r in rows_b], keys_a,
                         higher_is_better=self.higher_is_better, **stats)
         return paired_summary(ci, self.higher_is_better, win_rate=wins)
+
+    def set_interval(self) -> str:
+        """The interval for a set-level statistic (`stats.bootstrap`): the one asked, except that
+        studentized, which needs a standard error on every resample, becomes BCa (Efron &
+        Tibshirani 1993, ch. 14: BCa needs only the jackknife, which any statistic has)."""
+        return "bca" if self.interval == "studentized" else self.interval
 
     def result(self, value, ci, n, per_sample, identity, details=None) -> MetricResult:
         """Assemble a result with this metric's name, version and direction."""
@@ -285,4 +302,4 @@ class PerImageMetric(Metric):
 
 
 # Options of a metric that a config may not set: bookkeeping, or set by the harness itself.
-RESERVED_OPTIONS = ("n_resamples", "level", "seed")
+RESERVED_OPTIONS = ("n_resamples", "level", "seed", "interval")

@@ -237,7 +237,7 @@ class ToyGenEval(Metric):
         for task in task_scores(tags, correct):
             mask = tags == task
             ci = cluster_mean_ci(correct[mask], list(prompt_ids[mask]), n_resamples=self.n_resamples,
-                                 level=self.level, seed=self.seed)
+                                 level=self.level, seed=self.seed, method=self.interval)
             out[task] = [ci.low, ci.high]
         return out
 
@@ -250,13 +250,18 @@ class ToyGenEval(Metric):
         correct = np.array([r["score"] for r in rows])
         _, groups = group_indices([r["prompt_id"] for r in rows])
         prompt_tags = [tags[g[0]] for g in groups]
+        # the overall score is a stratified set-level statistic: studentized is read as BCa
+        # (Metric.set_interval) and ci_method says so; the per-task CIs take any interval
         ci = bootstrap(lambda idx: overall_score(tags[idx], correct[idx]), groups,
                        strata=prompt_tags, n_resamples=self.n_resamples, level=self.level,
-                       seed=self.seed)
+                       seed=self.seed, method=self.set_interval())
+        fallback = self.interval != self.set_interval()
+        ci_method = ci.method + (" (studentized asked: the stratified overall score has no "
+                                 "per-resample standard error)" if fallback else "")
         details = {"tasks": task_scores(tags, correct),
                    "task_ci": self._task_cis(tags, correct, rows),
                    "correct_images": float(correct.mean()),
                    "correct_prompts": float(np.mean([correct[g].max() for g in groups])),
-                   "ci_method": ci.method, "ci_level": self.level, "n_resamples": self.n_resamples,
+                   "ci_method": ci_method, "ci_level": self.level, "n_resamples": self.n_resamples,
                    "blank_images_allowed": bool(allow_blank)}
         return self.result(ci.estimate, (ci.low, ci.high), len(rows), rows, self.identity(ss), details)

@@ -6,6 +6,12 @@ fewstep.scoring's; this module declares the arguments.
 """
 from __future__ import annotations
 
+import argparse
+
+# metrics.stats.INTERVAL_METHODS, written out: parsing arguments imports no numpy
+# (tests/test_interval_option.py checks the two agree)
+INTERVAL_METHODS = ("percentile", "bca", "studentized")
+
 
 def add_arguments(p):
     p.add_argument("--samples", required=True, nargs="+", help="sample-set folder(s)")
@@ -22,6 +28,12 @@ def add_arguments(p):
     p.add_argument("--resamples", type=int, default=1000)
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--bootstrap-seed", type=int, default=0)
+    # absent unless given, so a default score file's scoring_args are what they were before the
+    # option; fewstep.scoring.scoring_context reads an absent interval as percentile
+    p.add_argument("--interval", choices=INTERVAL_METHODS, default=argparse.SUPPRESS,
+                   help="how each CI is read from its bootstrap: percentile (default), bca or "
+                        "studentized (set-level statistics without a per-resample standard error "
+                        "use bca; FID keeps its recentred percentile interval)")
     p.add_argument("--against", nargs="+", default=[],
                    help="the teacher's score .json files of this family: each set is also compared "
                         "with the teacher set at its NFE (or the next one up), paired on the shared "

@@ -69,7 +69,8 @@ def score_command(samples, out, against=""):
             "--seeds {params.seeds} --resolution {params.res} --metrics {params.metrics} "
             + toy_args + "--cache results/cache {params.blank} "
             "--resamples {params.boot[resamples]} --confidence {params.boot[confidence]} "
-            "--bootstrap-seed {params.boot[seed]} --metric-options {params.options} " + against
+            "--bootstrap-seed {params.boot[seed]} {params.interval}"
+            "--metric-options {params.options} " + against
             + "--out " + out + " > {log} 2>&1")
 
 
