@@ -78,7 +78,7 @@ SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 
 
 class CheckpointIdentityError(FewstepError, ValueError):
-    """An ImageReward checkpoint whose sha256 is neither published nor pinned (or a malformed pin)."""
+    """An ImageReward checkpoint neither published nor pinned by its sha256 (or a malformed pin)."""
 
 
 def resolve_files(checkpoint=None, med_config=None, tokenizer=None) -> dict[str, Path]:

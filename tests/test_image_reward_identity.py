@@ -78,8 +78,8 @@ def test_an_unknown_file_in_the_cache_is_refused_saying_how_to_pin(published, un
                                                                    monkeypatch, samples, tmp_path):
     cache = tmp_path / "cache"
     (cache / "imagereward").mkdir(parents=True)
-    for name in ("med_config.json",):
-        (cache / "imagereward" / name).write_bytes((weights / "imagereward" / name).read_bytes())
+    config = "imagereward/med_config.json"
+    (cache / config).write_bytes((weights / config).read_bytes())
     (cache / "imagereward" / "ImageReward.pt").write_bytes(unknown.read_bytes())
     vocab = image_reward.WEIGHTS["tokenizer"].path
     (cache / vocab).parent.mkdir(parents=True)
