@@ -69,12 +69,16 @@ def score_command(samples, out, against=""):
             "--seeds {params.seeds} --resolution {params.res} --metrics {params.metrics} "
             + toy_args + "--cache results/cache {params.blank} "
             "--resamples {params.boot[resamples]} --confidence {params.boot[confidence]} "
-            "--bootstrap-seed {params.boot[seed]} {params.interval}"
-            "--metric-options {params.options} " + against
+            "--bootstrap-seed {params.boot[seed]} " + INTERVAL_FLAG
+            + "--metric-options {params.options} " + against
             + "--out " + out + " > {log} 2>&1")
 
 
 SCORE_PARAMS = planning.score_params(config)
+# written into the command text, not a param: the default's empty flag leaves the score rules'
+# shell text and params as they were, so an existing results folder does not rerun its scores
+# (Snakemake's code and params rerun triggers); another interval changes the text and reruns them
+INTERVAL_FLAG = SCORE_PARAMS.pop("interval")
 
 
 # A family's teacher sets are scored in one job (metrics built once), like they are sampled.
