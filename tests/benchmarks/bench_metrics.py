@@ -407,15 +407,19 @@ def write_image_reward_files(bench: Bench) -> dict | None:
 
 
 def row_image_reward(bench: Bench) -> Row:
-    from metrics.image_reward import ImageRewardScore
+    from metrics.image_reward import WEIGHTS, ImageRewardScore
 
     log(f"imagereward: writing a random {'tiny' if bench.tiny else 'ViT-L/16 + BERT-base'} model")
     vision = write_image_reward_files(bench)
     shared: dict = {}
 
     def ours() -> Side:
+        from fewstep.backbones.weights import file_sha256
+
+        # a random checkpoint is not the published one: pinned by its own hash
+        pin = file_sha256(bench.weights / WEIGHTS["checkpoint"].path)
         shared["metric"] = ImageRewardScore(vision_config=vision, device=bench.args.device,
-                                            batch_size=bench.args.batch)
+                                            batch_size=bench.args.batch, expected_sha256=pin)
         return Side(lambda images: result_values(shared["metric"].score(images.folder), "score"))
 
     def package() -> Side:
