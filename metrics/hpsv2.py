@@ -47,9 +47,7 @@ import copy
 import hashlib
 import importlib.metadata
 import json
-import os
 import pickle
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,8 +57,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fewstep.backbones.weights import WeightFile
-from fewstep.errors import FewstepError
+from metrics import pins
 from metrics.base import PerImageMetric
+from metrics.pins import PIN_OPTION, CheckpointIdentityError
 from metrics.sampleset import SampleSet
 
 ARCHITECTURE = "ViT-H-14"
@@ -91,13 +90,8 @@ PUBLISHED_SHA256 = {
     "v2.1": "c57a38fb4a2f7e7c15bf00da2ea377cdf165448b4dd1052a484c215a998c9837",
 }
 PUBLISHED_AT = "Hugging Face xswu/HPSv2, commit 697403c"
-PIN_OPTION = "expected_sha256"
 PIN_ENV = {"v2.0": "FEWSTEP_HPS_V2_0_SHA256", "v2.1": "FEWSTEP_HPS_V2_1_SHA256"}
-SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 
-
-class CheckpointIdentityError(FewstepError, ValueError):
-    """An HPS checkpoint whose sha256 is not that of the version asked for (or a malformed pin)."""
 
 
 def checkpoint_entry(hps_version: str) -> WeightFile:
@@ -277,25 +271,18 @@ def resolve_checkpoint(hps_version: str, checkpoint=None) -> Path:
 
 # ----------------------------------------------------------------------- checkpoint identity
 
+def published_files() -> str:
+    """What an unset pin accepts, for the pin's error."""
+    return "the published files (" + ", ".join(f"{v}: {h}" for v, h in sorted(PUBLISHED_SHA256.items())) + ")"
+
+
 def normalised_pin(pin, where: str = PIN_OPTION) -> str | None:
-    """A pinned sha256 in lower case, or None when unset; anything else is refused, named."""
-    if pin is None or (isinstance(pin, str) and not pin.strip()):
-        return None
-    text = pin.strip().lower() if isinstance(pin, str) else ""
-    if not SHA256_PATTERN.fullmatch(text):
-        raise CheckpointIdentityError(
-            f"{where} = {pin!r} is not a sha256: give the 64 hexadecimal characters that "
-            "`sha256sum FILE` prints, or leave it unset to accept only the published files "
-            f"({', '.join(f'{v}: {h}' for v, h in sorted(PUBLISHED_SHA256.items()))})")
-    return text
+    return pins.normalised_pin(pin, where, published_files())
 
 
 def requested_pin(hps_version: str, pin=None) -> tuple[str | None, str]:
     """(pinned sha256 or None, where it came from): the option, else the version's variable."""
-    if pin is not None:
-        return normalised_pin(pin), f"the {PIN_OPTION} option"
-    variable = PIN_ENV[hps_version]
-    return normalised_pin(os.environ.get(variable), f"${variable}"), f"${variable}"
+    return pins.requested_pin(pin, PIN_ENV[hps_version], published_files())
 
 
 def published_version(sha: str) -> str | None:

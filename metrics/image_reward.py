@@ -37,8 +37,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,8 +44,9 @@ import numpy as np
 import torch
 
 from fewstep.backbones.weights import WeightFile
-from fewstep.errors import FewstepError
+from metrics import pins
 from metrics.base import PerImageMetric
+from metrics.pins import PIN_OPTION, CheckpointIdentityError
 from metrics.image_reward_compat import (MAX_TEXT_TOKENS, build_image_reward, check_key_report)
 from metrics.sampleset import SampleSet
 
@@ -72,13 +71,8 @@ WEIGHTS = {
 # only when its bytes hash to this, or to a hash its user pins (sec. 2.5).
 PUBLISHED_SHA256 = "d71dc8d4912bc633c06ab8ef1ef6a81e8199d4369f14b47b29baf1d19de561f6"
 PUBLISHED_AT = f"{HF_SOURCE}, commit 7a9e21f"
-PIN_OPTION = "expected_sha256"
 PIN_ENV = "FEWSTEP_IMAGEREWARD_SHA256"
-SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 
-
-class CheckpointIdentityError(FewstepError, ValueError):
-    """An ImageReward checkpoint neither published nor pinned by its sha256 (or a malformed pin)."""
 
 
 def resolve_files(checkpoint=None, med_config=None, tokenizer=None) -> dict[str, Path]:
@@ -104,24 +98,16 @@ def resolve_files(checkpoint=None, med_config=None, tokenizer=None) -> dict[str,
 
 # ----------------------------------------------------------------------- checkpoint identity
 
+PUBLISHED = f"the published ImageReward.pt ({PUBLISHED_SHA256})"
+
+
 def normalised_pin(pin, where: str = PIN_OPTION) -> str | None:
-    """A pinned sha256 in lower case, or None when unset; anything else is refused, named."""
-    if pin is None or (isinstance(pin, str) and not pin.strip()):
-        return None
-    text = pin.strip().lower() if isinstance(pin, str) else ""
-    if not SHA256_PATTERN.fullmatch(text):
-        raise CheckpointIdentityError(
-            f"{where} = {pin!r} is not a sha256: give the 64 hexadecimal characters that "
-            "`sha256sum FILE` prints, or leave it unset to accept only the published "
-            f"ImageReward.pt ({PUBLISHED_SHA256})")
-    return text
+    return pins.normalised_pin(pin, where, PUBLISHED)
 
 
 def requested_pin(pin=None) -> tuple[str | None, str]:
     """(pinned sha256 or None, where it came from): the option, else the variable."""
-    if pin is not None:
-        return normalised_pin(pin), f"the {PIN_OPTION} option"
-    return normalised_pin(os.environ.get(PIN_ENV), f"${PIN_ENV}"), f"${PIN_ENV}"
+    return pins.requested_pin(pin, PIN_ENV, PUBLISHED)
 
 
 def identity_error(path: Path, found: str, expected: str, by: str) -> str:
