@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import yaml
 
@@ -16,12 +15,10 @@ from fewstep import config as workflow_config
 from fewstep import planning
 from fewstep.cli import main
 from fewstep.commands.prompts import eval_prompts
-from fewstep.io import write_json, write_text
+from fewstep.io import write_text
 from fewstep.scoring import scoring_context
-from fewstep.toy import world
-from metrics.sampleset import write_sample_set
+from test_score_gate import SEEDS, _sample_set  # toy teacher sets as `fewstep sample` writes
 
-SEEDS = (0, 1)
 DEFAULT = workflow_config.load(workflow_config.DEFAULT)
 
 
@@ -74,16 +71,6 @@ def test_the_dry_run_passes_interval_only_when_the_config_asks(tmp_path):
 
 
 # -- fewstep score ---------------------------------------------------------------------------------
-def _sample_set(folder, rows):
-    images = np.stack([world.render(r, s, 16)[0] for r in rows for s in SEEDS])
-    records = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "seed": s, "family": "sdxl",
-                "method": "teacher", "nfe": 4, "steps": 2, "guidance": 2.0, "meta": r}
-               for r in rows for s in SEEDS]
-    write_sample_set(folder, images, records)
-    write_json(folder / "provenance.json", {"timing": {"latency_s": 0.01}})
-    return folder
-
-
 @pytest.fixture(scope="module")
 def toy_set(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("interval")
