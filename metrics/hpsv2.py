@@ -273,7 +273,8 @@ def resolve_checkpoint(hps_version: str, checkpoint=None) -> Path:
 
 def published_files() -> str:
     """What an unset pin accepts, for the pin's error."""
-    return "the published files (" + ", ".join(f"{v}: {h}" for v, h in sorted(PUBLISHED_SHA256.items())) + ")"
+    files = ", ".join(f"{version}: {sha}" for version, sha in sorted(PUBLISHED_SHA256.items()))
+    return f"the published files ({files})"
 
 
 def normalised_pin(pin, where: str = PIN_OPTION) -> str | None:
