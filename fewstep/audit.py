@@ -110,6 +110,9 @@ def protocol_differences(claimed: dict, ours: dict) -> list[str]:
     for key, value in (claimed.get("identity") or {}).items():
         if ours["identity"].get(key) != value:
             out.append(f"{key}: claim {value}, ours {ours['identity'].get(key)}")
+    if ours["identity"].get("checkpoint_published") is False:  # a user's pin: not the paper's model
+        out.append("checkpoint: claim the published file, ours a file pinned by its sha256 "
+                   f"{ours['identity'].get('checkpoint_sha256')}")
     return out
 
 

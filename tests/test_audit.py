@@ -170,3 +170,18 @@ def test_fids_at_different_sample_sizes_are_never_compared():
     v = audit.judge_relative(claim, rows, "real",
                              lambda *a: {"difference": -10.0, "ci_low": -12.0, "ci_high": -8.0})
     assert v.verdict == "reproduced" and "at 488 images, reference fixed" in v.evidence
+
+
+def test_a_pinned_checkpoint_is_not_the_papers_model_for_an_absolute_claim():
+    """A file scored under a user's sha256 pin is not the published HPS model the paper used."""
+    claim = {"id": "C", "paper": "P", "source": "S", "kind": "absolute", "method": "amd",
+             "family": "sdxl", "metric": "hpsv2.1", "value": 31.25,
+             "protocol": {"nfe": 4, "identity": {"hps_version": "v2.1"}}}
+    ident = {"resolution": [16, 16], "hps_version": "v2.1", "checkpoint_sha256": "ab" * 32,
+             "checkpoint_verified": True, "checkpoint_published": False}
+    pinned = row("sdxl", "amd", 4, {"hpsv2.1": result("hpsv2.1", [31.3] * 4, identity=ident)})
+    v = audit.judge_absolute(claim, [pinned], 0.02)
+    assert v.verdict == ("protocol mismatch (checkpoint: claim the published file, ours a file "
+                         f"pinned by its sha256 {'ab' * 32})")
+    pinned["results"]["hpsv2.1"]["identity"]["checkpoint_published"] = True
+    assert audit.judge_absolute(claim, [pinned], 0.02).verdict == "reproduced"
