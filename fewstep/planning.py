@@ -76,9 +76,10 @@ def runs(config: dict) -> dict[str, Run]:
 def trained_runs(config: dict) -> list[str]:
     """The runs some family trains: a method released on every run family trains nothing, and
     its (unvalidated, unused) training preset is never resolved."""
-    cells = released(config)
-    return [name for name, run in runs(config).items()
-            if any(f not in cells.get(run.method, {}) for f in config["families"])]
+    from fewstep.config import trained_presets
+
+    trained = trained_presets(config)
+    return [name for name, run in runs(config).items() if run.method in trained]
 
 
 def released(config: dict) -> dict:

@@ -392,7 +392,7 @@ def warm_start_folder(folder: Path, teacher, t0: float):
 
     from safetensors.torch import load_file
 
-    from fewstep.engine.run import STUDENT_FILE, WEIGHTS_FILE
+    from fewstep.engine.run import STUDENT_FILE, WEIGHTS_FILE, copy_with_weights
 
     for name in (STUDENT_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
@@ -407,26 +407,12 @@ def warm_start_folder(folder: Path, teacher, t0: float):
         raise FewstepError(f"the warm start {folder} was trained at t = {first:.4f} but this "
                            f"run's first grid time is {t0:.4f}: regress the warm start on this "
                            "run's generator_grid (and grid_shift)")
-    return fp32_generator(teacher, load_file(str(folder / WEIGHTS_FILE)), folder)
+    return copy_with_weights(teacher, load_file(str(folder / WEIGHTS_FILE)), True, folder).eval()
 
 
 def warm_start_file(path: Path, teacher):
     """A denoiser state dict (the official warm start: the UNet's, read tensor-only)."""
     from fewstep.backbones.weights import load_state_dict_file
+    from fewstep.engine.run import copy_with_weights
 
-    return fp32_generator(teacher, load_state_dict_file(path), path)
-
-
-def fp32_generator(teacher, state: dict, source):
-    """A copy of the teacher whose denoiser holds `state` in fp32 (a bf16 teacher's copy would
-    round the warm start; the official generator is fp32)."""
-    import copy
-
-    generator = copy.deepcopy(teacher)
-    generator.denoiser.float()
-    missing, unexpected = generator.denoiser.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise FewstepError(f"{source}: not a {teacher.family} denoiser state dict ({len(missing)} "
-                           f"keys missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. "
-                           f"{unexpected[:2]})")
-    return generator.eval()
+    return copy_with_weights(teacher, load_state_dict_file(path), True, path).eval()

@@ -229,15 +229,21 @@ def load_student(model_dir: Path, teacher, recipe: dict | None = None, fp32: boo
                            f"{teacher.family}")
     if recipe is not None:
         check_teacher(model_dir, info, recipe)
-    return copy_with_weights(teacher, load_file(str(model_dir / WEIGHTS_FILE)), fp32).eval(), info
+    weights = model_dir / WEIGHTS_FILE
+    return copy_with_weights(teacher, load_file(str(weights)), fp32, weights).eval(), info
 
 
-def copy_with_weights(teacher, state: dict, fp32: bool = False):
-    """A copy of the teacher whose denoiser holds `state` (in fp32 when asked)."""
+def copy_with_weights(teacher, state: dict, fp32: bool = False, source=None):
+    """A copy of the teacher whose denoiser holds `state` (in fp32 when asked); a state dict of
+    another architecture is refused naming `source` and the keys that differ."""
     import copy
 
     net = copy.deepcopy(teacher)
     if fp32:
         net.denoiser.float()
-    net.denoiser.load_state_dict(state)
+    missing, unexpected = net.denoiser.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise FewstepError(f"{source}: not a {teacher.family} denoiser state dict ({len(missing)} "
+                           f"keys missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. "
+                           f"{unexpected[:2]})")
     return net
