@@ -126,6 +126,8 @@ METRICS = Registry("metric", "fewstep.metrics", {
     "hpsv2.1": "metrics.hpsv2:HPSv2",                            # HPSv2.1 (harness default), x100
     "hpsv2.0": "metrics.hpsv2:HPSv20",                           # HPSv2.0, separate identity
     "imagereward": "metrics.image_reward:ImageRewardScore",      # BLIP reward, x1 (z-score)
+    "toy_diversity": "metrics.diversity:ToyDiversity",           # per-prompt, seed-4 toy net
+    "diversity_dinov2": "metrics.diversity:DINOv2Diversity",     # per-prompt, DINOv2 CLS
 }, base="metrics.base:Metric")
 
 # Differentiable scorers for reward-guided training: each entry builds one from an optional
