@@ -113,6 +113,11 @@ class ToyFeatureNet(nn.Module):
         raw = self.embed(self._pooled(self.trunk(images01 * 2.0 - 1.0)))
         return (raw - self.feature_shift) / self.feature_scale
 
+    def local_maps(self, images01: torch.Tensor) -> torch.Tensor:
+        """(B, labels, h, w) presence logits per position (forward's local head before its max):
+        where each label is, for soft position scores (metrics/toy_preference.py)."""
+        return self.local(self.trunk(images01 * 2.0 - 1.0))
+
     def forward(self, images01: torch.Tensor):
         """Logits: local presence, feature presence, object count, degradation kind."""
         h = self.trunk(images01 * 2.0 - 1.0)
@@ -335,25 +340,31 @@ def load_feature_net(path) -> ToyFeatureNet:
 
 # The toy FID's extractor is fixed, as Inception's weights are for FID: the shipped net was trained
 # once with the default recipe (`fewstep features --size 16 --steps 1200 --seed 0 --out F`), so toy
-# FIDs compare across runs, machines and torch versions. The toy stand-ins for the HPSv2 and
-# ImageReward slots (metrics/toy_preference.py) are the same recipe with seeds 2 and 3; the
-# training reward of AMD/RTDMD uses seed 1 and is trained in the DAG, so no metric shares weights
-# with it. Each file's hash is pinned here.
+# FIDs compare across runs, machines and torch versions. The nets behind the toy stand-ins for the
+# HPSv2 and ImageReward slots (metrics/toy_preference.py) are the same recipe with seeds 2 and 3;
+# the training reward of AMD/RTDMD (metrics/toy_reward.py) is seed 1, trained in the DAG by the
+# reward_net rule (`fewstep features --size 16 --steps 1200 --seed 1`, bit-identical to the shipped
+# "reward" file on one CPU thread), so no metric shares weights with it. The shipped "reward" file
+# lets `fewstep metric-corr` and the tests score the training reward without training it. What
+# each one rewards differs too (a different formula on different heads): see those modules. Each
+# file's hash is pinned here.
 SHIPPED_DIR = Path(__file__).parent / "feature_nets"
-SHIPPED_SEEDS = {"fid": 0, "hps": 2, "imagereward": 3}
+SHIPPED_SEEDS = {"fid": 0, "reward": 1, "hps": 2, "imagereward": 3}
 SHIPPED_FILES = {"fid": "toy_feature_net_{size}.safetensors",
+                 "reward": "toy_reward_net_{size}.safetensors",
                  "hps": "toy_pref_hps_{size}.safetensors",
                  "imagereward": "toy_pref_imagereward_{size}.safetensors"}
 SHIPPED_SHA256 = {
     ("fid", 16): "e2bcdefb596301a584146552dee04401ade85657cfc44dd43597b5e6bd9163b3",
+    ("reward", 16): "9e8a273bfe15e43fe6c5a4352f30643074aaaea965e28d434925cf7b33901a0e",
     ("hps", 16): "b8678d8909a84cd8e6d3e9a130a9cb46970126be7e777720c4b2e7f9f2c5e218",
     ("imagereward", 16): "4eaad8f76857a786e6dafd5da0b58056e1e0f1c47fdfab3b6497210dde3eba11",
 }
 
 
 def shipped_feature_net(size: int, role: str = "fid") -> Path:
-    """Path of a shipped net (role fid | hps | imagereward) for this image size, verified against
-    the pinned hash."""
+    """Path of a shipped net (role fid | reward | hps | imagereward) for this image size,
+    verified against the pinned hash."""
     if role not in SHIPPED_FILES:
         raise ValueError(f"unknown shipped toy net role {role!r}; one of {sorted(SHIPPED_FILES)}")
     if (role, size) not in SHIPPED_SHA256:
