@@ -1,0 +1,117 @@
+"""Benchmark (prints figures; not a test): the per-cell cost table of a finished DAG run, read from
+Snakemake's job records (`.snakemake/metadata`: each output's job start and end time), summed by
+stage, with the DAG's wall time and the CPU that ran it.
+
+    .venv/bin/python tests/benchmarks/bench_cost.py /path/to/workdir [--cells] [--seeds 3]
+
+`--seeds k` adds the estimate of a k-training-seed DAG: training and student sampling/scoring jobs
+scale by k, the rest (teachers, pairs, teacher sets) does not; job-seconds are divided by the cores
+the DAG ran on (a lower bound on wall time: the critical path can add to it).
+A job's time includes its process start-up (python imports, teacher load, prompt encoding).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+# stages whose work repeats per training seed (one job per trained or sampled student)
+PER_SEED = ("train", "sample_student", "score_student")
+
+
+def jobs(workdir: Path) -> list[dict]:
+    """One record per job (a job with several outputs has one metadata file per output)."""
+    seen: dict[tuple, dict] = {}
+    for record in sorted((workdir / ".snakemake" / "metadata").iterdir()):
+        meta = json.loads(record.read_text())
+        if meta.get("starttime") is None or meta.get("endtime") is None:
+            continue
+        output = base64.b64decode(record.name).decode()
+        key = (meta["rule"], tuple(meta.get("log") or [output]))
+        job = seen.setdefault(key, {"rule": meta["rule"], "outputs": [], "log": key[1][0],
+                                    "start": meta["starttime"], "end": meta["endtime"]})
+        job["outputs"].append(output)
+        job["start"] = min(job["start"], meta["starttime"])
+        job["end"] = max(job["end"], meta["endtime"])
+    return sorted(seen.values(), key=lambda j: j["start"])
+
+
+def cell(job: dict) -> str:
+    """family/method (or family/run) the job belongs to, from its log path."""
+    parts = Path(job["log"]).with_suffix("").parts
+    return "/".join(parts[2:]) if len(parts) > 2 else parts[-1]
+
+
+def by_stage(records: list[dict]) -> dict[str, list[float]]:
+    stages: dict[str, list[float]] = defaultdict(list)
+    for job in records:
+        stages[job["rule"]].append(job["end"] - job["start"])
+    return stages
+
+
+def cpu_name() -> str:
+    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    flags = fields.get("Flags", "").split()
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{fields.get('Model name', '?').strip()} ({fields.get('CPU(s)', '?').strip()} CPUs, {isa})"
+
+
+def print_cells(records: list[dict]) -> None:
+    print(f"{'stage':16s} {'cell':28s} {'seconds':>8s}")
+    for job in sorted(records, key=lambda j: (j["rule"], cell(j))):
+        print(f"{job['rule']:16s} {cell(job):28s} {job['end'] - job['start']:8.1f}")
+    print()
+
+
+def busy(records: list[dict]) -> float:
+    """Seconds during which at least one job ran (the union of job intervals): the DAG's wall time
+    without the gaps between separate invocations (a rerun of some rules)."""
+    total, reach = 0.0, float("-inf")
+    for job in sorted(records, key=lambda j: j["start"]):
+        total += max(0.0, job["end"] - max(job["start"], reach))
+        reach = max(reach, job["end"])
+    return total
+
+
+def print_stages(stages: dict[str, list[float]], wall: float) -> float:
+    total = sum(sum(v) for v in stages.values())
+    print(f"{'stage':16s} {'jobs':>4s} {'job-s':>8s} {'mean s':>7s} {'max s':>7s} {'share':>6s}")
+    for rule, secs in sorted(stages.items(), key=lambda kv: -sum(kv[1])):
+        print(f"{rule:16s} {len(secs):4d} {sum(secs):8.1f} {sum(secs) / len(secs):7.1f} "
+              f"{max(secs):7.1f} {sum(secs) / total:6.1%}")
+    print(f"{'all jobs':16s} {sum(map(len, stages.values())):4d} {total:8.1f}  "
+          f"({total / 60:.1f} job-min; DAG wall, jobs running: {wall / 60:.1f} min)")
+    return total
+
+
+def estimate(stages: dict[str, list[float]], seeds: int, cores: int) -> None:
+    fixed = sum(sum(v) for k, v in stages.items() if k not in PER_SEED)
+    per_seed = sum(sum(v) for k, v in stages.items() if k in PER_SEED)
+    total = fixed + seeds * per_seed
+    print(f"\n{seeds} training seeds: {fixed / 60:.1f} job-min fixed + {seeds} x "
+          f"{per_seed / 60:.1f} per seed = {total / 60:.1f} job-min; / {cores} cores >= "
+          f"{total / cores / 60:.1f} min wall")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("workdir", type=Path, help="the DAG's working directory (holds .snakemake/)")
+    p.add_argument("--cells", action="store_true", help="also list every job")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds to estimate")
+    p.add_argument("--cores", type=int, default=2, help="cores the DAG ran on")
+    args = p.parse_args()
+    records = jobs(args.workdir)
+    print(f"CPU: {cpu_name()}; run: {args.workdir}\n")
+    if args.cells:
+        print_cells(records)
+    stages = by_stage(records)
+    print_stages(stages, busy(records))
+    estimate(stages, args.seeds, args.cores)
+
+
+if __name__ == "__main__":
+    main()
