@@ -11,7 +11,8 @@ from metrics.multiplicity import direction, holm
 def test_holm_adjusted_p_values_by_hand():
     """Holm 1979: sorted p_(1) <= ... <= p_(m), adjusted p_(i) = max_{j <= i} min(1, (m-j+1) p_(j)),
     returned in the input's order."""
-    # sorted 0.005 (x4 = 0.02), 0.01 (x3 = 0.03), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04 -> 0.06: monotone)
+    # sorted 0.005 (x4 = 0.02), 0.01 (x3 = 0.03), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04, then
+    # 0.06: monotone)
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert holm([0.5, 0.6]) == [1.0, 1.0]                      # capped at 1
     assert holm([0.02]) == [0.02]                              # a family of one: unadjusted
@@ -37,7 +38,7 @@ def test_holm_is_monotone_never_below_raw_and_never_above_bonferroni():
 @pytest.mark.parametrize("diff,p,up,expected", [
     (0.5, 0.01, True, "better"), (0.5, 0.01, False, "worse"),
     (-0.5, 0.01, True, "worse"), (-0.5, 0.01, False, "better"),
-    (0.5, 0.06, True, None),                                   # adjusted p above alpha: no direction
+    (0.5, 0.06, True, None),                          # adjusted p above alpha: no direction
     (0.5, None, True, None), (0.0, 0.0, True, None),
 ])
 def test_direction_needs_the_adjusted_p_at_most_alpha_and_takes_the_estimates_sign(diff, p, up,
@@ -150,6 +151,7 @@ def test_each_html_paired_table_is_its_own_holm_family():
     alone = tables.paired_table(pairs[:1], ["hpsv2.1"], "the teacher")
     assert "better" in alone and "family of 1" in alone
     # against DMD2 (method vs method): fewer than 3 seeds is inconclusive and not counted
+    rows[0]["against_teacher"]["metrics"]["hpsv2.1"]["n_training_seeds"] = {"a": 3, "b": 3}
     rows[1]["against_teacher"]["metrics"]["hpsv2.1"]["n_training_seeds"] = {"a": 2, "b": 3}
     html = tables.paired_table(pairs, ["hpsv2.1"], "DMD2", vs_teacher=False)
     assert "inconclusive (2 training seeds)" in html and "family of 1" in html

@@ -33,10 +33,11 @@ def test_verdict_needs_disjoint_intervals_in_the_metrics_direction():
 def test_against_teacher_table_lists_every_student_with_its_verdict():
     rows = TEACHERS + [row("dmd2", 4, 30.0), row("dmd", 1, 243.0)]
     table = against_teacher(rows)
-    assert ("| sd3 | dmd2 | 4 | 4 | toy_fid | 30.000 | 100.000 | -70.000 | - | better (unpaired) |"
-            in table)
-    assert ("| sd3 | dmd | 1 | 2 (next NFE up) | toy_fid | 243.000 | 200.000 | +43.000 | - | "
-            "worse (unpaired) |" in table)
+    one_seed = " (1 training seed: interval covers prompts only)"  # rows without training seeds
+    assert ("| sd3 | dmd2 | 4 | 4 | toy_fid | 30.000 | 100.000 | -70.000 | - | - | better "
+            f"(unpaired){one_seed} |" in table)
+    assert ("| sd3 | dmd | 1 | 2 (next NFE up) | toy_fid | 243.000 | 200.000 | +43.000 | - | - | "
+            f"worse (unpaired){one_seed} |" in table)
     assert "teacher |" not in table.split("\n", 2)[2]                   # teachers are not students
     assert render(rows).count("\n") == len(rows) + 1
 
@@ -47,8 +48,14 @@ def test_against_teacher_uses_the_paired_comparison_when_the_score_step_made_one
         "difference": -2.0, "ci_low": -3.0, "ci_high": -1.0, "verdict": "better",
         "win_rate": {"win_rate": 0.75, "ci_low": 0.6, "ci_high": 0.9}}}}
     table = against_teacher(TEACHERS + [student])
-    # the unpaired intervals overlap (98 ± 2 vs 100 ± 2); the paired one excludes 0
-    assert "| -2.000 [-3.000, -1.000] | 0.75 [0.60, 0.90] | better |" in table
+    # the unpaired intervals overlap (98 ± 2 vs 100 ± 2); the paired one excludes 0 (a score file
+    # from before p-values: its raw interval decides; from before training seeds: one seed)
+    assert ("| -2.000 [-3.000, -1.000] | p n/a | 0.75 [0.60, 0.90] | better (1 training seed: "
+            "interval covers prompts only) |") in table
+    paired = student["against_teacher"]["metrics"]["toy_fid"]
+    paired.update(p_value=0.004, level=0.95, n_training_seeds={"a": 3, "b": None})
+    table = against_teacher(TEACHERS + [student])
+    assert "| -2.000 [-3.000, -1.000] | 0.004 / 0.004 | 0.75 [0.60, 0.90] | better |" in table
 
 
 def test_the_leaderboard_names_each_familys_teacher_sampler_apart_from_the_metric_protocols():

@@ -43,7 +43,8 @@ def pair_with(p, diff=0.5):
     def pair(metric, a, b):
         return {"difference": diff, "ci_low": diff - 0.2, "ci_high": diff + 0.2, "level": 0.95,
                 "verdict": "better", "p_value": p,
-                "n_training_seeds": {"a": a.get("n_training_seeds"), "b": b.get("n_training_seeds")}}
+                "n_training_seeds": {"a": a.get("n_training_seeds"),
+                                     "b": b.get("n_training_seeds")}}
     return pair
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fewstep.audit import fixed_reference
-from fewstep.reporting.tables import DeviationNotes, method_label, metric_identity
+from fewstep.audit import alpha_of, fixed_reference, training_seeds
+from fewstep.reporting.tables import (DeviationNotes, covers_note, fmt_p, holm_legend,
+                                      method_label, metric_identity, seed_spread, table_verdicts)
 from fewstep.scoring import matching_teacher
 
 
@@ -15,9 +16,12 @@ def load_rows(paths) -> list[dict]:
     return sorted(rows, key=lambda r: (r["family"], r["method"] != "teacher", r["method"], r["steps"]))
 
 
-def fmt(result: dict) -> str:
+def fmt(result: dict, row: dict | None = None) -> str:
+    """Value [interval] (± half-width), and a student's seed spread (tables.seed_spread)."""
     half = (result["ci_high"] - result["ci_low"]) / 2
-    return f"{result['value']:.3f} [{result['ci_low']:.3f}, {result['ci_high']:.3f}] (±{half:.3f})"
+    spread = seed_spread(row, result) if row is not None else ""
+    return (f"{result['value']:.3f} [{result['ci_low']:.3f}, {result['ci_high']:.3f}] "
+            f"(±{half:.3f})" + (f"; {spread}" if spread else ""))
 
 
 def header(metric_names, example: dict) -> list[str]:
@@ -43,7 +47,8 @@ def render(rows: list[dict], notes: DeviationNotes | None = None) -> str:
     for r in rows:
         n = max(res["n"] for res in r["results"].values())
         cells = [r["family"], labelled(r, notes), str(r["steps"]), str(r["nfe"]), f"{r['guidance']:g}", str(n)]
-        cells += [fmt(r["results"][m]) if m in r["results"] else "not run" for m in metric_names]
+        cells += [fmt(r["results"][m], r) if m in r["results"] else "not run"
+                  for m in metric_names]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -58,40 +63,87 @@ def verdict(student: dict, teacher: dict) -> str:
     return "tie (CIs overlap)"
 
 
-def paired_cells(paired: dict | None, res: dict, t: dict) -> tuple[str, str, str]:
-    """(difference, win rate, verdict): the paired bootstrap of the score step where it ran,
-    else the plain difference with the disjoint-interval verdict."""
+def paired_cells(paired: dict | None, res: dict, t: dict,
+                 judged: dict | None = None) -> tuple[str, str, str, str]:
+    """(difference, p / Holm p, win rate, verdict): the paired bootstrap of the score step where
+    it ran, decided by table_verdicts; else the plain difference with the disjoint-interval
+    verdict."""
     if paired is None:
-        return f"{res['value'] - t['value']:+.3f}", "-", verdict(res, t) + " (unpaired)"
+        return f"{res['value'] - t['value']:+.3f}", "-", "-", verdict(res, t) + " (unpaired)"
     diff = f"{paired['difference']:+.3f} [{paired['ci_low']:+.3f}, {paired['ci_high']:+.3f}]"
     wins = paired.get("win_rate")
     rate = f"{wins['win_rate']:.2f} [{wins['ci_low']:.2f}, {wins['ci_high']:.2f}]" if wins else "-"
-    return diff, rate, paired["verdict"]
+    judged = judged or {"p": None, "holm": None, "verdict": paired["verdict"]}
+    if judged["p"] is None:
+        p = "p n/a"
+    else:
+        p = f"{fmt_p(judged['p'])} / " + ("not tested" if judged["holm"] is None
+                                           else fmt_p(judged["holm"]))
+    return diff, p, rate, judged["verdict"]
 
 
-def against_teacher(rows: list[dict], notes: DeviationNotes | None = None) -> str:
-    """One line per (student, metric): student and teacher at the same NFE, the paired difference
-    with its CI, the per-prompt win rate and the verdict the CI supports."""
-    notes = DeviationNotes(rows) if notes is None else notes
-    lines = ["| family | method | NFE | teacher NFE | metric | student | teacher | Δ student − teacher "
-             "[CI] | prompts won | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+def teacher_cells(rows: list[dict]) -> list[tuple]:
+    """(student, metric, its result, teacher row or None, how matched, paired dict or None) for
+    every student x metric of the students-vs-teacher table, in its order."""
+    out = []
     for s in (r for r in rows if r["method"] != "teacher"):
         teacher, how = matching_teacher(rows, s)
         paired = (s.get("against_teacher") or {}).get("metrics", {})
         for name, res in sorted(s["results"].items()):
-            head = f"| {s['family']} | {labelled(s, notes)} | {s['nfe']} |"
             if teacher is None or name not in teacher["results"]:
-                lines.append(f"{head} - | {name} | {res['value']:.3f} | - | - | - | {how} |")
+                out.append((s, name, res, None, how, None))
                 continue
             t = teacher["results"][name]
-            nfe = f"{teacher['nfe']}" + ("" if how == "same NFE" else f" ({how})")
-            if fixed_reference(res) and res["n"] != t["n"]:  # their FID biases differ
-                diff, rate, word = "-", "-", f"not compared (FID at {res['n']} vs {t['n']} images)"
-            else:
-                diff, rate, word = paired_cells(paired.get(name), res, t)
-            lines.append(f"{head} {nfe} | {name} | {res['value']:.3f} | {t['value']:.3f} | {diff} | "
-                         f"{rate} | {word} |")
+            if fixed_reference(res) and res["n"] != t["n"]:  # their FID biases differ: no test
+                out.append((s, name, res, teacher, how, None))
+                continue
+            out.append((s, name, res, teacher, how, paired.get(name)))
+    return out
+
+
+def teacher_verdicts(cells: list[tuple]) -> tuple[list, int, float]:
+    """The table's Holm family (tables.table_verdicts): verdicts, family size, alpha."""
+    items = [(paired, res["higher_is_better"], training_seeds(s, paired, "a"), None)
+             for s, _, res, _, _, paired in cells]
+    judged, family = table_verdicts(items)
+    alpha = next((alpha_of(p) for *_, p in cells if p), 0.05)
+    return judged, family, alpha
+
+
+def against_teacher(rows: list[dict], notes: DeviationNotes | None = None) -> str:
+    """One line per (student, metric): student and teacher at the same NFE, the paired difference
+    with its raw CI, its raw and Holm-adjusted p (one family: this table), the per-prompt win rate
+    and the verdict the adjusted p supports."""
+    notes = DeviationNotes(rows) if notes is None else notes
+    lines = ["| family | method | NFE | teacher NFE | metric | student | teacher | "
+             "Δ student − teacher [raw CI] | p / Holm p | prompts won | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    cells = teacher_cells(rows)
+    judged, _, _ = teacher_verdicts(cells)
+    for (s, name, res, teacher, how, paired), j in zip(cells, judged):
+        head = f"| {s['family']} | {labelled(s, notes)} | {s['nfe']} |"
+        if teacher is None:
+            lines.append(f"{head} - | {name} | {res['value']:.3f} | - | - | - | - | {how} |")
+            continue
+        t = teacher["results"][name]
+        nfe = f"{teacher['nfe']}" + ("" if how == "same NFE" else f" ({how})")
+        if fixed_reference(res) and res["n"] != t["n"]:
+            diff, p, rate = "-", "-", "-"
+            word = f"not compared (FID at {res['n']} vs {t['n']} images)"
+        else:
+            diff, p, rate, word = paired_cells(paired, res, t, j)
+            if paired is None:
+                word += teacher_label_of(s)
+        lines.append(f"{head} {nfe} | {name} | {res['value']:.3f} | {t['value']:.3f} | {diff} | "
+                     f"{p} | {rate} | {word} |")
     return "\n".join(lines)
+
+
+def teacher_label_of(student: dict) -> str:
+    """The one-seed label of an unpaired verdict against the teacher (audit.teacher_label)."""
+    from fewstep.audit import teacher_label
+
+    return teacher_label(training_seeds(student), None)
 
 
 def stand_ins(rows) -> list[str]:
@@ -151,13 +203,16 @@ def deviations_section(notes: DeviationNotes) -> list[str]:
 def students_section(rows, notes: DeviationNotes) -> list[str]:
     if all(r["method"] == "teacher" for r in rows):
         return []
+    _, family, alpha = teacher_verdicts(teacher_cells(rows))
     return ["## Students against their teacher at the same NFE", "",
             "Each student beside its own teacher sampled with the same per-sample noise at the "
             "student's NFE (or the next NFE up where the teacher has none). Δ: paired difference "
-            "with its 95 % cluster-bootstrap interval (prompts resampled, both sets on the same "
-            "prompts and seeds); better / worse when the interval excludes 0, else a tie. Prompts "
-            "won: share of prompts where the student's mean per-image score beats the teacher's "
-            "(ties count one half; per-image metrics only).", "", against_teacher(rows, notes), ""]
+            "with its raw 95 % interval (a two-level bootstrap: the student's training seeds "
+            "resampled, then prompts with all their images, both sets on the same prompts and "
+            "seeds). " + holm_legend(family, alpha) + " A student of one training seed keeps its "
+            "verdict's direction, labelled: its interval covers prompts only. Prompts won: share "
+            "of prompts where the student's mean per-image score beats the teacher's (ties count "
+            "one half; per-image metrics only).", "", against_teacher(rows, notes), ""]
 
 
 def fid_note(rows) -> list[str]:
@@ -178,12 +233,14 @@ def leaderboard(rows: list[dict]) -> str:
         "",
         "Generated by `fewstep report` from the score files under `results/scores/`; never edit "
         "by hand. ↑ higher is better, ↓ lower is better; brackets: 95 % bootstrap confidence "
-        "interval over prompts (all seeds of a prompt resampled together). NFE counts network "
-        "evaluations: a guided step counts 2. D<n>: the run deviates from its paper (footnotes "
-        "below).",
+        "interval (prompts resampled with all their images; a student cell of several training "
+        "seeds: its mean over the seeds, the interval resampling training seeds and then prompts, "
+        "and the per-seed values after it). NFE counts network evaluations: a guided step "
+        "counts 2. D<n>: the run deviates from its paper (footnotes below).",
         "",
         render(rows, notes),
         "",
+        *([covers_note(rows), ""] if covers_note(rows) else []),
         *fid_note(rows),
         *deviations_section(notes),
         *teacher_samplers(rows),

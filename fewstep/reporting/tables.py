@@ -4,8 +4,10 @@ from __future__ import annotations
 import html
 import json
 
-from fewstep.audit import fixed_reference
+from fewstep.audit import (alpha_of, fixed_reference, raw_direction, seed_rule, teacher_label,
+                           training_seeds)
 from fewstep.fidelity import run_note
+from metrics.multiplicity import direction, family_size, holm
 
 # What a training reward (its `fewstep train --reward` spec or a preset's reward_model) shares a
 # model with: scoring a student with one of these metrics is leakage (fewstep/notes/claims.md "L").
@@ -69,25 +71,124 @@ class DeviationNotes:
         return "D?" if len(key) == 2 else f"D{self._numbers[key]}"
 
 
+# ------------------------------------------------------------------------------ training seeds
+
+def _seed_key(key):
+    return (0, int(key)) if str(key).isdigit() else (1, str(key))
+
+
+def seed_spread(row: dict, result: dict) -> str:
+    """A student cell's seed spread: its per-training-seed values ("seeds 48.900 / 51.200 /
+    50.300"), "1 seed" (one trained seed, or a score file from before training seeds), "released
+    checkpoint"; "" for a teacher set (no training seed)."""
+    k = training_seeds(row)
+    if k is None:
+        return ""
+    per_seed = (result.get("details") or {}).get("per_seed") or {}
+    if len(per_seed) > 1:
+        return "seeds " + " / ".join(f"{per_seed[s]:.3f}" for s in sorted(per_seed, key=_seed_key))
+    return "released checkpoint" if k == 0 else "1 seed"
+
+
+def ci_covers(row: dict) -> str:
+    """What a student cell's intervals cover (its scores' details.ci_covers; a score file from
+    before training seeds covers prompts of its one run)."""
+    for res in row["results"].values():
+        covers = (res.get("details") or {}).get("ci_covers")
+        if covers:
+            return covers
+    k = training_seeds(row)
+    return ("prompts (released checkpoint)" if k == 0 else "prompts (1 training seed)" if k == 1
+            else "training seeds and prompts")
+
+
+def covers_note(rows: list[dict]) -> str:
+    """One sentence: what each student cell's interval covers, grouped ("" without students)."""
+    groups: dict[str, list[str]] = {}
+    for r in rows:
+        if r["method"] != "teacher":
+            family = f"{r['family']}/" if r.get("family") else ""
+            label = f"{family}{method_label(r)} NFE {r['nfe']}"
+            groups.setdefault(ci_covers(r), []).append(label)
+    if not groups:
+        return ""
+    parts = "; ".join(f"{covers}: {', '.join(cells)}" for covers, cells in sorted(groups.items()))
+    return ("What a student's interval covers (a two-level bootstrap: training seeds resampled, "
+            "then prompts with all their images; one training seed: its prompts only): "
+            f"{parts}. Teacher sets have no training seed: their intervals cover prompts.")
+
+
+# ------------------------------------------------------------------ verdicts of a paired table
+
+def fmt_p(p: float) -> str:
+    return "<0.001" if p < 0.0005 else f"{p:.3f}"
+
+
+def table_verdicts(items: list[tuple]) -> tuple[list[dict | None], int]:
+    """The verdicts of one table of paired differences, one Holm family (metrics/multiplicity.py):
+    items are (paired dict or None, higher_is_better, training seeds of A, of B (None: a
+    teacher)). A tested comparison is decided by its Holm-adjusted p and the estimate's sign; a
+    method-vs-method one with too few training seeds is inconclusive and not tested; one
+    without a p-value (an older score file) keeps its raw-interval verdict and is not counted.
+    Returns ({"p": raw, "holm": adjusted, "verdict": words} or None per item, family size)."""
+    ruled = [seed_rule(k_a, k_b) if paired else None for paired, _, k_a, k_b in items]
+    raw = [paired.get("p_value") if paired and not r else None
+           for (paired, *_), r in zip(items, ruled)]
+    out = []
+    for (paired, up, k_a, k_b), rule, p, adjusted in zip(items, ruled, raw, holm(raw)):
+        if paired is None:
+            out.append(None)
+            continue
+        alpha = alpha_of(paired)
+        if rule:
+            word = rule
+        elif p is None:
+            word = raw_direction(paired, up) or "tie (CI contains 0)"
+        else:
+            word = (direction(paired["difference"], adjusted, alpha, up)
+                    or f"tie (Holm p > {alpha:g})")
+        out.append({"p": paired.get("p_value"), "holm": None if rule else adjusted,
+                    "verdict": word if rule else word + teacher_label(k_a, k_b)})
+    return out, family_size(raw)
+
+
+def holm_legend(family: int, alpha: float = 0.05) -> str:
+    """Which number decides a table's verdicts, and the family's size."""
+    return (f"The Holm-adjusted p-value decides the verdict (Holm 1979; one family per table: "
+            f"family of {family} tested comparisons, alpha = {alpha:g}): better / worse when it "
+            "is at most alpha, by the sign of Δ, else a tie; Δ's bracket is the raw paired "
+            "interval and p the raw two-sided bootstrap p-value, shown beside the Holm p. p n/a: a score file "
+            "from before p-values, judged by its raw interval and not in the family.")
+
+
 def arrow(result: dict) -> str:
     return "↑" if result["higher_is_better"] else "↓"
 
 
-def value_cell(result: dict | None, leak: bool = False) -> str:
+def value_cell(result: dict | None, leak: bool = False, row: dict | None = None) -> str:
+    """A score with its interval, its L mark and (a student's) seed spread."""
     if result is None:
         return '<td class="na">not run</td>'
     mark = ' <span class="leak" title="trained on this metric\'s model">L</span>' if leak else ""
+    spread = seed_spread(row, result) if row is not None else ""
+    seeds = f' <span class="seeds">{html.escape(spread)}</span>' if spread else ""
     return (f'<td>{result["value"]:.3f} <span class="ci">[{result["ci_low"]:.3f}, '
-            f'{result["ci_high"]:.3f}]</span>{mark}</td>')
+            f'{result["ci_high"]:.3f}]</span>{mark}{seeds}</td>')
 
 
-def diff_cell(paired: dict | None) -> str:
+def diff_cell(paired: dict | None, judged: dict | None = None) -> str:
+    """Δ with its raw interval, the raw and Holm p and the verdict (table_verdicts)."""
     if not paired:
         return '<td class="na">-</td>'
-    verdict = paired.get("verdict", "")
-    css = {"better": "better", "worse": "worse"}.get(verdict, "tie")
+    verdict = judged["verdict"] if judged else paired.get("verdict", "")
+    css = {"better": "better", "worse": "worse"}.get(verdict.split(" ")[0], "tie")
+    p = "p n/a"
+    if judged and judged["p"] is not None:
+        p = f"p {fmt_p(judged['p'])}" + (f", Holm p {fmt_p(judged['holm'])}"
+                                          if judged["holm"] is not None else ", not tested")
     return (f'<td class="{css}">{paired["difference"]:+.3f} <span class="ci">'
-            f'[{paired["ci_low"]:+.3f}, {paired["ci_high"]:+.3f}]</span> {html.escape(verdict)}</td>')
+            f'[{paired["ci_low"]:+.3f}, {paired["ci_high"]:+.3f}] {html.escape(p)}</span> '
+            f'{html.escape(verdict)}</td>')
 
 
 def table(head: list[str], rows: list[list[str]], caption: str = "") -> str:
@@ -134,24 +235,44 @@ def leaderboard(rows: list[dict], metrics: list[str], notes: DeviationNotes | No
         n = max(res["n"] for res in r["results"].values())
         leaks = trained_on(r)
         body.append([method_cell(r, notes), td(r.get("steps")), td(r["nfe"]), td(latency), td(n)]
-                    + [value_cell(r["results"].get(m), m in leaks) for m in metrics])
-    caption = "values with 95 % bootstrap CIs over prompts; L: leakage; D: the run deviates from the paper"
+                    + [value_cell(r["results"].get(m), m in leaks, r) for m in metrics])
+    caption = ("values with 95 % bootstrap CIs (students: the mean over training seeds, the "
+               "interval over training seeds and prompts, and the per-seed values); L: leakage; "
+               "D: the run deviates from the paper")
     fids = [m for m in metrics if fixed_reference(example[m])]
     if fids:
         caption += (f"; {', '.join(fids)}: CI at the row's n images with the reference fixed (the "
                     "FID at that n, not the infinite-sample FID)")
-    return table(head, body, caption) + (deviation_list(notes) if own else "")
+    covers = covers_note(rows)
+    note = f'<p class="covers">{html.escape(covers)}</p>' if covers else ""
+    return table(head, body, caption) + note + (deviation_list(notes) if own else "")
 
 
 def paired_table(pairs: list[tuple[dict, str, dict | None]], metrics: list[str],
-                 against: str, notes: DeviationNotes | None = None) -> str:
-    """pairs: (student row, label of what it is compared with, {metric: paired dict})."""
+                 against: str, notes: DeviationNotes | None = None,
+                 vs_teacher: bool | None = None) -> str:
+    """pairs: (student row, label of what it is compared with, {metric: paired dict}). The table
+    is one Holm family (every student x metric with a p-value); vs_teacher (default: `against`
+    names the teacher) chooses the training-seed rule: against a teacher a one-seed verdict keeps
+    its direction with a label, against another method fewer than 3 seeds is inconclusive."""
     notes = DeviationNotes([s for s, _, _ in pairs]) if notes is None else notes
+    vs_teacher = "teacher" in against if vs_teacher is None else vs_teacher
+    items = []
+    for s, _, diffs in pairs:
+        for m in metrics:
+            paired = (diffs or {}).get(m)
+            up = (s["results"].get(m) or {}).get("higher_is_better", True)
+            k_b = None if vs_teacher else training_seeds({"method": against}, paired, "b")
+            items.append((paired, up, training_seeds(s, paired, "a"), k_b))
+    judged, family = table_verdicts(items)
+    cells = iter(zip(items, judged))
     head = ["method", "NFE", f"against {against}"] + [f"Δ {m}" for m in metrics]
     body = [[method_cell(s, notes), td(s["nfe"]), td(label)]
-            + [diff_cell((diffs or {}).get(m)) for m in metrics] for s, label, diffs in pairs]
+            + [diff_cell(item[0], j) for item, j in (next(cells) for _ in metrics)]
+            for s, label, _ in pairs]
+    alpha = next((alpha_of(i[0]) for i in items if i[0]), 0.05)
     return table(head, body, f"paired differences (student − {against}) on the shared noise, "
-                             "95 % paired bootstrap CI")
+                             "raw 95 % paired bootstrap CI. " + holm_legend(family, alpha))
 
 
 def metric_identity(res: dict) -> dict:
