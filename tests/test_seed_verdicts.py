@@ -123,3 +123,16 @@ def test_old_score_rows_without_p_values_or_seeds_still_render():
     html = tables.paired_table([(student, "teacher NFE 4", student["against_teacher"]["metrics"])],
                                ["hpsv2.1"], "the teacher")
     assert "p n/a" in html
+
+
+def test_the_quality_plot_draws_each_training_seed_beside_the_cells_mean(tmp_path):
+    from fewstep.reporting import figures
+
+    three = row("dmd2", 4, 3)
+    three["results"]["hpsv2.1"]["details"]["per_seed"] = {"1": 51.2, "0": 48.9, "2": 50.3}
+    assert figures.seed_points(three, "hpsv2.1") == [48.9, 51.2, 50.3]
+    assert figures.seed_points(row("amd", 4, 1), "hpsv2.1") == []      # one seed: the mean itself
+    assert figures.seed_points(row("teacher", 4, None), "hpsv2.1") == []
+    out = figures.quality_plot([row("teacher", 4, None), three], "hpsv2.1", "nfe",
+                               tmp_path / "q.png")
+    assert out.is_file()

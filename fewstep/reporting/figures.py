@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fewstep.reporting.tables import method_label
+from fewstep.reporting.tables import method_label, seed_order
 
 
 def _pyplot():
@@ -20,12 +20,24 @@ def _errorbar(ax, rows, x_of, metric, **kw):
     ys = np.array([r["results"][metric]["value"] for r in rows])
     err = np.array([[y - r["results"][metric]["ci_low"], r["results"][metric]["ci_high"] - y]
                     for y, r in zip(ys, rows)]).T
-    ax.errorbar(xs, ys, yerr=err, capsize=3, **kw)
+    return ax.errorbar(xs, ys, yerr=err, capsize=3, **kw)
+
+
+def seed_points(row: dict, metric: str) -> list[float]:
+    """A student cell's per-training-seed values in seed order ([] for a teacher set or a cell of
+    one seed, whose mean is its one value)."""
+    if row["method"] == "teacher":
+        return []
+    per_seed = (row["results"][metric].get("details") or {}).get("per_seed") or {}
+    if len(per_seed) < 2:
+        return []
+    return [per_seed[s] for s in sorted(per_seed, key=seed_order)]
 
 
 def quality_plot(rows: list[dict], metric: str, x: str, out: Path) -> Path:
     """metric against NFE (x="nfe") or measured latency (x="latency"): the teacher as a line over
-    its step counts, each student as a point, CIs as error bars."""
+    its step counts, each student as a point (its mean over training seeds) with each seed's
+    value as a small hollow mark beside it, CIs as error bars."""
     plt = _pyplot()
 
     def x_of(r):
@@ -39,11 +51,19 @@ def quality_plot(rows: list[dict], metric: str, x: str, out: Path) -> Path:
     if teacher:
         _errorbar(ax, teacher, x_of, metric, fmt="-o", color="black", label="teacher")
     for r in (r for r in rows if r["method"] != "teacher"):
-        _errorbar(ax, [r], x_of, metric, fmt="s", label=method_label(r))
+        line = _errorbar(ax, [r], x_of, metric, fmt="s", label=method_label(r))
+        seeds = seed_points(r, metric)
+        if seeds:
+            ax.scatter([x_of(r)] * len(seeds), seeds, s=12, facecolors="none", linewidths=0.8,
+                       edgecolors=line[0].get_color())
     ax.set_xscale("log")
     from matplotlib.ticker import LogLocator, ScalarFormatter
     ax.xaxis.set_major_formatter(ScalarFormatter())   # 2, 4, 8 rather than 2x10^0
     ax.xaxis.set_minor_locator(LogLocator(subs="all"))
+    if x == "nfe" and rows:  # label the NFEs shown (2, 4, 8), not 4x10^0 on the minor ticks
+        from matplotlib.ticker import NullFormatter
+        ax.set_xticks(sorted({x_of(r) for r in rows}))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("NFE" if x == "nfe" else "latency per image (s, batch 1)")
     up = rows[0]["results"][metric]["higher_is_better"] if rows else True
     ax.set_ylabel(f"{metric} {'↑' if up else '↓'}")

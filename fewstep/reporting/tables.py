@@ -73,7 +73,7 @@ class DeviationNotes:
 
 # ------------------------------------------------------------------------------ training seeds
 
-def _seed_key(key):
+def seed_order(key):
     return (0, int(key)) if str(key).isdigit() else (1, str(key))
 
 
@@ -86,7 +86,8 @@ def seed_spread(row: dict, result: dict) -> str:
         return ""
     per_seed = (result.get("details") or {}).get("per_seed") or {}
     if len(per_seed) > 1:
-        return "seeds " + " / ".join(f"{per_seed[s]:.3f}" for s in sorted(per_seed, key=_seed_key))
+        ordered = sorted(per_seed, key=seed_order)
+        return "seeds " + " / ".join(f"{per_seed[s]:.3f}" for s in ordered)
     return "released checkpoint" if k == 0 else "1 seed"
 
 
