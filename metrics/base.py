@@ -6,11 +6,15 @@ metrics/notes/metrics.md, top).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
+
+import numpy as np
 
 from fewstep.backbones.weights import WeightFile
 from fewstep.io import write_text
@@ -73,14 +77,16 @@ class MetricResult:
 
 
 def paired_summary(ci, higher_is_better: bool, **extra) -> dict:
-    """A paired difference A - B as a dict, with the verdict its CI supports."""
+    """A paired difference A - B as a dict, with the verdict its CI supports and the two-sided
+    bootstrap p-value of H0 difference = 0 from the same draws (metrics.stats.bootstrap_p_value;
+    None where the CI has none)."""
     if ci.low > 0 or ci.high < 0:
         a_higher = ci.low > 0
         verdict = "better" if a_higher == higher_is_better else "worse"
     else:
         verdict = "tie (CI contains 0)"
     return {"difference": ci.estimate, "ci_low": ci.low, "ci_high": ci.high, "level": ci.level,
-            "method": ci.method, "verdict": verdict, **extra}
+            "method": ci.method, "verdict": verdict, "p_value": ci.p_value, **extra}
 
 
 @dataclass
@@ -104,6 +110,17 @@ class Metric:
     its recentred percentile interval whatever is asked (its ci_method says so). The interval is
     not part of a metric's identity: the value does not depend on it.
 
+    Training seeds (cells): a cell is one (family, method) trained once per training seed, each
+    replicate scored on the same (prompt_id, image seed) grid. `replicate_statistic` gives the
+    metric's statistic of one replicate on a resample; `cell_result` aggregates a cell (mean over
+    replicates, interval from `stats.two_level_bootstrap`: training seeds, then prompts) and
+    `paired_difference_cells` compares two cells (or a cell with a one-element teacher cell),
+    paired on the shared prompts and noise. One replicate per side is exactly today's result and
+    paired_difference. With more than one replicate the interval is the two-level percentile
+    interval (recentred where the metric is, `recentred`: FID) whatever `interval` says: BCa's
+    jackknife and the studentized standard error have no two-level form here; the ci_method
+    label says so.
+
     Differentiable scorers for training share one call signature, `reward(images01 (B, 3, H, W) in
     [0, 1], metas: list of prompt-row dicts with "prompt") -> (B,) tensor`, higher is better,
     gradients flowing to the images (see metrics/toy_reward.py).
@@ -111,6 +128,7 @@ class Metric:
     name: ClassVar[str] = ""
     version: ClassVar[str] = ""
     higher_is_better: ClassVar[bool] = True
+    recentred: ClassVar[bool] = False      # two-level intervals recentred on the estimate (FID)
 
     n_resamples: int = field(default=DEFAULT_RESAMPLES, kw_only=True)
     level: float = field(default=DEFAULT_LEVEL, kw_only=True)
@@ -258,6 +276,109 @@ class Metric:
                         higher_is_better=self.higher_is_better, **stats)
         return paired_summary(ci, self.higher_is_better, win_rate=wins)
 
+    # -- cells of training-seed replicates ---------------------------------------------------------
+    def replicate_statistic(self, result: MetricResult, folder, keys,
+                            **load_kw) -> Callable[[np.ndarray], float]:
+        """f(idx) -> float: this metric's value of one replicate on a resample, idx indexing `keys`
+        (the shared (prompt_id, seed) grid; duplicates allowed). Default: the replicate's per-sample
+        rows put in the order of `keys` (align_pairs refuses another grid), then set_statistic (a
+        plain mean runs vectorised). Set-level metrics (FID) override it from their folder."""
+        from metrics.stats import align_pairs
+
+        _, order = align_pairs(keys, sample_keys(result))
+        rows = [result.per_sample[i] for i in order]
+        if type(self).set_statistic is Metric.set_statistic:
+            scores = np.array([r["score"] for r in rows], dtype=np.float64)
+            return lambda idx: float(scores[idx].mean())
+        return lambda idx: self.set_statistic([rows[i] for i in idx])
+
+    def cell_result(self, replicates: list, seeds: list | None = None, **load_kw) -> MetricResult:
+        """A cell's result over its replicates [(MetricResult, sample-set folder)], one per training
+        seed (`seeds`: their labels, None for a released checkpoint; default 0, 1, ...).
+
+        value: the mean of the replicates' values; interval: the two-level bootstrap (training
+        seeds, then prompts with all their images; `stats.two_level_bootstrap`, no B side), so it
+        covers training randomness too. n: images over all replicates; per_sample: [] (each
+        replicate keeps its rows in its own score file). One replicate: exactly its own result.
+        details: the first replicate's, plus per_seed, seed_sd (sample sd; None for one),
+        n_training_seeds, ci_method, ci_covers. Replicates of another identity: ValueError."""
+        results = [r for r, _ in replicates]
+        check_same_identity(results)
+        labels = seed_labels(len(results), seeds)
+        values = [r.value for r in results]
+        k = len(results) if seeds is None else sum(s is not None for s in seeds)
+        details = {**results[0].details, "per_seed": dict(zip(labels, values)),
+                   "seed_sd": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                   "n_training_seeds": k}
+        if len(results) == 1:
+            covers = "prompts (1 training seed)" if k else "prompts (released checkpoint)"
+            return dataclasses.replace(results[0], details={**details, "ci_covers": covers})
+        ci = self.two_level_ci(replicates, None, **load_kw)
+        details.update(ci_method=ci.method, ci_covers="training seeds and prompts")
+        return dataclasses.replace(results[0], value=float(np.mean(values)), ci_low=ci.low,
+                                   ci_high=ci.high, n=sum(r.n for r in results), per_sample=[],
+                                   details=details)
+
+    def paired_difference_cells(self, cell_a: list, cell_b: list, **load_kw) -> dict:
+        """value(A) - value(B) of two cells [(MetricResult, folder)] on one (prompt_id, seed) grid,
+        as a paired_summary dict with "p_value" and "n_training_seeds" {"a": k_a, "b": k_b} (the
+        number of replicates; a teacher is a one-element cell). One replicate each: exactly
+        paired_difference. Otherwise the two-level bootstrap (A's and B's training seeds drawn
+        independently, prompts shared), and the win rate on per-image scores averaged over each
+        side's replicates (prompts resampled only), or a note where there is no per-image score."""
+        counts = {"a": len(cell_a), "b": len(cell_b)}
+        if len(cell_a) == 1 and len(cell_b) == 1:
+            (a, folder_a), (b, folder_b) = cell_a[0], cell_b[0]
+            return {**self.paired_difference(a, b, folder_a, folder_b, **load_kw),
+                    "n_training_seeds": counts}
+        for cell in (cell_a, cell_b):
+            check_same_identity([r for r, _ in cell])
+        ci = self.two_level_ci(cell_a, cell_b, **load_kw)
+        return paired_summary(ci, self.higher_is_better, **self.cell_win_rate(cell_a, cell_b),
+                              n_training_seeds=counts)
+
+    def two_level_ci(self, cell_a: list, cell_b: list | None, **load_kw):
+        """stats.two_level_bootstrap on replicate_statistic callables over the first replicate's
+        (prompt_id, seed) grid, with this metric's strata, settings and recentring."""
+        from metrics.stats import group_indices, two_level_bootstrap
+
+        first = cell_a[0][0]
+        keys = sample_keys(first)
+        stats = [[self.replicate_statistic(r, f, keys, **load_kw) for r, f in cell]
+                 for cell in (cell_a, cell_b) if cell is not None]
+        with self.bootstrap_context():
+            ci = two_level_bootstrap(stats[0], stats[1] if len(stats) > 1 else None,
+                                     group_indices([k[0] for k in keys])[1],
+                                     strata=self.strata(first.per_sample),
+                                     n_resamples=self.n_resamples, level=self.level,
+                                     seed=self.seed, recentre=self.recentred)
+        if self.interval == "percentile" or self.recentred:
+            return ci
+        note = f" ({self.interval} asked: with several training seeds the interval is percentile)"
+        return dataclasses.replace(ci, method=ci.method + note)
+
+    def cell_win_rate(self, cell_a: list, cell_b: list) -> dict:
+        """{"win_rate": ...} on per-image scores averaged over each side's replicates (a prompt's
+        mean over its images and the side's training seeds), or {"win_rate_note": why not}."""
+        from metrics.stats import align_pairs, win_rate
+
+        rows = [row for cell in (cell_a, cell_b) for r, _ in cell for row in r.per_sample]
+        if not all("score" in row for row in rows):
+            return {"win_rate_note": "no win rate: this metric has no per-image score"}
+        keys = sample_keys(cell_a[0][0])
+        means = [np.mean([[r.per_sample[i]["score"] for i in align_pairs(keys, sample_keys(r))[1]]
+                          for r, _ in cell], axis=0) for cell in (cell_a, cell_b)]
+        wins = win_rate(means[0], keys, means[1], keys, higher_is_better=self.higher_is_better,
+                        n_resamples=self.n_resamples, level=self.level, seed=self.seed)
+        wins["note"] = ("per-image scores averaged over training seeds; its CI resamples prompts "
+                        "only")
+        return {"win_rate": wins}
+
+    def bootstrap_context(self):
+        """Context entered around the many statistic calls of a two-level bootstrap (default:
+        none; the toy FID limits BLAS to one thread)."""
+        return contextlib.nullcontext()
+
     def set_interval(self) -> str:
         """The interval for a set-level statistic (`stats.bootstrap`): the one asked, except that
         studentized, which needs a standard error on every resample, becomes BCa (Efron &
@@ -299,6 +420,35 @@ class PerImageMetric(Metric):
         details = {**self.score_details({"score": scores, **columns}),
                    "blank_images_allowed": bool(allow_blank)}
         return self.per_image_result(ss, scores, self.identity(ss), columns, details)
+
+
+def sample_keys(result: MetricResult) -> list[tuple]:
+    """The (prompt_id, seed) grid of a result, in its per-sample order."""
+    return [(r["prompt_id"], r["seed"]) for r in result.per_sample]
+
+
+def seed_labels(n: int, seeds) -> list[str]:
+    """per_seed keys: the training seed as text, "released" for None (default 0..n-1)."""
+    if seeds is None:
+        return [str(i) for i in range(n)]
+    if len(seeds) != n:
+        raise ValueError(f"seeds {list(seeds)} label {len(seeds)} replicates; the cell has {n}")
+    return ["released" if s is None else str(s) for s in seeds]
+
+
+def check_same_identity(results: list) -> None:
+    """The replicates of a cell must be one measurement protocol: same metric, version and
+    identity; a ValueError names the keys that differ."""
+    if not results:
+        raise ValueError("a cell needs at least one replicate (MetricResult, sample-set folder)")
+    first = results[0]
+    for other in results[1:]:
+        keys = sorted(k for k in set(first.identity) | set(other.identity)
+                      if first.identity.get(k) != other.identity.get(k))
+        keys += [k for k in ("name", "version") if getattr(first, k) != getattr(other, k)]
+        if keys:
+            raise ValueError(f"replicates of one cell differ in {first.name} identity keys {keys}: "
+                             "score every training seed with one protocol")
 
 
 # Options of a metric that a config may not set: bookkeeping, or set by the harness itself.

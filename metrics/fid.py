@@ -33,11 +33,16 @@ The real route (`FID`, sec. 3.1-3.8) shares that machinery with clean-fid's own 
   resolution, crop policy, mode, Inception sha256) and cached like the toy references.
 * The CI resamples prompts and recomputes FID on each resample in float64 torch (same formula;
   2048-d resamples run on the GPU when there is one); KID as in the toy route.
+
+Training seeds (both routes, FrechetCells): a replicate's statistic on a resample is its FID
+against the same fixed reference; a cell's interval and a comparison of cells come from the
+two-level bootstrap (training seeds, then prompts), recentred like the one-seed interval.
 Sections (sec. N) are those of metrics/notes/metrics.md.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -288,8 +293,23 @@ def default_feature_net(cache_dir=None):
     return net
 
 
+class FrechetCells:
+    """What both FID routes share on cells of training seeds (Metric.cell_result,
+    paired_difference_cells): two-level intervals recentred on the estimate, as the one-seed FID
+    interval is (duplicates in a resample inflate FID; stats.bootstrap, recentre), BLAS held to
+    one thread for the many small eigendecompositions, and the cell's lower end clipped at 0."""
+    recentred = True
+
+    def bootstrap_context(self):
+        return single_blas_thread()
+
+    def cell_result(self, replicates: list, seeds: list | None = None, **load_kw) -> MetricResult:
+        out = super().cell_result(replicates, seeds, **load_kw)
+        return dataclasses.replace(out, ci_low=max(out.ci_low, 0.0))   # FID >= 0
+
+
 @dataclass
-class ToyFID(Metric):
+class ToyFID(FrechetCells, Metric):
     """FID of a sample set against renders of its prompt set, in toy feature-net space."""
     name = "toy_fid"
     version = "1"
@@ -370,6 +390,19 @@ class ToyFID(Metric):
         if folder_a is None or folder_b is None:
             raise ValueError("a paired FID difference needs both sample-set folders (features)")
         return paired_summary(self.compare(folder_a, folder_b, **load_kw), self.higher_is_better)
+
+    def replicate_statistic(self, result, folder, keys, **load_kw):
+        """fid(idx): toy FID of the replicate's images at rows idx of `keys` against the fixed
+        reference, computed as score_set and compare compute it."""
+        ss = load_sample_set(folder, **load_kw)
+        if ss.resolution[0] != ss.resolution[1]:
+            raise ValueError(f"toy FID needs square images; {folder} holds {ss.resolution}")
+        ref = self.reference(ss.resolution[0])
+        _check_prompts(ss, ref, self.reference_split)
+        _, order = align_pairs(keys, ss.keys())
+        feats = self.features(ss)[order]
+        return lambda idx: frechet_distance(*gaussian_stats(feats[idx]), ref.mu, ref.sigma,
+                                            ref.sqrt_sigma)
 
     def compare(self, folder_a, folder_b, **load_kw) -> BootstrapCI:
         """Paired CI of FID(A) - FID(B) on a shared (prompt_id, seed) grid, resampling prompts.
@@ -633,7 +666,7 @@ def fid_resampler(feats: np.ndarray, ref: ReferenceStats, device="cpu"):
 # ------------------------------------------------------------------------------ the FID metric
 
 @dataclass
-class FID(Metric):
+class FID(FrechetCells, Metric):
     """FID (and KID) of a sample set against a folder of reference images, clean-fid Inception.
 
     Samples and references go through the same protocol: crop policy and evaluation resolution
@@ -737,6 +770,15 @@ class FID(Metric):
         if folder_a is None or folder_b is None:
             raise ValueError("a paired FID difference needs both sample-set folders (features)")
         return paired_summary(self.compare(folder_a, folder_b, **load_kw), self.higher_is_better)
+
+    def replicate_statistic(self, result, folder, keys, **load_kw):
+        """fid(idx): FID of the replicate's images at rows idx of `keys` against the fixed
+        reference statistics, by fid_resampler as score_set and compare compute it."""
+        ss = load_sample_set(folder, **load_kw)
+        size = self.resolution_for(ss)
+        _, order = align_pairs(keys, ss.keys())
+        return fid_resampler(self.features(ss, size)[order], self.reference_stats(size),
+                             self._device())
 
     def compare(self, folder_a, folder_b, **load_kw) -> BootstrapCI:
         """Paired CI of FID(A) - FID(B) on a shared (prompt_id, seed) grid, resampling prompts."""

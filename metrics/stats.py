@@ -10,6 +10,14 @@ quantiles; "bca" is Efron's bias-corrected and accelerated interval (Efron 1987,
 bootstrap confidence intervals", JASA 82; Efron & Tibshirani 1993, "An Introduction to the
 Bootstrap", ch. 14), which moves the quantiles for the bootstrap distribution's median bias and for the skewness of the
 estimator (metrics/notes/metrics.md, "Interval method").
+
+p-values: every interval also records the two-sided bootstrap p-value of H0 "statistic = 0" read
+from the same draws (BootstrapCI.p_value; meaningful for a difference A - B): the smallest level at
+which the interval of that method would exclude 0 (Efron & Tibshirani 1993, ch. 15, hypothesis
+tests from confidence intervals, and ch. 16, the achieved significance level of a bootstrap test).
+
+Training seeds: `two_level_bootstrap` resamples a cell's training seeds and then prompts (Davison
+& Hinkley 1997, sec. 3.8, resampling both stages of a two-stage sample).
 """
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ class BootstrapCI:
     n_groups: int
     seed: int
     method: str
+    p_value: float | None = None   # two-sided bootstrap p-value of H0 statistic = 0 (a difference)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,6 +62,34 @@ def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
     tail = (1.0 - level) / 2.0 * 100.0
     low, high = np.percentile(values, [tail, 100.0 - tail])
     return float(low), float(high)
+
+
+def bootstrap_p_value(values) -> float:
+    """Two-sided p-value of H0 "the statistic is 0" from bootstrap draws of it, by inverting the
+    percentile interval: p = min(1, 2 (1 + min(#{v* <= 0}, #{v* >= 0})) / (R + 1)), the smallest
+    2-tail level whose interval excludes 0, counted with the +1 that keeps a Monte Carlo p-value
+    valid (Efron & Tibshirani 1993, ch. 15-16; Davison & Hinkley 1997, eq. 4.11)."""
+    values = np.asarray(values, dtype=np.float64)
+    tail = min(int(np.sum(values <= 0.0)), int(np.sum(values >= 0.0)))
+    return float(min(1.0, 2.0 * (1 + tail) / (len(values) + 1)))
+
+
+def bca_p_value(values: np.ndarray, estimate: float, acceleration: float) -> float:
+    """Two-sided p-value of H0 "statistic = 0" by inverting the BCa interval (Efron & Tibshirani
+    1993, sec. 15.4): the level q at which a BCa endpoint reaches 0 solves
+    Phi^-1(share below 0) = z0 + (z0 + z_q) / (1 - a (z0 + z_q)), so z_q = w / (1 + a w) - z0 with
+    w = Phi^-1(share) - z0. Shares and z0 are read as bca_interval reads them; with a = 0 and
+    z0 = 0 this is the percentile p-value (floored like it at 2 / (R + 1))."""
+    b = len(values)
+    clip = (0.5 / b, 1.0 - 0.5 / b)
+    share = np.sum(values < estimate) + 0.5 * np.sum(values == estimate)
+    z0 = float(_normal_quantile(np.clip(share / b, *clip)))
+    below = (np.sum(values < 0.0) + 0.5 * np.sum(values == 0.0)) / b
+    w = float(_normal_quantile(np.clip(below, *clip))) - z0
+    if 1.0 + acceleration * w <= 0.0:       # 0 lies past the end the BCa levels can reach
+        return 2.0 / (b + 1)
+    tail = float(_normal_cdf(w / (1.0 + acceleration * w) - z0))
+    return float(min(1.0, max(2.0 * min(tail, 1.0 - tail), 2.0 / (b + 1))))
 
 
 def _check_interval(method: str) -> None:
@@ -161,19 +198,25 @@ def _cluster_se(counts: np.ndarray, sums: np.ndarray, sizes: np.ndarray):
     return mean, np.sqrt(var)
 
 
-def _studentized_interval(counts, sums, sizes, level: float) -> tuple[float, float]:
+def _studentized_interval(counts, sums, sizes, level: float) -> tuple[float, float, float]:
     """Bootstrap-t interval (Efron & Tibshirani 1993, ch. 12.5, eq. 12.19): the quantiles of
     t* = (m* - m) / se* replace the normal's, se from the same cluster formula on every resample.
-    Resamples with se* = 0 (every drawn prompt alike) give no t and are left out."""
+    Resamples with se* = 0 (every drawn prompt alike) give no t and are left out.
+
+    Also the bootstrap-t p-value of H0 mean = 0 (Efron & Tibshirani 1993, sec. 16.4): t* stands
+    in for the null distribution of t = m / se, counted as bootstrap_p_value counts (0 leaves the
+    interval exactly when t leaves the t* quantiles)."""
     est, se = _cluster_se(np.ones((1, len(sums)), dtype=np.int64), sums, sizes)
     means, ses = _cluster_se(counts, sums, sizes)
     ok = ses > 0
     if not ok.any() or se[0] == 0:
-        return float(est[0]), float(est[0])
+        p = 1.0 if est[0] == 0 else 2.0 / (len(counts) + 1)   # no spread at all: a sure sign
+        return float(est[0]), float(est[0]), p
     t = (means[ok] - est[0]) / ses[ok]
     tail = (1.0 - level) / 2.0 * 100.0
     t_low, t_high = np.percentile(t, [tail, 100.0 - tail])
-    return float(est[0] - t_high * se[0]), float(est[0] - t_low * se[0])
+    p = bootstrap_p_value(est[0] / se[0] - t)
+    return float(est[0] - t_high * se[0]), float(est[0] - t_low * se[0]), p
 
 
 def cluster_mean_ci(scores, prompt_ids, *, n_resamples: int = DEFAULT_RESAMPLES,
@@ -184,7 +227,9 @@ def cluster_mean_ci(scores, prompt_ids, *, n_resamples: int = DEFAULT_RESAMPLES,
     method: "percentile" (default), "bca" or "studentized". BCa's acceleration comes from the
     jackknife that deletes one prompt with all its seeds, the same cluster the bootstrap resamples;
     "studentized" is the bootstrap-t with the cluster-robust standard error. All methods use the
-    same resamples for a given seed."""
+    same resamples for a given seed. p_value: H0 mean = 0 read from the method's own draws
+    (percentile: bootstrap_p_value; BCa: bca_p_value; studentized: the bootstrap-t), the test
+    for a mean of paired differences."""
     _check_settings(n_resamples, level)
     _check_interval(method)
     scores = np.asarray(scores, dtype=np.float64)
@@ -201,19 +246,20 @@ def cluster_mean_ci(scores, prompt_ids, *, n_resamples: int = DEFAULT_RESAMPLES,
     counts = _resample_counts(rng, n_resamples, len(groups), [np.arange(len(groups))])
     means = (counts @ sums) / (counts @ sizes)
     if method == "studentized":
-        low, high = _studentized_interval(counts, sums, sizes, level)
+        low, high, p = _studentized_interval(counts, sums, sizes, level)
         return BootstrapCI(float(scores.mean()), low, high, level, n_resamples, len(groups), seed,
-                           "cluster studentized bootstrap-t (prompts; cluster-robust SE)")
+                           "cluster studentized bootstrap-t (prompts; cluster-robust SE)", p)
     if method == "bca":
         estimate = float(scores.mean())
         jackknife = (sums.sum() - sums) / np.maximum(sizes.sum() - sizes, 1.0)
-        low, high = bca_interval(means, estimate, bca_acceleration(jackknife) if len(groups) > 1
-                                 else 0.0, level)
+        accel = bca_acceleration(jackknife) if len(groups) > 1 else 0.0
+        low, high = bca_interval(means, estimate, accel, level)
         return BootstrapCI(estimate, low, high, level, n_resamples, len(groups), seed,
-                           "cluster BCa (prompts; jackknife acceleration over prompts)")
+                           "cluster BCa (prompts; jackknife acceleration over prompts)",
+                           bca_p_value(means, estimate, accel))
     low, high = _percentiles(means, level)
     return BootstrapCI(float(scores.mean()), low, high, level, n_resamples, len(groups), seed,
-                       "cluster percentile (prompts)")
+                       "cluster percentile (prompts)", bootstrap_p_value(means))
 
 
 def bootstrap(statistic_fn: Callable[[np.ndarray], float], groups: Sequence[np.ndarray], *,
@@ -236,6 +282,9 @@ def bootstrap(statistic_fn: Callable[[np.ndarray], float], groups: Sequence[np.n
     within each stratum when strata are given: statistic_fn is called once more per group of a
     stratum with at least two groups). BCa corrects the median bias itself, so it is not combined
     with recentre.
+
+    p_value: H0 statistic = 0 from the same draws (recentred ones when recentre; BCa: bca_p_value),
+    the test for a difference statistic.
     """
     _check_settings(n_resamples, level)
     _check_interval(method)
@@ -250,26 +299,99 @@ def bootstrap(statistic_fn: Callable[[np.ndarray], float], groups: Sequence[np.n
         raise ValueError("bootstrap needs at least one group")
     groups = [np.asarray(g, dtype=np.int64) for g in groups]
     estimate = float(statistic_fn(np.concatenate(groups)))
-    rng = np.random.default_rng(seed)
     members = _strata_members(len(groups), strata)
-    counts = _resample_counts(rng, n_resamples, len(groups), members)
-    values = np.array([statistic_fn(np.concatenate([np.repeat(g, c) for g, c in zip(groups, row)
-                                                    if c])) for row in counts], dtype=np.float64)
+    counts = _resample_counts(np.random.default_rng(seed), n_resamples, len(groups), members)
+    values = _checked(np.array([statistic_fn(resample_indices(groups, row)) for row in counts],
+                               dtype=np.float64))
+    if method == "bca":
+        accel = bca_acceleration(_jackknife_values(statistic_fn, groups, members), members)
+        low, high = bca_interval(values, estimate, accel, level)
+        label = "BCa, jackknife acceleration over groups"
+        label += " within strata (groups, stratified)" if strata is not None else " (groups)"
+        return BootstrapCI(estimate, low, high, level, n_resamples, len(groups), seed, label,
+                           bca_p_value(values, estimate, accel))
+    return _percentile_ci(values, estimate, level, recentre, n_resamples, len(groups), seed,
+                          "percentile" + (", recentred on the estimate" if recentre else "")
+                          + " (groups" + (", stratified)" if strata is not None else ")"))
+
+
+def resample_indices(groups: Sequence[np.ndarray], row) -> np.ndarray:
+    """The concatenated sample indices of one resample: group i repeated row[i] times, in group
+    order (what a statistic_fn receives)."""
+    return np.concatenate([np.repeat(g, c) for g, c in zip(groups, row) if c])
+
+
+def _checked(values: np.ndarray) -> np.ndarray:
     if not np.isfinite(values).all():
         raise ValueError("statistic_fn returned NaN/inf on a resample; make it defined on any "
                          "non-empty resample (use strata to keep every category present)")
-    if method == "bca":
-        jackknife = _jackknife_values(statistic_fn, groups, members)
-        low, high = bca_interval(values, estimate, bca_acceleration(jackknife, members), level)
-        label = "BCa, jackknife acceleration over groups"
-        label += " within strata (groups, stratified)" if strata is not None else " (groups)"
-        return BootstrapCI(estimate, low, high, level, n_resamples, len(groups), seed, label)
+    return values
+
+
+def _percentile_ci(values, estimate, level, recentre, n_resamples, n_groups, seed, label,
+                   with_p: bool = True) -> BootstrapCI:
+    """Percentile interval of bootstrap draws (recentred: median moved onto the estimate) and the
+    p-value from the same draws."""
     if recentre:
         values = values - np.median(values) + estimate
     low, high = _percentiles(values, level)
-    label = "percentile" + (", recentred on the estimate" if recentre else "")
-    label += " (groups" + (", stratified)" if strata is not None else ")")
-    return BootstrapCI(estimate, low, high, level, n_resamples, len(groups), seed, label)
+    return BootstrapCI(estimate, low, high, level, n_resamples, n_groups, seed, label,
+                       bootstrap_p_value(values) if with_p else None)
+
+
+def two_level_bootstrap(stats_a: Sequence[Callable[[np.ndarray], float]],
+                        stats_b: Sequence[Callable[[np.ndarray], float]] | None,
+                        groups: Sequence[np.ndarray], *, strata=None,
+                        n_resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL,
+                        seed: int = 0, recentre: bool = False) -> BootstrapCI:
+    """Percentile CI of mean_s stat_s(A) - mean_s stat_s(B) over training seeds s, resampling
+    training seeds and then prompts: the two-stage bootstrap of a nested design (Davison & Hinkley
+    1997, sec. 3.8: resample the first-stage units, here training runs, with replacement, and the
+    second-stage units, here prompts with all their images, within the draw).
+
+    stats_a: one callable per training seed of A, f(idx) -> float, the metric's statistic on a
+    resample given as concatenated sample indices of the shared (prompt_id, image seed) grid (the
+    convention of `bootstrap`); stats_b: the same for B, or None for one cell's own interval.
+    Per resample, prompts are drawn once (within strata) from default_rng(seed) exactly as
+    `bootstrap` draws them, and shared by both sides and every seed (paired design: same prompts
+    and noise); training seeds come from default_rng([seed, 1]), A's as integers(0, k_a,
+    (n_resamples, k_a)) and then B's as integers(0, k_b, (n_resamples, k_b)), independently.
+    A resample's value is the mean of f over the drawn A-seeds minus that over the drawn B-seeds
+    (each distinct seed evaluated once); the estimate uses every sample and every seed once. With
+    one seed per side this is `bootstrap` on f_a - f_b, bit for bit. recentre: as in `bootstrap`.
+    p_value (stats_b given): H0 difference = 0 from the same (recentred) draws. With k seeds the
+    seed-level draws carry (k - 1) / k of the between-seed variance, as any plain bootstrap of k
+    units does, so few seeds give an interval on the narrow side.
+    """
+    _check_settings(n_resamples, level)
+    sides = [list(stats_a)] + ([] if stats_b is None else [list(stats_b)])
+    if not all(sides) or len(groups) == 0:
+        raise ValueError(f"two_level_bootstrap needs one statistic per training seed in stats_a "
+                         f"(got {len(sides[0])}) and in stats_b unless it is None, and at least "
+                         f"one prompt group (got {len(groups)})")
+    groups = [np.asarray(g, dtype=np.int64) for g in groups]
+    everything = np.concatenate(groups)
+    side_means = [float(np.mean([f(everything) for f in side])) for side in sides]
+    members = _strata_members(len(groups), strata)
+    counts = _resample_counts(np.random.default_rng(seed), n_resamples, len(groups), members)
+    seed_rng = np.random.default_rng([seed, 1])
+    draws = [seed_rng.integers(0, len(side), size=(n_resamples, len(side))) for side in sides]
+    values = np.empty(n_resamples, dtype=np.float64)
+    for r, row in enumerate(counts):
+        idx = resample_indices(groups, row)
+        drawn = [_drawn_seed_mean(side, d[r], idx) for side, d in zip(sides, draws)]
+        values[r] = drawn[0] - drawn[1] if len(drawn) == 2 else drawn[0]
+    estimate = side_means[0] - side_means[1] if len(sides) == 2 else side_means[0]
+    label = ("two-level percentile" + (", recentred on the estimate" if recentre else "")
+             + " (training seeds, then prompts" + (", stratified)" if strata is not None else ")"))
+    return _percentile_ci(_checked(values), estimate, level, recentre, n_resamples, len(groups),
+                          seed, label, with_p=stats_b is not None)
+
+
+def _drawn_seed_mean(side, drawn_seeds, idx) -> float:
+    """Mean of f_s(idx) over drawn training seeds (with repeats), each distinct seed called once."""
+    weights = np.bincount(drawn_seeds, minlength=len(side))
+    return sum(int(w) * float(side[j](idx)) for j, w in enumerate(weights) if w) / len(drawn_seeds)
 
 
 def _jackknife_values(statistic_fn, groups: list[np.ndarray],
@@ -330,7 +452,8 @@ def unpaired_difference_ci(scores_a, prompts_a, scores_b, prompts_b, *,
     low, high = _percentiles(draws[0] - draws[1], level)
     estimate = float(np.mean(scores_a) - np.mean(scores_b))
     return BootstrapCI(estimate, low, high, level, n_resamples,
-                       len(set(prompts_a)) + len(set(prompts_b)), seed, "unpaired percentile")
+                       len(set(prompts_a)) + len(set(prompts_b)), seed, "unpaired percentile",
+                       bootstrap_p_value(draws[0] - draws[1]))
 
 
 def win_rate(scores_a, keys_a, scores_b, keys_b, *, higher_is_better: bool = True,
