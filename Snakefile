@@ -19,6 +19,8 @@ wildcard_constraints:
     method="[A-Za-z0-9_-]+",
     run="[A-Za-z0-9_-]+",
     steps="[0-9]+",
+    seed="[0-9]+",
+    replicate="seed[0-9]+|released",
 
 FEWSTEP = f"{sys.executable} -m fewstep"
 THREADS_ENV = "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"

@@ -19,6 +19,8 @@ VERBS = {
     "sample": ("fewstep.commands.sample", "sample a teacher at a number of steps into a sample set"),
     "fid-ref": ("fewstep.commands.fidref", "build FID reference statistics"),
     "score": ("fewstep.commands.score", "score a sample set with the configured metrics"),
+    "aggregate": ("fewstep.commands.aggregate", "a cell's per-training-seed score files into its "
+                                                "aggregate (mean, two-level interval, per seed)"),
     "track": ("fewstep.commands.track", "push scored runs to MLflow (idempotent)"),
     "report": ("fewstep.commands.report", "write the leaderboard"),
     "release": ("fewstep.commands.release", "a published student's weights as a model folder "

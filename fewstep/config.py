@@ -46,6 +46,7 @@ def validate(config: dict, source: str = "config") -> dict:
     except (UnknownNameError, FewstepError) as err:  # FewstepError: a refused plugin
         raise ConfigError(f"{source}: {err}") from None
     _check_metric_options(config, source)
+    _check_seeds(config, source)
     _check_training(config, source)
     _check_world(config, source)
     for method, families in config["distill"].get("released", {}).items():
@@ -78,6 +79,21 @@ def trained_presets(config: dict) -> dict[str, list[str]]:
     released = distill.get("released", {})
     return {m: distill["stages"].get(m, [distill["preset"]]) for m in distill["methods"]
             if any(f not in released.get(m, {}) for f in config["families"])}
+
+
+def training_seeds(config: dict) -> list[int]:
+    """The training seeds every trained cell runs with (distill/seeds; one seed, 0, by default)."""
+    return list(config["distill"].get("seeds", [0]))
+
+
+def _check_seeds(config: dict, source: str) -> None:
+    """A training seed comes from distill/seeds alone: a seed override would train every
+    replicate of the cell with one seed and label them as different ones."""
+    for method, overrides in config["distill"]["overrides"].items():
+        if "seed" in (overrides or {}):
+            raise ConfigError(f"{source}: distill/overrides/{method} sets seed; training seeds are "
+                              f"set for every method by distill/seeds (now "
+                              f"{training_seeds(config)}), e.g. `seeds: [0, 1, 2]`")
 
 
 def _check_training(config: dict, source: str) -> None:

@@ -26,13 +26,33 @@ def metric_for(metric_name: str, scoring_args: dict):
     return _BUILT[key]
 
 
-def paired(metric_name: str, a: dict, b: dict) -> dict:
-    """value(A) - value(B) of one metric with its paired CI (Metric.paired_difference)."""
+def load_kwargs(expected, args) -> dict:
+    """How a metric reloads a scored set: its (prompt_id, seed) grid, resolution and blank rule."""
+    return dict(expected=expected, resolution=args.resolution, allow_blank=args.allow_blank)
+
+
+def cell_of(row: dict, metric_name: str) -> list[tuple]:
+    """[(MetricResult, sample-set folder)] of a score row: every replicate of a cell's aggregate
+    (fewstep.cells), or the row itself (a teacher set, a single score file)."""
     from metrics.base import MetricResult
 
+    if "replicates" not in row:
+        return [(MetricResult.from_dict(row["results"][metric_name]), row["sample_set"])]
+    out = []
+    for rep in row["replicates"]:
+        replicate = json.loads(open(rep["score_file"]).read())
+        out.append((MetricResult.from_dict(replicate["results"][metric_name]),
+                    replicate["sample_set"]))
+    return out
+
+
+def paired(metric_name: str, a: dict, b: dict) -> dict:
+    """value(A) - value(B) of one metric with its paired CI, A and B each a cell of one or more
+    training seeds (Metric.paired_difference_cells: one seed each is the plain paired bootstrap
+    over prompts; more resample training seeds too). Adds each side's training-seed count."""
     scoring = {k: v for k, v in a["scoring_args"].items() if k not in ("samples", "out")}
     metric, expected, args = metric_for(metric_name, scoring)
-    return metric.paired_difference(
-        MetricResult.from_dict(a["results"][metric_name]),
-        MetricResult.from_dict(b["results"][metric_name]), a["sample_set"], b["sample_set"],
-        expected=expected, resolution=args.resolution, allow_blank=args.allow_blank)
+    out = metric.paired_difference_cells(cell_of(a, metric_name), cell_of(b, metric_name),
+                                         **load_kwargs(expected, args))
+    return {**out, "n_training_seeds": {"a": a.get("n_training_seeds"),
+                                        "b": b.get("n_training_seeds")}}

@@ -88,24 +88,55 @@ def released(config: dict) -> dict:
     return config["distill"].get("released", {})
 
 
-def model_dir(config: dict, family: str, method: str) -> str:
-    """The model a student set is sampled from: trained by the DAG or a released checkpoint."""
+def training_seeds(config: dict) -> list[int]:
+    from fewstep.config import training_seeds as seeds
+
+    return seeds(config)
+
+
+def replicates(config: dict, family: str, method: str) -> list[str]:
+    """A cell's replicates: one per training seed (seed<s>), or its released checkpoint."""
+    from fewstep.cells import RELEASED, replicate_name
+
+    if family in released(config).get(method, {}):
+        return [RELEASED]
+    return [replicate_name(s) for s in training_seeds(config)]
+
+
+def model_dir(config: dict, family: str, method: str, replicate: str) -> str:
+    """The model a student set is sampled from: trained by the DAG (one folder per training
+    seed) or a released checkpoint."""
     if family in released(config).get(method, {}):
         return f"results/released/{family}/{method}"
-    return f"results/models/{family}/{method}"
+    return f"results/models/{family}/{method}/{replicate}"
 
 
 def all_model_dirs(config: dict) -> list[str]:
-    """Every trained run's model folder (families where its method is not released), then every
-    released one."""
+    """Every trained run's model folder per training seed (families where its method is not
+    released), then every released one."""
     plan, cells = runs(config), released(config)
-    trained = [f"results/models/{f}/{r}" for f in config["families"] for r in plan
-               if f not in cells.get(plan[r].method, {})]
-    return trained + [model_dir(config, f, m) for m, fams in cells.items() for f in fams]
+    trained = [f"results/models/{f}/{r}/seed{s}" for f in config["families"] for r in plan
+               if f not in cells.get(plan[r].method, {}) for s in training_seeds(config)]
+    return trained + [model_dir(config, f, m, "released") for m, fams in cells.items()
+                      for f in fams]
 
 
-def train_inputs(config: dict, family: str, run: str) -> dict[str, str]:
-    """The train job's input files by name: the teacher, and what the method requires."""
+def replicate_scores(config: dict, family: str, method: str) -> list[str]:
+    """A cell's per-replicate score files, the inputs of its aggregate."""
+    return [f"results/scores/{family}/{method}/{r}.json" for r in replicates(config, family, method)]
+
+
+def aggregate_seeds(config: dict, family: str, method: str) -> str:
+    """`fewstep aggregate --training-seeds`: each replicate's seed (released: `released`)."""
+    from fewstep.cells import RELEASED
+
+    reps = replicates(config, family, method)
+    return RELEASED if reps == [RELEASED] else " ".join(r.removeprefix("seed") for r in reps)
+
+
+def train_inputs(config: dict, family: str, run: str, seed: int) -> dict[str, str]:
+    """The train job's input files by name: the teacher, and what the method requires (a staged
+    run starts from the previous stage trained with the same seed)."""
     previous = runs(config)[run].previous
     needs = run_requires(config, run)
     inputs = {"teacher": f"results/teachers/{family}"}
@@ -116,20 +147,22 @@ def train_inputs(config: dict, family: str, run: str) -> dict[str, str]:
     if not is_toy(config):  # the real world trains on the configured data; the toy world on its own
         inputs["prompts"] = f"results/train_prompts/{family}.jsonl"
     if previous:
-        inputs["init"] = f"results/models/{family}/{previous}"
+        inputs["init"] = f"results/models/{family}/{previous}/seed{int(seed)}"
     return inputs
 
 
-def train_args(config: dict, family: str, run: str) -> str:
-    """`fewstep train`'s arguments for the run, but the teacher and the output folders."""
+def train_args(config: dict, family: str, run: str, seed: int) -> str:
+    """`fewstep train`'s arguments for the run and training seed, but the teacher and the output
+    folders."""
     distill, toy = config["distill"], is_toy(config)
     method, preset, _ = runs(config)[run]
-    inputs, needs = train_inputs(config, family, run), run_requires(config, run)
+    inputs, needs = train_inputs(config, family, run, seed), run_requires(config, run)
     sets = [f"{k}={v}" for k, v in distill["overrides"].get(method, {}).items()]
     if "pairs" in inputs:
         sets.append(f"pairs={inputs['pairs']}")
     if "init" in inputs:
         sets.append(f"init_from={inputs['init']}")
+    sets.append(f"seed={int(seed)}")  # every random stream of the run derives from it
     # every config string reaches the shell quoted (the preset was also resolved at validation)
     args = f"--method {shlex.quote(method)} --preset {shlex.quote(preset)}"
     if "reward" in needs:
@@ -236,10 +269,12 @@ def score_files(config: dict) -> list[str]:
 
 
 def sample_sets(config: dict) -> list[str]:
-    """Every sample set the report's grids read: each teacher set, then each student's."""
+    """Every sample set the report's grids read: each teacher set, then each student's first
+    replicate."""
     steps, methods = config["eval"]["steps"], config["distill"]["methods"]
     return ([f"results/samples/{f}/teacher/steps{s}" for f in config["families"] for s in steps]
-            + [f"results/samples/{f}/{m}/student" for f in config["families"] for m in methods])
+            + [f"results/samples/{f}/{m}/{replicates(config, f, m)[0]}" for f in config["families"]
+               for m in methods])
 
 
 def track_params(config: dict) -> dict[str, str]:

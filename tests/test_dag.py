@@ -18,7 +18,8 @@ TINY = {
     "fid": {"reference_images": 36, "feature_net_steps": 20},
     "bootstrap": {"resamples": 50, "confidence": 0.95, "seed": 0},
     # dummy: the built-in plumbing method; example_plugin: a separately installed package
-    "distill": {"methods": ["dummy", "example_plugin"], "preset": "toy", "stages": {},
+    # two training seeds: every student trained, sampled and scored twice, then aggregated
+    "distill": {"methods": ["dummy", "example_plugin"], "preset": "toy", "stages": {}, "seeds": [0, 1],
                 "overrides": {"dummy": {"steps": 3}}, "pairs": {"count": 4, "steps": 2}},
 }
 
@@ -76,28 +77,38 @@ def test_dag_writes_the_html_report(dag_run):
 def test_dag_tracks_one_mlflow_run_per_model_and_teacher(dag_run):
     tracked = json.loads((dag_run / "results/mlflow/tracked.json").read_text())
     assert len(tracked["runs"]) == 9  # per family: the teacher and two trained methods
+    assert len(tracked["replicate_runs"]) == 3 * 2 * 2  # and each method's two training seeds
     with sqlite3.connect(dag_run / "results/mlflow/mlflow.db") as db:
         keys = db.execute("select value from tags where key = 'fewstep.key'").fetchall()
         live = db.execute("select count(*) from runs where lifecycle_stage = 'active'").fetchone()[0]
         curves = db.execute("select count(*) from metrics where key like 'train.%'").fetchone()[0]
-    assert len(keys) == 9 and live == 9 and curves > 0
+    assert len(keys) == 21 and live == 21 and curves > 0
 
 
 def test_dag_trains_builtin_and_plugin_methods_and_scores_their_students(dag_run):
     for family in ("sdxl", "sd3", "sit"):
         for method, nfe in (("dummy", 1), ("example_plugin", 2)):
-            student = json.loads((dag_run / f"results/models/{family}/{method}/student.json").read_text())
-            assert student["method"] == method and student["student"]["nfe"] == nfe
+            for seed in (0, 1):
+                model = dag_run / f"results/models/{family}/{method}/seed{seed}"
+                student = json.loads((model / "student.json").read_text())
+                assert student["method"] == method and student["student"]["nfe"] == nfe
+                assert student["options"]["seed"] == seed
+                assert (dag_run / f"results/runs/{family}/{method}/seed{seed}/ckpt/latest").is_file()
             score = json.loads((dag_run / f"results/scores/{family}/{method}/student.json").read_text())
             assert score["method"] == method and score["nfe"] == nfe
+            assert score["n_training_seeds"] == 2
+            assert [r["training_seed"] for r in score["replicates"]] == [0, 1]
+            for name, result in score["results"].items():
+                per_seed = result["details"]["per_seed"]
+                assert list(per_seed) == ["0", "1"], name
+                assert result["value"] == pytest.approx(sum(per_seed.values()) / 2), name
             # paired with the teacher at its NFE; a guided teacher has no NFE 1, so the next one up
             against = score["against_teacher"]
             assert against["teacher_nfe"] == 2
             assert against["match"] == ("next NFE up" if nfe == 1 else "same NFE")
             assert set(against["metrics"]) == {"toy_fid", "toy_geneval", "toy_hps", "toy_imagereward"}
             assert all("verdict" in d and d["ci_low"] <= d["ci_high"] for d in against["metrics"].values())
-            assert (dag_run / f"results/runs/{family}/{method}/ckpt/latest").is_file()
-            prov = json.loads((dag_run / f"results/models/{family}/{method}/provenance.json").read_text())
+            prov = json.loads((model / "provenance.json").read_text())
             assert prov["config"]["method"] == method and "git_commit" in prov["environment"]
 
 

@@ -44,7 +44,7 @@ def test_lock_then_ctrl_c_then_rerun(tmp_path):
     first = subprocess.Popen(snakemake_command(work, "all"), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        wait_for(work / "results/runs/sit/dummy/ckpt/latest", first)
+        wait_for(work / "results/runs/sit/dummy/seed0/ckpt/latest", first)
         second = subprocess.run(snakemake_command(work, "all"), capture_output=True, text=True,
                                 timeout=120)
         assert second.returncode != 0
@@ -55,16 +55,16 @@ def test_lock_then_ctrl_c_then_rerun(tmp_path):
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
     assert first.returncode != 0
-    assert not (work / "results/models/sit/dummy").exists()  # an unfinished model is no model
-    checkpoint = (work / "results/runs/sit/dummy/ckpt/latest").read_text().strip()
+    assert not (work / "results/models/sit/dummy/seed0").exists()  # an unfinished model is no model
+    checkpoint = (work / "results/runs/sit/dummy/seed0/ckpt/latest").read_text().strip()
     assert checkpoint.startswith("step_") and checkpoint != "step_00000200"
 
     rerun = subprocess.run(snakemake_command(work, "all"), capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    student = yaml.safe_load((work / "results/models/sit/dummy/student.json").read_text())
+    student = yaml.safe_load((work / "results/models/sit/dummy/seed0/student.json").read_text())
     assert student["iterations"] == 200 and student["resumed_from"] >= 10
     prompts = read_prompts(work / "results/prompts/sit.jsonl")
-    for folder in ("teacher/steps1", "dummy/student"):  # every set whole and verified by content
+    for folder in ("teacher/steps1", "dummy/seed0"):  # every set whole and verified by content
         load_sample_set(work / "results/samples/sit" / folder, prompts=prompts, allow_blank=True)
     plan = subprocess.run(snakemake_command(work, "-n", "all"), capture_output=True, text=True,
                           timeout=120)

@@ -157,12 +157,12 @@ def test_the_dag_gives_the_regression_stage_pairs_and_the_dmd2_stage_its_init():
     workflow_config.validate(cfg)
     runs = planning.runs(cfg)
     assert runs["dmd2-stage1"] == planning.Run("dmd2", "toy-warmstart", None)
-    first = planning.train_inputs(cfg, "sdxl", "dmd2-stage1")
+    first = planning.train_inputs(cfg, "sdxl", "dmd2-stage1", 0)
     assert first["pairs"] == "results/pairs/sdxl.safetensors" and "init" not in first
-    assert "--set pairs=results/pairs/sdxl.safetensors" in planning.train_args(cfg, "sdxl", "dmd2-stage1")
-    second = planning.train_inputs(cfg, "sdxl", "dmd2")
-    assert second["init"] == "results/models/sdxl/dmd2-stage1" and "pairs" not in second
-    assert "init_from=results/models/sdxl/dmd2-stage1" in planning.train_args(cfg, "sdxl", "dmd2")
+    assert "--set pairs=results/pairs/sdxl.safetensors" in planning.train_args(cfg, "sdxl", "dmd2-stage1", 0)
+    second = planning.train_inputs(cfg, "sdxl", "dmd2", 0)
+    assert second["init"] == "results/models/sdxl/dmd2-stage1/seed0" and "pairs" not in second
+    assert "init_from=results/models/sdxl/dmd2-stage1/seed0" in planning.train_args(cfg, "sdxl", "dmd2", 0)
     cls = METHODS.get("dmd2")
     toy_ws = resolve(cls.Options, cls.PRESETS, "toy-warmstart", None, "dmd2")
     assert planning.pairs_guidance(cfg) == toy_ws.teacher_guidance

@@ -47,34 +47,54 @@ def test_a_staged_method_is_one_run_per_stage_each_from_the_previous():
 
 def test_toy_train_inputs_follow_each_methods_requires():
     for run, (method, _, previous) in planning.runs(DEFAULT).items():
-        inputs = planning.train_inputs(DEFAULT, "sit", run)
+        inputs = planning.train_inputs(DEFAULT, "sit", run, 0)
         needs = METHODS.get(method).requires
         assert ("pairs" in inputs) == ("pairs" in needs), run
         assert ("reward" in inputs) == ("reward" in needs), run
         assert "prompts" not in inputs  # the toy world trains on its own prompts
-        assert inputs.get("init") == (previous and f"results/models/sit/{previous}")
-    assert planning.train_inputs(DEFAULT, "sit", "dmd")["pairs"] == "results/pairs/sit.safetensors"
-    assert planning.train_inputs(DEFAULT, "sd3", "amd")["reward"] == planning.TOY_REWARD_NET
+        assert inputs.get("init") == (previous and f"results/models/sit/{previous}/seed0")
+    assert planning.train_inputs(DEFAULT, "sit", "dmd", 0)["pairs"] == "results/pairs/sit.safetensors"
+    assert planning.train_inputs(DEFAULT, "sd3", "amd", 0)["reward"] == planning.TOY_REWARD_NET
 
 
 def test_toy_train_args_are_the_commands_the_dag_runs():
-    assert planning.train_args(DEFAULT, "sit", "dmd") == (
-        "--method dmd --preset toy --set pairs=results/pairs/sit.safetensors")
-    assert planning.train_args(DEFAULT, "sdxl", "rtdmd") == (
+    assert planning.train_args(DEFAULT, "sit", "dmd", 0) == (
+        "--method dmd --preset toy --set pairs=results/pairs/sit.safetensors seed=0")
+    assert planning.train_args(DEFAULT, "sdxl", "rtdmd", 2) == (
         "--method rtdmd --preset toy-stage2 --reward results/metrics/toy_reward_net.safetensors "
-        "--set init_from=results/models/sdxl/rtdmd-stage1")
-    assert planning.train_args(DEFAULT, "sit", "dmd2") == "--method dmd2 --preset toy"
+        "--set init_from=results/models/sdxl/rtdmd-stage1/seed2 seed=2")
+    assert planning.train_args(DEFAULT, "sit", "dmd2", 0) == "--method dmd2 --preset toy --set seed=0"
+
+
+def test_every_training_seed_is_a_replicate_trained_sampled_and_scored_on_its_own():
+    cfg = with_methods(DEFAULT, "dmd2", "rtdmd", seeds=[0, 1, 2])
+    assert planning.replicates(cfg, "sit", "dmd2") == ["seed0", "seed1", "seed2"]
+    assert planning.model_dir(cfg, "sit", "dmd2", "seed1") == "results/models/sit/dmd2/seed1"
+    assert planning.train_inputs(cfg, "sit", "rtdmd", 1)["init"] == \
+        "results/models/sit/rtdmd-stage1/seed1"
+    assert planning.replicate_scores(cfg, "sd3", "rtdmd") == [
+        f"results/scores/sd3/rtdmd/seed{s}.json" for s in (0, 1, 2)]
+    assert planning.aggregate_seeds(cfg, "sd3", "rtdmd") == "0 1 2"
+    assert len(planning.all_model_dirs(cfg)) == 3 * 3 * 3  # families x runs x seeds
+    # the report's grids show the first replicate of each cell
+    assert planning.sample_sets(cfg)[-1] == "results/samples/sit/rtdmd/seed0"
+
+
+def test_a_seed_override_is_refused_because_distill_seeds_sets_every_seed():
+    cfg = with_methods(DEFAULT, "dmd2", overrides={"dmd2": {"seed": 3}})
+    with pytest.raises(workflow_config.ConfigError, match="distill/seeds"):
+        workflow_config.validate(cfg)
 
 
 def test_a_plugin_gets_the_inputs_it_requires_in_both_worlds(needs_all):
     cfg = with_methods(DEFAULT, needs_all)
-    assert set(planning.train_inputs(cfg, "sit", needs_all)) == {"teacher", "pairs", "reward"}
-    toy_args = planning.train_args(cfg, "sit", needs_all)
+    assert set(planning.train_inputs(cfg, "sit", needs_all, 0)) == {"teacher", "pairs", "reward"}
+    toy_args = planning.train_args(cfg, "sit", needs_all, 0)
     assert "--reward results/metrics/toy_reward_net.safetensors" in toy_args
     real = with_methods(REAL, needs_all, rewards={needs_all: "hpsv2:v2.0"})
-    inputs = planning.train_inputs(real, "sit", needs_all)
+    inputs = planning.train_inputs(real, "sit", needs_all, 0)
     assert set(inputs) == {"teacher", "pairs", "prompts"}  # the real reward is a name, not a file
-    args = planning.train_args(real, "sit", needs_all)
+    args = planning.train_args(real, "sit", needs_all, 0)
     assert "--reward hpsv2:v2.0 --train-prompts results/train_prompts/sit.jsonl" in args
     assert "--real-data imagenet-train-256" in args
 
@@ -84,7 +104,7 @@ def test_every_config_string_in_the_train_arguments_is_quoted(needs_all):
     cfg = with_methods(REAL, needs_all, rewards={needs_all: hostile}, preset=hostile,
                        overrides={needs_all: {"name": hostile}})
     cfg["distill"]["train_data"]["sit"]["real_images"] = hostile
-    words = shlex.split(planning.train_args(cfg, "sit", needs_all))
+    words = shlex.split(planning.train_args(cfg, "sit", needs_all, 0))
     assert words[words.index("--preset") + 1] == hostile
     assert words[words.index("--reward") + 1] == hostile
     assert words[words.index("--real-data") + 1] == hostile
@@ -100,10 +120,12 @@ def test_pairs_are_sampled_with_the_guidance_of_the_method_that_reads_them():
 
 def test_released_students_are_not_trained_and_are_sampled_from_their_release():
     cfg = with_methods(DEFAULT, "dmd2", "cdm", released={"dmd2": {"sit": {"weights": "w b"}}})
-    assert planning.model_dir(cfg, "sit", "dmd2") == "results/released/sit/dmd2"
-    assert planning.model_dir(cfg, "sd3", "dmd2") == "results/models/sd3/dmd2"
+    assert planning.replicates(cfg, "sit", "dmd2") == ["released"]
+    assert planning.model_dir(cfg, "sit", "dmd2", "released") == "results/released/sit/dmd2"
+    assert planning.model_dir(cfg, "sd3", "dmd2", "seed0") == "results/models/sd3/dmd2/seed0"
+    assert planning.aggregate_seeds(cfg, "sit", "dmd2") == "released"
     dirs = planning.all_model_dirs(cfg)
-    assert "results/models/sit/dmd2" not in dirs and dirs[-1] == "results/released/sit/dmd2"
+    assert "results/models/sit/dmd2/seed0" not in dirs and dirs[-1] == "results/released/sit/dmd2"
     assert len(dirs) == 3 * 2
     assert planning.release_params(cfg, "sit", "dmd2") == {"weights": "'w b'", "lora": "",
                                                            "preset": "toy"}
@@ -115,7 +137,7 @@ def test_score_and_report_lists_cover_every_teacher_set_and_student():
     assert scores[:2] == ["results/scores/sdxl/teacher/steps1.json",
                           "results/scores/sdxl/teacher/steps2.json"]
     assert scores[-1] == "results/scores/sit/cdm/student.json"
-    assert planning.sample_sets(DEFAULT)[-1] == "results/samples/sit/cdm/student"
+    assert planning.sample_sets(DEFAULT)[-1] == "results/samples/sit/cdm/seed0"
     assert planning.score_extra_inputs(DEFAULT) == {
         "net": planning.TOY_FEATURE_NET, "reference": "results/metrics/fid_reference/{family}.json"}
     assert set(planning.score_extra_inputs(REAL)) == {"reference"}

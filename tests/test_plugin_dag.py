@@ -47,7 +47,7 @@ def released(trained, plugin_env):
     """The same workdir with the plugin's trained weights configured as a published release."""
     weights = trained / "published" / "example_plugin_sit.safetensors"
     weights.parent.mkdir()
-    trained_weights = trained / f"results/models/sit/{PLUGIN}/generator.safetensors"
+    trained_weights = trained / f"results/models/sit/{PLUGIN}/seed0/generator.safetensors"
     weights.write_bytes(trained_weights.read_bytes())
     cfg = {**TINY, "distill": {**TINY["distill"],
                                "released": {PLUGIN: {"sit": {"weights": str(weights)}}}}}
@@ -56,12 +56,12 @@ def released(trained, plugin_env):
 
 
 def test_the_plugin_trains_on_the_reward_it_requires(trained):
-    model = json.loads((trained / f"results/models/sit/{PLUGIN}/student.json").read_text())
+    model = json.loads((trained / f"results/models/sit/{PLUGIN}/seed0/student.json").read_text())
     assert model["method"] == PLUGIN and model["iterations"] == 4
     assert model["inputs"]["reward"] == "results/metrics/toy_reward_net.safetensors"
     assert model["student"]["nfe"] == 2  # its own sampler: two steps, the guidance baked in
     rows = [json.loads(line) for line in
-            (trained / f"results/runs/sit/{PLUGIN}/metrics.jsonl").read_text().splitlines()]
+            (trained / f"results/runs/sit/{PLUGIN}/seed0/metrics.jsonl").read_text().splitlines()]
     assert all(row["generator/reward"] < 0 for row in rows)  # toy rewards are log-probabilities
 
 
@@ -79,8 +79,8 @@ def test_the_plugins_release_is_sampled_scored_and_reported(released):
     assert model["weights"] == "released" and model["preset"] == "toy"
     assert model["released"]["sha256"] == {weights.name: file_sha256(weights)}
     assert model["student"] == json.loads(
-        (work / f"results/models/sit/{PLUGIN}/student.json").read_text())["student"]
-    samples = work / f"results/samples/sit/{PLUGIN}/student"
+        (work / f"results/models/sit/{PLUGIN}/seed0/student.json").read_text())["student"]
+    samples = work / f"results/samples/sit/{PLUGIN}/released"
     sampled = json.loads((samples / "provenance.json").read_text())
     assert f"results/released/sit/{PLUGIN}" in json.dumps(sampled)
     board = (work / "reports/leaderboard.md").read_text()

@@ -160,7 +160,7 @@ def test_readme_command_runs_the_dag_on_slurm(cluster, tmp_path):
     assert "submitted with SLURM jobid" in log
     assert (repo / "reports" / "leaderboard.md").is_file()
     assert (repo / "reports" / "claims_audit.md").is_file()
-    student = json.loads((repo / "results/models/sit/dummy/student.json").read_text())
+    student = json.loads((repo / "results/models/sit/dummy/seed0/student.json").read_text())
     assert student["iterations"] == 3 and student["world_size"] == 2
     jobs = subprocess.run(["squeue", "--states=all", "-h", "-o", "%i %k"], capture_output=True,
                           text=True).stdout

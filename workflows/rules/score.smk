@@ -97,10 +97,33 @@ rule score_teacher:
         score_command("{input.samples}", "{output}")
 
 
-# A student is also compared with its teacher at the same NFE, paired on the shared noise.
+# Each replicate of a student (a training seed, or a released checkpoint) is also compared with its
+# teacher at the same NFE, paired on the shared noise.
 rule score_student:
     input:
-        **score_inputs(samples="results/samples/{family}/{method}/student",
+        **score_inputs(samples="results/samples/{family}/{method}/{replicate}",
+                       teacher_sets=expand(TEACHER_SETS, family="{family}", steps=STEPS),
+                       teacher_scores=expand("results/scores/{family}/teacher/steps{steps}.json",
+                                             family="{family}", steps=STEPS),
+                       prompts="results/prompts/{family}.jsonl"),
+    output:
+        "results/scores/{family}/{method}/{replicate}.json",
+    params:
+        **SCORE_PARAMS,
+    threads: 1
+    log:
+        "results/logs/scores/{family}/{method}/{replicate}.log",
+    shell:
+        score_command("{input.samples}", "{output}", "--against {input.teacher_scores} ")
+
+
+# A cell over its training seeds: the mean, an interval that resamples training seeds and then
+# prompts, the per-seed values and the paired comparison with the teacher (fewstep.cells).
+rule aggregate:
+    input:
+        **score_inputs(replicates=lambda wc: planning.replicate_scores(config, wc.family, wc.method),
+                       samples=lambda wc: [f"results/samples/{wc.family}/{wc.method}/{r}" for r in
+                                           planning.replicates(config, wc.family, wc.method)],
                        teacher_sets=expand(TEACHER_SETS, family="{family}", steps=STEPS),
                        teacher_scores=expand("results/scores/{family}/teacher/steps{steps}.json",
                                              family="{family}", steps=STEPS),
@@ -108,9 +131,11 @@ rule score_student:
     output:
         "results/scores/{family}/{method}/student.json",
     params:
-        **SCORE_PARAMS,
+        seeds=lambda wc: planning.aggregate_seeds(config, wc.family, wc.method),
     threads: 1
     log:
         "results/logs/scores/{family}/{method}/student.log",
     shell:
-        score_command("{input.samples}", "{output}", "--against {input.teacher_scores} ")
+        THREADS_ENV + " {FEWSTEP} aggregate --replicates {input.replicates} "
+        "--training-seeds {params.seeds} --against {input.teacher_scores} --out {output} "
+        "> {log} 2>&1"

@@ -1,5 +1,6 @@
-# Distillation: every configured method on every family's teacher, then its student sampled on
-# the held-out prompts with the same per-(prompt, seed) noise as the teacher (paired design).
+# Distillation: every configured method on every family's teacher, once per training seed
+# (distill/seeds), then each student sampled on the held-out prompts with the same per-(prompt,
+# image seed) noise as the teacher and as the cell's other training seeds (paired design).
 # The plan (runs, stages, each run's inputs and arguments) is fewstep.planning's: what a method
 # reads besides its teacher comes from its class's `requires`, so a plugin is planned as a
 # built-in is.
@@ -67,32 +68,33 @@ TRAIN_LAUNCH = planning.train_launch(config, sys.executable)
 
 rule train:
     input:
-        unpack(lambda wc: planning.train_inputs(config, wc.family, wc.run)),
+        unpack(lambda wc: planning.train_inputs(config, wc.family, wc.run, int(wc.seed))),
     output:
-        directory("results/models/{family}/{run}"),
+        directory("results/models/{family}/{run}/seed{seed}"),
     params:
-        args=lambda wc: planning.train_args(config, wc.family, wc.run),
+        args=lambda wc: planning.train_args(config, wc.family, wc.run, int(wc.seed)),
         res=config["resolution"],
     threads: PROCESSES
     priority: 40
     resources:
         gpu=PROCESSES,
     log:
-        "results/logs/train/{family}/{run}.log",
+        "results/logs/train/{family}/{run}/seed{seed}.log",
     shell:
         # the run folder keeps checkpoints outside the output: a retried job resumes from it
         "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 " + TRAIN_LAUNCH + " train {params.args} --teacher {input.teacher} "
-        "--resolution {params.res} --run-dir results/runs/{wildcards.family}/{wildcards.run} "
+        "--resolution {params.res} --run-dir results/runs/{wildcards.family}/{wildcards.run}/"
+        "seed{wildcards.seed} "
         "--out {output} --no-progress > {log} 2>&1"
 
 
 rule sample_student:
     input:
         teacher="results/teachers/{family}",
-        model=lambda wc: planning.model_dir(config, wc.family, wc.method),
+        model=lambda wc: planning.model_dir(config, wc.family, wc.method, wc.replicate),
         prompts="results/prompts/{family}.jsonl",
     output:
-        directory("results/samples/{family}/{method}/student"),
+        directory("results/samples/{family}/{method}/{replicate}"),
     params:
         seeds=SEEDS,
     threads: 1
@@ -100,7 +102,7 @@ rule sample_student:
     resources:
         gpu=1,
     log:
-        "results/logs/samples/{family}/{method}/student.log",
+        "results/logs/samples/{family}/{method}/{replicate}.log",
     shell:
         THREADS_ENV + " {FEWSTEP} sample --teacher {input.teacher} --student {input.model} "
         "--prompts {input.prompts} --seeds {params.seeds} --out {output} > {log} 2>&1"
