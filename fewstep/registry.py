@@ -128,6 +128,10 @@ METRICS = Registry("metric", "fewstep.metrics", {
     "imagereward": "metrics.image_reward:ImageRewardScore",      # BLIP reward, x1 (z-score)
     "toy_diversity": "metrics.diversity:ToyDiversity",           # per-prompt, seed-4 toy net
     "diversity_dinov2": "metrics.diversity:DINOv2Diversity",     # per-prompt, DINOv2 CLS
+    "toy_precision": "metrics.precision_recall:ToyPrecision",    # k-NN manifolds, toy FID net
+    "toy_recall": "metrics.precision_recall:ToyRecall",          # k-NN manifolds, toy FID net
+    "precision": "metrics.precision_recall:InceptionPrecision",  # k-NN manifolds, FID Inception
+    "recall": "metrics.precision_recall:InceptionRecall",        # k-NN manifolds, FID Inception
 }, base="metrics.base:Metric")
 
 # Differentiable scorers for reward-guided training: each entry builds one from an optional

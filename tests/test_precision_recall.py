@@ -1,0 +1,147 @@
+"""Improved precision and recall (Kynkaanniemi et al. 2019) and density/coverage (Naeem et al.
+2020) against the toy FID's reference renders (metrics/precision_recall.py)."""
+import json
+
+import numpy as np
+import pytest
+
+from fewstep.registry import METRICS, UnknownNameError
+from fewstep.toy import world
+from metrics.sampleset import write_sample_set
+
+SEEDS = (0, 1, 2, 3)
+N_PROMPTS = 12
+
+
+def _write(folder, metas, collapsed=False, seed_shift=0):
+    images, records = [], []
+    for m in metas:
+        for s in SEEDS:
+            images.append(world.render(m, 0 if collapsed else s + seed_shift, 16)[0])
+            records.append({"prompt_id": m["prompt_id"], "prompt": m["prompt"], "seed": s,
+                            "family": "toy", "method": "render", "nfe": 0, "meta": m})
+    return write_sample_set(folder, np.stack(images), records)
+
+
+@pytest.fixture(scope="module")
+def world_sets(tmp_path_factory):
+    metas = world.prompt_set("eval")[:N_PROMPTS]
+    root = tmp_path_factory.mktemp("pr")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(m) + "\n" for m in metas))
+    return {"prompts": prompts, "cache": root / "cache",
+            "varied": _write(root / "varied", metas, seed_shift=100),
+            "collapsed": _write(root / "collapsed", metas, collapsed=True)}
+
+
+def _metric(world_sets, statistic, **kw):
+    from metrics.precision_recall import ToyPrecisionRecall
+
+    return ToyPrecisionRecall(statistic=statistic, reference_prompts=str(world_sets["prompts"]),
+                              renders_per_prompt=8, cache_dir=world_sets["cache"],
+                              n_resamples=kw.pop("n_resamples", 100), **kw)
+
+
+# ------------------------------------------------------------------------------ the formulas
+
+def test_knn_radii_exclude_the_point_itself():
+    from metrics.precision_recall import knn_radii
+
+    points = np.array([[0.0], [1.0], [3.0], [7.0]])
+    assert knn_radii(points, k=1).tolist() == [1.0, 1.0, 2.0, 4.0]
+    assert knn_radii(points, k=3).tolist() == [7.0, 6.0, 4.0, 7.0]
+    with pytest.raises(ValueError, match="k = 3 needs at least 4"):
+        knn_radii(points[:3], k=3)
+
+
+def test_precision_recall_density_coverage_by_hand():
+    from metrics.precision_recall import manifold_scores
+
+    real = np.array([[0.0], [1.0], [2.0], [3.0]])      # k = 1 radii: 1, 1, 1, 1
+    fake = np.array([[0.5], [10.0], [11.5], [12.0]])    # k = 1 radii: 9.5, 1.5, 0.5, 0.5
+    s = manifold_scores(real, fake, k=1)
+    assert s["precision"] == 0.25                      # only 0.5 lies in a real ball
+    # real points in a fake ball: 0 (|0 - 0.5| <= 9.5), 1, 2, 3 all within 9.5 of 0.5
+    assert s["recall"] == 1.0
+    # coverage: real balls (radius 1) holding a fake: 0 and 1 (0.5 is within 1 of both)
+    assert s["coverage"] == 0.5
+    # density: (1 / (k M)) sum over fakes of the number of real balls holding it = 2 / 4
+    assert s["density"] == 0.5
+
+
+def test_identical_sets_score_one_and_far_sets_zero():
+    from metrics.precision_recall import manifold_scores
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3))
+    same = manifold_scores(x, x.copy(), k=3)
+    assert same["precision"] == same["recall"] == same["coverage"] == 1.0
+    far = manifold_scores(x, x + 100.0, k=3)
+    assert far["precision"] == far["recall"] == far["coverage"] == far["density"] == 0.0
+
+
+def test_a_resample_builds_the_manifold_from_distinct_images():
+    """Duplicates drawn by the bootstrap add no point to the generated manifold (a point's copies
+    would otherwise be its nearest neighbours at distance 0 and shrink its ball to nothing)."""
+    from metrics.precision_recall import ManifoldResampler
+
+    rng = np.random.default_rng(1)
+    real, fake = rng.normal(size=(30, 2)), rng.normal(size=(20, 2))
+    resampler = ManifoldResampler(real, fake, k=3)
+    idx = np.array([0, 0, 1, 2, 3, 3, 3, 4, 5])
+    distinct = ManifoldResampler(real, fake[[0, 1, 2, 3, 4, 5]], k=3)
+    assert resampler.recall(idx) == distinct.recall(np.arange(6))
+    assert resampler.recall(np.arange(20)) == resampler.scores()["recall"]
+    # precision counts every drawn image (duplicates included): a mean over draws
+    inside = resampler.in_reference(np.arange(20))
+    assert resampler.precision(idx) == pytest.approx(inside[idx].mean())
+
+
+# --------------------------------------------------------------------------- the toy metric
+
+def test_collapsed_generator_has_lower_recall_than_varied_renders(world_sets):
+    recall = _metric(world_sets, "recall")
+    varied, collapsed = recall.score(world_sets["varied"]), recall.score(world_sets["collapsed"])
+    assert collapsed.value < varied.value and collapsed.ci_high < varied.ci_low
+    assert varied.higher_is_better and varied.n == N_PROMPTS * len(SEEDS)
+    for key in ("precision", "recall", "density", "coverage"):
+        assert 0.0 <= varied.details[key] and key in collapsed.details
+    assert varied.details["recall"] == varied.value
+    diff = recall.paired_difference(collapsed, varied, world_sets["collapsed"],
+                                    world_sets["varied"])
+    assert diff["verdict"] == "worse" and diff["difference"] < 0
+
+
+def test_precision_of_renders_is_high_and_identity_names_the_reference(world_sets):
+    precision = _metric(world_sets, "precision")
+    result = precision.score(world_sets["varied"])
+    assert result.value == result.details["precision"] and result.value > 0.5
+    ident = result.identity
+    assert ident["metric"] == "toy_precision" and ident["k"] == 3
+    assert ident["reference"]["kind"] == "toy-render" and len(ident["extractor_sha256"]) == 64
+    assert ident["reference_n"] == "match" and ident["n_reference_used"] == result.n
+
+
+def test_replicate_statistic_recomputes_the_value_on_the_given_rows(world_sets):
+    recall = _metric(world_sets, "recall")
+    result = recall.score(world_sets["varied"])
+    keys = [(r["prompt_id"], r["seed"]) for r in result.per_sample][::-1]   # another order
+    stat = recall.replicate_statistic(result, world_sets["varied"], keys)
+    assert stat(np.arange(len(keys))) == pytest.approx(result.value)
+    first = [i for i, k in enumerate(keys) if k[0] == keys[0][0]]
+    assert 0.0 <= stat(np.array(first * 3)) <= 1.0
+
+
+def test_options_are_checked_and_names_registered():
+    from metrics.precision_recall import InceptionPrecisionRecall, ToyPrecisionRecall
+
+    with pytest.raises(ValueError, match="statistic 'recal'.*recall"):
+        ToyPrecisionRecall(statistic="recal")
+    with pytest.raises(ValueError, match="reference_n"):
+        ToyPrecisionRecall(reference_n="some")
+    assert issubclass(METRICS.get("toy_recall"), ToyPrecisionRecall)
+    assert issubclass(METRICS.get("toy_precision"), ToyPrecisionRecall)
+    assert issubclass(METRICS.get("recall"), InceptionPrecisionRecall)
+    assert METRICS.get("toy_recall").statistic == "recall"
+    with pytest.raises(UnknownNameError, match="toy_recall"):
+        METRICS.check("toy_recal")
