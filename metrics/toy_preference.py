@@ -18,8 +18,8 @@ something else:
   sigmoid(local presence logit)) of object j of the prompt ("colour shape" when coloured) + log
   p(count = the prompt's count) + mean_k log sigmoid(10 d_k) over the prompt's position relations,
   d_k the offset (in canvas units) along the relation's direction between the soft-argmax centres
-  of the two objects' local presence maps; seed-3 net. Image quality enters only as far as it
-  hides objects.
+  of the two objects' local presence maps; seed-3 net. Exclusions ("no fourth triangle") enter
+  through the count term. Image quality enters only as far as it hides objects.
 
 The training reward of AMD/RTDMD (metrics/toy_reward.py, seed-1 net) is a third objective: presence
 + count + 0.25 log p(clean) on its own net. It overlaps each slot partly (alignment terms with
@@ -130,8 +130,8 @@ class AlignmentReward:
         return torch.stack(terms).mean() if terms else maps.new_zeros(())
 
     def __call__(self, images01: torch.Tensor, metas: list[dict]) -> torch.Tensor:
-        local, presence, count, _ = self.net(images01.float())
-        maps = self.net.local_maps(images01.float())
+        maps, presence, count, _ = self.net.heads(images01.float())
+        local = maps.amax(dim=(2, 3))
         scores = []
         for i, meta in enumerate(metas):
             labels, n = prompt_targets(self.labels, self.max_objects, meta)
@@ -147,6 +147,22 @@ class AlignmentReward:
 
 
 SCORERS = {"toy_hps": QualityReward, "toy_imagereward": AlignmentReward}
+
+
+def slots_sharing_net(reward_file_sha256: str | None, size: int = 16) -> set[str]:
+    """The toy metric slots whose shipped net is the file a training reward was built from
+    (a student's inputs.reward_sha256, the sha256 of the file's bytes): scoring that student with
+    them is leakage ("L"). The default training reward (the seed-1 net) shares none; a run pointed
+    at a slot's own net file (`--reward toy:fewstep/toy/feature_nets/toy_pref_hps_16.safetensors`)
+    shares that slot's model."""
+    from fewstep.io import file_sha256
+    from fewstep.toy.features import SHIPPED_DIR, SHIPPED_FILES
+
+    if not reward_file_sha256:
+        return set()
+    return {slot for slot, (role, _) in SLOTS.items()
+            if (path := SHIPPED_DIR / SHIPPED_FILES[role].format(size=size)).is_file()
+            and file_sha256(path) == reward_file_sha256}
 
 
 @dataclass

@@ -113,16 +113,17 @@ class ToyFeatureNet(nn.Module):
         raw = self.embed(self._pooled(self.trunk(images01 * 2.0 - 1.0)))
         return (raw - self.feature_shift) / self.feature_scale
 
-    def local_maps(self, images01: torch.Tensor) -> torch.Tensor:
-        """(B, labels, h, w) presence logits per position (forward's local head before its max):
-        where each label is, for soft position scores (metrics/toy_preference.py)."""
-        return self.local(self.trunk(images01 * 2.0 - 1.0))
+    def heads(self, images01: torch.Tensor):
+        """Logits: local presence maps (B, labels, h, w) (where each label is, for soft position
+        scores: metrics/toy_preference.py), feature presence, object count, degradation kind."""
+        h = self.trunk(images01 * 2.0 - 1.0)
+        f = F.silu(self.embed(self._pooled(h)))
+        return self.local(h), self.presence(f), self.count(f), self.quality(f)
 
     def forward(self, images01: torch.Tensor):
         """Logits: local presence, feature presence, object count, degradation kind."""
-        h = self.trunk(images01 * 2.0 - 1.0)
-        f = F.silu(self.embed(self._pooled(h)))
-        return self.local(h).amax(dim=(2, 3)), self.presence(f), self.count(f), self.quality(f)
+        maps, presence, count, quality = self.heads(images01)
+        return maps.amax(dim=(2, 3)), presence, count, quality
 
 
 # ------------------------------------------------------------------------------------ training
