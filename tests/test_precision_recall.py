@@ -145,3 +145,58 @@ def test_options_are_checked_and_names_registered():
     assert METRICS.get("toy_recall").statistic == "recall"
     with pytest.raises(UnknownNameError, match="toy_recall"):
         METRICS.check("toy_recal")
+
+
+# ---------------------------------------------------------------- real route: the FID's wiring
+
+class _FakeFID:
+    """Stands in for metrics.fid.FID: a set's features are the red channel of its images' top-left
+    4x4 pixels (cheap, deterministic); the reference features are given."""
+
+    def __init__(self, reference_feats):
+        from metrics.fid import ReferenceStats
+
+        self.ref = ReferenceStats(reference_feats, reference_feats.mean(0), np.eye(2),
+                                  np.eye(2), [], {"reference": {"kind": "image-folder"}})
+        self.extractor_obj = type("Ex", (), {"name": "stand-in", "sha256": "0" * 64})()
+
+    def resolution_for(self, ss):
+        return ss.resolution[0]
+
+    def features(self, ss, size):
+        return np.stack([ss.load_image(i)[:4, :4, 0].reshape(-1) / 255.0 for i in range(len(ss))])
+
+    def reference_stats(self, size):
+        return self.ref
+
+    def extractor(self):
+        return self.extractor_obj
+
+    def _device(self):
+        return "cpu"
+
+
+def test_inception_route_reads_the_fids_features_and_reference(world_sets):
+    from metrics.precision_recall import InceptionRecall
+    from metrics.sampleset import load_sample_set
+
+    varied_set = load_sample_set(world_sets["varied"])
+    feats = _FakeFID(np.zeros((1, 1))).features(varied_set, 16)
+    metric = InceptionRecall(n_resamples=50)
+    metric._fid_metric = _FakeFID(feats)          # the varied set is its own reference: recall 1
+    varied, collapsed = metric.score(world_sets["varied"]), metric.score(world_sets["collapsed"])
+    assert varied.value == 1.0 and collapsed.value < varied.value
+    ident = varied.identity
+    assert ident["features"].startswith("clean-fid Inception") and ident["crop"] == "center"
+    assert ident["reference"] == {"kind": "image-folder"} and ident["metric"] == "recall"
+
+
+def test_inception_route_missing_weights_name_the_file(world_sets, tmp_path, monkeypatch):
+    from fewstep.backbones.weights import MissingWeightsError
+    from metrics.precision_recall import InceptionPrecision
+
+    monkeypatch.setenv("FEWSTEP_WEIGHTS", str(tmp_path / "empty"))
+    metric = InceptionPrecision(reference=str(tmp_path), n_resamples=10)
+    assert [wf.path for wf in metric.weight_files()][0].startswith("cleanfid/")
+    with pytest.raises(MissingWeightsError, match="fewstep weights check"):
+        metric.score(world_sets["varied"])
