@@ -16,7 +16,7 @@ from the same draws (BootstrapCI.p_value; meaningful for a difference A - B): th
 which the interval of that method would exclude 0 (Efron & Tibshirani 1993, ch. 15, hypothesis
 tests from confidence intervals, and ch. 16, the achieved significance level of a bootstrap test).
 
-Multiplicity: `holm_adjusted` gives Holm's step-down adjusted p-values for one table of tests.
+Multiplicity control over a table of these p-values: metrics/multiplicity.py (Holm).
 
 Training seeds: `two_level_bootstrap` resamples a cell's training seeds and then prompts (Davison
 & Hinkley 1997, sec. 3.8, resampling both stages of a two-stage sample).
@@ -477,20 +477,3 @@ def win_rate(scores_a, keys_a, scores_b, keys_b, *, higher_is_better: bool = Tru
             "wins": int((margin > 0).sum()), "ties": int((margin == 0).sum()),
             "losses": int((margin < 0).sum()), "n_prompts": len(prompts)}
 
-
-def holm_adjusted(p_values: Sequence[float | None]) -> list[float | None]:
-    """Holm's step-down adjusted p-values (Holm 1979, "A simple sequentially rejective multiple
-    test procedure", Scand. J. Statist. 6): with the m given p-values sorted, p_(j) becomes
-    max over i <= j of min(1, (m - i + 1) p_(i)). Rejecting where the adjusted p <= alpha keeps the
-    family-wise error of the m tests (one table) at alpha. None (no test) stays None and does not
-    count in m."""
-    tested = [(p, i) for i, p in enumerate(p_values) if p is not None]
-    bad = [p for p, _ in tested if not 0.0 <= float(p) <= 1.0]
-    if bad:
-        raise ValueError(f"a p-value must lie in [0, 1]; got {bad[:3]}")
-    out: list[float | None] = [None] * len(p_values)
-    running = 0.0
-    for rank, (p, i) in enumerate(sorted(tested, key=lambda t: t[0])):
-        running = max(running, min(1.0, (len(tested) - rank) * float(p)))
-        out[i] = running
-    return out
