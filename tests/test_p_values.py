@@ -123,14 +123,19 @@ def test_metric_paired_difference_has_p_value():
 def test_holm_on_bootstrap_p_values_controls_the_family_wise_error():
     """Ten true nulls: raw bootstrap p-values reject at least one far more often than 5 %; Holm's
     adjustment (metrics.multiplicity) of the same p-values about 5 % of the time or less, so the
-    p-values are valid at the small levels Holm tests them at (alpha / m)."""
+    p-values are valid at the small levels Holm tests them at (alpha / m). The smallest bootstrap
+    p-value is 2 / (R + 1), so Holm can reject anything only when m * 2 / (R + 1) <= alpha: 999
+    resamples here (10 * 0.002 = 0.02)."""
     from metrics.multiplicity import holm
 
     rng = np.random.default_rng(9)
     reps, raw_any, holm_any = 150, 0, 0
     for r in range(reps):
-        p = [cluster_mean_ci(*_paired(rng), n_resamples=R, seed=10 * r + j).p_value
+        p = [cluster_mean_ci(*_paired(rng), n_resamples=999, seed=10 * r + j).p_value
              for j in range(10)]
         raw_any += min(p) <= 0.05
         holm_any += min(holm(p)) <= 0.05
     assert raw_any / reps > 0.2 and holm_any / reps <= 0.1, (raw_any / reps, holm_any / reps)
+    far = [cluster_mean_ci(*_paired(rng, shift=5.0), n_resamples=999, seed=j).p_value
+           for j in range(10)]
+    assert max(holm(far)) <= 0.05          # with enough resamples Holm still rejects real effects
