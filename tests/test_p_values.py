@@ -125,13 +125,15 @@ def test_holm_on_bootstrap_p_values_controls_the_family_wise_error():
     adjustment (metrics.multiplicity) of the same p-values about 5 % of the time or less, so the
     p-values are valid at the small levels Holm tests them at (alpha / m). The smallest bootstrap
     p-value is 2 / (R + 1), so Holm can reject anything only when m * 2 / (R + 1) <= alpha: 999
-    resamples here (10 * 0.002 = 0.02)."""
+    resamples here (10 * 0.002 = 0.02). Measured (200 families, 60 prompts): Holm family-wise
+    error 0.06 percentile, 0.04 studentized, 0.075 BCa; with 20 prompts 0.095, 0.04, 0.135 (the
+    percentile tails are thin with few prompts)."""
     from metrics.multiplicity import holm
 
     rng = np.random.default_rng(9)
     reps, raw_any, holm_any = 150, 0, 0
     for r in range(reps):
-        p = [cluster_mean_ci(*_paired(rng), n_resamples=999, seed=10 * r + j).p_value
+        p = [cluster_mean_ci(*_paired(rng, n_prompts=60), n_resamples=999, seed=10 * r + j).p_value
              for j in range(10)]
         raw_any += min(p) <= 0.05
         holm_any += min(holm(p)) <= 0.05
