@@ -33,6 +33,7 @@ Inception pool features are the FID's and are recorded as such in the identity).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,7 +266,10 @@ class PrecisionRecall(Metric):
         if folder_a is None or folder_b is None:
             raise ValueError(f"a paired {self.name} difference needs both sample-set folders "
                              "(features)")
-        return paired_summary(self.compare(folder_a, folder_b, **load_kw), self.higher_is_better)
+        ci = self.compare(folder_a, folder_b, **load_kw)
+        if self.statistic in BOUNDED:   # a recentred interval may leave [-1, 1]; a share cannot
+            ci = dataclasses.replace(ci, low=max(ci.low, -1.0), high=min(ci.high, 1.0))
+        return paired_summary(ci, self.higher_is_better)
 
     def compare(self, folder_a, folder_b, **load_kw) -> BootstrapCI:
         """Paired CI of stat(A) - stat(B) on a shared (prompt_id, seed) grid."""

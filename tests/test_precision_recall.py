@@ -13,13 +13,13 @@ SEEDS = (0, 1, 2, 3)
 N_PROMPTS = 12
 
 
-def _write(folder, metas, collapsed=False, seed_shift=0):
+def _write(folder, metas, collapsed=False, seed_shift=0, method="render"):
     images, records = [], []
     for m in metas:
         for s in SEEDS:
             images.append(world.render(m, 0 if collapsed else s + seed_shift, 16)[0])
             records.append({"prompt_id": m["prompt_id"], "prompt": m["prompt"], "seed": s,
-                            "family": "toy", "method": "render", "nfe": 0, "meta": m})
+                            "family": "toy", "method": method, "nfe": 0, "meta": m})
     return write_sample_set(folder, np.stack(images), records)
 
 
@@ -200,3 +200,35 @@ def test_inception_route_missing_weights_name_the_file(world_sets, tmp_path, mon
     assert [wf.path for wf in metric.weight_files()][0].startswith("cleanfid/")
     with pytest.raises(MissingWeightsError, match="fewstep weights check"):
         metric.score(world_sets["varied"])
+
+
+# ------------------------------------------------------------ through `fewstep score --against`
+
+def test_score_command_pairs_diversity_and_recall_against_the_teacher(world_sets, tmp_path):
+    from fewstep.cli import main
+    from fewstep.io import write_json
+
+    metas = world.prompt_set("eval")[:N_PROMPTS]
+    folders = {"teacher": _write(tmp_path / "teacher", metas, seed_shift=100, method="teacher"),
+               "student": _write(tmp_path / "student", metas, collapsed=True, method="dmd")}
+    for folder in folders.values():
+        write_json(folder / "provenance.json", {"timing": {"latency_s": 0.01}})
+    metrics = ["toy_diversity", "toy_recall", "toy_precision"]
+
+    def score(name, against=()):
+        out = tmp_path / f"{name}.json"
+        args = ["score", "--samples", str(folders[name]), "--prompts",
+                str(world_sets["prompts"]), "--seeds", *map(str, SEEDS), "--resolution", "16",
+                "--metrics", *metrics, "--reference-images", "96", "--cache",
+                str(tmp_path / "cache"), "--resamples", "100", "--out", str(out)]
+        assert main(args + (["--against", *map(str, against)] if against else [])) == 0
+        return out
+
+    teacher = score("teacher")
+    row = json.loads(score("student", [teacher]).read_text())
+    assert row["results"]["toy_diversity"]["value"] == 0.0
+    paired = row["against_teacher"]["metrics"]
+    assert paired["toy_diversity"]["verdict"] == "worse"
+    assert paired["toy_recall"]["verdict"] == "worse"
+    assert row["results"]["toy_recall"]["identity"]["reference"]["renders_per_prompt"] == 8
+    assert paired["toy_recall"]["ci_low"] >= -1.0     # a difference of shares stays in [-1, 1]
