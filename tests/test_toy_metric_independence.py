@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from fewstep.commands import metric_corr
 from fewstep.toy import world
@@ -186,4 +187,6 @@ def test_dag_trains_the_shipped_reward_net_recipe():
     copies = re.search(r"features --source shipped --role reward ", shell)  # the shipped file
     assert trains or copies, shell
     recipe = load_feature_net(shipped_feature_net(RES, "reward")).recipe
-    assert recipe["seed"] == REWARD_SEED and recipe["steps"] == 1200
+    config = yaml.safe_load((ROOT / "workflows/config/default.yaml").read_text())
+    assert recipe["seed"] == REWARD_SEED and config["resolution"] == RES
+    assert recipe["steps"] == config["fid"]["feature_net_steps"]
