@@ -96,11 +96,13 @@ class ManifoldResampler:
     against a fixed reference; distances computed once, so each bootstrap resample is cheap
     (numpy arrays on the CPU, torch tensors on a GPU)."""
 
-    def __init__(self, reference, generated, k: int = 3, device="cpu"):
+    def __init__(self, reference, generated, k: int = 3, device="cpu", use_torch=None):
+        """use_torch: keep the distances as torch tensors (None: on a GPU only)."""
         if len(reference) < k + 1 or len(generated) < 2:
             raise ValueError(f"k = {k} needs at least {k + 1} reference and 2 generated feature "
                              f"vectors; got {len(reference)} and {len(generated)}")
-        self.k, self.gpu = k, torch.device(device).type != "cpu"
+        self.k = k
+        self.gpu = torch.device(device).type != "cpu" if use_torch is None else bool(use_torch)
         self.d_rg = self._array(pairwise_distances(reference, generated, device))   # (R, G)
         self.d_gg = self._array(pairwise_distances(generated, generated, device))   # (G, G)
         self.r_ref = _radii(self._array(pairwise_distances(reference, reference, device)), k)

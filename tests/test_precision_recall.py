@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from fewstep.registry import METRICS, UnknownNameError
 from fewstep.toy import world
@@ -95,6 +96,19 @@ def test_a_resample_builds_the_manifold_from_distinct_images():
     # precision counts every drawn image (duplicates included): a mean over draws
     inside = resampler.in_reference(np.arange(20))
     assert resampler.precision(idx) == pytest.approx(inside[idx].mean())
+
+
+def test_the_torch_path_a_gpu_takes_gives_the_numpy_paths_numbers():
+    from metrics.precision_recall import STATISTICS, ManifoldResampler
+
+    rng = np.random.default_rng(2)
+    real, fake = rng.normal(size=(40, 4)), rng.normal(size=(30, 4)) * 1.2
+    on_numpy = ManifoldResampler(real, fake, k=3, use_torch=False)
+    on_torch = ManifoldResampler(real, fake, k=3, use_torch=True)
+    assert isinstance(on_torch.d_gg, torch.Tensor) and isinstance(on_numpy.d_gg, np.ndarray)
+    for idx in (np.arange(30), rng.integers(0, 30, size=30), np.array([3, 3, 7])):
+        for name in STATISTICS:
+            assert getattr(on_torch, name)(idx) == pytest.approx(getattr(on_numpy, name)(idx))
 
 
 # --------------------------------------------------------------------------- the toy metric
