@@ -35,6 +35,7 @@ prompts; per-image scores allow paired comparisons and win rates.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from itertools import combinations
 
 import numpy as np
@@ -149,20 +150,26 @@ class AlignmentReward:
 SCORERS = {"toy_hps": QualityReward, "toy_imagereward": AlignmentReward}
 
 
+@lru_cache(maxsize=None)
+def _shipped_slot_files(size: int) -> dict[str, str]:
+    """slot -> sha256 of the bytes of its shipped net file at this size (files present only)."""
+    from fewstep.io import file_sha256
+    from fewstep.toy.features import SHIPPED_DIR, SHIPPED_FILES
+
+    paths = {slot: SHIPPED_DIR / SHIPPED_FILES[role].format(size=size)
+             for slot, (role, _) in SLOTS.items()}
+    return {slot: file_sha256(path) for slot, path in paths.items() if path.is_file()}
+
+
 def slots_sharing_net(reward_file_sha256: str | None, size: int = 16) -> set[str]:
     """The toy metric slots whose shipped net is the file a training reward was built from
     (a student's inputs.reward_sha256, the sha256 of the file's bytes): scoring that student with
     them is leakage ("L"). The default training reward (the seed-1 net) shares none; a run pointed
     at a slot's own net file (`--reward toy:fewstep/toy/feature_nets/toy_pref_hps_16.safetensors`)
     shares that slot's model."""
-    from fewstep.io import file_sha256
-    from fewstep.toy.features import SHIPPED_DIR, SHIPPED_FILES
-
     if not reward_file_sha256:
         return set()
-    return {slot for slot, (role, _) in SLOTS.items()
-            if (path := SHIPPED_DIR / SHIPPED_FILES[role].format(size=size)).is_file()
-            and file_sha256(path) == reward_file_sha256}
+    return {slot for slot, sha in _shipped_slot_files(size).items() if sha == reward_file_sha256}
 
 
 @dataclass
