@@ -88,10 +88,12 @@ class QualityReward:
         self.sha256 = net.sha256
 
     def __call__(self, images01: torch.Tensor, metas: list[dict]) -> torch.Tensor:
+        self.net.to(images01.device)
         with torch.no_grad():
             clean = F.log_softmax(self.net(images01.float())[3], -1)[:, 0]
         u8 = (images01.detach() * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu()
-        comp = torch.tensor([composition(im) for im in u8.numpy()], dtype=clean.dtype)
+        comp = torch.tensor([composition(im) for im in u8.numpy()], dtype=clean.dtype,
+                            device=clean.device)
         return QUALITY_WEIGHT * clean + torch.log(COMPOSITION_FLOOR
                                                   + (1 - COMPOSITION_FLOOR) * comp)
 
@@ -103,8 +105,8 @@ def soft_centres(maps: torch.Tensor) -> torch.Tensor:
     """(..., h, w) logit maps -> (..., 2) soft-argmax centres (x, y) in canvas units [0, 1]."""
     h, w = maps.shape[-2:]
     p = F.softmax(maps.flatten(-2) / CENTRE_TEMPERATURE, -1).unflatten(-1, (h, w))
-    xs = (torch.arange(w, dtype=p.dtype) + 0.5) / w
-    ys = (torch.arange(h, dtype=p.dtype) + 0.5) / h
+    xs = (torch.arange(w, dtype=p.dtype, device=p.device) + 0.5) / w
+    ys = (torch.arange(h, dtype=p.dtype, device=p.device) + 0.5) / h
     return torch.stack([(p.sum(-2) * xs).sum(-1), (p.sum(-1) * ys).sum(-1)], -1)
 
 
@@ -131,6 +133,7 @@ class AlignmentReward:
         return torch.stack(terms).mean() if terms else maps.new_zeros(())
 
     def __call__(self, images01: torch.Tensor, metas: list[dict]) -> torch.Tensor:
+        self.net.to(images01.device)
         maps, presence, count, _ = self.net.heads(images01.float())
         local = maps.amax(dim=(2, 3))
         scores = []
