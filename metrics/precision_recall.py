@@ -171,6 +171,7 @@ class PrecisionRecall(Metric):
     """k-NN manifold statistics of a sample set against a fixed reference (module docstring);
     subclasses give the features (`sample_features`, `reference_features`, `feature_identity`)."""
     higher_is_better = True
+    recentred = True     # two-level intervals too: a resample's manifold has fewer distinct images
     prefix = ""
 
     statistic: str = "recall"
@@ -272,6 +273,19 @@ class PrecisionRecall(Metric):
         if self.statistic in BOUNDED:   # a recentred interval may leave [-1, 1]; a share cannot
             ci = dataclasses.replace(ci, low=max(ci.low, -1.0), high=min(ci.high, 1.0))
         return paired_summary(ci, self.higher_is_better)
+
+    def paired_difference_cells(self, cell_a: list, cell_b: list, **load_kw) -> dict:
+        """Metric.paired_difference_cells, a difference of shares kept inside [-1, 1]."""
+        out = super().paired_difference_cells(cell_a, cell_b, **load_kw)
+        if self.statistic in BOUNDED:
+            out.update(ci_low=max(out["ci_low"], -1.0), ci_high=min(out["ci_high"], 1.0))
+        return out
+
+    def cell_result(self, replicates: list, seeds=None, **load_kw) -> MetricResult:
+        """Metric.cell_result, the recentred interval clipped to the statistic's range."""
+        result = super().cell_result(replicates, seeds, **load_kw)
+        low, high = self._clip(result.ci_low, result.ci_high)
+        return dataclasses.replace(result, ci_low=low, ci_high=high)
 
     def compare(self, folder_a, folder_b, **load_kw) -> BootstrapCI:
         """Paired CI of stat(A) - stat(B) on a shared (prompt_id, seed) grid."""

@@ -246,3 +246,31 @@ def test_score_command_pairs_diversity_and_recall_against_the_teacher(world_sets
     assert paired["toy_recall"]["verdict"] == "worse"
     assert row["results"]["toy_recall"]["identity"]["reference"]["renders_per_prompt"] == 8
     assert paired["toy_recall"]["ci_low"] >= -1.0     # a difference of shares stays in [-1, 1]
+
+
+# ------------------------------------------------------------------- cells of training seeds
+
+def test_cells_of_training_seeds_recentre_recall_and_pair_diversity(world_sets, tmp_path):
+    """Two replicates per cell: recall's two-level interval is recentred like FID's (a resample's
+    manifold has fewer distinct images), diversity's is the plain per-image one."""
+    from metrics.diversity import ToyDiversity
+
+    metas = world.prompt_set("eval")[:N_PROMPTS]
+    varied = [world_sets["varied"], _write(tmp_path / "v2", metas, seed_shift=200)]
+    collapsed = [world_sets["collapsed"], _write(tmp_path / "c2", metas, collapsed=True)]
+    recall = _metric(world_sets, "recall")
+    assert type(recall).recentred
+    cells = {name: [(recall.score(f), f) for f in folders]
+             for name, folders in (("varied", varied), ("collapsed", collapsed))}
+    cell = recall.cell_result(cells["varied"], seeds=[0, 1])
+    assert cell.value == pytest.approx(np.mean([r.value for r, _ in cells["varied"]]))
+    assert cell.ci_low <= cell.value <= cell.ci_high and "recentred" in cell.details["ci_method"]
+    paired = recall.paired_difference_cells(cells["collapsed"], cells["varied"])
+    assert paired["verdict"] == "worse" and paired["n_training_seeds"] == {"a": 2, "b": 2}
+    assert -1.0 <= paired["ci_low"] <= paired["difference"] <= paired["ci_high"] <= 1.0
+    assert 0.0 <= recall.cell_result(cells["collapsed"], seeds=[0, 1]).ci_low
+    diversity = ToyDiversity(n_resamples=100)
+    div = {name: [(diversity.score(f), f) for f in folders]
+           for name, folders in (("varied", varied), ("collapsed", collapsed))}
+    paired = diversity.paired_difference_cells(div["collapsed"], div["varied"])
+    assert paired["verdict"] == "worse" and paired["win_rate"]["losses"] > 0
