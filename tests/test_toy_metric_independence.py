@@ -190,3 +190,17 @@ def test_dag_trains_the_shipped_reward_net_recipe():
     config = yaml.safe_load((ROOT / "workflows/config/default.yaml").read_text())
     assert recipe["seed"] == REWARD_SEED and config["resolution"] == RES
     assert recipe["steps"] == config["fid"]["feature_net_steps"]
+
+
+def test_metric_corr_command_prints_the_matrix(capsys):
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser()
+    metric_corr.add_arguments(parser)
+    metric_corr.run(parser.parse_args(["--teacher-steps", "--json", "--method", "spearman"]))
+    out = capsys.readouterr().out
+    assert "spearman correlation of per-image scores on" in out and "largest |r|" in out
+    recorded = json.loads(out.strip().splitlines()[-1])
+    assert set(recorded["spearman"]) == set(metric_corr.METRICS)
+    assert recorded["n_images"] == 3 * 2 * len(world.prompt_set("eval"))  # renders only

@@ -16,6 +16,8 @@ The fixed set (16 px, seeds 0 and 1 of every held-out eval prompt):
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 METRICS = ("toy_hps", "toy_imagereward", "toy_reward", "toy_geneval")
@@ -33,6 +35,9 @@ def add_arguments(p):
                    help="the training reward's net (default: the shipped seed-1 net, which the "
                         "DAG's reward_net rule reproduces)")
     p.add_argument("--method", choices=["pearson", "spearman"], default="pearson")
+    p.add_argument("--json", action="store_true",
+                   help="also print the matrix rounded to 2 decimals as JSON (the form recorded in "
+                        "metrics.toy_reward.CORRELATIONS, with the set's n_images)")
 
 
 def render_sets(res: int, seeds) -> dict:
@@ -149,3 +154,5 @@ def run(args):
     print(format_matrix(matrix))
     worst = max((abs(v), a, b) for a, row in matrix.items() for b, v in row.items() if a < b)
     print(f"largest |r| between two metrics: {worst[0]:.3f} ({worst[1]}, {worst[2]})")
+    if args.json:
+        print(json.dumps({"n_images": len(metas), args.method: rounded(matrix)}))
