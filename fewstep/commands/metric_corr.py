@@ -146,9 +146,13 @@ def format_matrix(matrix: dict) -> str:
 def run(args):
     import torch
 
+    previous = torch.get_num_threads()
     torch.set_num_threads(1)  # small convolutions: one thread is fastest on a shared CPU
-    images, metas, parts = fixed_set(args.res, tuple(args.seeds), tuple(args.teacher_steps))
-    matrix = correlation_matrix(metric_scores(images, metas, args.reward_net), args.method)
+    try:
+        images, metas, parts = fixed_set(args.res, tuple(args.seeds), tuple(args.teacher_steps))
+        matrix = correlation_matrix(metric_scores(images, metas, args.reward_net), args.method)
+    finally:
+        torch.set_num_threads(previous)
     print(f"{args.method} correlation of per-image scores on {len(metas)} images "
           f"({', '.join(f'{k} {v}' for k, v in parts.items())}):")
     print(format_matrix(matrix))
