@@ -177,6 +177,7 @@ class PrecisionRecall(Metric):
     statistic: str = "recall"
     k: int = 3
     reference_n: str = "match"
+    _refs: dict = field(default_factory=dict, init=False, repr=False)   # resolution -> stats
 
     def __post_init__(self):
         from fewstep.errors import did_you_mean
@@ -207,8 +208,15 @@ class PrecisionRecall(Metric):
         return "cpu"
 
     # -- scoring ----------------------------------------------------------------------------
+    def cached_reference(self, ss: SampleSet):
+        """reference_features, built (or read from its cache file) once per image size."""
+        key = tuple(ss.resolution)
+        if key not in self._refs:
+            self._refs[key] = self.reference_features(ss)
+        return self._refs[key]
+
     def resampler(self, ss: SampleSet, feats: np.ndarray) -> ManifoldResampler:
-        ref = match_reference(self.reference_features(ss).features, len(ss), self.reference_n)
+        ref = match_reference(self.cached_reference(ss).features, len(ss), self.reference_n)
         return ManifoldResampler(ref, feats, self.k, self.resampler_device())
 
     def _ci(self, statistic_fn, prompt_ids) -> BootstrapCI:
@@ -237,7 +245,7 @@ class PrecisionRecall(Metric):
                            self.identity(ss, len(res.r_ref)), details)
 
     def identity(self, ss: SampleSet, n_reference_used: int) -> dict:
-        ref = self.reference_features(ss)
+        ref = self.cached_reference(ss)
         return {"metric": self.name, "version": self.version, "statistic": self.statistic,
                 "definition": STATISTICS[self.statistic], "k": self.k, "distance": "euclidean",
                 "formulas": "Kynkaanniemi et al. 2019 eq. 1-2 (precision, recall); Naeem et al. "
@@ -346,7 +354,7 @@ class ToyPrecisionRecall(PrecisionRecall):
         from metrics.fid import _check_prompts
 
         fid = self.toy_fid(ss)
-        _check_prompts(ss, self.reference_features(ss), self.reference_split)
+        _check_prompts(ss, self.cached_reference(ss), self.reference_split)
         return fid.features(ss)
 
     def feature_identity(self, ss: SampleSet) -> dict:
