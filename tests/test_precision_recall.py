@@ -227,13 +227,16 @@ def test_score_command_pairs_diversity_and_recall_against_the_teacher(world_sets
                "student": _write(tmp_path / "student", metas, collapsed=True, method="dmd")}
     for folder in folders.values():
         write_json(folder / "provenance.json", {"timing": {"latency_s": 0.01}})
-    metrics = ["toy_diversity", "toy_recall", "toy_precision"]
+    from fewstep.toy.features import shipped_feature_net
+
+    metrics = ["toy_diversity", "toy_recall", "toy_precision", "toy_fid"]
 
     def score(name, against=()):
         out = tmp_path / f"{name}.json"
         args = ["score", "--samples", str(folders[name]), "--prompts",
                 str(world_sets["prompts"]), "--seeds", *map(str, SEEDS), "--resolution", "16",
-                "--metrics", *metrics, "--reference-images", "96", "--cache",
+                "--metrics", *metrics, "--reference-images", "96", "--feature-net",
+                str(shipped_feature_net(16)), "--cache",
                 str(tmp_path / "cache"), "--resamples", "100", "--out", str(out)]
         assert main(args + (["--against", *map(str, against)] if against else [])) == 0
         return out
@@ -246,6 +249,10 @@ def test_score_command_pairs_diversity_and_recall_against_the_teacher(world_sets
     assert paired["toy_recall"]["verdict"] == "worse"
     assert row["results"]["toy_recall"]["identity"]["reference"]["renders_per_prompt"] == 8
     assert paired["toy_recall"]["ci_low"] >= -1.0     # a difference of shares stays in [-1, 1]
+    # toy_fid and toy_recall/toy_precision share one reference file (the DAG builds it once)
+    assert len(list((tmp_path / "cache" / "toy_fid").glob("reference-*.npz"))) == 1
+    fid_ref = row["results"]["toy_fid"]["identity"]["reference_stats_sha256"]
+    assert row["results"]["toy_recall"]["identity"]["reference_stats_sha256"] == fid_ref
 
 
 # ------------------------------------------------------------------- cells of training seeds
