@@ -21,6 +21,8 @@ VERBS = {
     "score": ("fewstep.commands.score", "score a sample set with the configured metrics"),
     "aggregate": ("fewstep.commands.aggregate", "a cell's per-training-seed score files into its "
                                                 "aggregate (mean, two-level interval, per seed)"),
+    "metric-corr": ("fewstep.commands.metric_corr", "print the toy metrics' correlation matrix on a "
+                                                    "fixed image set"),
     "track": ("fewstep.commands.track", "push scored runs to MLflow (idempotent)"),
     "report": ("fewstep.commands.report", "write the leaderboard"),
     "release": ("fewstep.commands.release", "a published student's weights as a model folder "

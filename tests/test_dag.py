@@ -46,7 +46,7 @@ def test_dag_writes_leaderboard_with_a_row_per_family_and_steps(dag_run):
     pairs = [line for line in students.split("## Metric identities")[0].splitlines()
              if line.startswith("| s")]
     assert len(pairs) == 3 * 2 * 4    # each student, each metric
-    assert "toy_fid 1 ↓" in board and "toy_geneval 1 ↑" in board and "toy_hps 1 ↑" in board
+    assert "toy_fid 1 ↓" in board and "toy_geneval 1 ↑" in board and "toy_hps 2 ↑" in board
     assert "`toy_hps` fills the HPSv2 slot" in board
     for family in ("sdxl", "sd3", "sit"):
         assert (dag_run / f"results/teachers/{family}/recipe.json").is_file()

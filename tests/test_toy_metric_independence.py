@@ -184,7 +184,9 @@ def test_dag_trains_the_shipped_reward_net_recipe():
     shell = rule[rule.index("rule reward_net"):rule.index("rule pairs")]
     trains = re.search(rf"features --size \{{params.res\}} --steps \{{params.steps\}} --seed "
                        rf"{REWARD_SEED} ", shell)
-    copies = re.search(r"features --source shipped --role reward ", shell)  # the shipped file
+    # the config's fid.feature_net picks the shipped seed-1 file or the recipe with that seed
+    copies = ("features --source {params.source} --role reward " in shell
+              and f"--steps {{params.steps}} --seed {REWARD_SEED} " in shell)
     assert trains or copies, shell
     recipe = load_feature_net(shipped_feature_net(RES, "reward")).recipe
     config = yaml.safe_load((ROOT / "workflows/config/default.yaml").read_text())

@@ -10,6 +10,9 @@ def add_arguments(p):
     p.add_argument("--source", choices=["shipped", "train"], default="train",
                    help="shipped: verify the packaged net (fixed weights, comparable FIDs) and copy "
                         "it; train: run the recipe")
+    p.add_argument("--role", choices=["fid", "reward"], default="fid",
+                   help="which shipped net (--source shipped): the toy FID's extractor (seed 0) or "
+                        "the reward-guided methods' toy reward net (seed 1)")
     p.add_argument("--size", type=int, default=16, help="image size the extractor sees")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="default: the recipe's")
@@ -22,7 +25,7 @@ def run(args):
                                       shipped_feature_net, train_feature_net)
 
     if args.source == "shipped":
-        source = shipped_feature_net(args.size)
+        source = shipped_feature_net(args.size, args.role)
         with atomic_path(args.out) as tmp:
             shutil.copyfile(source, tmp)
         net = load_feature_net(args.out)

@@ -21,11 +21,15 @@ def student_info(row: dict) -> dict:
 
 
 def trained_on(row: dict) -> set[str]:
-    """Metrics whose model the row's method trained on (empty for teachers and the toy reward,
-    whose net is not any scoring net)."""
+    """Metrics whose model the row's method trained on: a real reward named like a metric's
+    model, or a toy reward built from a toy metric slot's own net file (the default toy reward,
+    the seed-1 net, is none of them). Empty for teachers."""
+    from metrics.toy_preference import slots_sharing_net
+
     info = student_info(row)
     specs = [info.get("reward"), (info.get("options") or {}).get("reward_model")]
-    return {m for spec in specs if spec for m in REWARD_METRICS.get(str(spec), ())}
+    named = {m for spec in specs if spec for m in REWARD_METRICS.get(str(spec), ())}
+    return named | slots_sharing_net((info.get("inputs") or {}).get("reward_sha256"))
 
 
 def method_label(row: dict) -> str:

@@ -29,13 +29,15 @@ if config["world"] == "toy":  # the toy reward net of the reward-guided methods
         priority: 90
         params:
             res=config["resolution"],
+            source=config["fid"]["feature_net"],
             steps=config["fid"]["feature_net_steps"],
         log:
             "results/logs/metrics/reward_net.log",
         shell:
-            # the toy feature recipe with another seed: the reward shares no weights with toy FID
-            THREADS_ENV + " {FEWSTEP} features --size {params.res} --steps {params.steps} --seed 1 "
-            "--out {output} > {log} 2>&1"
+            # the toy feature recipe with another seed: the reward shares no weights with toy FID;
+            # shipped: the packaged seed-1 net, hash-verified (what the recipe trains, bit for bit)
+            THREADS_ENV + " {FEWSTEP} features --source {params.source} --role reward "
+            "--size {params.res} --steps {params.steps} --seed 1 --out {output} > {log} 2>&1"
 
 
 rule pairs:
