@@ -177,6 +177,7 @@ class PrecisionRecall(Metric):
     statistic: str = "recall"
     k: int = 3
     reference_n: str = "match"
+    min_n: int = 10_000        # fewer samples: marked not comparable with published numbers (as FID)
     _refs: dict = field(default_factory=dict, init=False, repr=False)   # resolution -> stats
 
     def __post_init__(self):
@@ -239,6 +240,9 @@ class PrecisionRecall(Metric):
                       for i, r in enumerate(ss.records)]
         details = {**res.scores(), "ci_method": ci.method, "ci_level": self.level,
                    "n_resamples": self.n_resamples, "n_reference_used": len(res.r_ref),
+                   # like FID's: the interval covers the statistic at this N with the reference
+                   # fixed, and numbers at another N are not compared (fewstep.audit reads min_n)
+                   "min_n": self.min_n, "comparable": len(ss) >= self.min_n,
                    "blank_images_allowed": bool(allow_blank)}
         low, high = self._clip(ci.low, ci.high)
         return self.result(ci.estimate, (low, high), len(ss), per_sample,
@@ -323,6 +327,7 @@ class ToyPrecisionRecall(PrecisionRecall):
     cache_dir: str | Path | None = None
     device: str = "cpu"
     batch_size: int = 64
+    min_n: int = 1000                       # as the toy FID's
     _fids: dict = field(default_factory=dict, init=False, repr=False)   # image size -> ToyFID
 
     @classmethod

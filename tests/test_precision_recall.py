@@ -121,6 +121,10 @@ def test_collapsed_generator_has_lower_recall_than_varied_renders(world_sets):
     for key in ("precision", "recall", "density", "coverage"):
         assert 0.0 <= varied.details[key] and key in collapsed.details
     assert varied.details["recall"] == varied.value
+    # a set-level statistic at this N against a fixed reference, labelled as FID's is
+    from fewstep.audit import fixed_reference, size_note
+    assert fixed_reference(varied.to_dict()) and varied.details["comparable"] is False
+    assert size_note(varied.to_dict()) == f" at {varied.n} images, reference fixed"
     diff = recall.paired_difference(collapsed, varied, world_sets["collapsed"],
                                     world_sets["varied"])
     assert diff["verdict"] == "worse" and diff["difference"] < 0
