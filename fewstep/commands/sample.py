@@ -3,7 +3,9 @@ set.
 
 Several step counts in one call (`--steps 1 2 4 8 32 --out a b c d e`) load the teacher and encode
 the prompts once: on the toy world a process's start-up (imports, loading) costs as much as
-sampling a short set, so the DAG samples all of a family's teacher sets in one job.
+sampling a short set, so the DAG samples all of a family's teacher sets in one job. For the same
+reason several students of one teacher (a cell's training seeds) sample in one call
+(`--student a b c --out x y z`): each set is exactly the one a call of its own writes.
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ def add_arguments(p):
     p.add_argument("--prompts", required=True, help="prompt .jsonl (fewstep prompts)")
     p.add_argument("--steps", type=int, nargs="+",
                    help="teacher sampler steps, one set per value (not with --student)")
-    p.add_argument("--student", help="trained model folder (fewstep train --out): sample the "
-                                     "student with its own sampler instead of the teacher")
+    p.add_argument("--student", nargs="+",
+                   help="trained model folder(s) of this teacher (fewstep train --out): sample "
+                        "each student with its own sampler instead of the teacher, one --out each")
     p.add_argument("--guidance", type=float, default=1.0,
                    help="CFG scale w: uncond + w (cond - uncond) (w = 1: conditional only)")
     p.add_argument("--sampler", default="scheduler",
@@ -32,7 +35,8 @@ def add_arguments(p):
     p.add_argument("--device", default=None,
                    help="where to sample (default: cuda when available, else cpu)")
     p.add_argument("--out", required=True, nargs="+",
-                   help="sample-set folder(s) to write: one per --steps value, one for --student")
+                   help="sample-set folder(s) to write: one per --steps value, or one per "
+                        "--student folder, in the same order")
 
 
 def sample_jobs(backbone, rows, seeds, batch, desc, draw):
@@ -107,12 +111,12 @@ def timing(sample_all, sample_one, n_images: int, batch: int, device, repeats: i
                           "device": str(device)}
 
 
-def run_student(args, backbone, recipe, rows):
+def run_student(args, backbone, recipe, rows, student, out):
     from fewstep.engine.run import load_student
     from fewstep.provenance import record
     from metrics.sampleset import write_sample_set
 
-    generator, info = load_student(Path(args.student), backbone, recipe)
+    generator, info = load_student(Path(student), backbone, recipe)
     spec = info["student"]
     images, jobs, times = timing(
         lambda: sample_student_images(generator, spec, rows, args.seeds, args.batch),
@@ -122,19 +126,24 @@ def run_student(args, backbone, recipe, rows):
                 "family": generator.family, "method": info["method"], "nfe": spec["nfe"],
                 "steps": len(spec["grid"]), "guidance": spec["guidance"], "meta": r}
                for r, s in jobs]
-    with atomic_path(args.out) as tmp:
+    with atomic_path(out) as tmp:
         write_sample_set(tmp, images, records)
-        record(tmp / "provenance.json", vars(args), seeds=args.seeds, teacher_recipe=recipe,
-               student=info, timing=times)
+        # the provenance of a call of its own: this set's student and folder
+        record(tmp / "provenance.json", {**vars(args), "student": student, "out": out},
+               seeds=args.seeds, teacher_recipe=recipe, student=info, timing=times)
     print(f"wrote {len(records)} images ({generator.family}, {info['method']}, NFE {spec['nfe']}) "
-          f"to {args.out}")
+          f"to {out}")
 
 
 def check_outputs(args):
-    """One output folder per step count (or exactly one for a student), named before any work."""
+    """One output folder per step count or per student, named before any work."""
     if args.student:
-        if args.steps is not None or len(args.out) != 1:
-            raise ValueError("--student samples one set: give one --out and no --steps")
+        if args.steps is not None:
+            raise ValueError("--student samples the students' own samplers: give no --steps")
+        if len(args.student) != len(args.out):
+            raise ValueError(f"--student has {len(args.student)} folders but --out has "
+                             f"{len(args.out)}: give one output folder per student, in the same "
+                             "order")
         return
     if args.steps is None:
         raise ValueError("give --steps (teacher sampling) or --student (a trained model folder)")
@@ -181,8 +190,9 @@ def run(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone = teachers.load(Path(args.teacher), verified=recipe, device=device).eval()
     if args.student:
-        args.out = args.out[0]
-        return run_student(args, backbone, recipe, rows)
+        for student, out in zip(args.student, args.out):
+            run_student(args, backbone, recipe, rows, student, out)
+        return None
     torch.manual_seed(0)  # nothing random should remain, but make that explicit
     for steps, out in zip(args.steps, args.out):
         run_teacher(args, backbone, recipe, rows, steps, out)
