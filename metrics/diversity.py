@@ -20,12 +20,17 @@ unchanged. Its value depends on the number of images per prompt only through noi
 mean is unbiased for the expected distance between two seeds), but the identity records it.
 
 Features:
-* toy ("toy_diversity"): a toy feature net of the toy FID's recipe (fewstep/toy/features.py) with
-  its own seed, DIVERSITY_SEED = 4: the toy FID extractor is seed 0, the AMD/RTDMD training reward
-  seed 1, toy_hps seed 2, toy_imagereward seed 3. It is shipped as a file with its hash pinned
-  here (trained once: `fewstep features --size 16 --steps 1200 --seed 4 --out F`, ~25 s), so toy
-  diversities compare across runs and machines, and the DAG needs no rule for it. Its features
-  carry what is drawn (colours, shapes, counts), where (a 2x2 layout pool) and how cleanly.
+* toy ("toy_diversity"): a toy feature net (fewstep/toy/features.py) with its own seed,
+  DIVERSITY_SEED = 4 (the toy FID extractor is seed 0, the AMD/RTDMD training reward seed 1,
+  toy_hps seed 2, toy_imagereward seed 3), trained on clean renders only: the toy FID's recipe
+  with degrade_share 0, so its features carry what is drawn (colours, shapes, counts) and where
+  (a 2x2 layout pool), not image quality. With the FID recipe's quality head, per-image noise
+  swamped the cosine (noisy varied renders kept about a third of their diversity; this net keeps
+  about 0.8, and
+  a collapsed generator with noise stays near 0: tests/test_diversity.py). Shipped as a file with
+  its hash pinned here (trained once, ~15 s, deterministic: `train_feature_net(seed=4, size=16,
+  recipe=TrainRecipe(degrade_share=0.0))`, then `save_feature_net`), so toy diversities compare
+  across runs and machines, and the DAG needs no rule for it.
 * real ("diversity_dinov2"): DINOv2's image embedding (the CLS token after the final layer norm,
   transformers Dinov2Model.pooler_output), the encoder Stein et al. 2023 ("Exposing flaws of
   generative model evaluation metrics", NeurIPS) recommend for generative evaluation, ViT-L/14 by
@@ -49,7 +54,7 @@ from metrics.sampleset import SampleSet
 DIVERSITY_SEED = 4
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "fewstep" / "toy" / "feature_nets"
 SHIPPED_FILE = "toy_diversity_{size}.safetensors"
-SHIPPED_SHA256 = {16: "554314597cb44dd83c47d92fcb2e59395143fee4858de3988cb4a4cf75493e3d"}
+SHIPPED_SHA256 = {16: "29074c28a2394e0a543cc7b383182e93f5d577820c7b2663e3de6c2194327de4"}
 DISTANCE = "1 - cosine of the image features (computed as 0.5 |u_i - u_j|^2 of unit vectors)"
 AGGREGATION = ("per image: mean distance to the other images of its prompt; per prompt: the mean "
                "pairwise distance; value: mean over images")
@@ -122,9 +127,10 @@ def shipped_diversity_net(size: int) -> Path:
 
     if size not in SHIPPED_SHA256:
         raise ValueError(f"no shipped toy diversity net for {size} px images (shipped: "
-                         f"{sorted(SHIPPED_SHA256)}); train one with `fewstep features --size "
-                         f"{size} --seed {DIVERSITY_SEED} --out F` and set metric_options/"
-                         "toy_diversity/net_path: F")
+                         f"{sorted(SHIPPED_SHA256)}); train one with fewstep.toy.features."
+                         f"train_feature_net(seed={DIVERSITY_SEED}, size={size}, recipe="
+                         "TrainRecipe(degrade_share=0.0)), save it with save_feature_net and set "
+                         "metric_options/toy_diversity/net_path to the file")
     path = SHIPPED_DIR / SHIPPED_FILE.format(size=size)
     if not path.is_file():
         raise FileNotFoundError(f"shipped toy diversity net missing: expected {path} (reinstall "

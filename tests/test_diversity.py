@@ -63,6 +63,31 @@ def test_collapsed_generator_scores_zero_and_below_varied_renders(sets):
     assert diff["verdict"] == "worse" and diff["difference"] == pytest.approx(-varied.value)
 
 
+def test_per_image_noise_neither_hides_nor_fakes_diversity(tmp_path):
+    """Diversity is about what is drawn and where, not image quality: per-image noise keeps most
+    of varied renders' diversity and leaves a collapsed generator near 0."""
+    from metrics.diversity import ToyDiversity
+
+    metas = world.prompt_set("eval")[:16]
+    rng = np.random.default_rng(0)
+
+    def noisy(folder, collapsed):
+        images, records = [], []
+        for m in metas:
+            for s in SEEDS:
+                image = world.render(m, 0 if collapsed else s, 16)[0].astype(np.float64)
+                images.append(np.clip(image + rng.normal(0, 25.5, image.shape), 0, 255))
+                records.append({"prompt_id": m["prompt_id"], "prompt": m["prompt"], "seed": s,
+                                "family": "toy", "method": "render", "nfe": 0, "meta": m})
+        return write_sample_set(folder, np.round(np.stack(images)).astype(np.uint8), records)
+
+    metric = ToyDiversity(n_resamples=10)
+    clean = metric.score(_write(tmp_path / "clean", metas)).value
+    varied = metric.score(noisy(tmp_path / "varied", False)).value
+    collapsed = metric.score(noisy(tmp_path / "collapsed", True)).value
+    assert varied >= 0.6 * clean and collapsed <= 0.15 * varied
+
+
 def test_toy_net_is_its_own_shipped_net(sets):
     from fewstep.toy.features import SHIPPED_SEEDS, load_feature_net
     from metrics.diversity import DIVERSITY_SEED, ToyDiversity, shipped_diversity_net
@@ -72,6 +97,7 @@ def test_toy_net_is_its_own_shipped_net(sets):
     ident = result.identity
     net = load_feature_net(shipped_diversity_net(16))
     assert ident["feature_net_sha256"] == net.sha256 and net.recipe["seed"] == DIVERSITY_SEED
+    assert net.recipe["degrade_share"] == 0.0    # content features, not a quality detector
     assert DIVERSITY_SEED not in (REWARD_SEED, *SHIPPED_SEEDS.values())
     for key in ("distance", "features", "images_per_prompt", "prompt_set_sha256", "resolution"):
         assert key in ident
