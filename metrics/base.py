@@ -86,7 +86,8 @@ def paired_summary(ci, higher_is_better: bool, **extra) -> dict:
     else:
         verdict = "tie (CI contains 0)"
     return {"difference": ci.estimate, "ci_low": ci.low, "ci_high": ci.high, "level": ci.level,
-            "method": ci.method, "verdict": verdict, "p_value": ci.p_value, **extra}
+            "method": ci.method, "verdict": verdict, "p_value": ci.p_value,
+            "n_resamples": ci.n_resamples, **extra}
 
 
 @dataclass

@@ -20,6 +20,18 @@ def _missing(p) -> bool:
     return p is None or (isinstance(p, float) and math.isnan(p))
 
 
+def resolvable(m: int, n_resamples: int | None, alpha: float) -> bool:
+    """Whether Holm can reject anything in a family of m bootstrap p-values: the smallest p a
+    bootstrap of R resamples gives is 2 / (R + 1) (metrics.stats.bootstrap_p_value), and Holm's
+    first step needs m * p <= alpha. Unknown R (None): True (no claim)."""
+    return n_resamples is None or m * 2.0 / (n_resamples + 1) <= alpha
+
+
+def min_resamples(m: int, alpha: float) -> int:
+    """The fewest bootstrap resamples with which a family of m tests can reject at alpha."""
+    return math.ceil(2.0 * m / alpha - 1 - 1e-9)
+
+
 def holm(p_values: Sequence[float | None]) -> list[float | None]:
     """Holm-adjusted p-values in the input's order. None / NaN entries (no test: a comparison
     without a p-value) are returned as given and do not count in the family's size."""

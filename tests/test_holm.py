@@ -155,3 +155,21 @@ def test_each_html_paired_table_is_its_own_holm_family():
     rows[1]["against_teacher"]["metrics"]["hpsv2.1"]["n_training_seeds"] = {"a": 2, "b": 3}
     html = tables.paired_table(pairs, ["hpsv2.1"], "DMD2", vs_teacher=False)
     assert "inconclusive (2 training seeds)" in html and "family of 1" in html
+
+
+def test_a_bootstrap_p_value_floor_says_when_a_family_can_reject_nothing():
+    from metrics.multiplicity import min_resamples, resolvable
+
+    # the smallest bootstrap p-value is 2 / (R + 1): 105 tests at alpha 0.05 need R >= 4199
+    assert not resolvable(105, 1000, 0.05)
+    assert resolvable(105, 4199, 0.05) and not resolvable(105, 4198, 0.05)
+    assert min_resamples(105, 0.05) == 4199
+    assert resolvable(3, None, 0.05)  # unknown R: no claim either way
+
+
+def test_the_table_legend_warns_when_its_resamples_cannot_reach_holms_threshold():
+    from fewstep.reporting.tables import holm_legend
+
+    assert "bootstrap.resamples" in holm_legend(105, 0.05, resamples=1000)
+    assert "4199" in holm_legend(105, 0.05, resamples=1000)
+    assert "bootstrap.resamples" not in holm_legend(105, 0.05, resamples=5000)

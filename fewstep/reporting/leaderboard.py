@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 from fewstep.audit import alpha_of, fixed_reference, training_seeds
-from fewstep.reporting.tables import (DeviationNotes, covers_note, fmt_p, holm_legend,
-                                      method_label, metric_identity, seed_spread, table_verdicts)
+from fewstep.reporting.tables import (DeviationNotes, covers_note, family_resamples, fmt_p,
+                                      holm_legend, method_label, metric_identity, seed_spread,
+                                      table_verdicts)
 from fewstep.scoring import matching_teacher
 
 
@@ -203,13 +204,15 @@ def deviations_section(notes: DeviationNotes) -> list[str]:
 def students_section(rows, notes: DeviationNotes) -> list[str]:
     if all(r["method"] == "teacher" for r in rows):
         return []
-    _, family, alpha = teacher_verdicts(teacher_cells(rows))
+    cells = teacher_cells(rows)
+    _, family, alpha = teacher_verdicts(cells)
+    resamples = family_resamples([(paired,) for *_, paired in cells])
     return ["## Students against their teacher at the same NFE", "",
             "Each student beside its own teacher sampled with the same per-sample noise at the "
             "student's NFE (or the next NFE up where the teacher has none). Δ: paired difference "
             "with its raw 95 % interval (a two-level bootstrap: the student's training seeds "
             "resampled, then prompts with all their images, both sets on the same prompts and "
-            "seeds). " + holm_legend(family, alpha) + " A student of one training seed keeps its "
+            "seeds). " + holm_legend(family, alpha, resamples) + " A student of one training seed keeps its "
             "verdict's direction, labelled: its interval covers prompts only. Prompts won: share "
             "of prompts where the student's mean per-image score beats the teacher's (ties count "
             "one half; per-image metrics only).", "", against_teacher(rows, notes), ""]

@@ -7,13 +7,14 @@ import json
 from fewstep.audit import (alpha_of, fixed_reference, raw_direction, seed_rule, teacher_label,
                            training_seeds)
 from fewstep.fidelity import run_note
-from metrics.multiplicity import direction, family_size, holm
+from metrics.multiplicity import direction, family_size, holm, min_resamples, resolvable
 
 # What a training reward (its `fewstep train --reward` spec or a preset's reward_model) shares a
 # model with: scoring a student with one of these metrics is leakage (fewstep/notes/claims.md "L").
 REWARD_METRICS = {"hpsv2": ("hpsv2.1",), "hpsv2:v2.1": ("hpsv2.1",), "hpsv2:v2.0": ("hpsv2.0",),
                   "hpsv2.1": ("hpsv2.1",), "hpsv2.0": ("hpsv2.0",), "imagereward": ("imagereward",),
-                  "clip": ("clip_score", "clip_score_dmd2")}
+                  "clip": ("clip_score", "clip_score_dmd2"),
+                  "dinov2_cls": ("diversity_dinov2",)}  # AMD's SiT reward: DINOv2 features
 
 
 def student_info(row: dict) -> dict:
@@ -157,9 +158,20 @@ def table_verdicts(items: list[tuple]) -> tuple[list[dict | None], int]:
     return out, family_size(raw)
 
 
-def holm_legend(family: int, alpha: float = 0.05) -> str:
-    """Which number decides a table's verdicts, and the family's size."""
-    return (f"The Holm-adjusted p-value decides the verdict (Holm 1979; one family per table: "
+def family_resamples(items: list[tuple]) -> int | None:
+    """The fewest bootstrap resamples behind a table's p-values (None: not recorded)."""
+    counts = [i[0]["n_resamples"] for i in items if i[0] and i[0].get("n_resamples")]
+    return min(counts) if counts else None
+
+
+def holm_legend(family: int, alpha: float = 0.05, resamples: int | None = None) -> str:
+    """Which number decides a table's verdicts, and the family's size; a warning when the
+    bootstrap's resolution cannot reach Holm's first threshold (every test would be a tie)."""
+    warning = "" if resolvable(family, resamples, alpha) else (
+        f" With {resamples} bootstrap resamples the smallest p-value is 2/(R+1) = "
+        f"{2 / (resamples + 1):.2g}, too large for Holm to reject any of {family} tests: set "
+        f"bootstrap.resamples to at least {min_resamples(family, alpha)}.")
+    return warning.lstrip() + (" " if warning else "") + (f"The Holm-adjusted p-value decides the verdict (Holm 1979; one family per table: "
             f"family of {family} tested comparisons, alpha = {alpha:g}): better / worse when it "
             "is at most alpha, by the sign of Δ, else a tie; Δ's bracket is the raw paired "
             "interval and p the raw two-sided bootstrap p-value, shown beside the Holm p. p n/a: a score file "
@@ -277,7 +289,8 @@ def paired_table(pairs: list[tuple[dict, str, dict | None]], metrics: list[str],
             for s, label, _ in pairs]
     alpha = next((alpha_of(i[0]) for i in items if i[0]), 0.05)
     return table(head, body, f"paired differences (student − {against}) on the shared noise, "
-                             "raw 95 % paired bootstrap CI. " + holm_legend(family, alpha))
+                             "raw 95 % paired bootstrap CI. "
+                 + holm_legend(family, alpha, family_resamples(items)))
 
 
 def metric_identity(res: dict) -> dict:
