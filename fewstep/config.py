@@ -46,6 +46,7 @@ def validate(config: dict, source: str = "config") -> dict:
     except (UnknownNameError, FewstepError) as err:  # FewstepError: a refused plugin
         raise ConfigError(f"{source}: {err}") from None
     _check_metric_options(config, source)
+    _check_reference_metrics(config, source)
     _check_seeds(config, source)
     _check_training(config, source)
     _check_world(config, source)
@@ -79,6 +80,16 @@ def trained_presets(config: dict) -> dict[str, list[str]]:
     released = distill.get("released", {})
     return {m: distill["stages"].get(m, [distill["preset"]]) for m in distill["methods"]
             if any(f not in released.get(m, {}) for f in config["families"])}
+
+
+def _check_reference_metrics(config: dict, source: str) -> None:
+    """World real: precision and recall read the FID's reference features, which the DAG builds
+    once for `fid` (its fid_reference rule, with metric_options.fid)."""
+    readers = sorted({"precision", "recall"} & set(config["metrics"]))
+    if config["world"] == "real" and readers and "fid" not in config["metrics"]:
+        raise ConfigError(f"{source}: metrics {readers} read the FID's reference features; add fid "
+                          "to metrics (and give them metric_options.fid's reference, crop, "
+                          "eval_resolution and mode)")
 
 
 def training_seeds(config: dict) -> list[int]:

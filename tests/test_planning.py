@@ -144,6 +144,14 @@ def test_score_and_report_lists_cover_every_teacher_set_and_student():
     assert planning.score_params(REAL)["blank"] == ""
 
 
+def test_real_precision_and_recall_need_the_fid_reference_they_read():
+    cfg = copy.deepcopy(REAL)
+    cfg["metrics"] = [m for m in cfg["metrics"] if m != "fid"] + ["recall"]
+    cfg["metric_options"] = {"recall": cfg["metric_options"].pop("fid")}
+    with pytest.raises(workflow_config.ConfigError, match="add fid"):
+        workflow_config.validate(cfg)
+
+
 def test_train_launch_runs_several_ranks_under_torchrun():
     assert planning.train_launch(DEFAULT, "py") == "py -m fewstep"
     cfg = with_methods(DEFAULT, "dmd", processes=4)
