@@ -1,6 +1,7 @@
-"""Cost cuts that must not change a number: several students of one teacher sampled in one
-`fewstep sample` call (one start-up instead of one per training seed), each set byte-identical to
-the set of a call of its own."""
+"""Cost cuts that must not change a number: one process start-up for several training seeds.
+Several students of one teacher sampled in one `fewstep sample` call, each set byte-identical to
+the set of a call of its own; several seeds trained in one `fewstep train --seeds` call, each
+model identical to the model of a call of its own with `--set seed=<s>`."""
 import json
 from pathlib import Path
 
@@ -59,3 +60,38 @@ def test_one_output_folder_per_student(two_students, capsys):
     err = capsys.readouterr().err
     assert "--student has 2 folders but --out has 1" in err
     assert not (work / "only_one").exists()
+
+
+def student_files(folder: Path) -> dict:
+    """A model folder's weights and student.json without its wall time (train_seconds)."""
+    files = {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+    info = json.loads((folder / "student.json").read_text())
+    info.pop("train_seconds")
+    return {**files, "student.json": info}
+
+
+def test_seeds_in_one_call_train_exactly_the_runs_of_their_own_calls(two_students):
+    work = two_students
+    assert main(["train", "--method", "dmd2", "--preset", "toy", "--teacher",
+                 str(work / "teacher"), "--resolution", "16", "--run-dir",
+                 str(work / "runs" / "seed{seed}"), "--out", str(work / "models" / "seed{seed}"),
+                 "--no-progress", "--device", "cpu", "--seeds", "0", "1", "--set", "steps=1",
+                 "batch=2", "checkpoint_every=1"]) == 0
+    for seed in (0, 1):
+        assert student_files(work / "models" / f"seed{seed}") == student_files(work / f"seed{seed}")
+        info = json.loads((work / "models" / f"seed{seed}" / "student.json").read_text())
+        assert info["options"]["seed"] == seed
+
+
+@pytest.mark.parametrize("run_dir, out, sets, message", [
+    ("r", "seed{seed}", [], "--run-dir '{tmp}/r' does not contain {seed}"),
+    ("{seed}", "m", [], "--out '{tmp}/m' does not contain {seed}"),
+    ("{seed}", "m{seed}", ["seed=3"], "--set gives seed= as well"),
+])
+def test_seeds_need_a_folder_per_seed(two_students, tmp_path, capsys, run_dir, out, sets, message):
+    code = main(["train", "--method", "dmd2", "--preset", "toy", "--teacher",
+                 str(two_students / "teacher"), "--run-dir", f"{tmp_path}/{run_dir}", "--out",
+                 f"{tmp_path}/{out}", "--seeds", "0", "1", "--set", "steps=1", *sets])
+    assert code == 2
+    assert message.replace("{tmp}", str(tmp_path)) in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything is written

@@ -5,11 +5,20 @@ Exit status 75 means "stopped by SIGTERM/SIGUSR1/SIGINT after saving a checkpoin
 The run's checkpoints record the teacher's identity and the hashes of its input files (pairs,
 reward file, training prompts, real-image captions, the stage-1 model): a resume with another
 one is refused.
+
+`--seeds 0 1 2` trains one run per training seed in this process (method option seed=<s>), with
+--run-dir and --out naming each seed's folders through "{seed}" (a --set value may use it too, e.g.
+RTDMD stage 2's init_from=.../rtdmd-stage1/seed{seed}): every run is exactly the run of a
+call of its own with `--set seed=<s>` (the engine draws from the seed alone, and the teacher is
+loaded afresh for each), without paying the process start-up (imports) once per seed.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
+
+SEED_FIELD = "{seed}"
 
 
 def add_arguments(p):
@@ -20,6 +29,10 @@ def add_arguments(p):
                    help="option overrides, YAML values (steps=200 generator_grid=[1.0,0.5])")
     p.add_argument("--run-dir", required=True, help="checkpoints and metrics.jsonl (resume state)")
     p.add_argument("--out", required=True, help="model folder to write when training ends")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="train once per training seed (method option seed), one after the other "
+                        "in this process; --run-dir and --out name each seed's folders with "
+                        "{seed} (so may --set values), e.g. --out results/models/sd3/dmd/seed{seed}")
     p.add_argument("--reward", default=None,
                    help="the differentiable scorer of reward-guided methods (AMD, RTDMD): a "
                         "registered name, NAME:ARG, or a toy reward net file (`fewstep features "
@@ -52,7 +65,48 @@ def check_global_batch(options, world_size: int) -> None:
                            f"another world size; resolve them with world_size = {world_size}")
 
 
+def per_seed(args) -> list[argparse.Namespace]:
+    """The arguments of each --seeds run: those of a call of its own with `--set seed=<s>` and
+    its own folders; [args] without --seeds. Checked before anything loads."""
+    from fewstep.errors import FewstepError
+
+    if args.seeds is None:
+        return [args]
+    problems = [f"--{flag.replace('_', '-')} {getattr(args, flag)!r} does not contain {SEED_FIELD}"
+                for flag in ("run_dir", "out") if SEED_FIELD not in getattr(args, flag)]
+    if any(item.split("=", 1)[0].strip() == "seed" for item in args.set):
+        problems.append("--set gives seed= as well (--seeds sets each run's seed)")
+    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        problems.append(f"--seeds {args.seeds} must be distinct non-negative integers")
+    if problems:
+        raise FewstepError("fewstep train --seeds: " + "; ".join(problems) + ". Example: --seeds 0 "
+                           "1 2 --run-dir results/runs/sd3/dmd/seed{seed} --out "
+                           "results/models/sd3/dmd/seed{seed}")
+    return [argparse.Namespace(**{**vars(args), "seeds": None,
+                                  "set": [*(item.replace(SEED_FIELD, str(seed)) for item in args.set),
+                                          f"seed={seed}"],
+                                  "run_dir": args.run_dir.replace(SEED_FIELD, str(seed)),
+                                  "out": args.out.replace(SEED_FIELD, str(seed))})
+            for seed in args.seeds]
+
+
 def run(args):
+    runs = per_seed(args)
+    if len(runs) > 1:
+        import os
+
+        from fewstep.errors import FewstepError
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise FewstepError("fewstep train --seeds trains its seeds in one process; under "
+                               "torchrun launch one seed per call (--set seed=<s>)")
+    for one in runs:
+        code = run_one(one)
+        if code:
+            return code  # stopped (STOP_EXIT): a rerun resumes this seed; finished seeds re-export
+    return 0
+
+
+def run_one(args):
     import torch
 
     from fewstep.config import parse_overrides
