@@ -6,7 +6,10 @@ stage, with the DAG's wall time and the CPU that ran it.
 
 `--seeds k` adds the estimate of a k-training-seed DAG: training and student sampling/scoring jobs
 scale by k, the rest (teachers, pairs, teacher sets) does not; job-seconds are divided by the cores
-the DAG ran on (a lower bound on wall time: the critical path can add to it).
+the DAG ran on (a lower bound on wall time: the critical path can add to it). Each train job is
+split into its loop (iterations x mean logged iteration time, results/runs/*/metrics.jsonl) and
+the rest (start-up, export), and `--target-min` prints the fraction of today's training
+iterations with which k seeds fit that wall time at the run's measured parallel efficiency.
 A job's time includes its process start-up (python imports, teacher load, prompt encoding).
 """
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import re
 import subprocess
 from collections import defaultdict
 from pathlib import Path
@@ -97,20 +101,69 @@ def estimate(stages: dict[str, list[float]], seeds: int, cores: int) -> None:
           f"{total / cores / 60:.1f} min wall")
 
 
+def training_split(workdir: Path, records: list[dict]) -> list[dict]:
+    """Each train job's iterations (its log's last line), loop seconds (mean logged iteration
+    time x iterations, from its run folder's metrics.jsonl) and the rest (start-up, export)."""
+    rows = []
+    for job in (j for j in records if j["rule"] == "train"):
+        family, run = Path(job["log"]).with_suffix("").parts[-2:]
+        found = re.search(r"for (\d+) iterations", (workdir / job["log"]).read_text())
+        log = workdir / "results" / "runs" / family / run / "metrics.jsonl"
+        if not found or not log.exists():
+            continue
+        times = [json.loads(line)["seconds"] for line in log.read_text().splitlines() if line]
+        iters, seconds = int(found.group(1)), job["end"] - job["start"]
+        loop = iters * sum(times) / len(times)
+        rows.append({"cell": f"{family}/{run}", "iters": iters, "job": seconds, "loop": loop,
+                     "per_iter": loop / iters, "rest": seconds - loop})
+    return rows
+
+
+def print_training(rows: list[dict]) -> None:
+    print(f"\n{'train cell':22s} {'iters':>5s} {'s/iter':>6s} {'loop s':>7s} {'rest s':>6s}")
+    for r in sorted(rows, key=lambda r: r["cell"]):
+        print(f"{r['cell']:22s} {r['iters']:5d} {r['per_iter']:6.3f} {r['loop']:7.1f} "
+              f"{r['rest']:6.1f}")
+    loop, rest = sum(r["loop"] for r in rows), sum(r["rest"] for r in rows)
+    print(f"{'all':22s} {'':5s} {'':6s} {loop:7.1f} {rest:6.1f}  (rest = start-up + export)")
+
+
+def fit_target(stages, rows, seeds: int, cores: int, parallel: float, target_min: float) -> None:
+    """The fraction of today's training iterations (same networks, every cell scaled alike) with
+    which `seeds` seeds fit target_min of wall time at the measured parallel efficiency."""
+    budget = target_min * 60 * cores * parallel
+    fixed = sum(sum(v) for k, v in stages.items() if k not in PER_SEED)
+    other = sum(sum(v) for k, v in stages.items() if k in PER_SEED and k != "train")
+    loop, rest = sum(r["loop"] for r in rows), sum(r["rest"] for r in rows)
+    frac = (budget - fixed - seeds * (other + rest)) / (seeds * loop)
+    print(f"{target_min:.0f} min with {seeds} seeds at parallel efficiency {parallel:.2f}: "
+          f"{budget / 60:.1f} job-min; fixed {fixed / 60:.1f} + {seeds} x (sample/score "
+          f"{other / 60:.1f} + train start-up {rest / 60:.1f} + {frac:.2f} x loop "
+          f"{loop / 60:.1f}) -> training iterations x {frac:.2f} (per-iteration cost x {frac:.2f} "
+          f"with today's iterations)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("workdir", type=Path, help="the DAG's working directory (holds .snakemake/)")
     p.add_argument("--cells", action="store_true", help="also list every job")
     p.add_argument("--seeds", type=int, default=3, help="training seeds to estimate")
     p.add_argument("--cores", type=int, default=2, help="cores the DAG ran on")
+    p.add_argument("--target-min", type=float, default=30.0, help="wall-time goal to fit")
     args = p.parse_args()
     records = jobs(args.workdir)
     print(f"CPU: {cpu_name()}; run: {args.workdir}\n")
     if args.cells:
         print_cells(records)
     stages = by_stage(records)
-    print_stages(stages, busy(records))
+    wall = busy(records)
+    total = print_stages(stages, wall)
     estimate(stages, args.seeds, args.cores)
+    rows = training_split(args.workdir, records)
+    if rows:
+        print_training(rows)
+        fit_target(stages, rows, args.seeds, args.cores, total / (args.cores * wall),
+                   args.target_min)
 
 
 if __name__ == "__main__":
