@@ -3,6 +3,7 @@ Snakemake's job records (`.snakemake/metadata`: each output's job start and end 
 stage, with the DAG's wall time and the CPU that ran it.
 
     .venv/bin/python tests/benchmarks/bench_cost.py /path/to/workdir [--cells] [--seeds 3]
+    .venv/bin/python tests/benchmarks/bench_cost.py --arch-scan [--iters 6]   # no workdir
 
 `--seeds k` adds the estimate of a k-training-seed DAG: training and student sampling/scoring jobs
 scale by k, the rest (teachers, pairs, teacher sets) does not; job-seconds are divided by the cores
@@ -19,8 +20,12 @@ import base64
 import json
 import re
 import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
 
 # stages whose work repeats per training seed (one job per trained or sampled student)
 PER_SEED = ("train", "sample_student", "score_student")
@@ -143,14 +148,67 @@ def fit_target(stages, rows, seeds: int, cores: int, parallel: float, target_min
           f"with today's iterations)")
 
 
+# today's toy sizes (fewstep.toy.teachers.TOY_ARCH) first, then smaller ones
+ARCHS = {"sdxl": [dict(width=32, layers_per_block=1), dict(width=16, layers_per_block=1)],
+         "sd3": [dict(width=64, layers=4, shift=1.0), dict(width=32, layers=4, shift=1.0),
+                 dict(width=64, layers=2, shift=1.0)],
+         "sit": [dict(hidden=96, depth=4), dict(hidden=64, depth=4), dict(hidden=96, depth=2)]}
+
+
+def arch_scan(iters: int, method: str = "dmd2") -> None:
+    import statistics
+    import tempfile
+    import time
+
+    import torch
+
+    from fewstep.engine.distributed import DistInfo
+    from fewstep.engine.loop import Trainer
+    from fewstep.engine.run import build_method, toy_context
+    from fewstep.toy import teachers
+
+    torch.set_num_threads(1)
+    print(f"CPU: {cpu_name()}; {method} toy preset, CPU s/iteration (median of {iters}, 1 thread)")
+    for family, archs in ARCHS.items():
+        trainers = []
+        for arch in archs:
+            teachers.TOY_ARCH[family] = arch
+            teacher = teachers.build(family, 16, seed=0)
+            params = sum(p.numel() for p in teacher.denoiser.parameters())
+            ctx = toy_context(teacher, family, 16, 0, DistInfo())
+            trainers.append((arch, params, Trainer(build_method(method, teacher, ctx, "toy", {}),
+                                                   Path(tempfile.mkdtemp()))))
+        teachers.TOY_ARCH[family] = archs[0]
+        times: list[list[float]] = [[] for _ in trainers]
+        for step in range(iters + 1):  # alternated, so machine noise hits every size alike
+            for i, (_, _, trainer) in enumerate(trainers):
+                trainer.state.step = step
+                start = time.process_time()
+                trainer.iteration()
+                if step:
+                    times[i].append(time.process_time() - start)
+        base = statistics.median(times[0])
+        for (arch, params, _), t in zip(trainers, times):
+            print(f"  {family:5s} {str(arch):42s} {params / 1e6:5.2f} M params "
+                  f"{statistics.median(t):6.3f} s/iter  x{statistics.median(t) / base:.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("workdir", type=Path, help="the DAG's working directory (holds .snakemake/)")
+    p.add_argument("workdir", type=Path, nargs="?",
+                   help="the DAG's working directory (holds .snakemake/)")
+    p.add_argument("--arch-scan", action="store_true",
+                   help="measure per-iteration cost of smaller toy networks instead")
+    p.add_argument("--iters", type=int, default=6, help="iterations per size (--arch-scan)")
     p.add_argument("--cells", action="store_true", help="also list every job")
     p.add_argument("--seeds", type=int, default=3, help="training seeds to estimate")
     p.add_argument("--cores", type=int, default=2, help="cores the DAG ran on")
     p.add_argument("--target-min", type=float, default=30.0, help="wall-time goal to fit")
     args = p.parse_args()
+    if args.arch_scan:
+        return arch_scan(args.iters)
+    if args.workdir is None:
+        p.error("give the DAG's working directory, or --arch-scan")
     records = jobs(args.workdir)
     print(f"CPU: {cpu_name()}; run: {args.workdir}\n")
     if args.cells:
