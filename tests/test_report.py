@@ -91,3 +91,14 @@ def test_fids_at_different_sizes_are_not_compared_and_the_page_says_what_their_i
     assert "not compared (FID at 432 vs 488 images)" in table and "better" not in table
     page = leaderboard([teacher, student])
     assert "`toy_fid`: the interval resamples prompts at the row's n images" in page
+
+
+def test_the_stand_in_note_says_what_each_toy_slot_measures():
+    from fewstep.reporting.leaderboard import stand_ins
+
+    rows = [{"results": {"toy_hps": {"identity": {"stands_in_for": "HPSv2"}},
+                         "toy_imagereward": {"identity": {"stands_in_for": "ImageReward"}}}}]
+    text = stand_ins(rows)[0]
+    assert "`toy_hps` fills the HPSv2 slot (a toy reward model, not HPSv2: image quality" in text
+    assert "`toy_imagereward` fills the ImageReward slot (a toy reward model, not ImageReward: " \
+        "prompt alignment)" in text

@@ -147,6 +147,11 @@ def teacher_label_of(student: dict) -> str:
     return teacher_label(training_seeds(student), None)
 
 
+# what each toy slot measures (metrics/toy_preference.py): the slots are different measurements
+STAND_IN_MEASURES = {"toy_hps": "image quality and composition, whatever the prompt",
+                     "toy_imagereward": "prompt alignment"}
+
+
 def stand_ins(rows) -> list[str]:
     """Say which toy metric fills which real metric's slot (their identities record it)."""
     seen = {name: res["identity"]["stands_in_for"] for r in rows for name, res in r["results"].items()
@@ -154,8 +159,9 @@ def stand_ins(rows) -> list[str]:
     if not seen:
         return []
     return [f"Toy stand-ins: " + "; ".join(
-        f"`{name}` fills the {real} slot (a reward net trained on the toy world, not {real})"
-        for name, real in sorted(seen.items())) + ".", ""]
+        f"`{name}` fills the {real} slot (a toy reward model, not {real}: {STAND_IN_MEASURES[name]})"
+        if name in STAND_IN_MEASURES else f"`{name}` fills the {real} slot (a toy stand-in, "
+        f"not {real})" for name, real in sorted(seen.items())) + ".", ""]
 
 
 def identities(rows) -> str:
