@@ -14,13 +14,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-RELEASED = "released"
+from fewstep.planning import RELEASED, replicate_name  # noqa: F401 (the replicates' names)
+
 SAME_ACROSS = ("family", "method", "nfe", "steps", "guidance", "prompt_set")
-
-
-def replicate_name(seed: int | None) -> str:
-    """The folder/file name of a replicate: seed<s> for a trained student, released otherwise."""
-    return RELEASED if seed is None else f"seed{int(seed)}"
 
 
 def check_replicates(rows: list[dict], seeds: list[int | None]) -> None:

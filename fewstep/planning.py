@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 TOY_REWARD_NET = "results/metrics/toy_reward_net.safetensors"
 TOY_FEATURE_NET = "results/metrics/toy_feature_net.safetensors"
+RELEASED = "released"  # the replicate name of a released checkpoint (a trained one: seed<s>)
 
 
 class Run(NamedTuple):
@@ -94,10 +95,13 @@ def training_seeds(config: dict) -> list[int]:
     return seeds(config)
 
 
+def replicate_name(seed: int | None) -> str:
+    """The folder/file name of a replicate: seed<s> for a trained student, released otherwise."""
+    return RELEASED if seed is None else f"seed{int(seed)}"
+
+
 def replicates(config: dict, family: str, method: str) -> list[str]:
     """A cell's replicates: one per training seed (seed<s>), or its released checkpoint."""
-    from fewstep.cells import RELEASED, replicate_name
-
     if family in released(config).get(method, {}):
         return [RELEASED]
     return [replicate_name(s) for s in training_seeds(config)]
@@ -128,8 +132,6 @@ def replicate_scores(config: dict, family: str, method: str) -> list[str]:
 
 def aggregate_seeds(config: dict, family: str, method: str) -> str:
     """`fewstep aggregate --training-seeds`: each replicate's seed (released: `released`)."""
-    from fewstep.cells import RELEASED
-
     reps = replicates(config, family, method)
     return RELEASED if reps == [RELEASED] else " ".join(r.removeprefix("seed") for r in reps)
 

@@ -183,3 +183,37 @@ def sample_student(generator: Backbone, noise: torch.Tensor, cond: Cond, grid, t
             x = generator.schedule.ddim_step(x, x0, t_vec, torch.full_like(t_vec, float(grid[i + 1])),
                                              xi, theta)
     return x0
+
+
+# -- sample sets: every (prompt, seed) of a prompt list, on the shared per-sample noise ----------
+def sample_jobs(backbone, rows, seeds, batch, desc, draw):
+    """Images (N, 3, H, W) in [0, 1] for every (prompt, seed), in prompt-major order.
+
+    Every sampler starts from the same per-(prompt id, seed) noise (paired design);
+    draw(noise, cond, ids, seeds) returns the clean latents of one chunk.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from fewstep.noise import sample_noise
+    from fewstep.prompts import condition_of
+
+    jobs = [(r, s) for r in rows for s in seeds]
+    images = []
+    for i in tqdm(range(0, len(jobs), batch), desc=desc, leave=False):
+        chunk = jobs[i:i + batch]
+        ids, chunk_seeds = [r["prompt_id"] for r, _ in chunk], [s for _, s in chunk]
+        cond = backbone.encode([condition_of(r) for r, _ in chunk])
+        # the noise is drawn on the CPU (identical on every device), then moved
+        noise = sample_noise(ids, chunk_seeds, backbone.latent_shape).to(backbone.device)
+        with torch.no_grad():
+            images.append(backbone.decode(draw(noise, cond, ids, chunk_seeds)).float().cpu())
+    return torch.cat(images), jobs
+
+
+def sample_images(backbone, rows, seeds, steps, guidance, batch, sampler="scheduler"):
+    from fewstep.sampling import sample_teacher
+
+    return sample_jobs(backbone, rows, seeds, batch, f"sample {steps} steps",
+                       lambda noise, cond, ids, sd: sample_teacher(backbone, noise, cond, steps,
+                                                                   guidance, sampler))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fewstep.commands.prompts import eval_prompts
-from fewstep.commands.sample import sample_images
+from fewstep.sampling import sample_images
 from fewstep.io import write_text
 from fewstep.scoring import build_metric
 from fewstep.toy import teachers, world

@@ -60,14 +60,14 @@ def teacher_sets(res: int, seeds, steps) -> dict:
     """name -> (images01, metas): each shipped toy teacher at each step count, 8-bit quantised."""
     import torch
 
-    from fewstep.commands.prompts import eval_prompts
-    from fewstep.commands.sample import sample_images
+    from fewstep.sampling import sample_images
+    from fewstep.selection import toy_eval_rows
     from fewstep.toy import teachers, world
 
     out = {}
     for family in FAMILIES if steps else ():
         n_rows = SIT_PROMPTS if family == "sit" else len(world.prompt_set("eval"))
-        rows = eval_prompts(family, n_rows)
+        rows = toy_eval_rows(family, n_rows)
         teacher = teachers.load(teachers.SHIPPED / family).eval()
         for n in steps:
             images, jobs = sample_images(teacher, rows, list(seeds), steps=n, guidance=1.0,

@@ -39,39 +39,6 @@ def add_arguments(p):
                         "--student folder, in the same order")
 
 
-def sample_jobs(backbone, rows, seeds, batch, desc, draw):
-    """Images (N, 3, H, W) in [0, 1] for every (prompt, seed), in prompt-major order.
-
-    Every sampler starts from the same per-(prompt id, seed) noise (paired design);
-    draw(noise, cond, ids, seeds) returns the clean latents of one chunk.
-    """
-    import torch
-    from tqdm import tqdm
-
-    from fewstep.noise import sample_noise
-    from fewstep.prompts import condition_of
-
-    jobs = [(r, s) for r in rows for s in seeds]
-    images = []
-    for i in tqdm(range(0, len(jobs), batch), desc=desc, leave=False):
-        chunk = jobs[i:i + batch]
-        ids, chunk_seeds = [r["prompt_id"] for r, _ in chunk], [s for _, s in chunk]
-        cond = backbone.encode([condition_of(r) for r, _ in chunk])
-        # the noise is drawn on the CPU (identical on every device), then moved
-        noise = sample_noise(ids, chunk_seeds, backbone.latent_shape).to(backbone.device)
-        with torch.no_grad():
-            images.append(backbone.decode(draw(noise, cond, ids, chunk_seeds)).float().cpu())
-    return torch.cat(images), jobs
-
-
-def sample_images(backbone, rows, seeds, steps, guidance, batch, sampler="scheduler"):
-    from fewstep.sampling import sample_teacher
-
-    return sample_jobs(backbone, rows, seeds, batch, f"sample {steps} steps",
-                       lambda noise, cond, ids, sd: sample_teacher(backbone, noise, cond, steps,
-                                                                   guidance, sampler))
-
-
 def sample_student_images(generator, spec, rows, seeds, batch):
     """A trained student's sampler; the re-noising noise of step k is its own per-sample stream
     "step{k}", so it too depends only on (prompt id, seed)."""
@@ -84,6 +51,8 @@ def sample_student_images(generator, spec, rows, seeds, batch):
                                 stream=f"step{k}").to(generator.device)
         return sample_student(generator, noise, cond, spec["grid"], spec["theta"], step_noise,
                               spec["guidance"])
+
+    from fewstep.sampling import sample_jobs
 
     return sample_jobs(generator, rows, seeds, batch, f"sample student NFE {spec['nfe']}", draw)
 
@@ -154,7 +123,7 @@ def check_outputs(args):
 
 def run_teacher(args, backbone, recipe, rows, steps, out):
     from fewstep.provenance import record
-    from fewstep.sampling import nfe_of, sampler_record
+    from fewstep.sampling import nfe_of, sample_images, sampler_record
     from metrics.sampleset import write_sample_set
 
     images, jobs, times = timing(
