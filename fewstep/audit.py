@@ -175,9 +175,15 @@ def fixed_reference(result: dict) -> bool:
     return "min_n" in (result.get("details") or {})
 
 
+def set_images(result: dict) -> int:
+    """The images behind one FID: a cell of k training seeds averages k FIDs of n / k images each
+    (its n counts every seed's images), and FIDs compare only at equal set size."""
+    return result["n"] // max(1, len((result.get("details") or {}).get("per_seed") or {}))
+
+
 def size_note(result: dict) -> str:
     """What an FID interval covers, for the evidence column ("" for other metrics)."""
-    return f" at {result['n']} images, reference fixed" if fixed_reference(result) else ""
+    return f" at {set_images(result)} images, reference fixed" if fixed_reference(result) else ""
 
 
 def absolute_verdict(value: float, result: dict, tolerance: float) -> str:
@@ -295,7 +301,7 @@ def judge_absolute(claim: dict, rows: list[dict], tolerance: float) -> Verdict:
     evidence = (f"claimed {claim['value']}, ours {result['value']:.4g} "
                 f"[{result['ci_low']:.4g}, {result['ci_high']:.4g}]{size_note(result)}")
     if fixed_reference(result) and not result["details"].get("comparable", True):
-        verdict = (f"not comparable (FID at {result['n']} images; a published FID needs >= "
+        verdict = (f"not comparable (FID at {set_images(result)} images; a published FID needs >= "
                    f"{result['details']['min_n']})")
     else:
         verdict = absolute_verdict(float(claim["value"]), result, tolerance)
@@ -338,8 +344,9 @@ def judge_relative(claim: dict, rows: list[dict], world: str, pair) -> Verdict:
         return Verdict(claim["id"], world, "not run",
                        f"no {metric} score of {missing} on {claim['family']}")
     ra, rb = a["results"][metric], b["results"][metric]
-    if fixed_reference(ra) and ra["n"] != rb["n"]:
-        return Verdict(claim["id"], world, f"not comparable (FID at {ra['n']} vs {rb['n']} images, "
+    if fixed_reference(ra) and set_images(ra) != set_images(rb):
+        return Verdict(claim["id"], world, f"not comparable (FID at {set_images(ra)} vs "
+                       f"{set_images(rb)} images, "
                        "reference fixed)", f"{metric}: {claim['a']['method']} ({how_a}) and "
                        f"{claim['b']['method']} ({how_b}) were scored on sets of different size",
                        deviations=run_deviations(a, b))

@@ -190,3 +190,20 @@ def test_a_pinned_checkpoint_is_not_the_papers_model_for_an_absolute_claim():
                          f"pinned by its sha256 {'ab' * 32})")
     pinned["results"]["hpsv2.1"]["identity"]["checkpoint_published"] = True
     assert audit.judge_absolute(claim, [pinned], 0.02).verdict == "reproduced"
+
+
+def test_a_cell_of_three_seeds_compares_its_fids_set_by_set_with_the_teacher():
+    """A 3-seed cell's FID is the mean of three FIDs of 488 images each: comparable with a teacher
+    set of 488 images (not "1464 vs 488"), and every evidence line names the per-set size."""
+    claim = {"id": "R", "paper": "P", "source": "S", "kind": "relative", "family": "sit",
+             "metric": "fid", "a": {"method": "dmd2", "nfe": 4}, "b": {"method": "teacher", "nfe": 64},
+             "claim": "a better"}
+    cell = fid_result(10.0, n=3 * 488)
+    cell["details"]["per_seed"] = {"0": 9.0, "1": 10.0, "2": 11.0}
+    rows = [row("sit", "dmd2", 4, {"fid": cell}), row("sit", "teacher", 64, {"fid": fid_result(20.0, n=488)})]
+    v = audit.judge_relative(claim, rows, "real", lambda *a: {
+        "difference": -10.0, "ci_low": -12.0, "ci_high": -8.0, "p_value": 0.001,
+        "n_training_seeds": {"a": 3, "b": None}})
+    assert "not comparable" not in v.verdict
+    assert "at 488 images, reference fixed" in v.evidence
+    assert audit.set_images(cell) == 488

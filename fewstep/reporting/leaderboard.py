@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fewstep.audit import alpha_of, fixed_reference, training_seeds
+from fewstep.audit import alpha_of, fixed_reference, set_images, training_seeds
 from fewstep.reporting.tables import (DeviationNotes, covers_note, family_resamples, fmt_p,
                                       holm_legend, method_label, metric_identity, seed_spread,
                                       table_verdicts)
@@ -95,7 +95,7 @@ def teacher_cells(rows: list[dict]) -> list[tuple]:
                 out.append((s, name, res, None, how, None))
                 continue
             t = teacher["results"][name]
-            if fixed_reference(res) and res["n"] != t["n"]:  # their FID biases differ: no test
+            if fixed_reference(res) and set_images(res) != set_images(t):  # FID biases differ
                 out.append((s, name, res, teacher, how, None))
                 continue
             out.append((s, name, res, teacher, how, paired.get(name)))
@@ -128,9 +128,9 @@ def against_teacher(rows: list[dict], notes: DeviationNotes | None = None) -> st
             continue
         t = teacher["results"][name]
         nfe = f"{teacher['nfe']}" + ("" if how == "same NFE" else f" ({how})")
-        if fixed_reference(res) and res["n"] != t["n"]:
+        if fixed_reference(res) and set_images(res) != set_images(t):
             diff, p, rate = "-", "-", "-"
-            word = f"not compared (FID at {res['n']} vs {t['n']} images)"
+            word = f"not compared (FID at {set_images(res)} vs {set_images(t)} images)"
         else:
             diff, p, rate, word = paired_cells(paired, res, t, j)
             if paired is None:
@@ -231,7 +231,9 @@ def fid_note(rows) -> list[str]:
         return []
     return [", ".join(f"`{n}`" for n in names) + ": the interval resamples prompts at the row's n "
             "images with the reference statistics fixed, so it covers the FID at that n, not the "
-            "infinite-sample FID; FIDs at different n are never compared.", ""]
+            "infinite-sample FID; FIDs at different n are never compared. A student cell of k "
+            "training seeds averages k FIDs of n / k images each (its n counts every seed's "
+            "images) and is compared at that per-set size.", ""]
 
 
 def leaderboard(rows: list[dict]) -> str:

@@ -259,7 +259,8 @@ def leaderboard(rows: list[dict], metrics: list[str], notes: DeviationNotes | No
     fids = [m for m in metrics if fixed_reference(example[m])]
     if fids:
         caption += (f"; {', '.join(fids)}: CI at the row's n images with the reference fixed (the "
-                    "FID at that n, not the infinite-sample FID)")
+                    "FID at that n, not the infinite-sample FID; a cell of k training seeds: "
+                    "the mean of k FIDs of n / k images each)")
     covers = covers_note(rows)
     note = f'<p class="covers">{html.escape(covers)}</p>' if covers else ""
     return table(head, body, caption) + note + (deviation_list(notes) if own else "")
