@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from plugin_checks import plugin_env  # noqa: F401 (a fixture)
@@ -110,6 +111,42 @@ def test_dag_trains_builtin_and_plugin_methods_and_scores_their_students(dag_run
             assert all("verdict" in d and d["ci_low"] <= d["ci_high"] for d in against["metrics"].values())
             prov = json.loads((model / "provenance.json").read_text())
             assert prov["config"]["method"] == method and "git_commit" in prov["environment"]
+
+
+def _two_level_direct(replicates: list[list[dict]], resamples: int, seed: int, level: float):
+    """The cell's interval by hand: prompts drawn with replacement from rng(seed) (one row of
+    multiplicities per resample), training seeds from rng([seed, 1]); per resample the mean over
+    the drawn seeds of each seed's mean score on the drawn prompts; percentile interval."""
+    keys = [(r["prompt_id"], r["seed"]) for r in replicates[0]]
+    prompts = list(dict.fromkeys(k[0] for k in keys))
+    scores = []
+    for rows in replicates:
+        by_key = {(r["prompt_id"], r["seed"]): r["score"] for r in rows}
+        scores.append({p: [by_key[k] for k in keys if k[0] == p] for p in prompts})
+    draws = np.random.default_rng(seed).integers(0, len(prompts), size=(resamples, len(prompts)))
+    seed_draws = np.random.default_rng([seed, 1]).integers(0, len(scores),
+                                                            size=(resamples, len(scores)))
+    values = []
+    for prompt_draw, seed_draw in zip(draws, seed_draws):
+        drawn = [prompts[i] for i in prompt_draw]
+        values.append(np.mean([np.mean([x for p in drawn for x in scores[j][p]])
+                               for j in seed_draw]))
+    tail = (1 - level) / 2 * 100
+    return np.percentile(values, [tail, 100 - tail])
+
+
+def test_a_two_seed_cells_interval_is_the_two_level_bootstrap_of_its_seeds(dag_run):
+    """End to end: two training seeds trained, sampled and scored, and the aggregate's interval
+    equals the two-level bootstrap computed directly from the two replicate score files."""
+    cell = json.loads((dag_run / "results/scores/sit/dummy/student.json").read_text())
+    replicates = [json.loads((dag_run / r["score_file"]).read_text()) for r in cell["replicates"]]
+    assert len(replicates) == 2
+    boot = TINY["bootstrap"]
+    low, high = _two_level_direct([r["results"]["toy_hps"]["per_sample"] for r in replicates],
+                                  boot["resamples"], boot["seed"], boot["confidence"])
+    result = cell["results"]["toy_hps"]
+    assert result["details"]["ci_covers"] == "training seeds and prompts"
+    assert (result["ci_low"], result["ci_high"]) == pytest.approx((low, high), abs=1e-12)
 
 
 def test_every_job_records_provenance(dag_run):

@@ -39,6 +39,7 @@ def test_paper_config_builds_its_dag(path, tmp_path):
     for method in trained:  # trained on the family's configured prompts, never the toy world's
         assert f" train --method {method} " in plan
     runs = sum(len(cfg["distill"]["stages"].get(m, [None])) for m in trained)  # one per stage
+    runs *= len(cfg["distill"].get("seeds", [0]))  # and per training seed
     assert plan.count(f"--train-prompts results/train_prompts/{family}.jsonl") == runs
     if not trained:
         assert " train --method" not in plan and "train_prompts" not in plan
