@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fewstep.planning import RELEASED, replicate_name  # noqa: F401 (the replicates' names)
-
 SAME_ACROSS = ("family", "method", "nfe", "steps", "guidance", "prompt_set")
 
 

@@ -40,7 +40,8 @@ def cell_of(row: dict, metric_name: str) -> list[tuple]:
         return [(MetricResult.from_dict(row["results"][metric_name]), row["sample_set"])]
     out = []
     for rep in row["replicates"]:
-        replicate = json.loads(open(rep["score_file"]).read())
+        with open(rep["score_file"]) as f:  # closed at once: a report reads many of them
+            replicate = json.load(f)
         out.append((MetricResult.from_dict(replicate["results"][metric_name]),
                     replicate["sample_set"]))
     return out

@@ -99,10 +99,12 @@ class Diversity(PerImageMetric):
     higher_is_better = True
 
     def features(self, ss: SampleSet) -> np.ndarray:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement features(ss): one "
+                                  "feature vector per image, in manifest order")
 
     def feature_identity(self, ss: SampleSet) -> dict:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement feature_identity(ss): "
+                                  "what identifies its feature extractor")
 
     def image_scores(self, ss: SampleSet) -> dict:
         return {"score": per_image_diversity(self.features(ss), ss.prompt_ids())}

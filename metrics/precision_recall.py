@@ -196,14 +196,16 @@ class PrecisionRecall(Metric):
 
     # -- what subclasses give ----------------------------------------------------------------
     def sample_features(self, ss: SampleSet) -> np.ndarray:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement sample_features(ss): "
+                                  "one feature vector per image, in manifest order")
 
     def reference_features(self, ss: SampleSet):
         """The reference's ReferenceStats (features, identity, stats_sha256) for this set."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement reference_features(ss)")
 
     def feature_identity(self, ss: SampleSet) -> dict:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement feature_identity(ss): "
+                                  "what identifies its feature extractor")
 
     def resampler_device(self) -> str:
         return "cpu"

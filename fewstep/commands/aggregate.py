@@ -17,7 +17,7 @@ def add_arguments(p):
 
 
 def parse_seed(text: str) -> int | None:
-    from fewstep.cells import RELEASED
+    from fewstep.planning import RELEASED
 
     if text == RELEASED:
         return None
