@@ -431,8 +431,10 @@ def relative_legend(verdicts: list[Verdict], defaults: dict) -> str:
     levels = {v.ours.get("level") for v in verdicts if v.family}
     alpha = ", ".join(f"{1 - (lv or 0.95):.2g}" for lv in sorted(levels, key=str)) or "0.05"
     return ("Relative claims: the paired difference A - B on the same prompts and noise; its "
-            "interval is a two-level bootstrap (training seeds resampled, then prompts with all "
-            "their images; a cell of one training seed contributes its prompts only). The "
+            "interval covers training seeds and prompts (the prompt bootstrap's variance, prompts "
+            "with all their images, plus each side's between-seed variance / k, a t quantile "
+            "with Welch-Satterthwaite df; a cell of one training seed contributes its prompts "
+            "only). The "
             f"Holm-adjusted p-value decides (Holm 1979; one family of {family} tested relative "
             f"verdicts in this report, alpha = {alpha} = 1 - the interval's level): reproduced "
             "when it is at most alpha with the difference in the claimed direction, "

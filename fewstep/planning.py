@@ -247,15 +247,18 @@ def score_extra_inputs(config: dict) -> dict[str, str]:
 
 def score_params(config: dict) -> dict:
     """The score jobs' parameters (config strings quoted: the metric options are one JSON
-    argument). `interval` is the `--interval X ` flag, empty for the default percentile interval
-    so the default DAG's score commands stay as they were."""
+    argument). `interval` holds the `--interval X ` and `--seed-level Y ` flags, each empty for
+    its default (percentile, t) so the default DAG's score commands stay as they were."""
     interval = config["bootstrap"].get("interval", "percentile")
+    seed_level = config["bootstrap"].get("seed_level", "t")
+    flags = ("" if interval == "percentile" else f"--interval {shlex.quote(interval)} ") + (
+        "" if seed_level == "t" else f"--seed-level {shlex.quote(seed_level)} ")
     return dict(
         metrics=" ".join(config["metrics"]),
         seeds=" ".join(map(str, config["eval"]["seeds"])),
         res=config["resolution"],
         boot=config["bootstrap"],
-        interval="" if interval == "percentile" else f"--interval {shlex.quote(interval)} ",
+        interval=flags,
         n_ref=config.get("fid", {}).get("reference_images"),  # toy FID only
         options=shlex.quote(json.dumps(config.get("metric_options", {}), sort_keys=True)),
         # toy world: an empty canvas is a legitimate bad sample, scored rather than refused

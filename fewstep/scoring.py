@@ -18,12 +18,13 @@ def scoring_context(args, prompt_rows: list[dict]) -> SimpleNamespace:
     settings, the prompt file and its rows, the toy FID's feature net, reference renders and
     cache. Score files of any age rebuild their metrics (fewstep.pairing): absent fields are None,
     and an absent interval (score files written before `--interval`, or a default run) is the
-    percentile interval."""
+    percentile interval, an absent seed level the t level (metrics.seed_level)."""
     job = {k: getattr(args, k, None) for k in ("prompts", "feature_net", "reference_images",
                                               "cache")}
     return SimpleNamespace(n_resamples=args.resamples, level=args.confidence,
                            seed=args.bootstrap_seed, prompt_rows=prompt_rows,
-                           interval=getattr(args, "interval", None) or "percentile", **job)
+                           interval=getattr(args, "interval", None) or "percentile",
+                           seed_level=getattr(args, "seed_level", None) or "t", **job)
 
 
 def build_metric(name: str, args, prompt_rows: list[dict]):

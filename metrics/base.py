@@ -114,13 +114,16 @@ class Metric:
     Training seeds (cells): a cell is one (family, method) trained once per training seed, each
     replicate scored on the same (prompt_id, image seed) grid. `replicate_statistic` gives the
     metric's statistic of one replicate on a resample; `cell_result` aggregates a cell (mean over
-    replicates, interval from `stats.two_level_bootstrap`: training seeds, then prompts) and
+    replicates, interval over training seeds and prompts: `metrics.seed_level`) and
     `paired_difference_cells` compares two cells (or a cell with a one-element teacher cell),
     paired on the shared prompts and noise. One replicate per side is exactly today's result and
-    paired_difference. With more than one replicate the interval is the two-level percentile
-    interval (recentred where the metric is, `recentred`: FID) whatever `interval` says: BCa's
-    jackknife and the studentized standard error have no two-level form here; the ci_method
-    label says so.
+    paired_difference. With more than one replicate a side, `seed_level` (metrics.seed_level,
+    config `bootstrap.seed_level`) decides: "t" (default), the prompt bootstrap's variance plus each
+    side's between-run variance / k with a Welch-Satterthwaite t quantile, which covers at the
+    nominal rate with 3 seeds; or "bootstrap", the two-stage percentile bootstrap (recentred where
+    the metric is, `recentred`: FID), which is narrow with few seeds. `interval` does not apply
+    there (BCa's jackknife and the studentized standard error have no two-level form); ci_method
+    says which was used.
 
     Differentiable scorers for training share one call signature, `reward(images01 (B, 3, H, W) in
     [0, 1], metas: list of prompt-row dicts with "prompt") -> (B,) tensor`, higher is better,
@@ -135,6 +138,7 @@ class Metric:
     level: float = field(default=DEFAULT_LEVEL, kw_only=True)
     seed: int = field(default=0, kw_only=True)
     interval: str = field(default=DEFAULT_INTERVAL, kw_only=True)
+    seed_level: str = field(default="t", kw_only=True)   # metrics.seed_level.SEED_LEVELS
 
     # -- building from a config --------------------------------------------------------------------
     @classmethod
@@ -183,7 +187,8 @@ class Metric:
         """
         cls.check_options(options, name)
         bootstrap = dict(n_resamples=context.n_resamples, level=context.level, seed=context.seed,
-                         interval=getattr(context, "interval", None) or DEFAULT_INTERVAL)
+                         interval=getattr(context, "interval", None) or DEFAULT_INTERVAL,
+                         seed_level=getattr(context, "seed_level", None) or "t")
         return cls(**bootstrap, **{**cls.context_defaults(context), **options})
 
     @classmethod
@@ -297,9 +302,8 @@ class Metric:
         """A cell's result over its replicates [(MetricResult, sample-set folder)], one per training
         seed (`seeds`: their labels, None for a released checkpoint; default 0, 1, ...).
 
-        value: the mean of the replicates' values; interval: the two-level bootstrap (training
-        seeds, then prompts with all their images; `stats.two_level_bootstrap`, no B side), so it
-        covers training randomness too. n: images over all replicates; per_sample: [] (each
+        value: the mean of the replicates' values; interval: over training seeds and prompts with
+        all their images (`two_level_ci`, no B side), so it covers training randomness too. n: images over all replicates; per_sample: [] (each
         replicate keeps its rows in its own score file). One replicate: exactly its own result.
         details: the first replicate's, plus per_seed, seed_sd (sample sd; None for one),
         n_training_seeds, ci_method, ci_covers. Replicates of another identity: ValueError."""
@@ -324,8 +328,8 @@ class Metric:
         """value(A) - value(B) of two cells [(MetricResult, folder)] on one (prompt_id, seed) grid,
         as a paired_summary dict with "p_value" and "n_training_seeds" {"a": k_a, "b": k_b} (the
         number of replicates; a teacher is a one-element cell). One replicate each: exactly
-        paired_difference. Otherwise the two-level bootstrap (A's and B's training seeds drawn
-        independently, prompts shared), and the win rate on per-image scores averaged over each
+        paired_difference. Otherwise the seed-level interval (`two_level_ci`: A's and B's training
+        seeds independent, prompts shared), and the win rate on per-image scores averaged over each
         side's replicates (prompts resampled only), or a note where there is no per-image score."""
         counts = {"a": len(cell_a), "b": len(cell_b)}
         if len(cell_a) == 1 and len(cell_b) == 1:
@@ -339,23 +343,26 @@ class Metric:
                               n_training_seeds=counts)
 
     def two_level_ci(self, cell_a: list, cell_b: list | None, **load_kw):
-        """stats.two_level_bootstrap on replicate_statistic callables over the first replicate's
-        (prompt_id, seed) grid, with this metric's strata, settings and recentring."""
-        from metrics.stats import group_indices, two_level_bootstrap
+        """metrics.seed_level.seed_level_interval on replicate_statistic callables over the first
+        replicate's (prompt_id, seed) grid, with this metric's strata, settings, recentring and
+        seed level."""
+        from metrics.seed_level import seed_level_interval
+        from metrics.stats import group_indices
 
         first = cell_a[0][0]
         keys = sample_keys(first)
         stats = [[self.replicate_statistic(r, f, keys, **load_kw) for r, f in cell]
                  for cell in (cell_a, cell_b) if cell is not None]
         with self.bootstrap_context():
-            ci = two_level_bootstrap(stats[0], stats[1] if len(stats) > 1 else None,
+            ci = seed_level_interval(stats[0], stats[1] if len(stats) > 1 else None,
                                      group_indices([k[0] for k in keys])[1],
                                      strata=self.strata(first.per_sample),
                                      n_resamples=self.n_resamples, level=self.level,
-                                     seed=self.seed, recentre=self.recentred)
+                                     seed=self.seed, recentre=self.recentred,
+                                     seed_level=self.seed_level)
         if self.interval == "percentile" or self.recentred:
             return ci
-        note = f" ({self.interval} asked: with several training seeds the interval is percentile)"
+        note = f" ({self.interval} asked: it has no form with several training seeds)"
         return dataclasses.replace(ci, method=ci.method + note)
 
     def cell_win_rate(self, cell_a: list, cell_b: list) -> dict:

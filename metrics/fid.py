@@ -35,8 +35,9 @@ The real route (`FID`, sec. 3.1-3.8) shares that machinery with clean-fid's own 
   2048-d resamples run on the GPU when there is one); KID as in the toy route.
 
 Training seeds (both routes, FrechetCells): a replicate's statistic on a resample is its FID
-against the same fixed reference; a cell's interval and a comparison of cells come from the
-two-level bootstrap (training seeds, then prompts), recentred like the one-seed interval.
+against the same fixed reference; a cell's interval and a comparison of cells come from
+metrics.seed_level (default t: prompt-bootstrap variance plus between-seed variance / k; the
+`bootstrap` level is recentred like the one-seed interval).
 Sections (sec. N) are those of metrics/notes/metrics.md.
 """
 from __future__ import annotations

@@ -117,30 +117,32 @@ def test_dag_trains_builtin_and_plugin_methods_and_scores_their_students(dag_run
 
 
 def _two_level_direct(replicates: list[list[dict]], resamples: int, seed: int, level: float):
-    """The cell's interval by hand: prompts drawn with replacement from rng(seed) (one row of
-    multiplicities per resample), training seeds from rng([seed, 1]); per resample the mean over
-    the drawn seeds of each seed's mean score on the drawn prompts; percentile interval."""
+    """The cell's interval by hand (the default t seed level, metrics/seed_level.py): prompts
+    drawn with replacement from rng(seed), one row per resample, every training seed kept; the
+    variance of those resamples' seed-mean plus the between-seed variance / k; a t quantile with
+    Welch-Satterthwaite degrees of freedom."""
+    from scipy import stats as sps
+
     keys = [(r["prompt_id"], r["seed"]) for r in replicates[0]]
     prompts = list(dict.fromkeys(k[0] for k in keys))
     scores = []
     for rows in replicates:
         by_key = {(r["prompt_id"], r["seed"]): r["score"] for r in rows}
         scores.append({p: [by_key[k] for k in keys if k[0] == p] for p in prompts})
+    seed_means = np.array([np.mean([x for p in prompts for x in s[p]]) for s in scores])
     draws = np.random.default_rng(seed).integers(0, len(prompts), size=(resamples, len(prompts)))
-    seed_draws = np.random.default_rng([seed, 1]).integers(0, len(scores),
-                                                            size=(resamples, len(scores)))
-    values = []
-    for prompt_draw, seed_draw in zip(draws, seed_draws):
-        drawn = [prompts[i] for i in prompt_draw]
-        values.append(np.mean([np.mean([x for p in drawn for x in scores[j][p]])
-                               for j in seed_draw]))
-    tail = (1 - level) / 2 * 100
-    return np.percentile(values, [tail, 100 - tail])
+    values = [np.mean([np.mean([x for i in row for x in s[prompts[i]]]) for s in scores])
+              for row in draws]
+    v_prompt, v_seed = np.var(values, ddof=1), np.var(seed_means, ddof=1) / len(scores)
+    df = (v_prompt + v_seed) ** 2 / (v_seed ** 2 / (len(scores) - 1)
+                                     + v_prompt ** 2 / (len(prompts) - 1))
+    half = sps.t.ppf(0.5 + level / 2, df) * np.sqrt(v_prompt + v_seed)
+    return seed_means.mean() - half, seed_means.mean() + half
 
 
-def test_a_two_seed_cells_interval_is_the_two_level_bootstrap_of_its_seeds(dag_run):
+def test_a_two_seed_cells_interval_is_the_seed_level_interval_of_its_seeds(dag_run):
     """End to end: two training seeds trained, sampled and scored, and the aggregate's interval
-    equals the two-level bootstrap computed directly from the two replicate score files."""
+    equals the seed-level interval computed directly from the two replicate score files."""
     cell = json.loads((dag_run / "results/scores/sit/dummy/student.json").read_text())
     replicates = [json.loads((dag_run / r["score_file"]).read_text()) for r in cell["replicates"]]
     assert len(replicates) == 2

@@ -49,6 +49,18 @@ def test_the_score_flag_is_planned_only_for_a_non_default_interval():
     assert planning.score_params(with_interval("bca"))["interval"] == "--interval bca "
 
 
+def test_the_seed_level_flag_is_planned_only_when_not_t():
+    cfg = copy.deepcopy(DEFAULT)
+    cfg["bootstrap"]["seed_level"] = "bootstrap"
+    workflow_config.validate(cfg)
+    assert planning.score_params(cfg)["interval"] == "--seed-level bootstrap "
+    cfg["bootstrap"]["seed_level"] = "t"
+    assert planning.score_params(cfg)["interval"] == ""
+    cfg["bootstrap"]["seed_level"] = "jackknife"
+    with pytest.raises(workflow_config.ConfigError, match="seed_level"):
+        workflow_config.validate(cfg)
+
+
 def _score_commands(tmp_path, cfg) -> list[str]:
     tmp_path.mkdir()
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
@@ -110,9 +122,10 @@ def test_score_interval_keeps_the_value_and_names_the_interval(toy_set, tmp_path
 
 def test_score_refuses_an_unknown_interval(toy_set, tmp_path, capsys):
     from fewstep.commands import score
-    from metrics import stats
+    from metrics import seed_level, stats
 
     assert score.INTERVAL_METHODS == stats.INTERVAL_METHODS
+    assert score.SEED_LEVELS == seed_level.SEED_LEVELS
     samples, prompts = toy_set
     with pytest.raises(SystemExit):
         main(["score", "--samples", str(samples), "--prompts", str(prompts), "--seeds", "0",

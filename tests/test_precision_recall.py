@@ -1,5 +1,6 @@
 """Improved precision and recall (Kynkaanniemi et al. 2019) and density/coverage (Naeem et al.
 2020) against the toy FID's reference renders (metrics/precision_recall.py)."""
+import dataclasses
 import json
 
 import numpy as np
@@ -262,14 +263,15 @@ def test_score_command_pairs_diversity_and_recall_against_the_teacher(world_sets
 # ------------------------------------------------------------------- cells of training seeds
 
 def test_cells_of_training_seeds_recentre_recall_and_pair_diversity(world_sets, tmp_path):
-    """Two replicates per cell: recall's two-level interval is recentred like FID's (a resample's
-    manifold has fewer distinct images), diversity's is the plain per-image one."""
+    """Two replicates per cell: recall's bootstrap seed level is recentred like FID's (a
+    resample's manifold has fewer distinct images), diversity's is the plain per-image one; the
+    default t level is clipped to the statistic's range too."""
     from metrics.diversity import ToyDiversity
 
     metas = world.prompt_set("eval")[:N_PROMPTS]
     varied = [world_sets["varied"], _write(tmp_path / "v2", metas, seed_shift=200)]
     collapsed = [world_sets["collapsed"], _write(tmp_path / "c2", metas, collapsed=True)]
-    recall = _metric(world_sets, "recall")
+    recall = dataclasses.replace(_metric(world_sets, "recall"), seed_level="bootstrap")
     assert type(recall).recentred
     cells = {name: [(recall.score(f), f) for f in folders]
              for name, folders in (("varied", varied), ("collapsed", collapsed))}
@@ -280,6 +282,11 @@ def test_cells_of_training_seeds_recentre_recall_and_pair_diversity(world_sets, 
     assert paired["verdict"] == "worse" and paired["n_training_seeds"] == {"a": 2, "b": 2}
     assert -1.0 <= paired["ci_low"] <= paired["difference"] <= paired["ci_high"] <= 1.0
     assert 0.0 <= recall.cell_result(cells["collapsed"], seeds=[0, 1]).ci_low
+    t_level = dataclasses.replace(recall, seed_level="t")
+    assert 0.0 <= t_level.cell_result(cells["collapsed"], seeds=[0, 1]).ci_low
+    paired = t_level.paired_difference_cells(cells["collapsed"], cells["varied"])
+    assert paired["method"].startswith("t, Welch")
+    assert -1.0 <= paired["ci_low"] <= paired["difference"] <= paired["ci_high"] <= 1.0
     diversity = ToyDiversity(n_resamples=100)
     div = {name: [(diversity.score(f), f) for f in folders]
            for name, folders in (("varied", varied), ("collapsed", collapsed))}

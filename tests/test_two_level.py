@@ -11,6 +11,7 @@ from metrics.base import MetricResult, PerImageMetric
 from metrics.fid import FID, ToyFID, _stats, fid_resampler, frechet_distance, gaussian_stats
 from metrics.geneval import ToyGenEval
 from metrics.sampleset import load_sample_set, write_sample_set
+from metrics.seed_level import seed_level_interval
 from metrics.stats import bootstrap, bootstrap_p_value, group_indices, two_level_bootstrap
 
 R = 99
@@ -144,7 +145,7 @@ def test_cell_result_with_seeds_is_the_two_level_interval():
     keys_shuffled = keys[::-1]           # replicates may list the grid in another order
     cell = _cell(2, 0.0, 0, keys)
     cell[1] = (_result([r["score"] for r in cell[1][0].per_sample][::-1], keys_shuffled), "s1")
-    metric = Plain(n_resamples=R, seed=2, level=0.9, interval="bca")
+    metric = Plain(n_resamples=R, seed=2, level=0.9, interval="bca", seed_level="bootstrap")
     out = metric.cell_result(cell, seeds=[0, 1])
     x = [np.array([r["score"] for r in res.per_sample]) for res, _ in cell]
     direct, _ = _direct([lambda i: x[0][i].mean(), lambda i: x[0 + 1][::-1][i].mean()], None,
@@ -157,6 +158,17 @@ def test_cell_result_with_seeds_is_the_two_level_interval():
     assert d["seed_sd"] == pytest.approx(np.std([cell[0][0].value, cell[1][0].value], ddof=1))
     assert d["n_training_seeds"] == 2 and d["ci_covers"] == "training seeds and prompts"
     assert "two-level percentile" in d["ci_method"] and "bca" in d["ci_method"]
+
+
+def test_cell_result_default_seed_level_is_t():
+    keys, groups = _grid()
+    cell = _cell(3, 0.0, 0, keys)
+    out = Plain(n_resamples=R, seed=2).cell_result(cell, seeds=[0, 1, 2])
+    x = [np.array([r["score"] for r in res.per_sample]) for res, _ in cell]
+    ci = seed_level_interval([lambda i, v=v: v[i].mean() for v in x], None, groups,
+                             n_resamples=R, seed=2)
+    assert (out.ci_low, out.ci_high) == (ci.low, ci.high)
+    assert out.details["ci_method"].startswith("t, Welch-Satterthwaite")
 
 
 def test_cell_result_refuses_replicates_of_another_protocol():
@@ -180,7 +192,7 @@ def test_paired_cells_one_seed_each_is_paired_difference():
 def test_paired_cells_with_seeds_is_the_two_level_difference():
     keys, groups = _grid()
     a, b = _cell(3, 2.0, 0, keys), _cell(1, 0.0, 1, keys)
-    metric = Plain(n_resamples=R, seed=3)
+    metric = Plain(n_resamples=R, seed=3, seed_level="bootstrap")
     out = metric.paired_difference_cells(a, b)
     xa = [np.array([r["score"] for r in res.per_sample]) for res, _ in a]
     xb = [np.array([r["score"] for r in res.per_sample]) for res, _ in b]
@@ -190,12 +202,18 @@ def test_paired_cells_with_seeds_is_the_two_level_difference():
     assert out["p_value"] == bootstrap_p_value(values) == pytest.approx(2 / (R + 1))
     assert out["n_training_seeds"] == {"a": 3, "b": 1} and out["verdict"] == "better"
     assert out["win_rate"]["win_rate"] == 1.0  # per-prompt means, averaged over seeds
+    t_level = Plain(n_resamples=R, seed=3).paired_difference_cells(a, b)
+    ci = seed_level_interval([lambda i, x=x: x[i].mean() for x in xa],
+                             [lambda i, x=x: x[i].mean() for x in xb], groups,
+                             n_resamples=R, seed=3)
+    assert (t_level["ci_low"], t_level["ci_high"], t_level["p_value"]) == (ci.low, ci.high,
+                                                                           ci.p_value)
 
 
 def test_geneval_cells_keep_their_strata():
     tags = ["colors", "counting", "colors", "position", "counting"]
     keys, groups = _grid()
-    metric = ToyGenEval(n_resamples=R, seed=1)
+    metric = ToyGenEval(n_resamples=R, seed=1, seed_level="bootstrap")
     rng = np.random.default_rng(5)
 
     def replicate(i):
@@ -212,6 +230,10 @@ def test_geneval_cells_keep_their_strata():
     (low, high), _ = _direct(stat[:2], stat[2:], groups, tags, 1)
     assert (out["ci_low"], out["ci_high"]) == pytest.approx((low, high), rel=1e-12)
     assert "stratified" in out["method"]
+    t_level = ToyGenEval(n_resamples=R, seed=1).paired_difference_cells(a, b)
+    ci = seed_level_interval(stat[:2], stat[2:], groups, strata=tags, n_resamples=R, seed=1)
+    assert (t_level["ci_low"], t_level["ci_high"]) == (ci.low, ci.high)
+    assert "stratified" in t_level["method"]
 
 
 # ------------------------------------------------------------------ FID on tiny features
@@ -273,7 +295,7 @@ def _fid_result(metric, folder):
 
 def test_toy_fid_replicate_statistic_and_cells(fid_sets):
     sets, feats, ref = fid_sets
-    metric = StubToyFID(stub=(feats, ref), n_resamples=R, seed=2)
+    metric = StubToyFID(stub=(feats, ref), n_resamples=R, seed=2, seed_level="bootstrap")
     results = [(_fid_result(metric, s), s) for s in sets]
     keys = [(r["prompt_id"], r["seed"]) for r in results[0][0].per_sample]
     stat = metric.replicate_statistic(results[2][0], sets[2], keys)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-# metrics.stats.INTERVAL_METHODS, written out: parsing arguments imports no numpy
-# (tests/test_interval_option.py checks the two agree)
+# metrics.stats.INTERVAL_METHODS and metrics.seed_level.SEED_LEVELS, written out: parsing
+# arguments imports no numpy (tests/test_interval_option.py checks they agree)
 INTERVAL_METHODS = ("percentile", "bca", "studentized")
+SEED_LEVELS = ("t", "bootstrap")
 
 
 def add_arguments(p):
@@ -34,6 +35,10 @@ def add_arguments(p):
                    help="how each CI is read from its bootstrap: percentile (default), bca or "
                         "studentized (set-level statistics without a per-resample standard error "
                         "use bca; FID keeps its recentred percentile interval)")
+    p.add_argument("--seed-level", choices=SEED_LEVELS, default=argparse.SUPPRESS,
+                   help="the training-seed level of a cell's interval (fewstep aggregate, paired "
+                        "cells): t (default; covers with 3 seeds) or bootstrap (the two-stage "
+                        "bootstrap, narrow with few seeds); metrics/seed_level.py")
     p.add_argument("--against", nargs="+", default=[],
                    help="the teacher's score .json files of this family: each set is also compared "
                         "with the teacher set at its NFE (or the next one up), paired on the shared "

@@ -216,9 +216,9 @@ def students_section(rows, notes: DeviationNotes) -> list[str]:
     return ["## Students against their teacher at the same NFE", "",
             "Each student beside its own teacher sampled with the same per-sample noise at the "
             "student's NFE (or the next NFE up where the teacher has none). Δ: paired difference "
-            "with its raw 95 % interval (a two-level bootstrap: the student's training seeds "
-            "resampled, then prompts with all their images, both sets on the same prompts and "
-            "seeds). " + holm_legend(family, alpha, resamples) + " A student of one training seed keeps its "
+            "with its raw 95 % interval (over the student's training seeds and prompts: the "
+            "prompt bootstrap's variance plus the between-seed variance / k, a t quantile with "
+            "Welch-Satterthwaite df; both sets on the same prompts and seeds). " + holm_legend(family, alpha, resamples) + " A student of one training seed keeps its "
             "verdict's direction, labelled: its interval covers prompts only. Prompts won: share "
             "of prompts where the student's mean per-image score beats the teacher's (ties count "
             "one half; per-image metrics only).", "", against_teacher(rows, notes), ""]

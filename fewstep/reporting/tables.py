@@ -119,8 +119,9 @@ def covers_note(rows: list[dict]) -> str:
     if not groups:
         return ""
     parts = "; ".join(f"{covers}: {', '.join(cells)}" for covers, cells in sorted(groups.items()))
-    return ("What a student's interval covers (a two-level bootstrap: training seeds resampled, "
-            "then prompts with all their images; one training seed: its prompts only): "
+    return ("What a student's interval covers (training seeds and prompts: the prompt "
+            "bootstrap's variance plus the between-seed variance / k, t quantile; one training "
+            "seed: its prompts only): "
             f"{parts}. Teacher sets have no training seed: their intervals cover prompts.")
 
 
