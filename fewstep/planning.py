@@ -257,7 +257,9 @@ def score_params(config: dict) -> dict:
         metrics=" ".join(config["metrics"]),
         seeds=" ".join(map(str, config["eval"]["seeds"])),
         res=config["resolution"],
-        boot=config["bootstrap"],
+        # the seed level reaches the command as a flag; kept out of this param so that a results
+        # folder scored before the option does not rescore (Snakemake's params rerun trigger)
+        boot={k: v for k, v in config["bootstrap"].items() if k != "seed_level"},
         interval=flags,
         n_ref=config.get("fid", {}).get("reference_images"),  # toy FID only
         options=shlex.quote(json.dumps(config.get("metric_options", {}), sort_keys=True)),
