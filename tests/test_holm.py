@@ -173,3 +173,15 @@ def test_the_table_legend_warns_when_its_resamples_cannot_reach_holms_threshold(
     assert "bootstrap.resamples" in holm_legend(105, 0.05, resamples=1000)
     assert "4199" in holm_legend(105, 0.05, resamples=1000)
     assert "bootstrap.resamples" not in holm_legend(105, 0.05, resamples=5000)
+
+
+def test_t_level_p_values_have_no_resample_floor():
+    """A cell of several training seeds gets its p-value from the t level (continuous), so only
+    the bootstrap p-values of a table set its resolution."""
+    from fewstep.reporting.tables import family_resamples
+
+    t_level = {"n_resamples": 1000, "p_value": 1e-6,
+               "method": "t, Welch-Satterthwaite df 4.1 (training seeds: ...)"}
+    boot = {"n_resamples": 2000, "p_value": 0.002, "method": "percentile (groups)"}
+    assert family_resamples([(t_level,), (t_level,)]) is None
+    assert family_resamples([(t_level,), (boot,), (None,)]) == 2000

@@ -160,8 +160,11 @@ def table_verdicts(items: list[tuple]) -> tuple[list[dict | None], int]:
 
 
 def family_resamples(items: list[tuple]) -> int | None:
-    """The fewest bootstrap resamples behind a table's p-values (None: not recorded)."""
-    counts = [i[0]["n_resamples"] for i in items if i[0] and i[0].get("n_resamples")]
+    """The fewest bootstrap resamples behind a table's bootstrap p-values (None: none recorded).
+    A p-value from the t seed level (metrics.seed_level, ci method "t, ...") is continuous and
+    has no 2/(R+1) floor, so it does not count."""
+    counts = [i[0]["n_resamples"] for i in items if i[0] and i[0].get("n_resamples")
+              and not str(i[0].get("method", "")).startswith("t, ")]
     return min(counts) if counts else None
 
 
@@ -175,7 +178,8 @@ def holm_legend(family: int, alpha: float = 0.05, resamples: int | None = None) 
     return warning.lstrip() + (" " if warning else "") + (f"The Holm-adjusted p-value decides the verdict (Holm 1979; one family per table: "
             f"family of {family} tested comparisons, alpha = {alpha:g}): better / worse when it "
             "is at most alpha, by the sign of Δ, else a tie; Δ's bracket is the raw paired "
-            "interval and p the raw two-sided bootstrap p-value, shown beside the Holm p. p n/a: a score file "
+            "interval and p the raw two-sided p-value (bootstrap; t for a cell of several "
+            "training seeds), shown beside the Holm p. p n/a: a score file "
             "from before p-values, judged by its raw interval and not in the family.")
 
 
