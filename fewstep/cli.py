@@ -17,6 +17,8 @@ VERBS = {
     "pairs": ("fewstep.commands.pairs", "teacher ODE noise-image pairs (DMD's regression loss)"),
     "train": ("fewstep.commands.train", "distil a teacher with a method (resumable, torchrun-ready)"),
     "sample": ("fewstep.commands.sample", "sample a teacher at a number of steps into a sample set"),
+    "gather": ("fewstep.commands.gather", "merge the shard folders of a sample set (sample "
+                                          "--shard I/K) into the set, checked"),
     "fid-ref": ("fewstep.commands.fidref", "build FID reference statistics"),
     "score": ("fewstep.commands.score", "score a sample set with the configured metrics"),
     "aggregate": ("fewstep.commands.aggregate", "a cell's per-training-seed score files into its "

@@ -186,8 +186,9 @@ def sample_student(generator: Backbone, noise: torch.Tensor, cond: Cond, grid, t
 
 
 # -- sample sets: every (prompt, seed) of a prompt list, on the shared per-sample noise ----------
-def sample_jobs(backbone, rows, seeds, batch, desc, draw):
-    """Images (N, 3, H, W) in [0, 1] for every (prompt, seed), in prompt-major order.
+def sample_jobs(backbone, rows, seeds, batch, desc, draw, span=None):
+    """(images (N, 3, H, W) in [0, 1], jobs) for every (prompt, seed), in prompt-major order;
+    with span = (lo, hi) (shard_span), only jobs lo..hi-1 of that order.
 
     Every sampler starts from the same per-(prompt id, seed) noise (paired design);
     draw(noise, cond, ids, seeds) returns the clean latents of one chunk.
@@ -199,21 +200,52 @@ def sample_jobs(backbone, rows, seeds, batch, desc, draw):
     from fewstep.prompts import condition_of
 
     jobs = [(r, s) for r in rows for s in seeds]
+    lo, hi = span or (0, len(jobs))
     images = []
-    for i in tqdm(range(0, len(jobs), batch), desc=desc, leave=False):
-        chunk = jobs[i:i + batch]
+    for i in tqdm(range(lo, hi, batch), desc=desc, leave=False):
+        chunk = jobs[i:min(i + batch, hi)]
         ids, chunk_seeds = [r["prompt_id"] for r, _ in chunk], [s for _, s in chunk]
         cond = backbone.encode([condition_of(r) for r, _ in chunk])
         # the noise is drawn on the CPU (identical on every device), then moved
         noise = sample_noise(ids, chunk_seeds, backbone.latent_shape).to(backbone.device)
         with torch.no_grad():
             images.append(backbone.decode(draw(noise, cond, ids, chunk_seeds)).float().cpu())
-    return torch.cat(images), jobs
+    return torch.cat(images), jobs[lo:hi]
 
 
-def sample_images(backbone, rows, seeds, steps, guidance, batch, sampler="scheduler"):
-    from fewstep.sampling import sample_teacher
-
+def sample_images(backbone, rows, seeds, steps, guidance, batch, sampler="scheduler", span=None):
     return sample_jobs(backbone, rows, seeds, batch, f"sample {steps} steps",
                        lambda noise, cond, ids, sd: sample_teacher(backbone, noise, cond, steps,
-                                                                   guidance, sampler))
+                                                                   guidance, sampler), span)
+
+
+# -- shards: a set's jobs in K contiguous slices, each a run of whole batches --------------------
+def parse_shard(spec: str) -> tuple[int, int]:
+    """`--shard I/K` as (I, K): shard I (0-based) of K."""
+    parts = str(spec).split("/")
+    try:
+        index, count = (int(p) for p in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        index = count = None
+    if count is None:
+        raise FewstepError(f"--shard {spec!r}: give I/K, shard I (0-based) of K shards, "
+                           "e.g. --shard 0/4")
+    if count < 1:
+        raise FewstepError(f"--shard {spec!r}: the shard count K must be at least 1")
+    if not 0 <= index < count:
+        raise FewstepError(f"--shard {spec!r}: shard index {index} is outside 0..{count - 1} "
+                           f"(the {count} shards are numbered from 0)")
+    return index, count
+
+
+def shard_span(jobs: int, batch: int, index: int, count: int) -> tuple[int, int]:
+    """Jobs lo..hi-1 of shard `index` of `count`: the set's batches split as evenly as possible,
+    so every forward batch of a shard is a batch of the unsharded run (on CPU, bitwise the same
+    images: a batch's numbers may depend on its size and neighbours)."""
+    batches = -(-jobs // batch)
+    if count > batches:
+        raise FewstepError(f"--shard '{index}/{count}': {count} shards but the set has {batches} "
+                           f"batches ({jobs} (prompt, seed) jobs in batches of --batch {batch}); "
+                           f"use 1..{batches} shards, or a smaller --batch")
+    first, last = index * batches // count, (index + 1) * batches // count
+    return first * batch, min(last * batch, jobs)

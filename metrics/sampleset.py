@@ -42,7 +42,8 @@ RESAMPLE_HINT = ("resample it: `fewstep sample --teacher ... --prompts ... --out
                  "DAG: delete the folder and rerun its sample rule, sample_teacher or sample_student)")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MAX_LISTED_PROBLEMS = 20
-SIDECARS = ("provenance.json",)  # records the sampling job writes beside the images (not images)
+SHARD_FILE = "shard.json"  # in a shard folder (fewstep sample --shard): which shard of which set
+SIDECARS = ("provenance.json", SHARD_FILE)  # what sampling writes beside the images (not images)
 
 
 class SampleSetError(ValueError):
@@ -143,15 +144,22 @@ def write_sample_set(folder, images, records: Sequence[dict], *, overwrite: bool
         raise SampleSetError(folder, problems)
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} already exists; pass overwrite=True to replace it")
-    lines = [header_of(records)]
+    hashes = []
     with atomic_path(folder) as tmp:
         tmp.mkdir()
         for img, record in zip(arr, records):
             data = png_bytes(img)  # hashed as written: the reader hashes the same file bytes
             (tmp / record["path"]).write_bytes(data)
-            lines.append(manifest_row(record, hashlib.sha256(data).hexdigest()))
-        (tmp / MANIFEST).write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines))
+            hashes.append(hashlib.sha256(data).hexdigest())
+        (tmp / MANIFEST).write_text(manifest_text(records, hashes))
     return folder
+
+
+def manifest_text(records: Sequence[dict], image_sha256s: Sequence[str]) -> str:
+    """The manifest's bytes (as text) for these records and their PNGs' hashes: the one writer of
+    a manifest, so a gathered set's manifest is the unsharded set's byte for byte."""
+    lines = [header_of(records)] + [manifest_row(r, h) for r, h in zip(records, image_sha256s)]
+    return "".join(json.dumps(x, sort_keys=True) + "\n" for x in lines)
 
 
 def _completed_record(index: int, record: dict) -> dict:

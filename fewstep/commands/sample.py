@@ -6,6 +6,11 @@ the prompts once: on the toy world a process's start-up (imports, loading) costs
 sampling a short set, so the DAG samples all of a family's teacher sets in one job. For the same
 reason several students of one teacher (a cell's training seeds) sample in one call
 (`--student a b c --out x y z`): each set is exactly the one a call of its own writes.
+
+`--shard I/K` samples only shard I of K of every output set (a contiguous run of whole batches of
+its (prompt, seed) jobs) into a shard folder: the set's manifest and PNGs for those jobs, named as
+in the whole set, and shard.json saying which shard of which set it is. `fewstep gather` merges
+the K shard folders into the set the unsharded call writes, byte for byte.
 """
 from __future__ import annotations
 
@@ -34,12 +39,16 @@ def add_arguments(p):
                    help="images per forward (64: fastest per image on CPU for the toy teachers)")
     p.add_argument("--device", default=None,
                    help="where to sample (default: cuda when available, else cpu)")
+    p.add_argument("--shard", metavar="I/K",
+                   help="sample only shard I (0-based) of K of each set: its I-th contiguous "
+                        "slice of whole --batch batches of the (prompt, seed) jobs; each --out is "
+                        "then a shard folder, merged by `fewstep gather` (default: the whole set)")
     p.add_argument("--out", required=True, nargs="+",
                    help="sample-set folder(s) to write: one per --steps value, or one per "
                         "--student folder, in the same order")
 
 
-def sample_student_images(generator, spec, rows, seeds, batch):
+def sample_student_images(generator, spec, rows, seeds, batch, span=None):
     """A trained student's sampler; the re-noising noise of step k is its own per-sample stream
     "step{k}", so it too depends only on (prompt id, seed)."""
     from fewstep.noise import sample_noise
@@ -54,7 +63,8 @@ def sample_student_images(generator, spec, rows, seeds, batch):
 
     from fewstep.sampling import sample_jobs
 
-    return sample_jobs(generator, rows, seeds, batch, f"sample student NFE {spec['nfe']}", draw)
+    return sample_jobs(generator, rows, seeds, batch, f"sample student NFE {spec['nfe']}", draw,
+                       span)
 
 
 def timing(sample_all, sample_one, n_images: int, batch: int, device, repeats: int = 3):
@@ -80,28 +90,69 @@ def timing(sample_all, sample_one, n_images: int, batch: int, device, repeats: i
                           "device": str(device)}
 
 
-def run_student(args, backbone, recipe, rows, student, out):
-    from fewstep.engine.run import load_student
-    from fewstep.provenance import record
-    from metrics.sampleset import write_sample_set
+def run_student(args, backbone, recipe, rows, student, out, span=None):
+    from fewstep.engine.run import WEIGHTS_FILE, load_student
+    from fewstep.io import file_sha256
 
     generator, info = load_student(Path(student), backbone, recipe)
     spec = info["student"]
     images, jobs, times = timing(
-        lambda: sample_student_images(generator, spec, rows, args.seeds, args.batch),
+        lambda: sample_student_images(generator, spec, rows, args.seeds, args.batch, span),
         lambda: sample_student_images(generator, spec, rows[:1], args.seeds[:1], 1),
-        len(rows) * len(args.seeds), args.batch, backbone.device)
-    records = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "seed": s,
-                "family": generator.family, "method": info["method"], "nfe": spec["nfe"],
-                "steps": len(spec["grid"]), "guidance": spec["guidance"], "meta": r}
-               for r, s in jobs]
-    with atomic_path(out) as tmp:
-        write_sample_set(tmp, images, records)
-        # the provenance of a call of its own: this set's student and folder
-        record(tmp / "provenance.json", {**vars(args), "student": student, "out": out},
-               seeds=args.seeds, teacher_recipe=recipe, student=info, timing=times)
+        jobs_in(span, rows, args.seeds), args.batch, backbone.device)
+    fields = {"family": generator.family, "method": info["method"], "nfe": spec["nfe"],
+              "steps": len(spec["grid"]), "guidance": spec["guidance"]}
+    records = set_records(jobs, span, fields)
+    # the provenance of a call of its own: this set's student and folder
+    provenance = dict(config={**vars(args), "student": student, "out": out}, seeds=args.seeds,
+                      teacher_recipe=recipe, student=info, timing=times)
+    write_set(out, images, records, provenance, span and shard_record(
+        args, rows, span, recipe, fields, sampler={"grid": spec["grid"], "theta": spec["theta"]},
+        student_sha256=file_sha256(Path(student) / WEIGHTS_FILE)))
     print(f"wrote {len(records)} images ({generator.family}, {info['method']}, NFE {spec['nfe']}) "
           f"to {out}")
+
+
+def jobs_in(span, rows, seeds) -> int:
+    return span[1] - span[0] if span else len(rows) * len(seeds)
+
+
+def set_records(jobs, span, fields: dict) -> list[dict]:
+    """The manifest records of the jobs sampled; each image is named by its index in the whole
+    set, so a shard's files are the whole set's own (gathered without renaming)."""
+    from metrics.sampleset import default_image_name
+
+    first = span[0] if span else 0
+    return [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "seed": s, **fields, "meta": r,
+             "path": default_image_name(first + j)} for j, (r, s) in enumerate(jobs)]
+
+
+def write_set(out, images, records, provenance: dict, shard: dict | None) -> None:
+    """The sample set (or shard folder, with its shard.json), atomically."""
+    from fewstep.io import write_json
+    from fewstep.provenance import record
+    from metrics.sampleset import SHARD_FILE, write_sample_set
+
+    with atomic_path(out) as tmp:
+        write_sample_set(tmp, images, records)
+        record(tmp / "provenance.json", **provenance)
+        if shard:
+            write_json(tmp / SHARD_FILE, shard)
+
+
+def shard_record(args, rows, span, recipe, fields: dict, **identity) -> dict:
+    """shard.json: which shard (index of count, jobs lo..hi-1) of which set; `fewstep gather`
+    merges only shards whose `set` is equal, so every field that makes the set is in it."""
+    from fewstep.engine.run import teacher_identity
+    from fewstep.sampling import parse_shard
+    from metrics.sampleset import prompt_set_sha256
+
+    index, count = parse_shard(args.shard)
+    prompt_set = prompt_set_sha256([{**r, "meta": r} for r in rows])  # the whole set's header's
+    return {"fewstep_shard": 1, "index": index, "count": count, "jobs": list(span),
+            "set": {**fields, **identity, "prompt_set_sha256": prompt_set, "seeds": args.seeds,
+                    "batch": args.batch, "jobs": len(rows) * len(args.seeds),
+                    "teacher_sha256": teacher_identity(recipe)}}
 
 
 def check_outputs(args):
@@ -121,26 +172,24 @@ def check_outputs(args):
                          "folders: give one output folder per step count, in the same order")
 
 
-def run_teacher(args, backbone, recipe, rows, steps, out):
-    from fewstep.provenance import record
+def run_teacher(args, backbone, recipe, rows, steps, out, span=None):
     from fewstep.sampling import nfe_of, sample_images, sampler_record
-    from metrics.sampleset import write_sample_set
 
     images, jobs, times = timing(
         lambda: sample_images(backbone, rows, args.seeds, steps, args.guidance, args.batch,
-                              args.sampler),
+                              args.sampler, span),
         lambda: sample_images(backbone, rows[:1], args.seeds[:1], steps, args.guidance, 1,
                               args.sampler),
-        len(rows) * len(args.seeds), args.batch, backbone.device)
+        jobs_in(span, rows, args.seeds), args.batch, backbone.device)
     nfe = nfe_of(steps, args.guidance)
-    records = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "seed": s,
-                "family": backbone.family, "method": "teacher", "nfe": nfe, "steps": steps,
-                "guidance": args.guidance, "meta": r} for r, s in jobs]
-    with atomic_path(out) as tmp:
-        write_sample_set(tmp, images, records)
-        record(tmp / "provenance.json", {**vars(args), "steps": steps, "out": out},
-               seeds=args.seeds, teacher_recipe=recipe, timing=times,
-               sampler=sampler_record(backbone, args.sampler, steps))
+    fields = {"family": backbone.family, "method": "teacher", "nfe": nfe, "steps": steps,
+              "guidance": args.guidance}
+    records = set_records(jobs, span, fields)
+    provenance = dict(config={**vars(args), "steps": steps, "out": out}, seeds=args.seeds,
+                      teacher_recipe=recipe, timing=times,
+                      sampler=sampler_record(backbone, args.sampler, steps))
+    write_set(out, images, records, provenance,
+              span and shard_record(args, rows, span, recipe, fields, sampler=args.sampler))
     print(f"wrote {len(records)} images ({backbone.family}, {steps} steps, NFE {nfe}) to {out}")
 
 
@@ -155,13 +204,23 @@ def run(args):
     if not args.student:
         check_sampler(args.sampler)  # before the teacher loads
     rows = read_prompts(args.prompts)
+    span = shard_of(args, rows)
     recipe = teachers.verify(Path(args.teacher))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone = teachers.load(Path(args.teacher), verified=recipe, device=device).eval()
     if args.student:
         for student, out in zip(args.student, args.out):
-            run_student(args, backbone, recipe, rows, student, out)
+            run_student(args, backbone, recipe, rows, student, out, span)
         return None
     torch.manual_seed(0)  # nothing random should remain, but make that explicit
     for steps, out in zip(args.steps, args.out):
-        run_teacher(args, backbone, recipe, rows, steps, out)
+        run_teacher(args, backbone, recipe, rows, steps, out, span)
+
+
+def shard_of(args, rows):
+    """The jobs (lo, hi) of --shard I/K, checked before any model loads; None: the whole set."""
+    from fewstep.sampling import parse_shard, shard_span
+
+    if args.shard is None:
+        return None
+    return shard_span(len(rows) * len(args.seeds), args.batch, *parse_shard(args.shard))
