@@ -292,3 +292,15 @@ def track_params(config: dict) -> dict[str, str]:
             "uri": "--tracking-uri " + shlex.quote(uri) if uri else "",
             "config": shlex.quote(json.dumps(config, sort_keys=True)),
             "grids": f"reports/{mlflow['experiment']}/img"}
+
+
+def eval_shards(config: dict) -> int:
+    """K of eval.shards: each sample set sampled by K shard jobs, then gathered (1: one job)."""
+    return int(config["eval"].get("shards", 1))
+
+
+def shard_dirs(set_dir: str, shards: int) -> list[str]:
+    """The K shard folders of a sample set: results/samples/X -> results/shards/X/shard<i>-of-<K>
+    (K in the name: shards of another count are other folders, never mixed in)."""
+    rel = set_dir.removeprefix("results/samples/")
+    return [f"results/shards/{rel}/shard{i}-of-{shards}" for i in range(shards)]
