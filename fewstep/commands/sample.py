@@ -106,9 +106,10 @@ def run_student(args, backbone, recipe, rows, student, out, span=None):
     # the provenance of a call of its own: this set's student and folder
     provenance = dict(config={**vars(args), "student": student, "out": out}, seeds=args.seeds,
                       teacher_recipe=recipe, student=info, timing=times)
-    write_set(out, images, records, provenance, span and shard_record(
-        args, rows, span, recipe, fields, sampler={"grid": spec["grid"], "theta": spec["theta"]},
-        student_sha256=file_sha256(Path(student) / WEIGHTS_FILE)))
+    shard = shard_record(args, rows, span, recipe, fields,
+                         sampler={"grid": spec["grid"], "theta": spec["theta"]},
+                         student_sha256=file_sha256(Path(student) / WEIGHTS_FILE)) if span else None
+    write_set(out, images, records, provenance, shard)
     print(f"wrote {len(records)} images ({generator.family}, {info['method']}, NFE {spec['nfe']}) "
           f"to {out}")
 
@@ -136,7 +137,7 @@ def write_set(out, images, records, provenance: dict, shard: dict | None) -> Non
     with atomic_path(out) as tmp:
         write_sample_set(tmp, images, records)
         record(tmp / "provenance.json", **provenance)
-        if shard:
+        if shard is not None:
             write_json(tmp / SHARD_FILE, shard)
 
 
@@ -145,11 +146,12 @@ def shard_record(args, rows, span, recipe, fields: dict, **identity) -> dict:
     merges only shards whose `set` is equal, so every field that makes the set is in it."""
     from fewstep.engine.run import teacher_identity
     from fewstep.sampling import parse_shard
+    from fewstep.shards import SHARD_FORMAT
     from metrics.sampleset import prompt_set_sha256
 
     index, count = parse_shard(args.shard)
     prompt_set = prompt_set_sha256([{**r, "meta": r} for r in rows])  # the whole set's header's
-    return {"fewstep_shard": 1, "index": index, "count": count, "jobs": list(span),
+    return {"fewstep_shard": SHARD_FORMAT, "index": index, "count": count, "jobs": list(span),
             "set": {**fields, **identity, "prompt_set_sha256": prompt_set, "seeds": args.seeds,
                     "batch": args.batch, "jobs": len(rows) * len(args.seeds),
                     "teacher_sha256": teacher_identity(recipe)}}
@@ -188,8 +190,8 @@ def run_teacher(args, backbone, recipe, rows, steps, out, span=None):
     provenance = dict(config={**vars(args), "steps": steps, "out": out}, seeds=args.seeds,
                       teacher_recipe=recipe, timing=times,
                       sampler=sampler_record(backbone, args.sampler, steps))
-    write_set(out, images, records, provenance,
-              span and shard_record(args, rows, span, recipe, fields, sampler=args.sampler))
+    shard = shard_record(args, rows, span, recipe, fields, sampler=args.sampler) if span else None
+    write_set(out, images, records, provenance, shard)
     print(f"wrote {len(records)} images ({backbone.family}, {steps} steps, NFE {nfe}) to {out}")
 
 
