@@ -246,6 +246,7 @@ def shard_span(jobs: int, batch: int, index: int, count: int) -> tuple[int, int]
     if count > batches:
         raise FewstepError(f"--shard '{index}/{count}': {count} shards but the set has {batches} "
                            f"batches ({jobs} (prompt, seed) jobs in batches of --batch {batch}); "
-                           f"use 1..{batches} shards, or a smaller --batch")
+                           f"use 1..{batches} shards, or a smaller --batch (in the DAG: "
+                           "eval.shards at most the batches of its smallest set)")
     first, last = index * batches // count, (index + 1) * batches // count
     return first * batch, min(last * batch, jobs)

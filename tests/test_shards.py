@@ -21,8 +21,10 @@ K = 3
 
 
 def set_files(folder: Path) -> dict:
-    """Every file of a sample set but its provenance (which records wall times and shards)."""
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "provenance.json"}
+    """Every file of a sample set but its provenance (which records wall times and shards) and
+    hidden files (Snakemake's .snakemake_timestamp in a directory output)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
+            if p.name != "provenance.json" and not p.name.startswith(".")}
 
 
 def teacher_call(work: Path, *extra) -> int:
@@ -194,12 +196,14 @@ def dry_run(tmp_path: Path, cfg: dict | None) -> str:
 
 def job_counts(stdout: str) -> dict[str, int]:
     """The dry run's job table: rule name -> count."""
-    counts, table = {}, False
-    for line in stdout.splitlines():
-        parts = line.split()
-        table = table or parts[:2] == ["job", "count"]
-        if table and len(parts) == 2 and parts[1].isdigit():
-            counts[parts[0]] = int(parts[1])
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["job", "count"])
+    counts = {}
+    for line in lines[start + 2:]:  # past the header and its rule
+        if not line.strip():
+            break  # the table ends at the first blank line
+        name, count = line.split()
+        counts[name] = int(count)
     return counts
 
 
@@ -226,3 +230,35 @@ def test_a_shard_count_below_one_is_refused_by_the_config_check():
     cfg["eval"]["shards"] = 0
     with pytest.raises(Exception, match="shards"):
         workflow_config.validate(cfg)
+
+
+def test_a_two_shard_dag_writes_the_unsharded_sets_and_reruns_a_failed_shard_alone(tmp_path):
+    """For real on the shipped SiT teacher: 54 prompts x 2 seeds = 2 batches of the DAG's 64."""
+    cfg = {"families": ["sit"], "eval": {"prompts": 61, "seeds": [0, 1], "steps": [1, 2],
+                                         "shards": 2}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    work = tmp_path / "work"
+    sets = [f"results/samples/sit/teacher/steps{s}" for s in (1, 2)]
+
+    def snakemake(*args):
+        out = subprocess.run([sys.executable, "-m", "snakemake", "-s",
+                              str(workflow_config.REPO / "Snakefile"), "-d", str(work), "--cores",
+                              "2", *args, *sets, "--configfile", str(tmp_path / "cfg.yaml")],
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return out.stdout + out.stderr
+
+    snakemake()
+    guidance = str(workflow_config.load(workflow_config.DEFAULT)["teachers"]["guidance"]["sit"])
+    assert main(["sample", "--teacher", str(work / "results/teachers/sit"), "--prompts",
+                 str(work / "results/prompts/sit.jsonl"), "--steps", "1", "2", "--seeds", "0", "1",
+                 "--guidance", guidance, "--device", "cpu", "--out", str(tmp_path / "s1"),
+                 str(tmp_path / "s2")]) == 0
+    for steps, folder in zip((1, 2), sets):
+        assert set_files(work / folder) == set_files(tmp_path / f"s{steps}")
+    # shard 1 failed (Snakemake removes a failed job's outputs): only it and the gathers rerun
+    for folder in sets:
+        shutil.rmtree(work / folder.replace("samples", "shards") / "shard1-of-2")
+        shutil.rmtree(work / folder)
+    rerun = job_counts(snakemake("-n"))
+    assert rerun == {"sample_teacher_shard": 1, "gather_samples": 2, "total": 3}, rerun
