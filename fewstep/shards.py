@@ -66,13 +66,14 @@ def identity_problems(infos: dict[Path, dict]) -> list[str]:
     (first, ref), *others = infos.items()
     problems = []
     for folder, info in others:
-        keys = sorted(set(ref["set"]) | set(info["set"]))
-        diffs = [f"{k}={info['set'].get(k)!r}" for k in keys
-                 if info["set"].get(k) != ref["set"].get(k)]
-        if diffs:
-            was = ", ".join(f"{d.split('=')[0]}={ref['set'].get(d.split('=')[0])!r}" for d in diffs)
-            problems.append(f"{folder} is a shard of another set: its {', '.join(diffs)} are not "
-                            f"{first}'s {was}; gather only the shards of one set")
+        keys = [k for k in sorted(set(ref["set"]) | set(info["set"]))
+                if info["set"].get(k) != ref["set"].get(k)]
+        if keys:
+            def fields(ident):
+                return ", ".join(f"{k}={ident.get(k)!r}" for k in keys)
+            problems.append(f"{folder} is a shard of another set: its {fields(info['set'])} are "
+                            f"not {first}'s {fields(ref['set'])}; gather only the shards of one "
+                            "set")
         elif info["count"] != ref["count"]:
             problems.append(f"{folder} is shard {info['index']} of {info['count']} but {first} is "
                             f"of {ref['count']}: sample every shard of the set with the same K")
@@ -152,8 +153,10 @@ def read_shards(folders) -> tuple[dict, list]:
     for folder in folders:
         info, found = read_shard_info(folder)
         problems += found
-        if info is not None:
-            infos.setdefault(folder, info)
+        if folder in infos:
+            problems.append(f"{folder} is given twice to --shards; give each shard folder once")
+        elif info is not None:
+            infos[folder] = info
     check(problems or ([] if infos else ["no shard folder given"]))
     check(identity_problems(infos))
     check(index_problems(infos))

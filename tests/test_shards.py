@@ -103,6 +103,8 @@ def test_gather_refuses_a_duplicate_shard(sampled, tmp_path, capsys):
     shutil.copytree(dirs[0], copy)
     err = refused([*dirs, copy], tmp_path / "set", capsys)
     assert "shard 0 of 3 is given twice" in err and str(copy) in err and str(dirs[0]) in err
+    err = refused([*dirs, dirs[1]], tmp_path / "set", capsys)  # the same folder twice
+    assert f"{dirs[1]} is given twice" in err
 
 
 def test_gather_refuses_a_shard_of_another_set(sampled, tmp_path, capsys):
