@@ -21,6 +21,8 @@ VERBS = {
                                           "--shard I/K) into the set, checked"),
     "fid-ref": ("fewstep.commands.fidref", "build FID reference statistics"),
     "score": ("fewstep.commands.score", "score a sample set with the configured metrics"),
+    "score-merge": ("fewstep.commands.score_merge", "a set's score file from the partial score "
+                                                    "files of its shards (score --partial)"),
     "aggregate": ("fewstep.commands.aggregate", "a cell's per-training-seed score files into its "
                                                 "aggregate (mean, two-level interval, per seed)"),
     "metric-corr": ("fewstep.commands.metric_corr", "print the toy metrics' correlation matrix on a "

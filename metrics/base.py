@@ -219,9 +219,40 @@ class Metric:
         first (default: nothing; most metrics load on first use)."""
 
     def score_set(self, ss, allow_blank: bool) -> MetricResult:
-        """The result on a loaded, checked SampleSet (allow_blank: recorded in the details)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement score_set(ss, allow_blank)"
-                                  " (or image_scores, as a PerImageMetric)")
+        """The result on a loaded, checked SampleSet (allow_blank: recorded in the details): the
+        set's per-image columns (`image_columns`, remembered for the paired comparison that
+        follows), then `result_from_columns`. A metric may override this whole instead."""
+        columns = self.image_columns(ss)
+        self.remember_columns(ss, columns)
+        return self.result_from_columns(ss, columns, allow_blank)
+
+    # -- sharded scoring: per-image columns of a shard, the result from all of them -----------
+    def image_columns(self, ss) -> dict:
+        """{column: one entry per image of `ss`, in manifest order}: what each image alone gives
+        (scores, feature vectors, detection rows), never a statistic over several images, so a
+        shard's columns (fewstep score --partial) concatenated in set order are the whole set's.
+        Entries: numbers or vectors (a float64 array) or JSON rows (a list of dicts)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement image_columns(ss) and "
+                                  "result_from_columns(ss, columns, allow_blank) (or image_scores, "
+                                  "as a PerImageMetric; or score_set, and it cannot score shards)")
+
+    def result_from_columns(self, ss, columns: dict, allow_blank: bool) -> MetricResult:
+        """The result of the whole set `ss` from its `image_columns` (value, interval, per-sample
+        rows, details): the statistics over images, prompts and the reference live here."""
+        raise NotImplementedError(f"{type(self).__name__} must implement result_from_columns")
+
+    def remember_columns(self, ss, columns: dict) -> None:
+        """Keep the columns of the set just scored (one set: the last), keyed by its manifest's
+        sha256 (image bytes and prompts), so its paired comparison reads them instead of
+        featurising the set again, and a merge of shards hands over the merged columns."""
+        self._remembered = (ss.manifest_sha256, columns)
+
+    def columns_of(self, ss) -> dict:
+        """The remembered columns when `ss` is the set they were computed on, else computed."""
+        remembered = getattr(self, "_remembered", None)
+        if remembered is not None and remembered[0] == ss.manifest_sha256:
+            return remembered[1]
+        return self.image_columns(ss)
 
     def per_image_result(self, ss, scores, identity: dict, extra: dict | None = None,
                          details: dict | None = None) -> "MetricResult":
@@ -422,8 +453,12 @@ class PerImageMetric(Metric):
         """Set-level details from the per-image columns (default: none)."""
         return {}
 
-    def score_set(self, ss, allow_blank: bool) -> MetricResult:
-        columns = dict(self.image_scores(ss))
+    def image_columns(self, ss) -> dict:
+        """Each image's scores are its own: image_scores is the per-image column set."""
+        return dict(self.image_scores(ss))
+
+    def result_from_columns(self, ss, columns: dict, allow_blank: bool) -> MetricResult:
+        columns = dict(columns)
         scores = columns.pop("score")
         details = {**self.score_details({"score": scores, **columns}),
                    "blank_images_allowed": bool(allow_blank)}

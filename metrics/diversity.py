@@ -109,6 +109,15 @@ class Diversity(PerImageMetric):
     def image_scores(self, ss: SampleSet) -> dict:
         return {"score": per_image_diversity(self.features(ss), ss.prompt_ids())}
 
+    def image_columns(self, ss: SampleSet) -> dict:
+        """The feature vectors, not the scores: an image's score needs every image of its prompt,
+        and a shard may hold only some of a prompt's seeds (fewstep score --partial)."""
+        return {"features": self.features(ss)}
+
+    def result_from_columns(self, ss: SampleSet, columns: dict, allow_blank: bool):
+        scores = per_image_diversity(columns["features"], ss.prompt_ids())
+        return super().result_from_columns(ss, {"score": scores}, allow_blank)
+
     def score_details(self, columns: dict) -> dict:
         scores = np.asarray(columns["score"])
         return {"share_of_images_identical_to_their_prompt": float(np.mean(scores == 0.0))}

@@ -357,13 +357,24 @@ class ToyFID(FrechetCells, Metric):
                 "reference": ref.identity["reference"], "reference_stats_sha256": ref.stats_sha256,
                 "batch_size": self.batch_size}
 
-    def score_set(self, ss: SampleSet, allow_blank: bool) -> MetricResult:
+    def checked_reference(self, ss: SampleSet) -> ReferenceStats:
+        """The reference at the set's (square) size, the set's prompts checked against it."""
         height, width = ss.resolution
         if height != width:
             raise ValueError(f"toy FID needs square images; {ss.folder} holds {height}x{width}")
         ref = self.reference(height)
         _check_prompts(ss, ref, self.reference_split)
-        feats = self.features(ss)
+        return ref
+
+    def image_columns(self, ss: SampleSet) -> dict:
+        """Each image's feature vector (a shard's are the whole set's rows: fewstep score
+        --partial); the Frechet distance and its bootstrap need all of them (result_from_columns)."""
+        self.checked_reference(ss)
+        return {"features": self.features(ss)}
+
+    def result_from_columns(self, ss: SampleSet, columns: dict, allow_blank: bool) -> MetricResult:
+        ref = self.checked_reference(ss)
+        feats = columns["features"]
         _, groups = group_indices(ss.prompt_ids())
 
         def fid_of(idx):
@@ -401,7 +412,7 @@ class ToyFID(FrechetCells, Metric):
         ref = self.reference(ss.resolution[0])
         _check_prompts(ss, ref, self.reference_split)
         _, order = align_pairs(keys, ss.keys())
-        feats = self.features(ss)[order]
+        feats = self.columns_of(ss)["features"][order]
         return lambda idx: frechet_distance(*gaussian_stats(feats[idx]), ref.mu, ref.sigma,
                                             ref.sqrt_sigma)
 
@@ -418,7 +429,7 @@ class ToyFID(FrechetCells, Metric):
         _, order_b = align_pairs(a.keys(), b.keys())
         ref = self.reference(a.resolution[0])
         _check_prompts(a, ref, self.reference_split)
-        feats_a, feats_b = self.features(a), self.features(b)[order_b]
+        feats_a, feats_b = self.columns_of(a)["features"], self.columns_of(b)["features"][order_b]
         _, groups = group_indices(a.prompt_ids())
 
         def fid_of(feats, idx):
@@ -745,10 +756,15 @@ class FID(FrechetCells, Metric):
                 "reference": ref.identity["reference"], "reference_stats_sha256": ref.stats_sha256,
                 "batch_size": self.batch_size}
 
-    def score_set(self, ss: SampleSet, allow_blank: bool) -> MetricResult:
+    def image_columns(self, ss: SampleSet) -> dict:
+        """Each image's Inception features (a shard's are the whole set's rows: fewstep score
+        --partial); the FID and its bootstrap need all of them (result_from_columns)."""
+        return {"features": self.features(ss, self.resolution_for(ss))}
+
+    def result_from_columns(self, ss: SampleSet, columns: dict, allow_blank: bool) -> MetricResult:
         size = self.resolution_for(ss)
         ref = self.reference_stats(size)
-        feats = self.features(ss, size)
+        feats = columns["features"]
         _, groups = group_indices(ss.prompt_ids())
         ci = bootstrap(fid_resampler(feats, ref, self._device()), groups,
                        n_resamples=self.n_resamples, level=self.level, seed=self.seed,
@@ -778,7 +794,7 @@ class FID(FrechetCells, Metric):
         ss = load_sample_set(folder, **load_kw)
         size = self.resolution_for(ss)
         _, order = align_pairs(keys, ss.keys())
-        return fid_resampler(self.features(ss, size)[order], self.reference_stats(size),
+        return fid_resampler(self.columns_of(ss)["features"][order], self.reference_stats(size),
                              self._device())
 
     def compare(self, folder_a, folder_b, **load_kw) -> BootstrapCI:
@@ -790,8 +806,8 @@ class FID(FrechetCells, Metric):
                              f"{b.resolution} without eval_resolution")
         _, order_b = align_pairs(a.keys(), b.keys())
         ref = self.reference_stats(size)
-        fid_a = fid_resampler(self.features(a, size), ref, self._device())
-        fid_b = fid_resampler(self.features(b, size)[order_b], ref, self._device())
+        fid_a = fid_resampler(self.columns_of(a)["features"], ref, self._device())
+        fid_b = fid_resampler(self.columns_of(b)["features"][order_b], ref, self._device())
         _, groups = group_indices(a.prompt_ids())
         return bootstrap(lambda idx: fid_a(idx) - fid_b(idx), groups, n_resamples=self.n_resamples,
                          level=self.level, seed=self.seed, recentre=True)

@@ -242,8 +242,20 @@ class ToyGenEval(Metric):
         return out
 
     def score_set(self, ss: SampleSet, allow_blank: bool) -> MetricResult:
+        check_geneval_set(ss, self.require_all_tasks)   # before any image is judged
+        return super().score_set(ss, allow_blank)
+
+    def image_columns(self, ss: SampleSet) -> dict:
+        """The judged rows: an image's correctness is its own (a shard's prompts may be split,
+        so the balance and all-tasks checks wait for the whole set)."""
+        problems = _meta_problems(ss, require_all_tasks=False)
+        if problems:
+            raise SampleSetError(ss.folder, problems)
+        return {"rows": self.judge(ss)}
+
+    def result_from_columns(self, ss: SampleSet, columns: dict, allow_blank: bool) -> MetricResult:
         check_geneval_set(ss, self.require_all_tasks)
-        rows = self.judge(ss)
+        rows = columns["rows"]
         if len(rows) != len(ss):  # count check after scoring (fewstep/notes/pitfalls.md C.12)
             raise RuntimeError(f"scored {len(rows)} images of {len(ss)}")
         tags = np.array([r["tag"] for r in rows])

@@ -232,9 +232,13 @@ class PrecisionRecall(Metric):
         top = 1.0 if self.statistic in BOUNDED else math.inf
         return max(low, 0.0), min(high, top)
 
-    def score_set(self, ss: SampleSet, allow_blank: bool) -> MetricResult:
-        feats = self.sample_features(ss)
-        res = self.resampler(ss, feats)
+    def image_columns(self, ss: SampleSet) -> dict:
+        """Each image's feature vector (a shard's are the whole set's rows: fewstep score
+        --partial); the manifolds and their bootstrap need all of them (result_from_columns)."""
+        return {"features": self.sample_features(ss)}
+
+    def result_from_columns(self, ss: SampleSet, columns: dict, allow_blank: bool) -> MetricResult:
+        res = self.resampler(ss, columns["features"])
         ci = self._ci(getattr(res, self.statistic), ss.prompt_ids())
         inside = res.in_reference(np.arange(len(ss)))
         per_sample = [{"prompt_id": r["prompt_id"], "seed": r["seed"], "path": r["path"],
@@ -275,7 +279,7 @@ class PrecisionRecall(Metric):
             raise ValueError(f"{len(missing)} (prompt_id, seed) keys are not in {folder}, e.g. "
                              f"{missing[:3]}; replicates must share the prompts and seeds")
         order = np.array([position[tuple(k)] for k in keys], dtype=np.int64)
-        stat = getattr(self.resampler(ss, self.sample_features(ss)), self.statistic)
+        stat = getattr(self.resampler(ss, self.columns_of(ss)["features"]), self.statistic)
         return lambda idx: stat(order[np.asarray(idx, dtype=np.int64)])
 
     def paired_difference(self, a, b, folder_a=None, folder_b=None, **load_kw) -> dict:

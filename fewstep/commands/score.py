@@ -46,7 +46,13 @@ def add_arguments(p):
     p.add_argument("--metric-options", type=json_object, default={},
                    help='JSON mapping metric -> constructor options, e.g. '
                         '\'{"fid": {"reference": "coco2014-val", "crop": "center"}}\'')
-    p.add_argument("--out", required=True, nargs="+", help="one score .json per --samples folder")
+    # absent unless given, so a whole set's score file records its arguments as before
+    p.add_argument("--partial", action="store_true", default=argparse.SUPPRESS,
+                   help="score shard folders (fewstep sample --shard I/K) into partial score files "
+                        "(.npz: per-image scores, features and rows, the shard and the arguments); "
+                        "fewstep score-merge makes the set's score file from its K partials")
+    p.add_argument("--out", required=True, nargs="+",
+                   help="one score .json (with --partial: one partial .npz) per --samples folder")
 
 
 def json_object(text: str) -> dict:
