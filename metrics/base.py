@@ -495,4 +495,4 @@ def check_same_identity(results: list) -> None:
 
 
 # Options of a metric that a config may not set: bookkeeping, or set by the harness itself.
-RESERVED_OPTIONS = ("n_resamples", "level", "seed", "interval")
+RESERVED_OPTIONS = ("n_resamples", "level", "seed", "interval", "seed_level")
