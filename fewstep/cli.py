@@ -37,6 +37,8 @@ VERBS = {
     "config": ("fewstep.commands.configcmd", "validate a workflow config"),
     "profile": ("fewstep.commands.profile", "install a Snakemake profile (slurm) where --profile finds it"),
     "weights": ("fewstep.commands.weights", "check that the weight files a config needs are in the cache"),
+    "plan": ("fewstep.commands.plan", "estimated per-GPU memory of each paper preset per engine "
+                                      "(DDP, FSDP) and world size"),
 }
 
 
