@@ -247,3 +247,40 @@ def test_partial_arrays_are_float64_and_finite(parts):
 
     _, arrays = read_partial(parts[0])
     assert all(a.dtype == np.float64 and np.isfinite(a).all() for a in arrays.values())
+
+
+def dry_run(tmp_path: Path, shards: int) -> str:
+    import subprocess
+    import sys
+
+    import yaml
+
+    from fewstep import config as workflow_config
+
+    cfg = {"families": ["sit"], "eval": {"prompts": 61, "seeds": [0, 1], "steps": [1, 2],
+                                         "shards": shards}}
+    (tmp_path / f"cfg{shards}.yaml").write_text(yaml.safe_dump(cfg))
+    out = subprocess.run([sys.executable, "-m", "snakemake", "-s",
+                          str(workflow_config.REPO / "Snakefile"), "-d", str(tmp_path / "work"),
+                          "-n", "-p", "all", "--configfile", str(tmp_path / f"cfg{shards}.yaml")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_the_dag_scores_k_shards_into_partials_and_merges_each_set(tmp_path):
+    stdout = dry_run(tmp_path, 2)
+    commands = [line for line in stdout.splitlines() if line.startswith("Shell command:")]
+    partial = [c for c in commands if " score " in c and "--partial" in c]
+    merges = [c for c in commands if " score-merge " in c]
+    students = [c for c in merges if "/teacher/" not in c.split("--samples")[1].split()[0]]
+    assert not [c for c in commands if " score " in c and "--partial" not in c]
+    # a job per shard for the teacher (all its steps) and per student replicate and shard
+    assert sum("results/shards/sit/teacher/" in c for c in partial) == 2
+    assert len(merges) == 2 + len(students) and len(partial) == 2 + 2 * len(students)
+    assert students and all("--against results/scores/sit/teacher/steps1.json" in c
+                            for c in students)
+    assert not any("--against" in c for c in partial)
+    assert all(c.count(".npz") == 2 for c in students)   # the replicate's two partials
+    plain = dry_run(tmp_path, 1)
+    assert "--partial" not in plain and "score-merge" not in plain

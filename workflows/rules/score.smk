@@ -81,40 +81,124 @@ SCORE_PARAMS = planning.score_params(config)
 INTERVAL_FLAG = SCORE_PARAMS.pop("interval")
 
 
-# A family's teacher sets are scored in one job (metrics built once), like they are sampled.
-rule score_teacher:
-    input:
-        **score_inputs(samples=expand(TEACHER_SETS, family="{family}", steps=STEPS),
-                       prompts="results/prompts/{family}.jsonl"),
-    output:
-        expand("results/scores/{family}/teacher/steps{steps}.json", family="{family}", steps=STEPS),
-    params:
-        **SCORE_PARAMS,
-    threads: 1
-    log:
-        "results/logs/scores/{family}/teacher.log",
-    shell:
-        score_command("{input.samples}", "{output}")
+if SHARDS == 1:
+
+    # A family's teacher sets are scored in one job (metrics built once), like they are sampled.
+    rule score_teacher:
+        input:
+            **score_inputs(samples=expand(TEACHER_SETS, family="{family}", steps=STEPS),
+                           prompts="results/prompts/{family}.jsonl"),
+        output:
+            expand("results/scores/{family}/teacher/steps{steps}.json", family="{family}", steps=STEPS),
+        params:
+            **SCORE_PARAMS,
+        threads: 1
+        log:
+            "results/logs/scores/{family}/teacher.log",
+        shell:
+            score_command("{input.samples}", "{output}")
 
 
-# Each replicate of a student (a training seed, or a released checkpoint) is also compared with its
-# teacher at the same NFE, paired on the shared noise.
-rule score_student:
-    input:
-        **score_inputs(samples="results/samples/{family}/{method}/{replicate}",
-                       teacher_sets=expand(TEACHER_SETS, family="{family}", steps=STEPS),
-                       teacher_scores=expand("results/scores/{family}/teacher/steps{steps}.json",
-                                             family="{family}", steps=STEPS),
-                       prompts="results/prompts/{family}.jsonl"),
-    output:
-        "results/scores/{family}/{method}/{replicate}.json",
-    params:
-        **SCORE_PARAMS,
-    threads: 1
-    log:
-        "results/logs/scores/{family}/{method}/{replicate}.log",
-    shell:
-        score_command("{input.samples}", "{output}", "--against {input.teacher_scores} ")
+    # Each replicate of a student (a training seed, or a released checkpoint) is also compared with its
+    # teacher at the same NFE, paired on the shared noise.
+    rule score_student:
+        input:
+            **score_inputs(samples="results/samples/{family}/{method}/{replicate}",
+                           teacher_sets=expand(TEACHER_SETS, family="{family}", steps=STEPS),
+                           teacher_scores=expand("results/scores/{family}/teacher/steps{steps}.json",
+                                                 family="{family}", steps=STEPS),
+                           prompts="results/prompts/{family}.jsonl"),
+        output:
+            "results/scores/{family}/{method}/{replicate}.json",
+        params:
+            **SCORE_PARAMS,
+        threads: 1
+        log:
+            "results/logs/scores/{family}/{method}/{replicate}.log",
+        shell:
+            score_command("{input.samples}", "{output}", "--against {input.teacher_scores} ")
+
+
+else:
+
+    # eval.shards = K > 1: each shard folder is scored alone into a partial (per-image scores,
+    # features, GenEval rows; a failed one reruns alone), and one merge job per set computes its
+    # score file from the K partials and the gathered set (fewstep score-merge: equal to scoring
+    # the gathered set whole). Rule names and score files are the K = 1 ones, so the rules below
+    # read them unchanged.
+    PARTIALS = "results/score_partials/"
+
+    def partial_files(set_dir):
+        return [d.replace("results/shards/", PARTIALS) + ".npz"
+                for d in planning.shard_dirs(set_dir, SHARDS)]
+
+    rule score_teacher_partial:
+        input:
+            **score_inputs(samples=[p.replace("results/samples/", "results/shards/") + SHARD
+                                    for p in expand(TEACHER_SETS, family="{family}", steps=STEPS)],
+                           prompts="results/prompts/{family}.jsonl"),
+        output:
+            [p.replace("results/samples/", PARTIALS) + SHARD + ".npz"
+             for p in expand(TEACHER_SETS, family="{family}", steps=STEPS)],
+        wildcard_constraints:
+            shard="[0-9]+",
+        params:
+            **SCORE_PARAMS,
+        threads: 1
+        log:
+            "results/logs/scores/{family}/teacher-shard{shard}.log",
+        shell:
+            score_command("{input.samples}", "{output}", "--partial ")
+
+    rule score_teacher:
+        input:
+            # the merge computes the statistics: it reads the reference and the prompt file too
+            **score_inputs(partials=lambda wc: partial_files(f"results/samples/{wc.family}/"
+                                                             f"teacher/steps{wc.steps}"),
+                           samples=TEACHER_SETS, prompts="results/prompts/{family}.jsonl"),
+        output:
+            "results/scores/{family}/teacher/steps{steps}.json",
+        threads: 1
+        log:
+            "results/logs/scores/{family}/teacher-steps{steps}-merge.log",
+        shell:
+            THREADS_ENV + " {FEWSTEP} score-merge --partials {input.partials} --samples "
+            "{input.samples} --out {output} > {log} 2>&1"
+
+    rule score_student_partial:
+        input:
+            **score_inputs(samples="results/shards/{family}/{method}/{replicate}" + SHARD,
+                           prompts="results/prompts/{family}.jsonl"),
+        output:
+            PARTIALS + "{family}/{method}/{replicate}" + SHARD + ".npz",
+        wildcard_constraints:
+            shard="[0-9]+",
+        params:
+            **SCORE_PARAMS,
+        threads: 1
+        log:
+            "results/logs/scores/{family}/{method}/{replicate}-shard{shard}.log",
+        shell:
+            score_command("{input.samples}", "{output}", "--partial ")
+
+    rule score_student:
+        input:
+            **score_inputs(partials=lambda wc: partial_files(f"results/samples/{wc.family}/"
+                                                             f"{wc.method}/{wc.replicate}"),
+                           samples="results/samples/{family}/{method}/{replicate}",
+                           teacher_sets=expand(TEACHER_SETS, family="{family}", steps=STEPS),
+                           teacher_scores=expand("results/scores/{family}/teacher/"
+                                                 "steps{steps}.json", family="{family}",
+                                                 steps=STEPS),
+                           prompts="results/prompts/{family}.jsonl"),
+        output:
+            "results/scores/{family}/{method}/{replicate}.json",
+        threads: 1
+        log:
+            "results/logs/scores/{family}/{method}/{replicate}.log",
+        shell:
+            THREADS_ENV + " {FEWSTEP} score-merge --partials {input.partials} --samples "
+            "{input.samples} --against {input.teacher_scores} --out {output} > {log} 2>&1"
 
 
 # A cell over its training seeds: the mean, an interval that resamples training seeds and then
