@@ -1,5 +1,7 @@
 """Scoring sample sets: the metrics a score run builds, the prompt set it names, the teacher set a
 student set is compared with, and the score file it writes (`fewstep score` parses the arguments).
+Sharded scoring (below): a shard folder's per-image columns into a partial file (`fewstep score
+--partial`), and the set's score file from its K partials (`fewstep score-merge`).
 
 Layer: evaluation (above the metrics, below the commands; tests/test_import_contract.py). The
 metrics are found by name through the registry and built by their own `from_options`, so no metric
@@ -336,10 +338,10 @@ def load_partial(path: Path) -> tuple[dict | None, dict, str | None]:
         header, arrays = read_partial(path)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
         return None, {}, f"{path} is not a partial score file ({err}); {RESCORE}"
-    if not isinstance(header, dict) or header.get("fewstep_score_partial") != PARTIAL_FORMAT:
+    found = header.get("fewstep_score_partial") if isinstance(header, dict) else None
+    if found != PARTIAL_FORMAT:
         return None, {}, (f"{path} is not a partial score file of format {PARTIAL_FORMAT} "
-                          f"(fewstep_score_partial={header.get('fewstep_score_partial')!r}); "
-                          f"{RESCORE}")
+                          f"(fewstep_score_partial={found!r}); {RESCORE}")
     return header, arrays, None
 
 

@@ -98,7 +98,10 @@ class Metric:
     class attributes `name`, `version` (bump it whenever a change can move the number) and
     `higher_is_better`, and implement `score_set` (set-level metrics such as FID) or, through
     `PerImageMetric`, only `image_scores` and `identity`. `score` loads and checks the sample set
-    once for all of them. Metrics with weights list them in `weight_files` (what `fewstep weights
+    once for all of them. Sharded scoring splits score_set at its seam: `image_columns` (what each
+    image alone gives: scores, feature vectors, detection rows; a shard's concatenate into the
+    set's) and `result_from_columns` (every statistic over images, prompts and the reference), so
+    `fewstep score --partial` on K shards and `fewstep score-merge` give the whole set's result. Metrics with weights list them in `weight_files` (what `fewstep weights
     check` reports).
 
     The bootstrap settings (n_resamples, level, seed, interval) are keyword-only fields of this

@@ -284,3 +284,10 @@ def test_the_dag_scores_k_shards_into_partials_and_merges_each_set(tmp_path):
     assert all(c.count(".npz") == 2 for c in students)   # the replicate's two partials
     plain = dry_run(tmp_path, 1)
     assert "--partial" not in plain and "score-merge" not in plain
+
+
+def test_merge_refuses_a_file_that_is_not_a_partial(work, parts, capsys, tmp_path):
+    bogus = tmp_path / "bogus.npz"
+    bogus.write_text("{}")
+    err = refused(work, [parts[0], parts[1], bogus], capsys)
+    assert f"{bogus} is not a partial score file" in err

@@ -3,6 +3,11 @@
 Several sets in one call (`--samples a b --out a.json b.json`) build the metrics once (feature
 net, reference statistics): the DAG scores all of a family's teacher sets in one job. The work is
 fewstep.scoring's; this module declares the arguments.
+
+`--partial` scores shard folders (fewstep sample --shard I/K) into partial .npz files, one per
+shard: each metric's per-image columns (scores, feature vectors, GenEval rows), never a
+statistic; `fewstep score-merge` makes the set's score file from the K partials (equal to this
+command on the gathered set).
 """
 from __future__ import annotations
 
