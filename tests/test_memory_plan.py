@@ -1,6 +1,7 @@
 """fewstep plan (fewstep.memory): the plan's weights, gradients, optimiser and EMA bytes for a toy
 preset equal the bytes counted on the live training objects after a step (exact); the traced
 activation estimate against the memory a CPU forward keeps (within a stated factor); bad input."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -115,15 +116,21 @@ MEASURE = textwrap.dedent("""
     after = psutil.Process().memory_info().rss
     print(json.dumps({"kept": after - before - out.numel() * out.element_size()}))
 """)
-# the trace counts saved tensors; a CPU forward also keeps the allocator's slack: within 1.5x
-ACT_FACTOR = 1.5
+# Measured here (toy SDXL UNet, batch 32, fp32): no checkpointing traced 1862 MiB, kept 1798 MiB
+# (0.97x); checkpointed traced 274 MiB, kept 409 MiB (1.49x: diffusers' checkpoint units are not
+# exactly one per ResnetBlock2D / Transformer2DModel). The checkpointed figure excludes the
+# recomputed block (alive during backward only).
+FULL_FACTOR, CKPT_FACTOR = 1.25, 2.0
 
 
 def measured_kept(mode: str, batch: int) -> int:
     import json
 
+    # a fixed mmap threshold: glibc would otherwise keep freed forward temporaries in the heap
+    # (its dynamic threshold), which RSS would count as kept
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run([sys.executable, "-c", MEASURE, mode, str(batch)], capture_output=True,
-                         text=True, check=True, timeout=300)
+                         text=True, check=True, timeout=300, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])["kept"]
 
 
@@ -142,8 +149,8 @@ def test_activation_trace_matches_the_memory_a_cpu_forward_keeps():
     print(f"toy SDXL UNet, batch {batch}, fp32: traced {full / 2**20:.1f} MiB, measured "
           f"{measured_full / 2**20:.1f} MiB; checkpointed: traced {ckpt_kept / 2**20:.1f} MiB, "
           f"measured {measured_ckpt / 2**20:.1f} MiB")
-    assert full / ACT_FACTOR <= measured_full <= full * ACT_FACTOR
-    assert measured_ckpt < measured_full / 2  # checkpointing keeps block inputs only
+    assert full / FULL_FACTOR <= measured_full <= full * FULL_FACTOR
+    assert ckpt_kept / CKPT_FACTOR <= measured_ckpt <= ckpt_kept * CKPT_FACTOR
 
 
 # -- the real plan and bad input -----------------------------------------------------------------
