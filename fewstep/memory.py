@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -145,6 +146,18 @@ def trained_census(denoiser: nn.Module, lora=None, frozen_dtype_bytes: int | Non
         whole = census(denoiser, frozen_dtype_bytes)
         buffers = sum(b.numel() * (frozen_dtype_bytes or b.element_size()) for b in denoiser.buffers())
         return Census(whole.params, sum(1 for _ in denoiser.parameters()), buffers, whole.params)
+    # peft's injection takes seconds on a real network: one per (network, rank, targets)
+    key = (lora.rank, tuple(lora.targets), frozen_dtype_bytes)
+    known = _LORA_CENSUS.setdefault(denoiser, {})
+    if key not in known:
+        known[key] = _lora_census(denoiser, lora, frozen_dtype_bytes)
+    return known[key]
+
+
+_LORA_CENSUS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _lora_census(denoiser: nn.Module, lora, frozen_dtype_bytes: int | None) -> Census:
     from fewstep.engine.adapt import add_lora
 
     holder = _Holder(copy.deepcopy(denoiser))
