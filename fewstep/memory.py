@@ -728,6 +728,22 @@ def not_computed(preset: str) -> list[str]:
     return notes
 
 
+def forwards_text(preset: str) -> str:
+    """The forwards with gradient of each update of a preset, as the legend prints them."""
+    method = method_of(preset)
+    options = preset_options(preset, 1)[1] if preset_divides(preset, 1) else \
+        preset_options(preset, _a_divisor(preset))[1]
+    updates = method_forwards(method, options)
+    return "; ".join(f"{update}: " + " + ".join(f"{n:g} x {net}" + (" to the GAN features"
+                                                                    if mode == "features" else "")
+                                                 for net, mode, n in forwards)
+                     for update, forwards in updates.items())
+
+
+def _a_divisor(preset: str) -> int:
+    return next(w for w in range(1, 1025) if preset_divides(preset, w))
+
+
 def preset_divides(preset: str, world: int) -> bool:
     try:
         preset_options(preset, world)

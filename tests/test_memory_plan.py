@@ -189,7 +189,12 @@ def test_cli_prints_the_table_and_errors(capsys):
     assert main(["plan", "--preset", "dmd2-sit-ext", "--world-size", "1", "--world-size", "8"]) == 0
     out = capsys.readouterr().out
     assert "dmd2-sit-ext" in out and "fits 80 GiB" in out and "fsdp" in out
+    assert "dmd2-sit-ext: generator: 1 x generator + 1 x critic to the GAN features" in out
     assert main(["plan", "--preset", "dmd2-sdxl-paper"]) == 2
     assert "did you mean" in capsys.readouterr().err.lower()
     assert main(["plan", "--preset", "rtdmd-sd3-paper", "--world-size", "64"]) == 2
     assert "global_batch" in capsys.readouterr().err
+    assert main(["plan", "--preset", "dmd2-sit-ext", "--world-size", "0"]) == 2
+    assert "--world-size 0" in capsys.readouterr().err
+    assert main(["plan", "--gpu-gib", "0"]) == 2
+    assert "--gpu-gib 0" in capsys.readouterr().err

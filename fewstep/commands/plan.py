@@ -6,6 +6,7 @@ printed under the table repeats them.
 from __future__ import annotations
 
 from fewstep import memory
+from fewstep.errors import FewstepError
 
 COLUMNS = ("preset", "engine", "N", "batch/GPU", "weights", "grads", "optim", "EMA", "cast",
            "act ckpt", "act full", "total ckpt", "total full")
@@ -23,7 +24,12 @@ cast: DDP: bf16 autocast's cached casts of the trained weights (2 B/param); FSDP
 act: tensors saved for backward by the heaviest update's forwards with gradient, traced per sample
   on the meta device in bf16 with flash attention; ckpt: per-block activation checkpointing
   (outside + block inputs + the largest block), full: none. Not counted: CUDA context and
-  fragmentation (keep ~3-5 GiB spare), no-grad workspace, data loading."""
+  fragmentation (keep ~3-5 GiB spare), no-grad workspace, data loading. The harness today
+  checkpoints the generator when grad_checkpointing is set (RTDMD its critic too); DMD, DMD2, AMD
+  and CDM critics run without: "ckpt" is every network checkpointed per block (the FSDP plan).
+Assumed: text encoders stay loaded (real captions are encoded per batch); AMD's reward is its
+  reward_model (hpsv2.1: OpenCLIP ViT-H-14; dinov2_cls: DINOv2 ViT-L/14), RTDMD stage 2's HPSv2.1.
+Samples per update with gradient, per batch sample (the heaviest update sets "act"):"""
 
 
 def add_arguments(parser) -> None:
@@ -38,6 +44,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    if args.gpu_gib <= 0:
+        raise FewstepError(f"--gpu-gib {args.gpu_gib:g}: give the memory of one GPU in GiB (> 0)")
     named = bool(args.preset)
     presets = args.preset or sorted(memory.paper_presets())
     worlds = args.world_size or [1, 8, 64]
@@ -81,6 +89,8 @@ def format_table(rows, gpu_gib: float) -> str:
 def print_notes(presets, skipped) -> None:
     print()
     print(LEGEND)
+    for preset in presets:
+        print(f"  {preset}: {memory.forwards_text(preset)}")
     for preset, world in skipped:
         print(f"skipped: {preset} at N = {world} (its global_batch is not divisible by {world})")
     for preset in presets:
