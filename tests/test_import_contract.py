@@ -14,6 +14,7 @@ Layer table (a module may import its own layer and the layers in "may import"):
     metrics     metrics/                                           core
     evaluation  fewstep/scoring.py, fewstep/pairing.py,            core, metrics
                 fewstep/cells.py, fewstep/audit.py,
+                fewstep/shards.py (sample-set shards),
                 fewstep/reporting (score files and reports)
     commands    fewstep/commands (argparse wrappers)               core, engine, methods, metrics,
                                                                    evaluation (no other command)
@@ -44,7 +45,7 @@ MAY_IMPORT = {
     "entry": {"core", "engine", "methods", "metrics", "evaluation", "commands", "entry"},
 }
 EVALUATION = ("fewstep.scoring", "fewstep.pairing", "fewstep.cells", "fewstep.audit",
-              "fewstep.reporting")
+              "fewstep.shards", "fewstep.reporting")
 ENTRY = ("fewstep.cli", "fewstep.__main__")
 
 # Known violations, to be emptied: (importing file, imported module) -> why it is still there.
