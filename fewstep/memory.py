@@ -28,7 +28,7 @@ For a method preset, an engine (DDP or FSDP) and a world size it estimates, in b
       act_full = outside + sum(block inside),
   where `inside` is what a block saves and `outside` what the layers between blocks save.
   Per update, activations = sum over its forwards with gradient of samples x per-sample bytes
-  (METHOD_FORWARDS); the run's peak is its heaviest update. No-grad forwards (teacher, critic's DM
+  (method_forwards); the run's peak is its heaviest update. No-grad forwards (teacher, critic's DM
   prediction, rollouts) keep no activations; their transient workspace is not counted.
 * FSDP (torch.distributed.fsdp.fully_shard): weights, gradients, optimiser states and EMA of the
   trained networks are divided by the world size; the frozen teacher denoiser is sharded (/N) or
@@ -291,7 +291,7 @@ def trained_networks(method: str, options, denoiser: nn.Module, targets, head=No
 def frozen_networks(method: str, options, teacher_bytes: int, extras: dict) -> list[Network]:
     """The frozen networks: teacher denoiser, text encoders, VAE (one per backbone copy), reward
     and LPIPS trunk where the method uses them."""
-    copies = 1 + sum(1 for _ in range(1 + has_critic(method, options)))  # teacher, G, critic
+    copies = 2 + has_critic(method, options)  # trainable_copy deep-copies the codec: teacher, G, critic
     nets = [Network("teacher", Census(frozen_bytes=teacher_bytes), False),
             Network("text", Census(frozen_bytes=extras.get("text", 0)), False),
             Network("vae", Census(frozen_bytes=extras.get("vae", 0) * copies), False)]
