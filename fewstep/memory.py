@@ -23,7 +23,8 @@ For a method preset, an engine (DDP or FSDP) and a world size it estimates, in b
   meta device (no weights, no compute) with flash attention standing in for attention (it saves
   q, k, v, out and an fp32 log-sum-exp, never the N x N scores), in bf16 (the CUDA autocast
   dtype; fp32 on CPU). With activation checkpointing per block (ResnetBlock2D and
-  Transformer2DModel in a UNet, the joint/SiT blocks of a transformer):
+  BasicTransformerBlock in a UNet, the units diffusers checkpoints; the joint/SiT blocks of a
+  transformer; also the FSDP units of the "cast" column):
       act_ckpt = outside + sum(block inputs) + max(block inside),
       act_full = outside + sum(block inside),
   where `inside` is what a block saves and `outside` what the layers between blocks save.
@@ -57,7 +58,7 @@ BF16, FP32 = 2, 4
 ENGINES = ("ddp", "fsdp")
 TEACHER_PLACEMENT = ("sharded", "replicated")
 FAMILY_OF_PRESET = ("sdxl", "sd3", "sit")  # the family a preset names (<method>-<family>-...)
-CHECKPOINT_BLOCKS = ("ResnetBlock2D", "Transformer2DModel", "JointTransformerBlock", "SiTBlock")
+CHECKPOINT_BLOCKS = ("ResnetBlock2D", "BasicTransformerBlock", "JointTransformerBlock", "SiTBlock")
 TEXT_TOKENS = {"sdxl": 77, "sd3": 77 + 256, "sit": 0}  # CLIP 77; SD3 adds T5's 256 (pipeline)
 
 # -- the real architectures' configurations (diffusers/transformers config.json values) -----------

@@ -23,7 +23,8 @@ cast: DDP: bf16 autocast's cached casts of the trained weights (2 B/param); FSDP
   bf16 block in use and the prefetched one plus its fp32 gradients (8 B/param of the largest block).
 act: tensors saved for backward by the heaviest update's forwards with gradient, traced per sample
   on the meta device in bf16 with flash attention; ckpt: per-block activation checkpointing
-  (outside + block inputs + the largest block), full: none. Not counted: CUDA context and
+  (outside + block inputs + the largest block; blocks: ResnetBlock2D, BasicTransformerBlock,
+  JointTransformerBlock, SiTBlock), full: none. Not counted: CUDA context and
   fragmentation (keep ~3-5 GiB spare), no-grad workspace, data loading. The harness today
   checkpoints the generator when grad_checkpointing is set (RTDMD its critic too); DMD, DMD2, AMD
   and CDM critics run without: "ckpt" is every network checkpointed per block (the FSDP plan).
