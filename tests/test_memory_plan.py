@@ -1,4 +1,4 @@
-"""fewstep plan (fewstep.memory): the plan's weights, gradients, optimiser and EMA bytes for a toy
+"""fewstep plan (fewstep.engine.memory): the plan's weights, gradients, optimiser and EMA bytes for a toy
 preset equal the bytes counted on the live training objects after a step (exact); the traced
 activation estimate against the memory a CPU forward keeps (within a stated factor); bad input."""
 import os
@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from fewstep import memory
+from fewstep.engine import memory
 from fewstep.cli import main
 from fewstep.engine.distributed import DistInfo
 from fewstep.engine.gan import make_head
@@ -100,7 +100,7 @@ def test_lora_census_counts_only_adapters_as_trained(sit):
 MEASURE = textwrap.dedent("""
     import gc, json, sys
     import psutil, torch
-    from fewstep import memory
+    from fewstep.engine import memory
     from fewstep.backbones.sdxl import SDXLBackbone
     torch.set_num_threads(1)
     ckpt, batch = sys.argv[1] == "ckpt", int(sys.argv[2])

@@ -1,11 +1,11 @@
 """fewstep plan: the estimated per-GPU memory of each paper preset per engine and world size.
 
-The estimate and every assumption behind it are fewstep.memory's (its docstring); the legend
+The estimate and every assumption behind it are fewstep.engine.memory's (its docstring); the legend
 printed under the table repeats them.
 """
 from __future__ import annotations
 
-from fewstep import memory
+from fewstep.engine import memory
 from fewstep.errors import FewstepError
 
 COLUMNS = ("preset", "engine", "N", "batch/GPU", "weights", "grads", "optim", "EMA", "cast",
