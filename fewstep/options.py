@@ -61,6 +61,10 @@ class TrainOptions:
     ema_on: str = choice("iteration", "generator_update")
     bf16: bool = True                 # bf16 autocast on CUDA (never on CPU)
     grad_checkpointing: bool = False
+    # how ranks share the trained networks: ddp (each rank holds them whole, gradients averaged)
+    # or fsdp (FSDP2: weights, gradients, optimiser states and EMA sharded per block;
+    # fewstep.engine.fsdp)
+    sharding: str = choice("ddp", "fsdp")
     lora_rank: int = 0                # 0: full fine-tune of the generator; > 0: peft LoRA
     lora_alpha: float = 0.0           # required with lora_rank > 0 (the update is alpha / rank)
     lora_targets: tuple[str, ...] = ()  # module-name patterns; () = the family's defaults

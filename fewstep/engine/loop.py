@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fewstep.engine import checkpoint
+from fewstep.engine import checkpoint, fsdp
 from fewstep.engine.distributed import DistInfo, any_rank, average_gradients, barrier, broadcast_module
 from fewstep.engine.method import Method
 from fewstep.errors import FewstepError
@@ -176,39 +176,57 @@ class Trainer:
         self.info = info or DistInfo()
         opt = method.opt
         self.nets = method.networks()
+        self.sharded = getattr(opt, "sharding", "ddp") == "fsdp"
+        self.emas = {"generator": copy.deepcopy(self.nets["generator"]).requires_grad_(False)} \
+            if opt.ema_decay > 0 else {}
+        if self.sharded:  # before the optimisers: fully_shard replaces the parameters
+            shard_all(method, self.nets, self.emas, self.info)
         self.params = {n: [p for p in m.parameters() if p.requires_grad] for n, m in self.nets.items()}
         self.optimizers = {n: torch.optim.AdamW(self.params[n], lr=method.lr(n), betas=tuple(opt.betas),
                                                 weight_decay=method.weight_decay(n))
                            for n in self.nets}
         self.schedulers = lr_schedulers(self.optimizers, opt)
-        self.emas = {"generator": copy.deepcopy(self.nets["generator"]).requires_grad_(False)} \
-            if opt.ema_decay > 0 else {}
         self.state = RunState()
+        self.exported: dict | None = None  # FSDP: the full weights gathered for export (rank 0)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def resume(self) -> None:
         folder = checkpoint.latest(self.run_dir, report=self.info.main)
         if folder is None:
-            for module in self.nets.values():
-                broadcast_module(module, self.info)
+            if not self.sharded:  # FSDP: broadcast before sharding (shard_all)
+                for module in self.nets.values():
+                    broadcast_module(module, self.info)
             return
+        fsdp.check_format(folder, self.sharded)
         check_same_run(checkpoint.read_extra(folder).get("config"),
                        run_config(self.method, self.inputs), folder,
                        option_aliases(type(self.method.opt)), option_defaults(self.method.opt))
-        saved = checkpoint.load(folder, self.nets, self.emas, self.optimizers, self.schedulers)
+        load = fsdp.load if self.sharded else checkpoint.load
+        saved = load(folder, self.nets, self.emas, self.optimizers, self.schedulers)
         self.state.step = self.state.resumed_from = saved["step"]
         self.state.ema_updates = saved["extra"].get("ema_updates", 0)
         self.state.ema_ticks = saved["extra"].get("ema_ticks", 0)
         self.state.seconds = saved["extra"].get("train_seconds", 0.0)
 
     def save(self) -> None:
+        extra = {"ema_updates": self.state.ema_updates, "ema_ticks": self.state.ema_ticks,
+                 "train_seconds": self.state.seconds,
+                 "config": run_config(self.method, self.inputs)}
+        if self.sharded:  # every rank writes its shards
+            fsdp.save(self.run_dir, self.state.step, self.nets, self.emas, self.optimizers,
+                      self.schedulers, extra, self.info.main)
+            return
         if self.info.main:
             checkpoint.save(self.run_dir, self.state.step, self.nets, self.emas, self.optimizers,
-                            self.schedulers, {"ema_updates": self.state.ema_updates,
-                                              "ema_ticks": self.state.ema_ticks,
-                                              "train_seconds": self.state.seconds,
-                                              "config": run_config(self.method, self.inputs)})
+                            self.schedulers, extra)
         barrier(self.info)
+
+    def gather_for_export(self) -> None:
+        """FSDP: the full weights of every network (the EMA's for the generator) on rank 0, for
+        fewstep.engine.run.export; a collective, so every rank calls it."""
+        full = {n: fsdp.full_state_dict(m) for n, m in self.nets.items()}
+        full.update({n: fsdp.full_state_dict(m) for n, m in self.emas.items()})
+        self.exported = full if self.info.main else None
 
     # -- one iteration -----------------------------------------------------------------------------
     def update(self, net: str, scratch: dict) -> dict:
@@ -220,11 +238,18 @@ class Trainer:
         if not torch.isfinite(loss.detach()).all():
             raise NonFiniteLossError(f"iteration {step}: the {net} loss of {method.name} is "
                                      f"{loss.item()}; stopping (last checkpoint kept)")
-        loss.backward(inputs=self.params[net])
-        average_gradients(self.params[net], self.info)
+        if self.sharded:
+            # FSDP's graph holds the unsharded parameters, not these DTensors, so no `inputs`:
+            # other networks may get gradients too; each optimiser zeroes its own before use
+            loss.backward()
+        else:
+            loss.backward(inputs=self.params[net])
+            average_gradients(self.params[net], self.info)
         row = {f"{net}/loss": float(loss.detach())}
         if method.opt.grad_clip:
             norm = torch.nn.utils.clip_grad_norm_(self.params[net], method.opt.grad_clip)
+            if hasattr(norm, "full_tensor"):  # FSDP: a replicated DTensor of the global norm
+                norm = norm.full_tensor()
             if not torch.isfinite(norm):
                 raise NonFiniteLossError(f"iteration {step}: the {net} gradient norm of "
                                          f"{method.name} is {norm.item()}; stopping")
@@ -270,7 +295,8 @@ class Trainer:
                                f"past steps = {opt.steps}; give steps >= {self.state.step} to "
                                "extend the run, or a new --run-dir")
         log_path = self.run_dir / "metrics.jsonl"
-        _truncate_log(log_path, self.state.step)
+        if self.info.main:  # the log's writer: another rank's rewrite would orphan its handle
+            _truncate_log(log_path, self.state.step)
         bar = tqdm(total=opt.steps, initial=self.state.step, desc=f"train {self.method.name}",
                    disable=not (progress and self.info.main))
         with _Signals() as signals, open(log_path, "a") as log:
@@ -292,7 +318,19 @@ class Trainer:
                     bar.close()
                     raise StopRequested(self.state.step, signals.signum or signal.SIGTERM)
         bar.close()
+        if self.sharded:
+            self.gather_for_export()
         return self.state
+
+
+def shard_all(method: Method, nets: dict, emas: dict, info: DistInfo) -> None:
+    """FSDP2 over the trained networks and the EMA, from rank 0's initial weights."""
+    fsdp.check_shardable(method, info.world_size)
+    fsdp.ensure_group(info)
+    policy = fsdp.precision_policy(method.opt, info.device)
+    for module in list(nets.values()) + list(emas.values()):
+        broadcast_module(module, info)
+        fsdp.shard(module, policy)
 
 
 def _log_rows(path: Path) -> list[tuple[str, dict]]:

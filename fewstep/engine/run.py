@@ -169,17 +169,25 @@ def export(method, trainer: Trainer, out: Path, extra: dict, provenance: dict | 
             "iterations": trainer.state.step,
             "train_seconds": round(trainer.state.seconds, 3),  # the report's training cost
             "train_threads": torch.get_num_threads(), **extra}
+    # FSDP: the full weights the trainer gathered at the end (EMA's for the generator)
+    gathered = trainer.exported or {}
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        save_file(merged_state_dict(source), str(tmp / WEIGHTS_FILE))
+        save_file(_contiguous(gathered.get("generator")) or merged_state_dict(source),
+                  str(tmp / WEIGHTS_FILE))
         for name, module in trainer.nets.items():  # the other networks, for staged methods (RTDMD)
             if name != "generator":
-                save_file(merged_state_dict(module), str(tmp / f"{name}.safetensors"))
+                save_file(_contiguous(gathered.get(name)) or merged_state_dict(module),
+                          str(tmp / f"{name}.safetensors"))
         (tmp / STUDENT_FILE).write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
         if provenance is not None:
             (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True,
                                                             default=str))
     return info
+
+
+def _contiguous(state: dict | None) -> dict | None:
+    return None if state is None else {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
 def recorded_teacher(info: dict) -> str | None:

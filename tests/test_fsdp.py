@@ -1,0 +1,143 @@
+"""FSDP2 sharding (option sharding = fsdp): CPU, gloo, a tiny SiT cell, a few iterations.
+
+Tolerances: FSDP reduce-scatters each block's gradients (sum, then / world size per shard)
+where DDP all-reduces one flattened vector, so float32 sums are rounded in another order; on these
+toy nets that moves losses and weights by a few ulps per step. rel 1e-5 on losses and atol 1e-6
+on the exported weights (|w| ~ 0.1) leave room for ~100 such ulps and still catch any real error
+(a missing average is a factor 2, a missed shard a whole block). Resume at the same world size is
+bitwise: DCP restores every shard and optimiser state exactly and the draws are keyed by step.
+"""
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fewstep.errors import FewstepError
+
+TRAIN = dict(steps=3, batch=2, warmup=1, generator_grid=[1.0, 0.5], ttur_ratio=2,
+             checkpoint_every=1000, ema_decay=0.9)
+LOSSES = ("generator/loss", "critic/loss")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, run_dir, out, method, overrides, queue):
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from fewstep.engine import distributed
+    from fewstep.engine.loop import Trainer
+    from fewstep.engine.run import build_method, export, toy_context
+    from fewstep.toy import teachers
+
+    info = distributed.init("cpu")
+    try:
+        teacher = teachers.build("sit", resolution=16, seed=0)
+        ctx = toy_context(teacher, "sit", 16, 0, info)
+        trainer = Trainer(build_method(method, teacher, ctx, "toy", overrides), Path(run_dir), info)
+        trainer.run(progress=False)
+        if info.main:
+            export(trainer.method, trainer, Path(out), {})
+        distributed.barrier(info)
+        queue.put((rank, "ok"))
+    except Exception as err:  # the parent names it instead of waiting for a result
+        queue.put((rank, f"{type(err).__name__}: {err}"))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(world, run_dir, out, method="dmd2", **overrides):
+    """Train on `world` gloo ranks; returns rank 0's logged rows and the exported weights."""
+    import torch.multiprocessing as mp
+
+    ctx, port = mp.get_context("spawn"), _free_port()
+    queue = ctx.Queue()
+    options = {**TRAIN, **overrides}
+    procs = [ctx.Process(target=_worker, args=(r, world, port, str(run_dir), str(out), method,
+                                               options, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert all(v == "ok" for v in results.values()), results
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return rows, load_file(str(Path(out) / "generator.safetensors"))
+
+
+def _losses(rows):
+    return [(row["step"], key, row[key]) for row in rows for key in LOSSES if key in row]
+
+
+def test_fsdp_at_two_ranks_trains_like_ddp(tmp_path):
+    """DMD2 (generator, critic with its GAN head, EMA): the same losses and exported EMA
+    generator as the DDP engine at the same world size (tolerances: module docstring)."""
+    ddp_rows, ddp = launch(2, tmp_path / "ddp", tmp_path / "ddp_out")
+    fsdp_rows, fsdp = launch(2, tmp_path / "fsdp", tmp_path / "fsdp_out", sharding="fsdp")
+    for (step, key, a), (_, _, b) in zip(_losses(ddp_rows), _losses(fsdp_rows), strict=True):
+        assert b == pytest.approx(a, rel=1e-5), (step, key)
+    assert ddp.keys() == fsdp.keys()
+    for key in ddp:
+        torch.testing.assert_close(fsdp[key], ddp[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_fsdp_resume_at_the_same_world_size_is_bitwise(tmp_path):
+    """Stopped after 2 of 4 iterations and resumed: the same losses and weights, bit for bit."""
+    whole_rows, whole = launch(2, tmp_path / "whole", tmp_path / "whole_out", sharding="fsdp",
+                               steps=4, checkpoint_every=2)
+    launch(2, tmp_path / "split", tmp_path / "first_out", sharding="fsdp", steps=2,
+           checkpoint_every=2)
+    split_rows, split = launch(2, tmp_path / "split", tmp_path / "split_out", sharding="fsdp",
+                               steps=4, checkpoint_every=2)
+    assert _losses(split_rows) == _losses(whole_rows)
+    assert whole.keys() == split.keys()
+    assert all(torch.equal(whole[k], split[k]) for k in whole)
+
+
+def _toy_method(world_size=1, **overrides):
+    from fewstep.engine.distributed import DistInfo
+    from fewstep.engine.run import build_method, toy_context
+    from fewstep.toy import teachers
+
+    teacher = teachers.build("sit", resolution=16, seed=0)
+    ctx = toy_context(teacher, "sit", 16, 0, DistInfo(world_size=world_size))
+    options = {k: v for k, v in {**TRAIN, **overrides}.items() if v is not None}
+    return build_method("dmd2", teacher, ctx, "toy", options)
+
+
+def test_fsdp_refuses_what_it_cannot_shard_naming_the_option():
+    from fewstep.engine import fsdp
+
+    with pytest.raises(FewstepError, match="sharding = fsdp with lora_rank = 4"):
+        fsdp.check_shardable(_toy_method(sharding="fsdp", lora_rank=4, lora_alpha=4.0), 2)
+    with pytest.raises(FewstepError, match="global_batch = 3 is not divisible by the world size 2"):
+        _toy_method(world_size=2, sharding="fsdp", batch=None, global_batch=3)
+    with pytest.raises(FewstepError, match="sharding.*'ddp', 'fsdp'|sharding = zero"):
+        _toy_method(sharding="zero")
+
+
+def test_fsdp_refuses_a_checkpoint_of_the_other_engine(tmp_path):
+    """A DDP checkpoint resumed with sharding = fsdp (and back) is refused naming both values."""
+    from fewstep.engine import checkpoint, fsdp
+    from fewstep.engine.loop import Trainer
+
+    Trainer(_toy_method(steps=1), tmp_path).run(progress=False)
+    folder = checkpoint.latest(tmp_path)
+    with pytest.raises(FewstepError, match="sharding = ddp and this run has sharding = fsdp"):
+        fsdp.check_format(folder, sharded=True)
+    state = json.loads((folder / "state.json").read_text())
+    (folder / "state.json").write_text(json.dumps({**state, "format": fsdp.FORMAT}))
+    with pytest.raises(FewstepError, match="sharding = fsdp and this run has sharding = ddp"):
+        fsdp.check_format(folder, sharded=False)
