@@ -48,7 +48,7 @@ def _worker(rank, world, port, run_dir, out, method, overrides, queue):
         if info.main:
             export(trainer.method, trainer, Path(out), {})
         distributed.barrier(info)
-        queue.put((rank, "ok"))
+        queue.put((rank, f"ok from {trainer.state.resumed_from}"))
     except Exception as err:  # the parent names it instead of waiting for a result
         queue.put((rank, f"{type(err).__name__}: {err}"))
     finally:
@@ -72,7 +72,8 @@ def launch(world, run_dir, out, method="dmd2", **overrides):
     results = dict(queue.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(timeout=60)
-    assert all(v == "ok" for v in results.values()), results
+    assert all(v.startswith("ok") for v in results.values()), results
+    launch.resumed_from = results[0].removeprefix("ok from ")  # None: it started afresh
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return rows, load_file(str(Path(out) / "generator.safetensors"))
 
@@ -101,9 +102,29 @@ def test_fsdp_resume_at_the_same_world_size_is_bitwise(tmp_path):
            checkpoint_every=2)
     split_rows, split = launch(2, tmp_path / "split", tmp_path / "split_out", sharding="fsdp",
                                steps=4, checkpoint_every=2)
+    assert launch.resumed_from == "2"
     assert _losses(split_rows) == _losses(whole_rows)
     assert whole.keys() == split.keys()
     assert all(torch.equal(whole[k], split[k]) for k in whole)
+
+
+def test_fsdp_on_one_process_trains_like_one_process(tmp_path):
+    """FSDP over a 1-process group changes nothing: the same losses and weights as a plain run."""
+    plain_rows, plain = launch(1, tmp_path / "plain", tmp_path / "plain_out")
+    fsdp_rows, fsdp = launch(1, tmp_path / "fsdp", tmp_path / "fsdp_out", sharding="fsdp")
+    assert _losses(fsdp_rows) == _losses(plain_rows)
+    assert all(torch.equal(plain[k], fsdp[k]) for k in plain)
+
+
+def test_fsdp_resumes_at_another_world_size_with_equal_weights(tmp_path):
+    """A 2-rank checkpoint read by one process (DCP reshards): the weights exported at that
+    iteration are the 2-rank run's own."""
+    _, two = launch(2, tmp_path / "run", tmp_path / "two_out", sharding="fsdp", steps=2,
+                    checkpoint_every=2)
+    _, one = launch(1, tmp_path / "run", tmp_path / "one_out", sharding="fsdp", steps=2,
+                    checkpoint_every=2)
+    assert launch.resumed_from == "2"
+    assert two.keys() == one.keys() and all(torch.equal(two[k], one[k]) for k in two)
 
 
 def _toy_method(world_size=1, **overrides):
