@@ -28,7 +28,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, run_dir, out, method, overrides, queue):
+def toy_reward(images, metas):  # RTDMD's reward: a fixed differentiable function of the images
+    return -((images - 0.5) ** 2).mean((1, 2, 3))
+
+
+def _worker(rank, world, port, run_dir, out, method, overrides, queue, family="sit", res=16):
     import os
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
@@ -41,8 +45,9 @@ def _worker(rank, world, port, run_dir, out, method, overrides, queue):
 
     info = distributed.init("cpu")
     try:
-        teacher = teachers.build("sit", resolution=16, seed=0)
-        ctx = toy_context(teacher, "sit", 16, 0, info)
+        teacher = teachers.build(family, resolution=res, seed=0)
+        reward = toy_reward if method == "rtdmd" else None
+        ctx = toy_context(teacher, family, res, 0, info, reward=reward, autocast=False)
         trainer = Trainer(build_method(method, teacher, ctx, "toy", overrides), Path(run_dir), info)
         trainer.run(progress=False)
         if info.main:
@@ -58,15 +63,15 @@ def _worker(rank, world, port, run_dir, out, method, overrides, queue):
             dist.destroy_process_group()
 
 
-def launch(world, run_dir, out, method="dmd2", **overrides):
+def launch(world, run_dir, out, method="dmd2", family="sit", res=16, **overrides):
     """Train on `world` gloo ranks; returns rank 0's logged rows and the exported weights."""
     import torch.multiprocessing as mp
 
     ctx, port = mp.get_context("spawn"), _free_port()
     queue = ctx.Queue()
-    options = {**TRAIN, **overrides}
+    options = {**(TRAIN if method == "dmd2" else {}), **overrides}
     procs = [ctx.Process(target=_worker, args=(r, world, port, str(run_dir), str(out), method,
-                                               options, queue)) for r in range(world)]
+                                               options, queue, family, res)) for r in range(world)]
     for p in procs:
         p.start()
     results = dict(queue.get(timeout=120) for _ in procs)
@@ -106,6 +111,19 @@ def test_fsdp_resume_at_the_same_world_size_is_bitwise(tmp_path):
     assert _losses(split_rows) == _losses(whole_rows)
     assert whole.keys() == split.keys()
     assert all(torch.equal(whole[k], split[k]) for k in whole)
+
+
+def test_fsdp_at_two_ranks_trains_rtdmd_like_ddp(tmp_path):
+    """RTDMD stage 1 (full fine-tune: LoRA is not sharded yet) on the toy SD3 transformer."""
+    options = dict(steps=3, batch=2, lora_rank=0, critic_lora_rank=0, checkpoint_every=1000)
+    ddp_rows, ddp = launch(2, tmp_path / "ddp", tmp_path / "ddp_out", "rtdmd", "sd3", 8, **options)
+    fsdp_rows, fsdp = launch(2, tmp_path / "fsdp", tmp_path / "fsdp_out", "rtdmd", "sd3", 8,
+                             sharding="fsdp", **options)
+    assert _losses(ddp_rows)
+    for (step, key, a), (_, _, b) in zip(_losses(ddp_rows), _losses(fsdp_rows), strict=True):
+        assert b == pytest.approx(a, rel=1e-5), (step, key)
+    for key in ddp:
+        torch.testing.assert_close(fsdp[key], ddp[key], rtol=0, atol=1e-6, msg=key)
 
 
 def test_fsdp_on_one_process_trains_like_one_process(tmp_path):
