@@ -9,6 +9,7 @@ bitwise: DCP restores every shard and optimiser state exactly and the draws are 
 """
 import json
 import socket
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -146,22 +147,27 @@ def test_fsdp_resumes_at_another_world_size_with_equal_weights(tmp_path):
     assert two.keys() == one.keys() and all(torch.equal(two[k], one[k]) for k in two)
 
 
-def _toy_method(world_size=1, **overrides):
+def _toy_method(world_size=1, name="dmd2", **overrides):
     from fewstep.engine.distributed import DistInfo
     from fewstep.engine.run import build_method, toy_context
     from fewstep.toy import teachers
 
     teacher = teachers.build("sit", resolution=16, seed=0)
     ctx = toy_context(teacher, "sit", 16, 0, DistInfo(world_size=world_size))
-    options = {k: v for k, v in {**TRAIN, **overrides}.items() if v is not None}
-    return build_method("dmd2", teacher, ctx, "toy", options)
+    base = TRAIN if name == "dmd2" else {}
+    options = {k: v for k, v in {**base, **overrides}.items() if v is not None}
+    return build_method(name, teacher, ctx, "toy", options)
 
 
 def test_fsdp_refuses_what_it_cannot_shard_naming_the_option():
     from fewstep.engine import fsdp
 
     with pytest.raises(FewstepError, match="sharding = fsdp with lora_rank = 4"):
-        fsdp.check_shardable(_toy_method(sharding="fsdp", lora_rank=4, lora_alpha=4.0), 2)
+        fsdp.check_shardable(_toy_method(sharding="fsdp", lora_rank=4, lora_alpha=4.0))
+    with pytest.raises(FewstepError, match="sharding = fsdp is not checked for method cdm"):
+        fsdp.check_shardable(_toy_method(name="cdm", sharding="fsdp", batch=2, steps=1))
+    regression = SimpleNamespace(name="dmd2", opt=SimpleNamespace(stage="regression"))
+    assert fsdp.unchecked(regression) == "dmd2 stage = regression"  # its pairs file aside
     with pytest.raises(FewstepError, match="global_batch = 3 is not divisible by the world size 2"):
         _toy_method(world_size=2, sharding="fsdp", batch=None, global_batch=3)
     with pytest.raises(FewstepError, match="sharding.*'ddp', 'fsdp'|sharding = zero"):

@@ -325,7 +325,7 @@ class Trainer:
 
 def shard_all(method: Method, nets: dict, emas: dict, info: DistInfo) -> None:
     """FSDP2 over the trained networks and the EMA, from rank 0's initial weights."""
-    fsdp.check_shardable(method, info.world_size)
+    fsdp.check_shardable(method)
     fsdp.ensure_group(info)
     policy = fsdp.precision_policy(method.opt, info.device)
     for module in list(nets.values()) + list(emas.values()):
