@@ -4,6 +4,7 @@ Gradients are averaged explicitly after each network's backward (one flattened a
 network), rather than through DistributedDataParallel: methods back-propagate several losses
 into different networks per iteration, some through frozen copies, which DDP's reducer does not
 expect. Every rank runs the same plan in the same order, so the collectives always match.
+With sharding = fsdp (fewstep.engine.fsdp) FSDP2 reduce-scatters the gradients instead.
 """
 from __future__ import annotations
 
