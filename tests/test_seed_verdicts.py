@@ -80,7 +80,8 @@ def test_the_evidence_and_legend_say_what_is_resampled_and_at_what_sample_size()
     real = verdicts[0]
     assert "36 prompts x 2 images per prompt x 3 training seeds" in real.evidence
     text = audit.render([CLAIM], verdicts, {"noise_tolerance": 0.02})
-    assert "training seeds resampled, then prompts with all their images" in text
+    assert "interval covers training seeds and prompts" in text
+    assert "prompts with all their images" in text and "between-seed variance / k" in text
     assert "inconclusive (n training seeds)" in text
     assert "36 prompts x 2 images per prompt; training seeds per student cell: 3" in text
 
