@@ -28,15 +28,9 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from fewstep.engine.memory import SDXL_UNET  # noqa: E402  (the real UNet's config.json values)
+
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM datasheets
-SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816)
 
 
 def sdxl_teacher(toy: bool, device: str, dtype: torch.dtype):
