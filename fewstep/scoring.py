@@ -258,7 +258,8 @@ def score_partial(args, metrics, expected, samples, out, prompt_set, prompt_rows
               "shard": info, "manifest_sha256": ss.manifest_sha256, "keys": ss.keys(),
               "image_sha256": [r["image_sha256"] for r in parse_manifest(samples).rows],
               "prompt_set": prompt_set, "metrics": {},
-              "scoring_args": {**vars(args), "samples": str(samples), "out": str(out)}}
+              "scoring_args": {**vars(args), "samples": str(samples), "out": str(out)},
+              "files_sha256": files_sha256(args)}
     arrays = {}
     for name, metric in metrics.items():
         metric.load_weights()
@@ -268,6 +269,27 @@ def score_partial(args, metrics, expected, samples, out, prompt_set, prompt_rows
     write_partial(out, header, arrays)
     print(f"{samples}: shard {info['index']} of {info['count']} (jobs {lo}..{hi - 1}), "
           f"{len(metrics)} metrics' image columns into {out}")
+
+
+# scoring arguments that name a file whose bytes the columns depend on (the toy FID's feature
+# net); the merge checks the bytes, not only the path every partial shares
+HASHED_FILE_ARGS = ("feature_net",)
+
+
+def files_sha256(args) -> dict:
+    from fewstep.io import file_sha256
+
+    return {k: file_sha256(getattr(args, k)) for k in HASHED_FILE_ARGS
+            if getattr(args, k, None) is not None}
+
+
+def file_problems(partials, scoring) -> list[str]:
+    """Each partial's hashed files have the bytes the merge reads now."""
+    now = files_sha256(scoring)
+    then = {path: head.get("files_sha256", {}) for path, head, _ in partials}
+    return [f"{path}: its {k} ({getattr(scoring, k)}) had sha256 {then[path].get(k)} when "
+            f"scored, {digest} now; {RESCORE}"
+            for path in then for k, digest in now.items() if then[path].get(k) != digest]
 
 
 def check_metric_args(args) -> None:
@@ -300,7 +322,7 @@ def merge_partials(args) -> None:
                          allow_blank=scoring.allow_blank, prompts=rows)
     metrics = {name: build_metric(name, scoring, rows) for name in scoring.metrics}
     check_merge(set_problems(partials, ss, args.samples, prompt_set, scoring.prompts)
-                + version_problems(partials, metrics))
+                + version_problems(partials, metrics) + file_problems(partials, scoring))
     results = {}
     for name, metric in metrics.items():
         columns = merged_columns(name, partials)

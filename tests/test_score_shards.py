@@ -291,3 +291,16 @@ def test_merge_refuses_a_file_that_is_not_a_partial(work, parts, capsys, tmp_pat
     bogus.write_text("{}")
     err = refused(work, [parts[0], parts[1], bogus], capsys)
     assert f"{bogus} is not a partial score file" in err
+
+
+def test_merge_refuses_a_partial_scored_with_another_feature_net_file(work, parts, capsys,
+                                                                     tmp_path):
+    """The path is the same in every partial's arguments; the bytes behind it must be too."""
+    from fewstep.scoring import read_partial, write_partial
+
+    header, arrays = read_partial(parts[2])
+    header["files_sha256"] = {"feature_net": "f" * 64}   # what another file's bytes would record
+    bad = tmp_path / "other-net.npz"
+    write_partial(bad, header, arrays)
+    err = refused(work, [parts[0], parts[1], bad], capsys)
+    assert str(bad) in err and "feature_net" in err and "sha256" in err
