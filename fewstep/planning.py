@@ -38,13 +38,20 @@ def requires(method: str) -> tuple[str, ...]:
 def run_options(config: dict, run: str):
     """(the class that trains the run, its resolved options): a staged method's stage class, from
     `for_options` on the run's preset and the method's overrides."""
+    from fewstep.errors import FewstepError
     from fewstep.options import resolve
     from fewstep.registry import METHODS
 
     method, preset, _ = runs(config)[run]
     cls = METHODS.get(method)
-    options = resolve(cls.Options, cls.PRESETS, preset, config["distill"]["overrides"].get(method),
-                      method, world_size=config["distill"].get("processes", 1))
+    try:
+        options = resolve(cls.Options, cls.PRESETS, preset,
+                          config["distill"]["overrides"].get(method), method,
+                          world_size=world_size(config))
+    except FewstepError as err:
+        raise FewstepError(f"{err} (world size = distill.nodes {config['distill'].get('nodes', 1)}"
+                           f" x distill.processes {config['distill'].get('processes', 1)})"
+                           ) from None
     return cls.for_options(options), options
 
 
@@ -178,14 +185,72 @@ def train_args(config: dict, family: str, run: str, seed: int) -> str:
     return args + ("" if not sets else " --set " + " ".join(shlex.quote(s) for s in sets))
 
 
+RDZV_PORT = 29500  # torchrun's default port, on the head node only
+
+
+def world_size(config: dict) -> int:
+    """A training job's ranks: distill.nodes x distill.processes (per node)."""
+    distill = config["distill"]
+    return int(distill.get("nodes", 1)) * int(distill.get("processes", 1))
+
+
+def node_launch(python: str, nodes: int, processes: int, port: int = RDZV_PORT) -> str:
+    """What runs once per node: torchrun with a c10d rendezvous on the allocation's first node.
+    The head is looked up inside the task (srun sets SLURM_JOB_NODELIST there; the SLURM jobstep
+    executor strips it from the job's own shell); the program's arguments follow as "$@", so no
+    config string is ever parsed twice by a shell."""
+    script = ('head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1) && '
+              f"exec {shlex.quote(python)} -m torch.distributed.run --nnodes {int(nodes)} "
+              f"--nproc_per_node {int(processes)} --rdzv_backend c10d "
+              f'--rdzv_endpoint "$head:{int(port)}" --rdzv_id "$SLURM_JOB_ID" "$@"')
+    return f"bash -c {shlex.quote(script)} torchrun"
+
+
+def multinode_launch(python: str, nodes: int, processes: int) -> str:
+    """One SLURM job of `nodes` nodes: srun starts one torchrun per node, each spawning
+    `processes` ranks. torchrun under srun, not srun's own tasks with RANK/LOCAL_RANK mapped from
+    SLURM_PROCID/SLURM_LOCALID: the same launcher, elastic agent and failure handling as the
+    single-node job (a dead rank stops its node's agent, --kill-on-bad-exit the others), one task
+    per node whatever the GPU binding, and the rendezvous is testable without SLURM."""
+    return (f"srun --nodes {int(nodes)} --ntasks {int(nodes)} --ntasks-per-node 1 "
+            f"--kill-on-bad-exit=1 {node_launch(python, nodes, processes)} -m fewstep")
+
+
 def train_launch(config: dict, python: str) -> str:
     """The train command's launcher: several ranks run under torchrun inside the one job (and its
-    one allocation); the engine picks NCCL on GPUs and gloo on the CPU."""
-    processes = config["distill"].get("processes", 1)
+    one allocation); several nodes under srun (multinode_launch); the engine picks NCCL on GPUs
+    and gloo on the CPU."""
+    nodes, processes = config["distill"].get("nodes", 1), config["distill"].get("processes", 1)
+    if nodes > 1:
+        return multinode_launch(python, nodes, processes)
     if processes > 1:
         return (f"{python} -m torch.distributed.run --standalone --nproc_per_node {processes} "
                 "-m fewstep")
     return f"{python} -m fewstep"
+
+
+def train_guard(config: dict) -> str:
+    """A shell prefix that stops a multi-node train job outside a SLURM allocation (a local run
+    would start N x processes ranks waiting for nodes that never come)."""
+    nodes = int(config["distill"].get("nodes", 1))
+    if nodes == 1:
+        return ""
+    msg = (f"distill.nodes = {nodes} needs one SLURM job of {nodes} nodes, but this train job "
+           "is not inside a SLURM allocation: run snakemake --profile slurm (install it with "
+           "fewstep profile install slurm), or set distill.nodes: 1")
+    return f'if [ -z "$SLURM_JOB_ID" ]; then echo {shlex.quote(msg)} >&2; exit 2; fi; '
+
+
+def train_resources(config: dict) -> dict:
+    """The train rule's resources. One node: `gpu` = processes (sbatch --gpus). Several: the
+    SLURM executor plugin's names: nodes, one task per node (tasks = nodes; tasks_per_gpu 0 so
+    the plugin does not turn tasks into --ntasks-per-gpu), gres gpu:processes (per node), and
+    mpi = "srun" so the job's command runs as is and its own srun starts the tasks."""
+    nodes, processes = config["distill"].get("nodes", 1), config["distill"].get("processes", 1)
+    if nodes == 1:
+        return {"gpu": processes}
+    return {"nodes": nodes, "tasks": nodes, "tasks_per_gpu": 0, "gres": f"gpu:{processes}",
+            "mpi": "srun"}
 
 
 def train_prompt_args(config: dict, family: str) -> str:

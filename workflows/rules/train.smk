@@ -66,6 +66,7 @@ rule pairs:
 
 PROCESSES = DISTILL.get("processes", 1)
 TRAIN_LAUNCH = planning.train_launch(config, sys.executable)
+TRAIN_GUARD = planning.train_guard(config)  # "" on one node
 
 
 rule train:
@@ -79,12 +80,13 @@ rule train:
     threads: PROCESSES
     priority: 40
     resources:
-        gpu=PROCESSES,
+        # one node: gpu=processes; distill.nodes > 1: nodes, tasks, gres and mpi (the plugin's names)
+        **planning.train_resources(config),
     log:
         "results/logs/train/{family}/{run}/seed{seed}.log",
     shell:
         # the run folder keeps checkpoints outside the output: a retried job resumes from it
-        "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 " + TRAIN_LAUNCH + " train {params.args} --teacher {input.teacher} "
+        TRAIN_GUARD + "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 " + TRAIN_LAUNCH + " train {params.args} --teacher {input.teacher} "
         "--resolution {params.res} --run-dir results/runs/{wildcards.family}/{wildcards.run}/"
         "seed{wildcards.seed} "
         "--out {output} --no-progress > {log} 2>&1"

@@ -1,0 +1,189 @@
+"""Multi-node training (distill.nodes): the srun/torchrun command and the SLURM resources the train
+rule gets, the default commands unchanged, bad input refused, and the c10d rendezvous of two
+node launchers forming one 2-node x 2-rank gloo world on this machine."""
+import copy
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import yaml
+
+from fewstep import config as workflow_config
+from fewstep import planning
+from fewstep.errors import FewstepError
+
+DEFAULT = workflow_config.load(workflow_config.DEFAULT)
+TINY = {
+    "families": ["sit"],
+    "teachers": {"source": "train", "train": {"steps": 2, "batch": 4, "lr": 0.002, "seed": 0},
+                 "guidance": {"sit": 2.0}},
+    "eval": {"prompts": 6, "seeds": [0, 1], "steps": [1]},
+    "fid": {"reference_images": 36, "feature_net": "train", "feature_net_steps": 20},
+    "bootstrap": {"resamples": 50, "confidence": 0.95, "seed": 0},
+    "distill": {"methods": ["dummy"], "preset": "toy", "stages": {},
+                "overrides": {"dummy": {"steps": 3}}, "pairs": {"count": 4, "steps": 2}},
+}
+
+
+def distill(cfg: dict, **values) -> dict:
+    cfg = copy.deepcopy(cfg)
+    cfg["distill"].update(values)
+    return cfg
+
+
+# -- the command and the resources (pure) ----------------------------------------------------------
+def test_one_node_keeps_todays_launcher_and_resources():
+    assert planning.train_launch(DEFAULT, "py") == "py -m fewstep"
+    assert planning.train_resources(DEFAULT) == {"gpu": 1}
+    assert planning.train_guard(DEFAULT) == ""
+    four = distill(DEFAULT, processes=4, nodes=1)
+    assert planning.train_launch(four, "py") == (
+        "py -m torch.distributed.run --standalone --nproc_per_node 4 -m fewstep")
+    assert planning.train_resources(four) == {"gpu": 4}
+
+
+def test_several_nodes_are_srun_running_one_torchrun_per_node():
+    cfg = distill(DEFAULT, nodes=8, processes=8)
+    launch = planning.train_launch(cfg, "/opt/my env/python")
+    words = shlex.split(launch)
+    assert words[:8] == ["srun", "--nodes", "8", "--ntasks", "8", "--ntasks-per-node", "1",
+                         "--kill-on-bad-exit=1"]
+    assert words[8:10] == ["bash", "-c"] and words[11:] == ["torchrun", "-m", "fewstep"]
+    script = words[10]
+    assert script.startswith('head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)')
+    # the interpreter path (a config-derived string) stays one quoted word inside the script
+    assert "exec '/opt/my env/python' -m torch.distributed.run --nnodes 8 --nproc_per_node 8 " \
+           '--rdzv_backend c10d --rdzv_endpoint "$head:29500" --rdzv_id "$SLURM_JOB_ID" "$@"' \
+           in script
+    assert planning.train_resources(cfg) == {"nodes": 8, "tasks": 8, "tasks_per_gpu": 0,
+                                             "gres": "gpu:8", "mpi": "srun"}
+    assert planning.world_size(cfg) == 64
+
+
+def test_a_multinode_job_outside_slurm_stops_naming_distill_nodes(tmp_path):
+    guard = planning.train_guard(distill(DEFAULT, nodes=2))
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_JOB_ID"}
+    out = subprocess.run(["bash", "-c", guard + "echo started"], capture_output=True, text=True,
+                         env=env, timeout=30)
+    assert out.returncode == 2 and "started" not in out.stdout
+    assert "distill.nodes = 2" in out.stderr and "--profile slurm" in out.stderr
+    inside = subprocess.run(["bash", "-c", guard + "echo started"], capture_output=True,
+                            text=True, env={**env, "SLURM_JOB_ID": "7"}, timeout=30)
+    assert inside.returncode == 0 and inside.stdout == "started\n"
+
+
+def test_a_global_batch_nodes_times_processes_do_not_divide_names_both():
+    cfg = distill(DEFAULT, methods=["dmd"], nodes=3, processes=2)
+    cfg["distill"]["overrides"]["dmd"] = {"global_batch": 8}
+    with pytest.raises(FewstepError, match=r"global_batch = 8.*world size 6.*"
+                                           r"distill\.nodes 3 x distill\.processes 2"):
+        planning.run_options(cfg, "dmd")
+
+
+def test_the_schema_refuses_zero_nodes():
+    cfg = distill(DEFAULT, nodes=0)
+    with pytest.raises(workflow_config.ConfigError, match="nodes"):
+        workflow_config.validate(cfg)
+
+
+# -- the dry run --------------------------------------------------------------------------------------
+def _dry_run(tmp_path, cfg) -> str:
+    tmp_path.mkdir()
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    out = subprocess.run([sys.executable, "-m", "snakemake", "-s",
+                          str(workflow_config.REPO / "Snakefile"), "-d", str(tmp_path / "work"),
+                          "-n", "-p", "all", "--configfile", str(tmp_path / "cfg.yaml")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def _train_jobs(stdout: str) -> list[str]:
+    """Each train job's block of the dry run (its rule line to its shell command)."""
+    blocks = stdout.split("\nrule ")
+    return [b for b in blocks if b.startswith("train:")]
+
+
+def test_the_dry_run_of_8_nodes_x_8_gpus_shows_srun_torchrun_and_the_resources(tmp_path):
+    base = _train_jobs(_dry_run(tmp_path / "a", TINY))
+    big = _train_jobs(_dry_run(tmp_path / "b", distill(TINY, nodes=8, processes=8)))
+    assert base and len(base) == len(big)
+    print(big[0])  # the 8 x 8 command line, as generated (pytest -s shows it)
+    for job in big:
+        assert "nodes=8" in job and "tasks=8" in job and "gres=gpu:8" in job and "mpi=srun" in job
+        assert "srun --nodes 8 --ntasks 8 --ntasks-per-node 1 --kill-on-bad-exit=1 bash -c" in job
+        assert "--nnodes 8 --nproc_per_node 8 --rdzv_backend c10d" in job
+        assert ' torchrun -m fewstep train --method dummy' in job
+    for job in base:  # one node: today's command, byte for byte
+        assert "srun" not in job and "resources: tmpdir=/tmp, gpu=1\n" in job
+        assert f"Shell command: OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 {sys.executable} -m fewstep " \
+               "train --method dummy" in job
+
+
+# -- the rendezvous -------------------------------------------------------------------------------------
+WORLD = textwrap.dedent("""
+    import os, sys, torch, torch.distributed as dist
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    t = torch.tensor([float(rank)])
+    dist.all_reduce(t)
+    with open(os.path.join(sys.argv[1], f"rank{rank}"), "w") as f:
+        f.write(f"{world} {t.item()} {os.environ['LOCAL_RANK']} {os.environ['GROUP_RANK']}")
+    if sys.argv[2:] == ["die"] and rank == 3:
+        os._exit(9)
+    dist.barrier()
+    dist.destroy_process_group()
+""")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_nodes(tmp_path, *script_args):
+    """The generated per-node command (what srun runs on each node), started twice here, with a
+    fake `scontrol` that names this machine as the allocation's first node."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 127.0.0.1\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    (tmp_path / "world.py").write_text(WORLD)
+    node = planning.node_launch(sys.executable, 2, 2, free_port())
+    cmd = f"{node} {tmp_path / 'world.py'} {tmp_path} " + " ".join(script_args)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NODELIST": "node[1-2]", "OMP_NUM_THREADS": "1"}
+    return [subprocess.Popen(["bash", "-c", cmd], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+
+
+def test_two_node_launchers_form_one_four_rank_world(tmp_path):
+    nodes = _launch_nodes(tmp_path)
+    logs = [p.communicate(timeout=240)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(logs)[-4000:]
+    seen = {r: (tmp_path / f"rank{r}").read_text().split() for r in range(4)}
+    assert all(v[:2] == ["4", "6.0"] for v in seen.values())  # world 4, 0+1+2+3
+    assert sorted((v[3], v[2]) for v in seen.values()) == [("0", "0"), ("0", "1"), ("1", "0"),
+                                                            ("1", "1")]
+
+
+DEAD_RANK_TIMEOUT_S = 120  # torchrun's agent notices a dead rank and stops both nodes well within
+
+
+def test_a_dead_rank_ends_both_nodes_within_the_timeout(tmp_path):
+    start = time.monotonic()
+    nodes = _launch_nodes(tmp_path, "die")
+    try:
+        codes = [p.wait(timeout=DEAD_RANK_TIMEOUT_S) for p in nodes]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                p.kill()
+    assert all(c != 0 for c in codes), codes
+    assert time.monotonic() - start < DEAD_RANK_TIMEOUT_S
