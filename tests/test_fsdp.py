@@ -112,6 +112,14 @@ def test_fsdp_resume_at_the_same_world_size_is_bitwise(tmp_path):
     assert _losses(split_rows) == _losses(whole_rows)
     assert whole.keys() == split.keys()
     assert all(torch.equal(whole[k], split[k]) for k in whole)
+    # a rank's shard file torn after the save: that checkpoint no longer counts
+    from fewstep.engine import checkpoint
+
+    newest = checkpoint.latest(tmp_path / "whole")
+    assert newest.name == "step_00000004" and (newest / "__1_0.distcp").is_file()
+    shard = newest / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-8])
+    assert checkpoint.latest(tmp_path / "whole", report=False).name == "step_00000002"
 
 
 def test_fsdp_at_two_ranks_trains_rtdmd_like_ddp(tmp_path):
@@ -172,6 +180,17 @@ def test_fsdp_refuses_what_it_cannot_shard_naming_the_option():
         _toy_method(world_size=2, sharding="fsdp", batch=None, global_batch=3)
     with pytest.raises(FewstepError, match="sharding.*'ddp', 'fsdp'|sharding = zero"):
         _toy_method(sharding="zero")
+
+
+def test_fsdp_mixed_precision_is_bf16_compute_fp32_reduce_on_cuda_only():
+    from fewstep.engine import fsdp
+
+    on, off = SimpleNamespace(bf16=True), SimpleNamespace(bf16=False)
+    cuda = fsdp.precision_policy(on, torch.device("cuda"))
+    assert (cuda.param_dtype, cuda.reduce_dtype) == (torch.bfloat16, torch.float32)
+    for policy in (fsdp.precision_policy(on, torch.device("cpu")),
+                   fsdp.precision_policy(off, torch.device("cuda"))):
+        assert (policy.param_dtype, policy.reduce_dtype) == (None, None)  # the fp32 weights
 
 
 def test_fsdp_refuses_a_checkpoint_of_the_other_engine(tmp_path):
