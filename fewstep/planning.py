@@ -229,6 +229,14 @@ def train_launch(config: dict, python: str) -> str:
     return f"{python} -m fewstep"
 
 
+def check_world_size(config: dict) -> None:
+    """Every trained run's options resolved at nodes x processes ranks, before any job: config
+    validation divides global_batch by distill.processes alone."""
+    if int(config["distill"].get("nodes", 1)) > 1:
+        for run in trained_runs(config):
+            run_options(config, run)
+
+
 def train_guard(config: dict) -> str:
     """A shell prefix that stops a multi-node train job outside a SLURM allocation (a local run
     would start N x processes ranks waiting for nodes that never come)."""
