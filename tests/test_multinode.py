@@ -94,6 +94,29 @@ def test_the_schema_refuses_zero_nodes():
         workflow_config.validate(cfg)
 
 
+class Resources(dict):
+    __getattr__ = dict.__getitem__
+
+
+def test_the_slurm_plugin_turns_the_resources_into_one_job_of_8_nodes_with_8_gpus_each():
+    """The plugin's own sbatch builder (snakemake-executor-plugin-slurm 2.8.0) on the train rule's
+    resources and the profile's train entry: one task per node, GPUs per node (gres), no
+    --ntasks-per-gpu; mpi makes its jobstep run the command as is (no `srun -n1` around it)."""
+    from types import SimpleNamespace
+    submit = pytest.importorskip("snakemake_executor_plugin_slurm.submit_string")
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    res = Resources(planning.train_resources(distill(DEFAULT, nodes=8, processes=8)),
+                    runtime=720, mem_mb=8000, slurm_extra="'--signal=USR1@300'")
+    job = SimpleNamespace(resources=res, threads=8, name="train", is_group=lambda: False)
+    params = dict(run_uuid="u", slurm_logfile="l", comment_str="c", account="", partition="",
+                  workdir="/w")
+    sbatch = submit.get_submit_command(job, params) + set_gres_string(job)
+    assert " --nodes=8 --ntasks=8 " in sbatch and sbatch.endswith(" --gres=gpu:8")
+    assert "--ntasks-per-gpu" not in sbatch and "--gpus=" not in sbatch
+    assert "'--signal=USR1@300'" in sbatch
+
+
 # -- the dry run --------------------------------------------------------------------------------------
 def _dry_run(tmp_path, cfg) -> str:
     tmp_path.mkdir()
