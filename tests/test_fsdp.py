@@ -122,10 +122,12 @@ def test_fsdp_resume_at_the_same_world_size_is_bitwise(tmp_path):
     assert checkpoint.latest(tmp_path / "whole", report=False).name == "step_00000002"
 
 
-def test_fsdp_at_two_ranks_trains_rtdmd_like_ddp(tmp_path):
-    """RTDMD stage 1 (full fine-tune: LoRA is not sharded yet) on the toy SD3 transformer."""
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_fsdp_at_two_ranks_trains_rtdmd_like_ddp(tmp_path, grad_checkpointing):
+    """RTDMD stage 1 (full fine-tune: LoRA is not sharded yet) on the toy SD3 transformer, with
+    and without activation checkpointing of the generator's blocks (the paper recipe's)."""
     options = dict(steps=4, batch=2, lora_rank=0, critic_lora_rank=0, generator_every=2,
-                   checkpoint_every=1000, log_every=1)
+                   checkpoint_every=1000, log_every=1, grad_checkpointing=grad_checkpointing)
     ddp_rows, ddp = launch(2, tmp_path / "ddp", tmp_path / "ddp_out", "rtdmd", "sd3", 8, **options)
     fsdp_rows, fsdp = launch(2, tmp_path / "fsdp", tmp_path / "fsdp_out", "rtdmd", "sd3", 8,
                              sharding="fsdp", **options)
