@@ -5,11 +5,8 @@ written before the option rebuild their metrics with the percentile interval (fe
 import argparse
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
-import yaml
 
 from fewstep import config as workflow_config
 from fewstep import planning
@@ -17,6 +14,7 @@ from fewstep.cli import main
 from fewstep.commands.prompts import eval_prompts
 from fewstep.io import write_text
 from fewstep.scoring import scoring_context
+from dry_run import dry_run  # tests/dry_run.py
 from test_score_gate import SEEDS, _sample_set  # toy teacher sets as `fewstep sample` writes
 
 DEFAULT = workflow_config.load(workflow_config.DEFAULT)
@@ -62,14 +60,7 @@ def test_the_seed_level_flag_is_planned_only_when_not_t():
 
 
 def _score_commands(tmp_path, cfg) -> list[str]:
-    tmp_path.mkdir()
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    out = subprocess.run([sys.executable, "-m", "snakemake", "-s",
-                          str(workflow_config.REPO / "Snakefile"), "-d", str(tmp_path / "work"),
-                          "-n", "-p", "all", "--configfile", str(tmp_path / "cfg.yaml")],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return [line for line in out.stdout.splitlines() if " score --samples " in line]
+    return [line for line in dry_run(tmp_path, cfg).splitlines() if " score --samples " in line]
 
 
 def test_the_dry_run_passes_interval_only_when_the_config_asks(tmp_path):

@@ -11,11 +11,11 @@ import textwrap
 import time
 
 import pytest
-import yaml
 
 from fewstep import config as workflow_config
 from fewstep import planning
 from fewstep.errors import FewstepError
+from dry_run import dry_run  # tests/dry_run.py
 
 DEFAULT = workflow_config.load(workflow_config.DEFAULT)
 TINY = {
@@ -118,17 +118,6 @@ def test_the_slurm_plugin_turns_the_resources_into_one_job_of_8_nodes_with_8_gpu
 
 
 # -- the dry run --------------------------------------------------------------------------------------
-def _dry_run(tmp_path, cfg) -> str:
-    tmp_path.mkdir()
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    out = subprocess.run([sys.executable, "-m", "snakemake", "-s",
-                          str(workflow_config.REPO / "Snakefile"), "-d", str(tmp_path / "work"),
-                          "-n", "-p", "all", "--configfile", str(tmp_path / "cfg.yaml")],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout
-
-
 def _train_jobs(stdout: str) -> list[str]:
     """Each train job's block of the dry run (its rule line to its shell command)."""
     blocks = stdout.split("\nrule ")
@@ -136,8 +125,8 @@ def _train_jobs(stdout: str) -> list[str]:
 
 
 def test_the_dry_run_of_8_nodes_x_8_gpus_shows_srun_torchrun_and_the_resources(tmp_path):
-    base = _train_jobs(_dry_run(tmp_path / "a", TINY))
-    big = _train_jobs(_dry_run(tmp_path / "b", distill(TINY, nodes=8, processes=8)))
+    base = _train_jobs(dry_run(tmp_path / "a", TINY))
+    big = _train_jobs(dry_run(tmp_path / "b", distill(TINY, nodes=8, processes=8)))
     assert base and len(base) == len(big)
     print(big[0])  # the 8 x 8 command line, as generated (pytest -s shows it)
     for job in big:
