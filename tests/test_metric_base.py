@@ -145,3 +145,17 @@ def test_weights_load_before_any_image_is_read(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="weights missing"):
         NeedsWeights().score(tmp_path / "no-such-set")
+
+
+def test_a_metric_without_its_columns_says_which_hooks_to_give():
+    """The base's sharded-scoring hooks: a metric that gives neither image_columns nor
+    image_scores is told what to implement instead of failing somewhere inside score_set."""
+    from metrics.base import Metric
+
+    class Bare(Metric):
+        name = "bare"
+
+    with pytest.raises(NotImplementedError, match=r"Bare must implement image_columns\(ss\)"):
+        Bare().score_set(None, allow_blank=False)
+    with pytest.raises(NotImplementedError, match="Bare must implement result_from_columns"):
+        Bare().result_from_columns(None, {}, allow_blank=False)

@@ -16,18 +16,12 @@ from fewstep import config as workflow_config
 from fewstep import planning
 from fewstep.errors import FewstepError
 from dry_run import dry_run  # tests/dry_run.py
+from test_slurm import TINY as SLURM_TINY
 
 DEFAULT = workflow_config.load(workflow_config.DEFAULT)
-TINY = {
-    "families": ["sit"],
-    "teachers": {"source": "train", "train": {"steps": 2, "batch": 4, "lr": 0.002, "seed": 0},
-                 "guidance": {"sit": 2.0}},
-    "eval": {"prompts": 6, "seeds": [0, 1], "steps": [1]},
-    "fid": {"reference_images": 36, "feature_net": "train", "feature_net_steps": 20},
-    "bootstrap": {"resamples": 50, "confidence": 0.95, "seed": 0},
-    "distill": {"methods": ["dummy"], "preset": "toy", "stages": {},
-                "overrides": {"dummy": {"steps": 3}}, "pairs": {"count": 4, "steps": 2}},
-}
+# test_slurm's tiny config with one rank a node (it runs two ranks in one allocation)
+TINY = {**SLURM_TINY, "distill": {k: v for k, v in SLURM_TINY["distill"].items()
+                                  if k != "processes"}}
 
 
 def distill(cfg: dict, **values) -> dict:
