@@ -159,3 +159,17 @@ def test_a_metric_without_its_columns_says_which_hooks_to_give():
         Bare().score_set(None, allow_blank=False)
     with pytest.raises(NotImplementedError, match="Bare must implement result_from_columns"):
         Bare().result_from_columns(None, {}, allow_blank=False)
+
+
+def test_feature_metrics_without_their_extractor_say_which_hook_to_give():
+    """Diversity and precision/recall bases name the feature hooks a subclass must give."""
+    from metrics.diversity import Diversity
+    from metrics.precision_recall import PrecisionRecall
+
+    for hook in ("features", "feature_identity"):
+        with pytest.raises(NotImplementedError, match=rf"Diversity must implement {hook}\(ss\)"):
+            getattr(Diversity(), hook)(None)
+    for hook in ("sample_features", "reference_features", "feature_identity"):
+        with pytest.raises(NotImplementedError,
+                           match=rf"PrecisionRecall must implement {hook}\(ss\)"):
+            getattr(PrecisionRecall(), hook)(None)
