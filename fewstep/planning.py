@@ -185,7 +185,30 @@ def train_args(config: dict, family: str, run: str, seed: int) -> str:
     return args + ("" if not sets else " --set " + " ".join(shlex.quote(s) for s in sets))
 
 
-RDZV_PORT = 29500  # torchrun's default port, on the head node only
+# The c10d rendezvous port on the head node, from the job id inside the srun'd task: two
+# multi-node jobs whose first node is the same machine would collide on one fixed port (the
+# second cannot bind it, or joins the first one's store). 29500 (torchrun's default) + id mod
+# 2000: unprivileged, below Linux's ephemeral range (32768-60999, where outgoing connections
+# take their ports), distinct for any two jobs whose ids differ by less than 2000.
+RDZV_PORT_BASE, RDZV_PORTS = 29500, 2000
+
+# torchrun's agent forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT to its ranks by default; SIGUSR1
+# (what the SLURM profile sends 300 s before the time limit, profiles/slurm) would kill the agent
+# itself and orphan the ranks unsaved. Listed, the agent sends it on to every rank (which saves
+# and exits 75: fewstep.engine.loop) and exits nonzero itself, so the retry resumes.
+FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+# Seconds the agent waits for its ranks to save and exit before SIGKILL (torchrun's default 30
+# s could cut a large FSDP save short): inside the profile's 300 s warning, leaving the agent
+# time to exit before SLURM's own kill at the limit.
+STOP_GRACE_S = 240
+# Both flags are torch 2.14's (pyproject pins torch==2.14.1); a torchrun without them refuses the
+# unknown flag before any rank starts, rather than losing the signal.
+TORCHRUN_SIGNALS = f"--signals-to-handle {FORWARDED_SIGNALS} --shutdown-timeout {STOP_GRACE_S}"
+
+
+def rdzv_port(job_id: int) -> int:
+    """The head node's rendezvous port for a SLURM job id (node_launch computes it in bash)."""
+    return RDZV_PORT_BASE + int(job_id) % RDZV_PORTS
 
 
 def world_size(config: dict) -> int:
@@ -194,15 +217,17 @@ def world_size(config: dict) -> int:
     return int(distill.get("nodes", 1)) * int(distill.get("processes", 1))
 
 
-def node_launch(python: str, nodes: int, processes: int, port: int = RDZV_PORT) -> str:
+def node_launch(python: str, nodes: int, processes: int) -> str:
     """What runs once per node: torchrun with a c10d rendezvous on the allocation's first node.
-    The head is looked up inside the task (srun sets SLURM_JOB_NODELIST there; the SLURM jobstep
-    executor strips it from the job's own shell); the program's arguments follow as "$@", so no
-    config string is ever parsed twice by a shell."""
+    The head and the port (rdzv_port) are worked out inside the task (srun sets
+    SLURM_JOB_NODELIST there; the SLURM jobstep executor strips it from the job's own shell);
+    the program's arguments follow as "$@", so no config string is ever parsed twice by a shell.
+    `exec`: torchrun is the task srun signals and waits for."""
     script = ('head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1) && '
+              f"port=$(({RDZV_PORT_BASE} + SLURM_JOB_ID % {RDZV_PORTS})) && "
               f"exec {shlex.quote(python)} -m torch.distributed.run --nnodes {int(nodes)} "
               f"--nproc_per_node {int(processes)} --rdzv_backend c10d "
-              f'--rdzv_endpoint "$head:{int(port)}" --rdzv_id "$SLURM_JOB_ID" "$@"')
+              f'--rdzv_endpoint "$head:$port" --rdzv_id "$SLURM_JOB_ID" {TORCHRUN_SIGNALS} "$@"')
     return f"bash -c {shlex.quote(script)} torchrun"
 
 
@@ -225,7 +250,7 @@ def train_launch(config: dict, python: str) -> str:
         return multinode_launch(python, nodes, processes)
     if processes > 1:
         return (f"{python} -m torch.distributed.run --standalone --nproc_per_node {processes} "
-                "-m fewstep")
+                f"{TORCHRUN_SIGNALS} -m fewstep")
     return f"{python} -m fewstep"
 
 

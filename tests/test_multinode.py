@@ -3,6 +3,7 @@ rule gets, the default commands unchanged, bad input refused, and the c10d rende
 node launchers forming one 2-node x 2-rank gloo world on this machine."""
 import copy
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -37,7 +38,8 @@ def test_one_node_keeps_todays_launcher_and_resources():
     assert planning.train_guard(DEFAULT) == ""
     four = distill(DEFAULT, processes=4, nodes=1)
     assert planning.train_launch(four, "py") == (
-        "py -m torch.distributed.run --standalone --nproc_per_node 4 -m fewstep")
+        "py -m torch.distributed.run --standalone --nproc_per_node 4 --signals-to-handle "
+        "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout 240 -m fewstep")
     assert planning.train_resources(four) == {"gpu": 4}
 
 
@@ -49,14 +51,36 @@ def test_several_nodes_are_srun_running_one_torchrun_per_node():
                          "--kill-on-bad-exit=1"]
     assert words[8:10] == ["bash", "-c"] and words[11:] == ["torchrun", "-m", "fewstep"]
     script = words[10]
-    assert script.startswith('head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)')
-    # the interpreter path (a config-derived string) stays one quoted word inside the script
+    assert script.startswith('head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1) && '
+                             "port=$((29500 + SLURM_JOB_ID % 2000)) && ")
+    # the interpreter path (a config-derived string) stays one quoted word inside the script;
+    # SIGUSR1 (the profile's warning before the time limit) is forwarded to the ranks, which get
+    # STOP_GRACE_S to save
     assert "exec '/opt/my env/python' -m torch.distributed.run --nnodes 8 --nproc_per_node 8 " \
-           '--rdzv_backend c10d --rdzv_endpoint "$head:29500" --rdzv_id "$SLURM_JOB_ID" "$@"' \
-           in script
+           '--rdzv_backend c10d --rdzv_endpoint "$head:$port" --rdzv_id "$SLURM_JOB_ID" ' \
+           "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout 240 " \
+           '"$@"' in script
     assert planning.train_resources(cfg) == {"nodes": 8, "tasks": 8, "tasks_per_gpu": 0,
                                              "gres": "gpu:8", "mpi": "srun"}
     assert planning.world_size(cfg) == 64
+
+
+def test_the_rendezvous_port_comes_from_the_job_id_inside_the_task(tmp_path):
+    """Two jobs sharing a head node get other ports; the port is worked out by the node's bash
+    from $SLURM_JOB_ID (nothing from the config passes a shell twice)."""
+    assert [planning.rdzv_port(i) for i in (0, 1, 1999, 2000, 4242)] == [29500, 29501, 31499,
+                                                                         29500, 29742]
+    assert all(1024 <= planning.rdzv_port(i) < 32768 for i in range(0, 10**6, 997))
+    bin_dir = fake_scontrol(tmp_path)
+    for job_id in (4242, 123456789):
+        out = subprocess.run(["bash", "-c", planning.node_launch("echo", 2, 2) + " -m fewstep"],
+                             capture_output=True, text=True, timeout=30, env={
+                                 **os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                                 "SLURM_JOB_ID": str(job_id), "SLURM_JOB_NODELIST": "n[1-2]"})
+        assert out.returncode == 0, out.stderr
+        words = out.stdout.split()
+        assert words[words.index("--rdzv_endpoint") + 1] == f"127.0.0.1:{planning.rdzv_port(job_id)}"
+        assert words[-2:] == ["-m", "fewstep"]
 
 
 def test_a_multinode_job_outside_slurm_stops_naming_distill_nodes(tmp_path):
@@ -150,32 +174,49 @@ WORLD = textwrap.dedent("""
 """)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port_job_id() -> int:
+    """A job id whose rendezvous port (planning.rdzv_port) is free on this machine now."""
+    for job_id in range(4242042, 4242042 + planning.RDZV_PORTS):  # from 29542: not the default
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", planning.rdzv_port(job_id)))
+            except OSError:
+                continue
+        return job_id
+    raise AssertionError("every port of the rendezvous range is taken")
+
+
+def fake_scontrol(tmp_path):
+    """A folder with an `scontrol` that names this machine as the allocation's first node."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 127.0.0.1\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    return bin_dir
 
 
 def _launch_nodes(tmp_path, *script_args):
     """The generated per-node command (what srun runs on each node), started twice here, with a
-    fake `scontrol` that names this machine as the allocation's first node."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 127.0.0.1\n")
-    (bin_dir / "scontrol").chmod(0o755)
+    fake `scontrol`; the rendezvous port is the one the command derives from the job id."""
+    bin_dir = fake_scontrol(tmp_path)
     (tmp_path / "world.py").write_text(WORLD)
-    node = planning.node_launch(sys.executable, 2, 2, free_port())
+    node = planning.node_launch(sys.executable, 2, 2)
     cmd = f"{node} {tmp_path / 'world.py'} {tmp_path} " + " ".join(script_args)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
-           "SLURM_JOB_NODELIST": "node[1-2]", "OMP_NUM_THREADS": "1"}
+    job_id = free_port_job_id()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": str(job_id),
+           "SLURM_JOB_NODELIST": "node[1-2]", "OMP_NUM_THREADS": "1",
+           "LOGLEVEL": "INFO"}  # torchrun logs its launch config, the rendezvous endpoint too
     return [subprocess.Popen(["bash", "-c", cmd], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+                             stderr=subprocess.STDOUT, text=True)
+            for _ in range(2)], planning.rdzv_port(job_id)
 
 
 def test_two_node_launchers_form_one_four_rank_world(tmp_path):
-    nodes = _launch_nodes(tmp_path)
+    nodes, port = _launch_nodes(tmp_path)
     logs = [p.communicate(timeout=240)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], "\n".join(logs)[-4000:]
+    for log in logs:  # both agents met on the port derived from the job id
+        assert re.search(rf"rdzv_endpoint\s*: 127\.0\.0\.1:{port}\n", log), log[-4000:]
     seen = {r: (tmp_path / f"rank{r}").read_text().split() for r in range(4)}
     assert all(v[:2] == ["4", "6.0"] for v in seen.values())  # world 4, 0+1+2+3
     assert sorted((v[3], v[2]) for v in seen.values()) == [("0", "0"), ("0", "1"), ("1", "0"),
@@ -187,7 +228,7 @@ DEAD_RANK_TIMEOUT_S = 120  # torchrun's agent notices a dead rank and stops both
 
 def test_a_dead_rank_ends_both_nodes_within_the_timeout(tmp_path):
     start = time.monotonic()
-    nodes = _launch_nodes(tmp_path, "die")
+    nodes, _ = _launch_nodes(tmp_path, "die")
     try:
         codes = [p.wait(timeout=DEAD_RANK_TIMEOUT_S) for p in nodes]
     finally:
