@@ -11,6 +11,7 @@ import jsonschema
 import yaml
 
 from fewstep.errors import FewstepError
+from fewstep.planning import world_size
 from fewstep.registry import BACKBONES, METHODS, METRICS, UnknownNameError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -122,16 +123,19 @@ def _check_training(config: dict, source: str) -> None:
     uses += [(m, cell.get("preset", distill["preset"]), None, f"distill/released/{m}/{fam}")
              for m, fams in distill.get("released", {}).items() for fam, cell in fams.items()]
     uses += [(m, None, o, "distill/overrides") for m, o in distill["overrides"].items()]
+    ranks = world_size(config)
+    world = (f" (world size {ranks} = distill/nodes {distill.get('nodes', 1)} x distill/processes "
+             f"{distill.get('processes', 1)} per node)")
     for method, preset, overrides, where in uses:
         cls = METHODS.get(method)
+        # a training job runs on nodes x processes ranks, which must divide a global_batch
+        trains = where.startswith("distill/stages") or where == "distill/preset"
         try:
-            # a training job runs on distill/processes ranks, which must divide a global_batch
-            ranks = distill.get("processes", 1) if where.startswith("distill/stages") or \
-                where == "distill/preset" else 1
-            resolve(cls.Options, cls.PRESETS, preset, overrides, method, world_size=ranks)
+            resolve(cls.Options, cls.PRESETS, preset, overrides, method,
+                    world_size=ranks if trains else 1)
         except FewstepError as err:
             both = f" with distill/overrides/{method}" if overrides else ""
-            raise ConfigError(f"{source}: {where}{both}: {err}") from None
+            raise ConfigError(f"{source}: {where}{both}: {err}{world if trains else ''}") from None
 
 
 def _check_world(config: dict, source: str) -> None:

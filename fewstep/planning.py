@@ -249,17 +249,9 @@ def train_launch(config: dict, python: str) -> str:
     if nodes > 1:
         return multinode_launch(python, nodes, processes)
     if processes > 1:
-        return (f"{python} -m torch.distributed.run --standalone --nproc_per_node {processes} "
-                f"{TORCHRUN_SIGNALS} -m fewstep")
+        return (f"{python} -m torch.distributed.run --standalone {TORCHRUN_SIGNALS} "
+                f"--nproc_per_node {processes} -m fewstep")
     return f"{python} -m fewstep"
-
-
-def check_world_size(config: dict) -> None:
-    """Every trained run's options resolved at nodes x processes ranks, before any job: config
-    validation divides global_batch by distill.processes alone."""
-    if int(config["distill"].get("nodes", 1)) > 1:
-        for run in trained_runs(config):
-            run_options(config, run)
 
 
 def train_guard(config: dict) -> str:

@@ -38,8 +38,8 @@ def test_one_node_keeps_todays_launcher_and_resources():
     assert planning.train_guard(DEFAULT) == ""
     four = distill(DEFAULT, processes=4, nodes=1)
     assert planning.train_launch(four, "py") == (
-        "py -m torch.distributed.run --standalone --nproc_per_node 4 --signals-to-handle "
-        "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout 240 -m fewstep")
+        "py -m torch.distributed.run --standalone --signals-to-handle "
+        "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout 240 --nproc_per_node 4 -m fewstep")
     assert planning.train_resources(four) == {"gpu": 4}
 
 
@@ -101,9 +101,20 @@ def test_a_global_batch_nodes_times_processes_do_not_divide_names_both():
     with pytest.raises(FewstepError, match=r"global_batch = 8.*world size 6.*"
                                            r"distill\.nodes 3 x distill\.processes 2"):
         planning.run_options(cfg, "dmd")
-    with pytest.raises(FewstepError, match=r"distill\.nodes 3 x distill\.processes 2"):
-        planning.check_world_size(cfg)  # what the train rules call before any job
-    planning.check_world_size(distill(cfg, nodes=2))  # 8 / 4 divides
+
+
+def test_config_validation_divides_the_global_batch_by_nodes_times_processes():
+    """At config load (so `snakemake -n` refuses it before any job), not at the train job:
+    8 over 2 processes divides, over 3 nodes x 2 processes it does not."""
+    cfg = distill(DEFAULT, methods=["dmd"], nodes=3, processes=2)
+    cfg["distill"]["overrides"]["dmd"] = {"global_batch": 8}
+    with pytest.raises(workflow_config.ConfigError,
+                       match=r"global_batch = 8 is not divisible by the world size 6.*"
+                             r"distill/nodes 3 x distill/processes 2") as err:
+        workflow_config.validate(cfg)
+    assert "distill/overrides/dmd" in str(err.value)
+    workflow_config.validate(distill(cfg, nodes=2))  # 8 / (2 x 2) divides
+    workflow_config.validate(distill(cfg, nodes=1))  # 8 / 2 divides
 
 
 def test_the_schema_refuses_zero_nodes():

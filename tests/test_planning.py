@@ -156,7 +156,8 @@ def test_train_launch_runs_several_ranks_under_torchrun():
     assert planning.train_launch(DEFAULT, "py") == "py -m fewstep"
     cfg = with_methods(DEFAULT, "dmd", processes=4)
     assert planning.train_launch(cfg, "py") == (
-        "py -m torch.distributed.run --standalone --nproc_per_node 4 -m fewstep")
+        "py -m torch.distributed.run --standalone --signals-to-handle "
+        "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout 240 --nproc_per_node 4 -m fewstep")
 
 
 def test_importing_the_planning_module_is_light():

@@ -67,7 +67,6 @@ rule pairs:
 PROCESSES = DISTILL.get("processes", 1)
 TRAIN_LAUNCH = planning.train_launch(config, sys.executable)
 TRAIN_GUARD = planning.train_guard(config)  # "" on one node
-planning.check_world_size(config)  # global_batch / (nodes x processes), before any job
 
 
 rule train:
