@@ -51,6 +51,7 @@ def validate(config: dict, source: str = "config") -> dict:
     _check_seeds(config, source)
     _check_training(config, source)
     _check_world(config, source)
+    _check_shards(config, source)
     for method, families in config["distill"].get("released", {}).items():
         if method not in config["distill"]["methods"]:
             raise ConfigError(f"{source}: distill/released names {method!r}, which is not in "
@@ -136,6 +137,25 @@ def _check_training(config: dict, source: str) -> None:
         except FewstepError as err:
             both = f" with distill/overrides/{method}" if overrides else ""
             raise ConfigError(f"{source}: {where}{both}: {err}{world if trains else ''}") from None
+
+
+def _check_shards(config: dict, source: str) -> None:
+    """eval/shards at most the batches of the smallest sample set (each shard samples whole
+    batches), now rather than as a failed shard job; only asked for K > 1 (the size of a toy set
+    is computed, of a benchmark set its official size or n)."""
+    from fewstep.planning import SAMPLE_BATCH, eval_shards, max_shards, set_prompts
+
+    shards = eval_shards(config)
+    limit = max_shards(config) if shards > 1 else None
+    if limit is None or shards <= limit[0]:
+        return
+    batches, family = limit
+    jobs = set_prompts(config, family) * len(config["eval"]["seeds"])
+    raise ConfigError(f"{source}: eval/shards = {shards} is more than the {family} sample sets "
+                      f"can take: {jobs} (prompt, seed) jobs make {batches} batch"
+                      f"{'es' if batches > 1 else ''} of {SAMPLE_BATCH} and each shard samples "
+                      f"whole batches; the largest allowed is {batches} (or add eval prompts or "
+                      "seeds)")
 
 
 def _check_world(config: dict, source: str) -> None:

@@ -394,3 +394,45 @@ def shard_dirs(set_dir: str, shards: int) -> list[str]:
     (K in the name: shards of another count are other folders, never mixed in)."""
     rel = set_dir.removeprefix("results/samples/")
     return [f"results/shards/{rel}/shard{i}-of-{shards}" for i in range(shards)]
+
+
+# `fewstep sample`'s default --batch, which the DAG's sample rules use: a shard is a run of whole
+# batches (fewstep.sampling.shard_span), so a set of B batches makes at most B shards
+SAMPLE_BATCH = 64
+
+
+def set_prompts(config: dict, family: str) -> int | None:
+    """The prompts of each of a family's sample sets, as the prompts rule will write them: the
+    toy world's held-out rows (fewstep.selection.toy_eval_rows, SiT's classes repeated); a
+    benchmark set's n, else its official size (its loader refuses any other count). None: a set
+    whose size is not known before it is read."""
+    if is_toy(config):
+        from fewstep.selection import toy_eval_rows
+
+        try:
+            return len(toy_eval_rows(family, config["eval"]["prompts"]))
+        except ValueError:  # more prompts than the split holds: the prompts job says so
+            return None
+    import inspect
+
+    from fewstep import prompt_sets as ps
+    from fewstep.geneval_prompts import TASK_SIZES
+
+    spec = config["eval"]["prompt_sets"][family]
+    official = {"hpdv2": len(ps.HPDV2_STYLES) * ps.HPDV2_PROMPTS_PER_STYLE,
+                "geneval": sum(TASK_SIZES.values()), "imagenet-classes": ps.IMAGENET_CLASSES,
+                "drawbench": ps.DRAWBENCH_PROMPTS}
+    if spec["name"] in official:
+        return official[spec["name"]]
+    loader = ps.PROMPT_SETS.get(spec["name"])
+    n = inspect.signature(loader).parameters.get("n") if loader else None
+    return int(spec.get("n", n.default)) if n is not None else None
+
+
+def max_shards(config: dict) -> tuple[int, str] | None:
+    """(the largest eval.shards every sample set can take, the family of the smallest set): the
+    batches of SAMPLE_BATCH in its (prompt, seed) jobs. None: no set's size is known."""
+    seeds = len(config["eval"]["seeds"])
+    sizes = [(-(-prompts * seeds // SAMPLE_BATCH), family) for family in config["families"]
+             if (prompts := set_prompts(config, family)) is not None]
+    return min(sizes, key=lambda s: s[0]) if sizes else None

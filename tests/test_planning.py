@@ -165,3 +165,41 @@ def test_importing_the_planning_module_is_light():
             "print(sorted(m for m in ('torch', 'snakemake') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def with_eval(cfg: dict, **values) -> dict:
+    cfg = copy.deepcopy(cfg)
+    cfg["eval"].update(values)
+    return cfg
+
+
+def test_a_shard_count_over_the_batches_of_a_sample_set_is_refused_at_config_load():
+    """Each shard samples whole batches of the DAG's `fewstep sample` batch (64): the toy sdxl set
+    of 6 prompts x 2 seeds is one batch, so 2 shards would leave one shard job nothing to do
+    (it fails); 61 prompts x 2 seeds are 2 batches (SiT's 54 class prompts too)."""
+    assert planning.SAMPLE_BATCH == 64
+    small = with_eval(DEFAULT, prompts=6, seeds=[0, 1], shards=2)
+    with pytest.raises(workflow_config.ConfigError,
+                       match=r"eval/shards = 2 .*12 \(prompt, seed\) jobs.*1 batch.*"
+                             r"the largest allowed is 1"):
+        workflow_config.validate(small)
+    two = with_eval(small, prompts=61)
+    workflow_config.validate(two)
+    assert planning.max_shards(two) == (2, "sdxl")  # every family has 2 batches: the first
+    with pytest.raises(workflow_config.ConfigError, match=r"eval/shards = 3 .*largest allowed is 2"):
+        workflow_config.validate(with_eval(two, shards=3))
+
+
+def test_a_benchmark_sets_size_bounds_the_shards_in_the_real_world():
+    """World real: a benchmark set's official size (or its n): 1000 ImageNet classes x 10 seeds
+    are 10,000 jobs, 157 batches of 64."""
+    assert planning.max_shards(REAL) == (157, "sit")
+    workflow_config.validate(with_eval(REAL, shards=157))
+    with pytest.raises(workflow_config.ConfigError, match=r"eval/shards = 158 .*sit.*"
+                                                          r"largest allowed is 157"):
+        workflow_config.validate(with_eval(REAL, shards=158))
+    coco = copy.deepcopy(REAL)
+    coco["eval"]["prompt_sets"]["sit"] = {"name": "coco2014-val-captions", "n": 100}
+    assert planning.max_shards(coco) == (16, "sit")  # 100 x 10 = 1000 jobs
+    coco["eval"]["prompt_sets"]["sit"] = {"name": "coco2014-val-captions"}  # its default n 10,000
+    assert planning.max_shards(coco) == (1563, "sit")
