@@ -10,6 +10,7 @@ from fewstep.toy import world
 from fewstep.toy.features import (QUICK_RECIPE, load_feature_net, save_feature_net,
                                   toy_feature_extractor, train_feature_net)
 from metrics import fid as fid_module
+from metrics import fid_toy
 from metrics.fid import (ReferenceSpec, ToyFID, build_reference, extract_features,
                          frechet_distance, gaussian_stats, kid_from_features)
 from metrics.sampleset import write_sample_set
@@ -162,7 +163,7 @@ def test_reference_is_cached(net, tmp_path, monkeypatch):
 
     def no_render(*args, **kwargs):
         raise AssertionError("reference re-rendered despite the cache")
-    monkeypatch.setattr(fid_module, "_render_reference_folder", no_render)
+    monkeypatch.setattr(fid_toy, "_render_reference_folder", no_render)  # build_reference's lookup
     again = build_reference(spec, extractor, tmp_path)
     assert np.array_equal(first.features, again.features) and again.stats_sha256 == first.stats_sha256
 
