@@ -27,7 +27,7 @@ holds, by a fixed seed; `all` uses the whole reference. Numbers at different N o
 reference are another protocol (the identity records both).
 
 Features: the toy route ("toy_precision", "toy_recall") uses the toy FID's extractor and its cached
-reference renders (metrics/fid.py ToyFID); the real route ("precision", "recall") uses the real
+reference renders (metrics/fid_toy.py ToyFID); the real route ("precision", "recall") uses the real
 FID's clean-fid Inception and its cached reference features (the paper used VGG-16 fc2 features;
 Inception pool features are the FID's and are recorded as such in the identity).
 """
