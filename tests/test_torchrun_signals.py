@@ -124,8 +124,8 @@ LAUNCHERS = {"standalone": (_standalone, ["standalone.log"]),
              "two-nodes": (_two_nodes, ["node0.log", "node1.log"])}
 
 
-def _signalled_run(tmp_path, launcher: str, whole_step: bool):
-    """Start the run, send SIGUSR1 once a row is logged (to each agent, or to every process of
+def _signalled_run(tmp_path, launcher: str, whole_step: bool, sig: int = signal.SIGUSR1):
+    """Start the run, send `sig` once a row is logged (to each agent, or to every process of
     each agent's process tree, as SLURM signals every process of a job step), wait for the exit: (exit statuses, seconds from the signal, log text)."""
     start, names = LAUNCHERS[launcher]
     run_dir = tmp_path / "run"
@@ -135,7 +135,7 @@ def _signalled_run(tmp_path, launcher: str, whole_step: bool):
         _wait_for_first_row(run_dir, procs, logs)
         pids = [q for p in procs for q in _tree(p.pid)]
         sent = time.monotonic()
-        _signal(pids if whole_step else [p.pid for p in procs], signal.SIGUSR1)
+        _signal(pids if whole_step else [p.pid for p in procs], sig)
         codes = [p.wait(timeout=STOP_TIMEOUT_S) for p in procs]
         seconds = time.monotonic() - sent
     finally:
@@ -143,10 +143,10 @@ def _signalled_run(tmp_path, launcher: str, whole_step: bool):
     return codes, seconds, _logs(logs), run_dir
 
 
-def _assert_one_save_by_every_rank(text: str, run_dir: Path, ranks: int = 2) -> int:
+def _assert_one_save_by_every_rank(text: str, run_dir: Path, sig: int, ranks: int = 2) -> int:
     stops = STOPPED.findall(text)
     assert len(stops) == ranks, text
-    assert {int(sig) for sig, _ in stops} == {signal.SIGUSR1}, stops
+    assert {int(s) for s, _ in stops} == {sig}, stops
     steps = {int(step) for _, step in stops}
     assert len(steps) == 1, stops  # every rank stopped after the same iteration
     step = steps.pop()
@@ -164,7 +164,7 @@ def test_sigusr1_at_the_launcher_saves_on_every_rank_and_exits_nonzero(tmp_path,
     assert codes == [TORCHRUN_SIGNALLED_EXIT] * len(codes), text[-4000:]
     # the ranks' own status: torchrun's shutdown log names no SIGKILL (they exited by themselves)
     assert "forcefully exiting via" not in text, text[-4000:]
-    step = _assert_one_save_by_every_rank(text, run_dir)
+    step = _assert_one_save_by_every_rank(text, run_dir, signal.SIGUSR1)
     if launcher == "standalone" and not whole_step:
         _rerun_resumes(tmp_path, run_dir, step)
 
@@ -178,3 +178,12 @@ def _rerun_resumes(tmp_path: Path, run_dir: Path, step: int) -> None:
         _kill([proc], [])
     student = json.loads((run_dir.parent / "model" / "student.json").read_text())
     assert student["resumed_from"] == step and student["iterations"] == step + 1
+
+
+def test_sigterm_at_the_launcher_saves_too(tmp_path):
+    """scancel and the time limit itself send SIGTERM: forwarded by default, and now given
+    STOP_GRACE_S (not torchrun's 30 s) before the agent kills a rank still saving."""
+    codes, seconds, text, run_dir = _signalled_run(tmp_path, "standalone", False, signal.SIGTERM)
+    print(f"standalone (SIGTERM to torchrun): exit {codes} {seconds:.1f} s after the signal")
+    assert codes == [TORCHRUN_SIGNALLED_EXIT], text[-4000:]
+    _assert_one_save_by_every_rank(text, run_dir, signal.SIGTERM)
