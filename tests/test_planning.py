@@ -186,7 +186,8 @@ def test_a_shard_count_over_the_batches_of_a_sample_set_is_refused_at_config_loa
     two = with_eval(small, prompts=61)
     workflow_config.validate(two)
     assert planning.max_shards(two) == (2, "sdxl")  # every family has 2 batches: the first
-    with pytest.raises(workflow_config.ConfigError, match=r"eval/shards = 3 .*largest allowed is 2"):
+    with pytest.raises(workflow_config.ConfigError,
+                       match=r"eval/shards = 3 .*largest allowed is 2"):
         workflow_config.validate(with_eval(two, shards=3))
 
 

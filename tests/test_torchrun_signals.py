@@ -55,7 +55,8 @@ def _env(tmp_path: Path, job_id: str | None = None) -> dict:
 def _standalone(tmp_path: Path, run_dir: Path, steps: int) -> list[subprocess.Popen]:
     """The single-node train command (distill.processes 2): torchrun --standalone."""
     words = shlex.split(planning.train_launch(_config(1, 2), sys.executable))
-    return [_start(words + _train_args(run_dir, steps), _env(tmp_path), tmp_path / "standalone.log")]
+    log = tmp_path / "standalone.log"
+    return [_start(words + _train_args(run_dir, steps), _env(tmp_path), log)]
 
 
 def _two_nodes(tmp_path: Path, run_dir: Path, steps: int) -> list[subprocess.Popen]:
@@ -126,7 +127,8 @@ LAUNCHERS = {"standalone": (_standalone, ["standalone.log"]),
 
 def _signalled_run(tmp_path, launcher: str, whole_step: bool, sig: int = signal.SIGUSR1):
     """Start the run, send `sig` once a row is logged (to each agent, or to every process of
-    each agent's process tree, as SLURM signals every process of a job step), wait for the exit: (exit statuses, seconds from the signal, log text)."""
+    each agent's process tree, as SLURM signals every process of a job step), wait for the
+    exit: (exit statuses, seconds from the signal, log text, run folder)."""
     start, names = LAUNCHERS[launcher]
     run_dir = tmp_path / "run"
     logs = [tmp_path / n for n in names]
