@@ -1,0 +1,311 @@
+"""The GPU check: one command, one table, on full-size random-initialised architectures built from
+the real configurations (SDXL base UNet and VAE, SD3-medium transformer and VAE, SiT-XL/2 with the
+SD VAE; no weights needed):
+
+* train <family> lora / fsdp: one DMD2 training iteration through the harness's engine
+  (build_method + Trainer), the generator a LoRA (rank 64, alpha 8) on one GPU, and FSDP2 on one
+  rank (`sharding = fsdp`, a 1-process group; the engine refuses LoRA under FSDP today, so that
+  row trains the full generator and says so). Seconds per iteration (mean over one TTUR cycle,
+  after two warm-up iterations), peak memory (torch.cuda.max_memory_allocated; on the CPU the
+  process's peak RSS), the memory plan's estimate for the same run (fewstep.engine.memory), FLOPs
+  (FlopCounterMode) and MFU against the GPU's dense bf16 peak. An FSDP run the plan says cannot
+  fit this GPU is not started (its row says so; it needs more ranks).
+* sample <family> student / teacher: images per second of the harness's samplers against
+  diffusers' own pipeline on the same modules and settings, and their ratio (SiT: no pipeline).
+* score hpsv2.1 / imagereward: images per second at batch 32 of the harness's metrics against the
+  reference packages on the same images, and their ratio.
+
+    .venv/bin/python tests/benchmarks/gpu_check.py                 # CUDA when available
+    .venv/bin/python tests/benchmarks/gpu_check.py --toy --device cpu   # same code, toy size
+
+Each row is guarded: a failure prints its error in that row and the check goes on; the exit
+status is then 1. --json PATH writes the rows with full-precision numbers (tests/test_gpu_check.py
+runs --toy and checks them).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
+
+import torch  # noqa: E402
+
+from gpu_check_train import Skip  # noqa: E402
+
+FAMILIES = ("sdxl", "sd3", "sit")
+SECTIONS = ("train", "sample", "score")
+# dense bf16 tensor-core peaks (datasheets, without sparsity); the first name found in
+# torch.cuda.get_device_name counts, so the specific variants come first
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+                    ("GH200", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0))
+COLUMNS = (("s_per_iter", "s/iter", ".3f"), ("peak_gib", "peak GiB", ".2f"),
+           ("plan_gib", "plan GiB", ".2f"), ("tflop_per_iter", "TFLOP/iter", ".3g"),
+           ("mfu_pct", "MFU %", ".2f"), ("ours_img_s", "ours img/s", ".3g"),
+           ("ref_img_s", "ref img/s", ".3g"), ("ratio", "ours/ref", ".3f"))
+
+
+@dataclass
+class Row:
+    name: str
+    values: dict = field(default_factory=dict)
+    note: str = ""
+    error: str = ""
+    skipped: bool = False
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def guarded(name: str, measure) -> Row:
+    """measure() -> (values, note) as a row; a run the memory plan says cannot fit is a skipped
+    row, any other exception the row's error (its traceback on stderr), and the check goes on."""
+    start = time.perf_counter()
+    try:
+        row = Row(name, *measure())
+    except Skip as skip:
+        row = Row(name, {"plan_gib": skip.plan}, skip.note, skipped=True)
+    except Exception as err:  # noqa: BLE001: every failure is reported in its row
+        traceback.print_exc()
+        row = Row(name, error=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
+        traceback.clear_frames(err.__traceback__)
+    free_memory()
+    print(f"  [{time.strftime('%H:%M:%S')}] {name}: {time.perf_counter() - start:.1f} s"
+          + (f" FAILED {row.error}" if row.error else ""), file=sys.stderr, flush=True)
+    return row
+
+
+def attempt(name: str, make):
+    """(make(), "") or (None, its error), guarded like a row (for what several rows share)."""
+    held = {}
+    row = guarded(name, lambda: (held.__setitem__("value", make()), ({}, ""))[1])
+    return held.get("value"), row.error
+
+
+def ratio(ours: float, ref: float) -> float:
+    return ours / ref
+
+
+def peak_tflops(device: str, override: float | None) -> tuple[float | None, str]:
+    """(dense bf16 peak in TFLOP/s, the device's name)."""
+    if torch.device(device).type != "cuda":
+        return override, "CPU"
+    name = torch.cuda.get_device_name()
+    found = next((v for k, v in PEAK_BF16_TFLOPS if k in name), None)
+    return (override or found), name
+
+
+def cpu_line() -> str:
+    """The CPU model and its AVX-512 / AVX2 flags (lscpu, else /proc/cpuinfo)."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        text = ""
+    if not text and Path("/proc/cpuinfo").is_file():
+        text = Path("/proc/cpuinfo").read_text()
+    info = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    info = {k.strip().lower(): v.strip() for k, v in info.items()}
+    model = info.get("model name", "unknown CPU")
+    flags = set(info.get("flags", "").split())
+    avx = ", ".join(f"{n} {'yes' if f in flags else 'no'}" for n, f in
+                    (("AVX-512", "avx512f"), ("AVX2", "avx2")))
+    import os
+    return f"{model} ({avx}), {os.cpu_count()} cores"
+
+
+# -- rows ------------------------------------------------------------------------------------------
+def train_values(result, peak: float | None) -> dict:
+    values = {"s_per_iter": result.seconds, "peak_gib": result.peak_gib,
+              "plan_gib": result.plan_gib, "tflop_per_iter": result.flops / 1e12}
+    if peak:
+        values["mfu_pct"] = 100 * result.flops / result.seconds / (peak * 1e12)
+    return values
+
+
+def train_rows(teacher, family: str, args, peak: float | None) -> list[Row]:
+    import gpu_check_train as gt
+
+    def lora():
+        result = gt.train_row(teacher, family, args.size, args.device, "ddp")
+        return train_values(result, peak), result.note
+
+    def fsdp():
+        result = gt.train_row(teacher, family, args.size, args.device, "fsdp")
+        return train_values(result, peak), result.note
+
+    return [guarded(f"train {family} lora", lora), guarded(f"train {family} fsdp", fsdp)]
+
+
+def sample_rows(teacher, family: str, args) -> list[Row]:
+    import gpu_check_sample as gs
+
+    def one(who: str):
+        ours, ref, settings = gs.sample_row(teacher, family, who, args.images, args.teacher_steps,
+                                            args.device, args.repeat)
+        if ref is None:
+            return {"ours_img_s": ours}, f"{settings}; diffusers has no SiT pipeline: no ratio"
+        return {"ours_img_s": ours, "ref_img_s": ref, "ratio": ratio(ours, ref)}, settings
+
+    return [guarded(f"sample {family} {who}", lambda who=who: one(who))
+            for who in ("student", "teacher")]
+
+
+def teacher_dtypes(device: str) -> dict:
+    """The teacher's dtype per section: bf16 on CUDA (the training loop's autocast computes in
+    bf16); on the CPU training is fp32 (no autocast there) and sampling keeps bf16, so the toy run
+    exercises the bf16 denoiser and fp32 VAE that sampling meets on the GPU."""
+    cuda = torch.device(device).type == "cuda"
+    return {"train": torch.bfloat16 if cuda else torch.float32, "sample": torch.bfloat16}
+
+
+def section_names(family: str, section: str) -> list[str]:
+    kinds = {"train": ("lora", "fsdp"), "sample": ("student", "teacher")}[section]
+    return [f"{section} {family} {k}" for k in kinds]
+
+
+def family_rows(family: str, args, peak: float | None) -> list[Row]:
+    """The family's training and sampling rows, on one teacher per dtype."""
+    from gpu_check_models import build_teacher
+
+    rows, built = [], {}
+    for section in [s for s in ("train", "sample") if s in args.sections]:
+        dtype = teacher_dtypes(args.device)[section]
+        if dtype not in built:
+            built.clear()
+            free_memory()
+            built[dtype] = attempt(f"build {family} {str(dtype)[6:]}", lambda: build_teacher(
+                family, args.size, args.device, dtype))
+        teacher, error = built[dtype]
+        if error:
+            rows += [Row(n, error=f"building the {family} teacher: {error}")
+                     for n in section_names(family, section)]
+        elif section == "train":
+            rows += train_rows(teacher, family, args, peak)
+        else:
+            rows += sample_rows(teacher, family, args)
+        del teacher
+    built.clear()
+    free_memory()
+    return rows
+
+
+def score_rows(args) -> list[Row]:
+    from gpu_check_score import ROWS, Scoring
+
+    scoring, error = attempt("score sets", lambda: Scoring(
+        args.device, args.size, args.score_batch, args.score_images, args.repeat))
+    if error:
+        return [Row(f"score {n}", error=f"writing the sample sets: {error}") for n in ROWS]
+
+    def one(name: str):
+        ours, ref, note = scoring.rates(name)
+        return {"ours_img_s": ours, "ref_img_s": ref, "ratio": ratio(ours, ref)}, \
+            f"batch {args.score_batch}, {note}"
+
+    try:
+        return [guarded(f"score {n}", lambda n=n: one(n)) for n in ROWS]
+    finally:
+        scoring.close()
+
+
+# -- the table -------------------------------------------------------------------------------------
+def cell(row: Row, key: str, spec: str, width: int) -> str:
+    value = row.values.get(key)
+    return f"{'—' if value is None else format(value, spec):>{width}}"
+
+
+def table(rows: list[Row], header: list[str]) -> str:
+    widths = [max(len(label), 10) for _, label, _ in COLUMNS]
+    lines = header + [f"{'row':24}" + " ".join(f"{label:>{w}}" for (_, label, _), w
+                                                 in zip(COLUMNS, widths)) + "  note"]
+    for row in rows:
+        cells = " ".join(cell(row, k, spec, w) for (k, _, spec), w in zip(COLUMNS, widths))
+        note = f"FAILED: {row.error}" if row.error else row.note
+        lines.append(f"{row.name:24}{cells}  {note}")
+    return "\n".join(lines)
+
+
+def header_lines(args, peak: float | None, device_name: str) -> list[str]:
+    import diffusers
+
+    gpu = (f"GPU: {device_name}, dense bf16 peak {peak:g} TFLOP/s" if device_name != "CPU"
+           else "GPU: none (CPU run" + (f"; MFU against a given peak of {peak:g} TFLOP/s)"
+                                        if peak else "; no MFU)"))
+    return [f"gpu_check ({args.size} size) on {args.device}: CPU {cpu_line()}; {gpu}",
+            f"torch {torch.__version__}, diffusers {diffusers.__version__}; teachers random-"
+            f"initialised from the real configs ({'toy' if args.size == 'toy' else 'full'} size); "
+            "ratio = ours / ref"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--toy", action="store_true", help="toy-size models (the CPU check)")
+    p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's dense bf16 peak (default: from the GPU's name)")
+    p.add_argument("--images", type=int, default=4, help="images per sampling call (one batch)")
+    p.add_argument("--teacher-steps", type=int, default=None,
+                   help="teacher sampler steps (default: 8 full size, 2 toy)")
+    p.add_argument("--score-images", type=int, default=None, help="default 32 full, 4 toy")
+    p.add_argument("--score-batch", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=None,
+                   help="timed calls per side, alternating; the fastest counts (2 full, 1 toy)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 with --toy, where more threads only "
+                        "contend on a shared machine; torch's default otherwise)")
+    p.add_argument("--json", type=Path, help="write the rows here")
+    args = p.parse_args(argv)
+    args.size = "toy" if args.toy else "full"
+    args.teacher_steps = args.teacher_steps or (2 if args.toy else 8)
+    args.score_images = args.score_images or (4 if args.toy else 32)
+    args.repeat = args.repeat or (1 if args.toy else 2)
+    args.threads = args.threads or (1 if args.toy else None)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.set_device(torch.device(args.device))
+    peak, device_name = peak_tflops(args.device, args.peak_tflops)
+    start, rows = time.perf_counter(), []
+    for family in args.families:
+        rows += family_rows(family, args, peak)
+    if "score" in args.sections:
+        rows += score_rows(args)
+    close_group()
+    print(table(rows, header_lines(args, peak, device_name)))
+    print(f"wall time {time.perf_counter() - start:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    return 1 if any(r.error for r in rows) else 0
+
+
+def close_group() -> None:
+    """The 1-process group the FSDP rows started (fewstep.engine.fsdp.ensure_group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
