@@ -211,7 +211,9 @@ def job_counts(stdout: str) -> dict[str, int]:
 
 def test_the_dry_run_samples_every_set_in_k_shards_and_gathers_it(tmp_path):
     sets_teacher, sets_student = 3 * 2, 3 * 1 * 2  # families x steps; families x methods x seeds
-    counts = job_counts(dry_run(tmp_path / "k2", {**TINY, "eval": {**TINY["eval"], "shards": 2}}))
+    # 33 prompts x 2 seeds: two 64-image batches, so two shards (one batch at most each)
+    counts = job_counts(dry_run(tmp_path / "k2", {**TINY, "eval": {**TINY["eval"], "prompts": 33,
+                                                                   "shards": 2}}))
     assert counts["sample_teacher_shard"] == 3 * 2  # a job per family and shard: all its steps
     assert counts["sample_student_shard"] == sets_student * 2
     assert counts["gather_samples"] == sets_teacher + sets_student
