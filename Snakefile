@@ -2,6 +2,7 @@
 # The default config is the toy world; `--configfile` selects another, `--config k=v` overrides.
 import json
 import shlex
+import signal
 import sys
 
 from fewstep import planning
@@ -12,6 +13,13 @@ configfile: f"{workflow.basedir}/workflows/config/default.yaml"
 
 
 validate(config, source="workflow config")
+
+# SLURM's time-limit warning (--signal=USR1@300) reaches every process of a job's step, and on one
+# node the step is the inner Snakemake running the job: ignoring SIGUSR1 here keeps it (and the
+# job's shell, which inherits the disposition) alive while `fewstep train` and torchrun, which set
+# their own handlers, save and exit 75; Snakemake then reports the job failed and its retry
+# resumes. Other jobs ignore SIGUSR1 too and end at the time limit as before.
+signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 wildcard_constraints:

@@ -69,3 +69,29 @@ def test_lock_then_ctrl_c_then_rerun(tmp_path):
     plan = subprocess.run(snakemake_command(work, "-n", "all"), capture_output=True, text=True,
                           timeout=120)
     assert plan.returncode == 0 and "Nothing to be done" in plan.stdout + plan.stderr
+
+
+def test_usr1_to_every_process_of_a_slurm_step_saves_and_fails_the_job_for_its_retry(tmp_path):
+    """SLURM's `--signal=USR1@300` reaches every process of the job's step, and on one node that
+    step runs the inner Snakemake (`srun -n1 snakemake ...`), the job's shell and `fewstep train`.
+    The inner Snakemake must outlive the signal: if it died, the step would end and SLURM would
+    kill the trainer in the middle of its save. Emulated here with a process group: the trainer
+    saves and exits 75, Snakemake reports the job failed (so the profile's retry resumes it)."""
+    work = tmp_path / "work"
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(SMALL))
+    target = "results/models/sit/dummy/seed0"
+    step = subprocess.Popen(snakemake_command(work, target), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_for(work / "results/runs/sit/dummy/seed0/ckpt/latest", step)
+        os.killpg(step.pid, signal.SIGUSR1)  # what slurmstepd does to the step's processes
+        out, _ = step.communicate(timeout=300)
+    finally:
+        if step.poll() is None:
+            os.killpg(step.pid, signal.SIGKILL)
+    assert step.returncode == 1, f"snakemake ended with {step.returncode}: {out[-2000:]}"
+    log = (work / "results/logs/train/sit/dummy/seed0.log").read_text()
+    assert f"stopped by signal {int(signal.SIGUSR1)}" in log, log[-2000:]
+    saved = (work / "results/runs/sit/dummy/seed0/ckpt/latest").read_text().strip()
+    assert f"after iteration {int(saved.removeprefix('step_'))};" in log, (saved, log[-2000:])
+    assert not (work / target).exists()  # the job failed: its retry resumes from `saved`
