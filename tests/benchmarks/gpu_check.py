@@ -18,8 +18,9 @@ SD VAE; no weights needed):
     .venv/bin/python tests/benchmarks/gpu_check.py                 # CUDA when available
     .venv/bin/python tests/benchmarks/gpu_check.py --toy --device cpu   # same code, toy size
 
-Each row is guarded: a failure prints its error in that row and the check goes on; the exit
-status is then 1. --json PATH writes the rows with full-precision numbers (tests/test_gpu_check.py
+Each row is printed as soon as it is measured (a run cut short keeps what it measured). Each row
+is guarded: a failure prints its error in that row and the check goes on; the exit status is
+then 1. --json PATH writes the rows with full-precision numbers (tests/test_gpu_check.py
 runs --toy and checks them).
 """
 from __future__ import annotations
@@ -135,7 +136,7 @@ def train_values(result, peak: float | None) -> dict:
     return values
 
 
-def train_rows(teacher, family: str, args, peak: float | None) -> list[Row]:
+def train_rows(teacher, family: str, args, peak: float | None):
     import gpu_check_train as gt
 
     def lora():
@@ -146,10 +147,11 @@ def train_rows(teacher, family: str, args, peak: float | None) -> list[Row]:
         result = gt.train_row(teacher, family, args.size, args.device, "fsdp")
         return train_values(result, peak), result.note
 
-    return [guarded(f"train {family} lora", lora), guarded(f"train {family} fsdp", fsdp)]
+    yield guarded(f"train {family} lora", lora)
+    yield guarded(f"train {family} fsdp", fsdp)
 
 
-def sample_rows(teacher, family: str, args) -> list[Row]:
+def sample_rows(teacher, family: str, args):
     import gpu_check_sample as gs
 
     def one(who: str):
@@ -159,8 +161,8 @@ def sample_rows(teacher, family: str, args) -> list[Row]:
             return {"ours_img_s": ours}, f"{settings}; diffusers has no SiT pipeline: no ratio"
         return {"ours_img_s": ours, "ref_img_s": ref, "ratio": ratio(ours, ref)}, settings
 
-    return [guarded(f"sample {family} {who}", lambda who=who: one(who))
-            for who in ("student", "teacher")]
+    for who in ("student", "teacher"):
+        yield guarded(f"sample {family} {who}", lambda: one(who))
 
 
 def teacher_dtypes(device: str) -> dict:
@@ -176,11 +178,11 @@ def section_names(family: str, section: str) -> list[str]:
     return [f"{section} {family} {k}" for k in kinds]
 
 
-def family_rows(family: str, args, peak: float | None) -> list[Row]:
-    """The family's training and sampling rows, on one teacher per dtype."""
+def family_rows(family: str, args, peak: float | None):
+    """The family's training and sampling rows as they are measured, on one teacher per dtype."""
     from gpu_check_models import build_teacher
 
-    rows, built = [], {}
+    built = {}
     for section in [s for s in ("train", "sample") if s in args.sections]:
         dtype = teacher_dtypes(args.device)[section]
         if dtype not in built:
@@ -190,25 +192,25 @@ def family_rows(family: str, args, peak: float | None) -> list[Row]:
                 family, args.size, args.device, dtype))
         teacher, error = built[dtype]
         if error:
-            rows += [Row(n, error=f"building the {family} teacher: {error}")
-                     for n in section_names(family, section)]
+            yield from (Row(n, error=f"building the {family} teacher: {error}")
+                        for n in section_names(family, section))
         elif section == "train":
-            rows += train_rows(teacher, family, args, peak)
+            yield from train_rows(teacher, family, args, peak)
         else:
-            rows += sample_rows(teacher, family, args)
+            yield from sample_rows(teacher, family, args)
         del teacher
     built.clear()
     free_memory()
-    return rows
 
 
-def score_rows(args) -> list[Row]:
+def score_rows(args):
     from gpu_check_score import ROWS, Scoring
 
     scoring, error = attempt("score sets", lambda: Scoring(
-        args.device, args.size, args.score_batch, args.score_images, args.repeat))
+        args.device, args.size, args.score_batch, args.score_images, args.score_repeat))
     if error:
-        return [Row(f"score {n}", error=f"writing the sample sets: {error}") for n in ROWS]
+        yield from (Row(f"score {n}", error=f"writing the sample sets: {error}") for n in ROWS)
+        return
 
     def one(name: str):
         ours, ref, note = scoring.rates(name)
@@ -216,7 +218,8 @@ def score_rows(args) -> list[Row]:
             f"batch {args.score_batch}, {note}"
 
     try:
-        return [guarded(f"score {n}", lambda n=n: one(n)) for n in ROWS]
+        for name in ROWS:
+            yield guarded(f"score {name}", lambda: one(name))
     finally:
         scoring.close()
 
@@ -227,15 +230,21 @@ def cell(row: Row, key: str, spec: str, width: int) -> str:
     return f"{'—' if value is None else format(value, spec):>{width}}"
 
 
+WIDTHS = [max(len(label), 10) for _, label, _ in COLUMNS]
+
+
+def column_header() -> str:
+    return f"{'row':24}" + " ".join(f"{label:>{w}}" for (_, label, _), w in zip(COLUMNS, WIDTHS)) \
+        + "  note"
+
+
+def line(row: Row) -> str:
+    cells = " ".join(cell(row, k, spec, w) for (k, _, spec), w in zip(COLUMNS, WIDTHS))
+    return f"{row.name:24}{cells}  {f'FAILED: {row.error}' if row.error else row.note}"
+
+
 def table(rows: list[Row], header: list[str]) -> str:
-    widths = [max(len(label), 10) for _, label, _ in COLUMNS]
-    lines = header + [f"{'row':24}" + " ".join(f"{label:>{w}}" for (_, label, _), w
-                                                 in zip(COLUMNS, widths)) + "  note"]
-    for row in rows:
-        cells = " ".join(cell(row, k, spec, w) for (k, _, spec), w in zip(COLUMNS, widths))
-        note = f"FAILED: {row.error}" if row.error else row.note
-        lines.append(f"{row.name:24}{cells}  {note}")
-    return "\n".join(lines)
+    return "\n".join(header + [column_header()] + [line(r) for r in rows])
 
 
 def header_lines(args, peak: float | None, device_name: str) -> list[str]:
@@ -265,6 +274,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--score-batch", type=int, default=32)
     p.add_argument("--repeat", type=int, default=None,
                    help="timed calls per side, alternating; the fastest counts (2 full, 1 toy)")
+    p.add_argument("--score-repeat", type=int, default=1,
+                   help="timed scoring calls per side (the HPSv2 package reloads its 3.9 GB "
+                        "checkpoint per prompt: one call is long enough)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 with --toy, where more threads only "
                         "contend on a shared machine; torch's default otherwise)")
@@ -286,13 +298,16 @@ def main(argv=None) -> int:
     if torch.device(args.device).type == "cuda":
         torch.cuda.set_device(torch.device(args.device))
     peak, device_name = peak_tflops(args.device, args.peak_tflops)
+    print("\n".join(header_lines(args, peak, device_name) + [column_header()]), flush=True)
     start, rows = time.perf_counter(), []
-    for family in args.families:
-        rows += family_rows(family, args, peak)
+    sections = [family_rows(family, args, peak) for family in args.families]
     if "score" in args.sections:
-        rows += score_rows(args)
+        sections.append(score_rows(args))
+    for section in sections:  # each row printed as soon as it is measured
+        for row in section:
+            print(line(row), flush=True)
+            rows.append(row)
     close_group()
-    print(table(rows, header_lines(args, peak, device_name)))
     print(f"wall time {time.perf_counter() - start:.0f} s")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
