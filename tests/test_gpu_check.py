@@ -119,3 +119,15 @@ def test_the_full_size_teachers_build_from_the_real_configs():
         if family != "sit":
             pipe = pipeline(teacher, build_scheduler(teacher.scheduler_config))
             assert (pipe.unet if family == "sdxl" else pipe.transformer) is teacher.denoiser
+
+
+def test_a_cuda_device_gets_its_index():
+    """torch.cuda.set_device and the NCCL group refuse "cuda" without an index."""
+    assert gpu_check.resolve_device("cuda", current=lambda: 3) == "cuda:3"
+    assert gpu_check.resolve_device("cuda:1", current=lambda: 3) == "cuda:1"
+    assert gpu_check.resolve_device("cpu") == "cpu"
+    from torch.cuda._utils import _get_device_index
+
+    with pytest.raises(ValueError):  # why: what main would have passed to set_device
+        _get_device_index(torch.device("cuda"))
+    assert _get_device_index(torch.device(gpu_check.resolve_device("cuda", lambda: 0))) == 0

@@ -96,6 +96,15 @@ def attempt(name: str, make):
     return held.get("value"), row.error
 
 
+def resolve_device(name: str, current=None) -> str:
+    """A CUDA device with its index ("cuda" -> "cuda:<current>"): torch.cuda.set_device and the
+    NCCL group of the FSDP rows refuse a CUDA device without one."""
+    device = torch.device(name)
+    if device.type != "cuda" or device.index is not None:
+        return str(device)
+    return f"cuda:{(current or torch.cuda.current_device)()}"
+
+
 def ratio(ours: float, ref: float) -> float:
     return ours / ref
 
@@ -206,8 +215,10 @@ def family_rows(family: str, args, peak: float | None):
 def score_rows(args):
     from gpu_check_score import ROWS, Scoring
 
+    # bench_metrics' own device names: cpu or cuda (the current device, set by main)
     scoring, error = attempt("score sets", lambda: Scoring(
-        args.device, args.size, args.score_batch, args.score_images, args.score_repeat))
+        torch.device(args.device).type, args.size, args.score_batch, args.score_images,
+        args.score_repeat))
     if error:
         yield from (Row(f"score {n}", error=f"writing the sample sets: {error}") for n in ROWS)
         return
@@ -295,6 +306,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.device = resolve_device(args.device)
     if torch.device(args.device).type == "cuda":
         torch.cuda.set_device(torch.device(args.device))
     peak, device_name = peak_tflops(args.device, args.peak_tflops)

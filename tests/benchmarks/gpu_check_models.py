@@ -128,7 +128,8 @@ def sit_teacher(spec: dict, vae, device, dtype):
     from fewstep.backbones.codec import VAECodec
     from fewstep.backbones.sit import SiTBackbone, SiTConfig, SiTNet
 
-    config = SiTConfig.named(spec["net"]) if isinstance(spec["net"], str) else SiTConfig(**spec["net"])
+    net = spec["net"]
+    config = SiTConfig.named(net) if isinstance(net, str) else SiTConfig(**net)
     with torch.device(device):
         net = SiTNet(config).to(dtype)
     return SiTBackbone(net.eval(), VAECodec(vae))
