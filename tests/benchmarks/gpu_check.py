@@ -174,32 +174,22 @@ def sample_rows(teacher, family: str, args):
         yield guarded(f"sample {family} {who}", lambda: one(who))
 
 
-def teacher_dtypes(device: str) -> dict:
-    """The teacher's dtype per section: bf16 on CUDA (the training loop's autocast computes in
-    bf16); on the CPU training is fp32 (no autocast there) and sampling keeps bf16, so the toy run
-    exercises the bf16 denoiser and fp32 VAE that sampling meets on the GPU."""
-    cuda = torch.device(device).type == "cuda"
-    return {"train": torch.bfloat16 if cuda else torch.float32, "sample": torch.bfloat16}
-
-
 def section_names(family: str, section: str) -> list[str]:
     kinds = {"train": ("lora", "fsdp"), "sample": ("student", "teacher")}[section]
     return [f"{section} {family} {k}" for k in kinds]
 
 
 def family_rows(family: str, args, peak: float | None):
-    """The family's training and sampling rows as they are measured, on one teacher per dtype."""
+    """The family's training and sampling rows as they are measured, on one teacher: denoiser
+    and text encoders in bf16, the VAE in fp32, on the GPU and (toy) on the CPU alike."""
     from gpu_check_models import build_teacher
 
-    built = {}
-    for section in [s for s in ("train", "sample") if s in args.sections]:
-        dtype = teacher_dtypes(args.device)[section]
-        if dtype not in built:
-            built.clear()
-            free_memory()
-            built[dtype] = attempt(f"build {family} {str(dtype)[6:]}", lambda: build_teacher(
-                family, args.size, args.device, dtype))
-        teacher, error = built[dtype]
+    sections = [s for s in ("train", "sample") if s in args.sections]
+    if not sections:
+        return
+    teacher, error = attempt(f"build {family}", lambda: build_teacher(
+        family, args.size, args.device, torch.bfloat16))
+    for section in sections:
         if error:
             yield from (Row(n, error=f"building the {family} teacher: {error}")
                         for n in section_names(family, section))
@@ -207,8 +197,7 @@ def family_rows(family: str, args, peak: float | None):
             yield from train_rows(teacher, family, args, peak)
         else:
             yield from sample_rows(teacher, family, args)
-        del teacher
-    built.clear()
+    del teacher
     free_memory()
 
 

@@ -42,8 +42,10 @@ def overrides(family: str, size: str, lora: bool, sharding: str) -> dict:
 
 def context(teacher, family: str, device):
     """The training data: the toy world's prompts (class labels for SiT), encoded once, and
-    random images of the family's size as the GAN's real data (encoded by the VAE per draw)."""
-    from fewstep.engine.context import Context, PromptPool
+    random images of the family's size as the GAN's real data (encoded by the VAE per draw).
+    On the CPU the iteration runs under CPU bf16 autocast (cpu_autocast_context), so the toy
+    check trains the bf16 teacher with fp32 trainables as the CUDA run does."""
+    from fewstep.engine.context import PromptPool
     from fewstep.toy.teachers import training_conditions
 
     from gpu_check_models import image_side
@@ -54,8 +56,27 @@ def context(teacher, family: str, device):
     def real_images(metas, gen):
         return torch.rand((len(metas), 3, side, side), generator=gen)
 
-    return Context(teacher, PromptPool(metas, cond), device=device, real_images=real_images,
-                   autocast=True)
+    cls = harness_context() if torch.device(device).type == "cuda" else cpu_autocast_context()
+    return cls(teacher, PromptPool(metas, cond), device=device, real_images=real_images,
+               autocast=True)
+
+
+def harness_context():
+    from fewstep.engine.context import Context
+
+    return Context
+
+
+def cpu_autocast_context():
+    """The harness's Context with its bf16 autocast on the CPU too (the harness enables it on
+    CUDA only: Context.autocast): the toy check's stand-in for the CUDA run's autocast."""
+    from fewstep.engine.context import Context
+
+    class CPUAutocastContext(Context):
+        def autocast(self):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    return CPUAutocastContext
 
 
 class Skip(Exception):
@@ -180,7 +201,8 @@ def plan_gib(opt, teacher, family: str, size: str) -> float:
         extras = m.real_extras("dmd2", opt, family)
     else:
         denoiser, head, extras = teacher.denoiser, None, {}
-        traces = {mode: m.trace_denoiser(family, denoiser, mode, dtype=torch.float32,
+        dtype = next(denoiser.parameters()).dtype
+        traces = {mode: m.trace_denoiser(family, denoiser, mode, dtype=dtype,
                                          latent=teacher.latent_shape, tokens=TOY_TOKENS[family])
                   for mode in ("full", "features")}
     static = m.static_of("dmd2", opt, denoiser, teacher.lora_targets, head, extras)
