@@ -47,7 +47,7 @@ def _worker(rank, world, port, run_dir, out, method, overrides, queue, family="s
     info = distributed.init("cpu")
     try:
         teacher = teachers.build(family, resolution=res, seed=0)
-        reward = toy_reward if method == "rtdmd" else None
+        reward = toy_reward if method in ("rtdmd", "amd") else None
         ctx = toy_context(teacher, family, res, 0, info, reward=reward, autocast=False)
         trainer = Trainer(build_method(method, teacher, ctx, "toy", overrides), Path(run_dir), info)
         trainer.run(progress=False)
@@ -174,10 +174,13 @@ def test_fsdp_refuses_what_it_cannot_shard_naming_the_option():
 
     with pytest.raises(FewstepError, match="sharding = fsdp with lora_rank = 4"):
         fsdp.check_shardable(_toy_method(sharding="fsdp", lora_rank=4, lora_alpha=4.0))
-    with pytest.raises(FewstepError, match="sharding = fsdp is not checked for method cdm"):
-        fsdp.check_shardable(_toy_method(name="cdm", sharding="fsdp", batch=2, steps=1))
+    fsdp.check_shardable(_toy_method(name="cdm", sharding="fsdp", batch=2, steps=1))  # checked
+    with pytest.raises(FewstepError, match="sharding = fsdp is not checked for method dummy"):
+        fsdp.check_shardable(SimpleNamespace(name="dummy", opt=SimpleNamespace()))
     regression = SimpleNamespace(name="dmd2", opt=SimpleNamespace(stage="regression"))
-    assert fsdp.unchecked(regression) == "dmd2 stage = regression"  # its pairs file aside
+    assert fsdp.unchecked(regression) is None  # tests/test_fsdp_methods.py
+    assert fsdp.unchecked(SimpleNamespace(name="rtdmd", opt=SimpleNamespace(stage=3))) == \
+        "rtdmd stage = 3"
     with pytest.raises(FewstepError, match="global_batch = 3 is not divisible by the world size 2"):
         _toy_method(world_size=2, sharding="fsdp", batch=None, global_batch=3)
     with pytest.raises(FewstepError, match="sharding.*'ddp', 'fsdp'|sharding = zero"):
