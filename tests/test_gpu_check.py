@@ -131,3 +131,27 @@ def test_a_cuda_device_gets_its_index():
     with pytest.raises(ValueError):  # why: what main would have passed to set_device
         _get_device_index(torch.device("cuda"))
     assert _get_device_index(torch.device(gpu_check.resolve_device("cuda", lambda: 0))) == 0
+
+
+def test_the_header_names_the_gpu_and_its_peak():
+    assert gpu_check.gpu_text("NVIDIA H100 80GB HBM3", 989.0) == \
+        "GPU: NVIDIA H100 80GB HBM3, dense bf16 peak 989 TFLOP/s"
+    assert "peak unknown" in gpu_check.gpu_text("Some New GPU", None)  # no crash, no MFU
+    assert gpu_check.gpu_text("CPU", None) == "GPU: none (CPU run; no MFU)"
+    peaks = dict(gpu_check.PEAK_BF16_TFLOPS)
+    assert peaks["H100"] == 989.0 and peaks["H100 PCIe"] == 756.0
+
+
+def test_a_run_the_plan_says_cannot_fit_is_skipped_not_failed(monkeypatch):
+    """The GPU's memory check (a CUDA-only branch) on the toy SiT with a 1 KiB 'GPU': the
+    LoRA row and the FSDP row (LoRA refused, then the full fine-tune) are skipped rows."""
+    import gpu_check_train as gt
+    from gpu_check_models import build_teacher
+
+    monkeypatch.setattr(gt, "device_memory_gib", lambda device: 2 ** -20)
+    teacher = build_teacher("sit", "toy", "cpu", torch.bfloat16)
+    for sharding in ("ddp", "fsdp"):
+        row = gpu_check.guarded(sharding, lambda: (gt.train_row(teacher, "sit", "toy", "cpu",
+                                                                sharding), ""))
+        assert row.skipped and not row.error, row
+        assert row.values["plan_gib"] > 2 ** -20 and "not run: the memory plan needs" in row.note

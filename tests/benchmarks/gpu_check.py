@@ -247,13 +247,20 @@ def table(rows: list[Row], header: list[str]) -> str:
     return "\n".join(header + [column_header()] + [line(r) for r in rows])
 
 
+def gpu_text(device_name: str, peak: float | None) -> str:
+    if device_name == "CPU":
+        return "GPU: none (CPU run" + (f"; MFU against a given peak of {peak:g} TFLOP/s)"
+                                       if peak else "; no MFU)")
+    if peak is None:
+        return f"GPU: {device_name}, dense bf16 peak unknown (no MFU; give --peak-tflops)"
+    return f"GPU: {device_name}, dense bf16 peak {peak:g} TFLOP/s"
+
+
 def header_lines(args, peak: float | None, device_name: str) -> list[str]:
     import diffusers
 
-    gpu = (f"GPU: {device_name}, dense bf16 peak {peak:g} TFLOP/s" if device_name != "CPU"
-           else "GPU: none (CPU run" + (f"; MFU against a given peak of {peak:g} TFLOP/s)"
-                                        if peak else "; no MFU)"))
-    return [f"gpu_check ({args.size} size) on {args.device}: CPU {cpu_line()}; {gpu}",
+    return [f"gpu_check ({args.size} size) on {args.device}: CPU {cpu_line()}; "
+            f"{gpu_text(device_name, peak)}",
             f"torch {torch.__version__}, diffusers {diffusers.__version__}; teachers random-"
             f"initialised from the real configs ({'toy' if args.size == 'toy' else 'full'} size); "
             "ratio = ours / ref"]

@@ -100,13 +100,20 @@ def planned(teacher, family: str, size: str, device, lora: bool, sharding: str,
             why: str = "") -> float:
     """The memory plan of this run (GiB); Skip when it exceeds the GPU's memory."""
     plan = plan_gib(options(family, size, lora, sharding), teacher, family, size)
-    if torch.device(device).type == "cuda":
-        have = torch.cuda.get_device_properties(torch.device(device)).total_memory / GIB
+    have = device_memory_gib(device)
+    if have is not None:
         if plan > have:
             raise Skip(plan, f"{why}not run: the memory plan needs {plan:.1f} GiB at one rank, "
                              f"this GPU has {have:.1f} GiB" +
                              (" (FSDP over more ranks shards it)" if sharding == "fsdp" else ""))
     return plan
+
+
+def device_memory_gib(device) -> float | None:
+    """The GPU's memory in GiB (None on the CPU: no limit checked)."""
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(torch.device(device)).total_memory / GIB
 
 
 def build_trainer(teacher, family: str, size: str, device, lora: bool, sharding: str):
