@@ -155,3 +155,15 @@ def test_a_run_the_plan_says_cannot_fit_is_skipped_not_failed(monkeypatch):
                                                                 sharding), ""))
         assert row.skipped and not row.error, row
         assert row.values["plan_gib"] > 2 ** -20 and "not run: the memory plan needs" in row.note
+
+
+def test_missing_packages_are_named_at_the_top(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "fairscale" else real(name, *a))
+    args = gpu_check.parse_args(["--toy", "--device", "cpu"])
+    lines = gpu_check.header_lines(args, None, "CPU")
+    assert lines[-1] == "missing Python packages (their rows will fail): fairscale==0.4.13"
+    assert gpu_check.missing_packages() == ["fairscale==0.4.13"]

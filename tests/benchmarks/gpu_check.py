@@ -50,6 +50,11 @@ SECTIONS = ("train", "sample", "score")
 # torch.cuda.get_device_name counts, so the specific variants come first
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
                     ("GH200", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0))
+# what the rows import beyond torch (module: the pip requirement this check was written against)
+PACKAGES = {"diffusers": "diffusers==0.42.1", "transformers": "transformers", "peft": "peft",
+            "open_clip": "open_clip_torch==3.3.0", "ftfy": "ftfy==6.3.1",
+            "wcwidth": "wcwidth", "fairscale": "fairscale==0.4.13",
+            "ImageReward": "image-reward==1.5", "hpsv2": "hpsv2==1.2.0"}
 COLUMNS = (("s_per_iter", "s/iter", ".3f"), ("peak_gib", "peak GiB", ".2f"),
            ("plan_gib", "plan GiB", ".2f"), ("tflop_per_iter", "TFLOP/iter", ".3g"),
            ("mfu_pct", "MFU %", ".2f"), ("ours_img_s", "ours img/s", ".3g"),
@@ -256,14 +261,26 @@ def gpu_text(device_name: str, peak: float | None) -> str:
     return f"GPU: {device_name}, dense bf16 peak {peak:g} TFLOP/s"
 
 
-def header_lines(args, peak: float | None, device_name: str) -> list[str]:
-    import diffusers
+def missing_packages() -> list[str]:
+    """The requirements of PACKAGES not importable here (the rows that need them will fail)."""
+    import importlib.util
 
+    return [spec for module, spec in PACKAGES.items() if importlib.util.find_spec(module) is None]
+
+
+def header_lines(args, peak: float | None, device_name: str) -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        diffusers = version("diffusers")
+    except PackageNotFoundError:
+        diffusers = "missing"
+    missing = missing_packages()
     return [f"gpu_check ({args.size} size) on {args.device}: CPU {cpu_line()}; "
             f"{gpu_text(device_name, peak)}",
-            f"torch {torch.__version__}, diffusers {diffusers.__version__}; teachers random-"
-            f"initialised from the real configs ({'toy' if args.size == 'toy' else 'full'} size); "
-            "ratio = ours / ref"]
+            f"torch {torch.__version__}, diffusers {diffusers}; teachers random-initialised from "
+            f"the real configs ({args.size} size); ratio = ours / ref"] + (
+        [f"missing Python packages (their rows will fail): {' '.join(missing)}"] if missing else [])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
