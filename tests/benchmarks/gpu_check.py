@@ -4,12 +4,13 @@ SD VAE; no weights needed):
 
 * train <family> lora / fsdp: one DMD2 training iteration through the harness's engine
   (build_method + Trainer), the generator a LoRA (rank 64, alpha 8) on one GPU, and FSDP2 on one
-  rank (`sharding = fsdp`, a 1-process group; the engine refuses LoRA under FSDP today, so that
-  row trains the full generator and says so). Seconds per iteration (mean over one TTUR cycle,
-  after two warm-up iterations), peak memory (torch.cuda.max_memory_allocated; on the CPU the
-  process's peak RSS), the memory plan's estimate for the same run (fewstep.engine.memory), FLOPs
-  (FlopCounterMode) and MFU against the GPU's dense bf16 peak. An FSDP run the plan says cannot
-  fit this GPU is not started (its row says so; it needs more ranks).
+  rank (`sharding = fsdp`, a 1-process group; where the engine refuses LoRA under FSDP, that row
+  trains the full generator and says so). Seconds per iteration (mean over one TTUR cycle, after
+  two warm-up iterations), peak memory (torch.cuda.max_memory_allocated; on the CPU the process's
+  peak RSS), the memory plan's estimate for the same run (fewstep.engine.memory), FLOPs
+  (FlopCounterMode) and MFU against the GPU's dense bf16 peak. A run the plan says cannot fit
+  this GPU is not started: its row says so (FSDP's full fine-tune of SDXL or SD3 at one rank
+  needs more than 80 GB; it needs more ranks).
 * sample <family> student / teacher: images per second of the harness's samplers against
   diffusers' own pipeline on the same modules and settings, and their ratio (SiT: no pipeline).
 * score hpsv2.1 / imagereward: images per second at batch 32 of the harness's metrics against the
@@ -28,7 +29,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
+import os
 import subprocess
 import sys
 import time
@@ -137,7 +138,6 @@ def cpu_line() -> str:
     flags = set(info.get("flags", "").split())
     avx = ", ".join(f"{n} {'yes' if f in flags else 'no'}" for n, f in
                     (("AVX-512", "avx512f"), ("AVX2", "avx2")))
-    import os
     return f"{model} ({avx}), {os.cpu_count()} cores"
 
 
