@@ -46,8 +46,10 @@ def like_ddp(tmp_path, method, family, res, **options):
         assert b == pytest.approx(a, rel=1e-5), (step, key)
     files = sorted(p.name for p in (tmp_path / "ddp_out").glob("*.safetensors"))
     assert files == sorted(p.name for p in (tmp_path / "fsdp_out").glob("*.safetensors"))
+    like_ddp.exported = {}
     for name in files:  # the generator (its EMA when kept) and the other networks (RTDMD, CDM)
         ddp, fsdp = (load_file(str(tmp_path / run / name)) for run in ("ddp_out", "fsdp_out"))
+        like_ddp.exported[name] = fsdp
         assert ddp.keys() == fsdp.keys()
         for key in ddp:
             torch.testing.assert_close(fsdp[key], ddp[key], rtol=0, atol=1e-6, msg=f"{name} {key}")

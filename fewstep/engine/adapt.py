@@ -124,9 +124,10 @@ def enable_checkpointing(denoiser: nn.Module) -> None:
 
 
 @torch.no_grad()
-def merged_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
-    """The denoiser's weights with any LoRA merged, under the base architecture's key names."""
-    work = copy.deepcopy(denoiser)
+def merged_state_dict(denoiser: nn.Module, in_place: bool = False) -> dict[str, torch.Tensor]:
+    """The denoiser's weights with any LoRA merged, under the base architecture's key names;
+    `in_place` merges into the denoiser itself (a throwaway copy: FSDP's export) instead of a copy."""
+    work = denoiser if in_place else copy.deepcopy(denoiser)
     lora_layers = [m for m in work.modules() if hasattr(m, "merge") and hasattr(m, "base_layer")]
     for layer in lora_layers:
         layer.merge()

@@ -9,7 +9,10 @@ engine's all-reduce; clip_grad_norm_ over DTensor parameters reduces the norm ov
 clipping uses the global norm. The EMA is sharded like its generator, so the elementwise EMA
 update stays local to each shard. Mixed precision: bf16 compute with fp32 gradient reduction and
 fp32 master weights on CUDA when `bf16` is on (FSDP2's MixedPrecisionPolicy); fp32 on CPU, like
-the loop's autocast.
+the loop's autocast. LoRA adapters are sharded with their base blocks (the base frozen: FSDP2
+keeps frozen and trained parameters in one group); the export gathers the full weights on rank 0
+and merges the adapters there with peft's merge, into a meta skeleton of the network taken before
+sharding (so no unsharded copy is held while training).
 
 Checkpoints are torch.distributed.checkpoint folders (each rank writes its part) with the same
 manifest rule as fewstep.engine.checkpoint: the folder is assembled under a hidden name and
@@ -18,6 +21,7 @@ checkpoint is never the latest. A checkpoint resumes at another world size too (
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -79,11 +83,11 @@ def check_shardable(method) -> None:
     if what:
         raise FewstepError(f"sharding = fsdp is not checked for {what} yet (checked: "
                            f"{checked_list()}); use sharding = ddp")
-    lora = {f: getattr(opt, f) for f in vars(opt) if f.endswith("lora_rank") and getattr(opt, f)}
-    if lora:
-        name, rank = next(iter(lora.items()))
-        raise FewstepError(f"sharding = fsdp with {name} = {rank}: LoRA adapters are not sharded "
-                           f"yet; give {name} = 0 (full fine-tune) or sharding = ddp")
+    if method.name == "cdm" and opt.lora_rank > 0:
+        raise FewstepError(f"sharding = fsdp with cdm lora_rank = {opt.lora_rank}: CDM merges the "
+                           "LoRA student into its full fake teacher after every step, which is not "
+                           "written for sharded weights yet; give lora_rank = 0 (a full "
+                           "fine-tune, CDM's shipped configs) or sharding = ddp")
     for name, module in method.networks().items():
         if not shard_units(module):
             raise FewstepError(f"sharding = fsdp: {method.name}'s {name} network "
@@ -140,6 +144,34 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True,
                                                                  cpu_offload=True))
+
+
+# -- LoRA export ------------------------------------------------------------------------------------
+def has_lora(module: nn.Module) -> bool:
+    return any("lora_" in name for name, _ in module.named_parameters())
+
+
+def skeleton(module: nn.Module) -> nn.Module:
+    """A copy of the module's structure (peft's LoRA layers included) on the meta device, taken
+    before sharding: rank 0 fills it with the gathered full weights at export to merge the
+    adapters with peft's own merge, exactly as the DDP export does. No storage is copied."""
+    import itertools
+
+    memo = {}
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
+
+
+def merged_full(frame: nn.Module, state: dict) -> dict[str, torch.Tensor]:
+    """The gathered full weights of a LoRA network with its adapters merged into the base weights
+    under the base architecture's names (fewstep.engine.adapt.merged_state_dict), on CPU."""
+    from fewstep.engine.adapt import merged_state_dict
+
+    module = copy.deepcopy(frame).to_empty(device="cpu")
+    module.load_state_dict(state)
+    return merged_state_dict(module, in_place=True)
 
 
 # -- checkpoints -----------------------------------------------------------------------------------

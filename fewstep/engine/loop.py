@@ -179,8 +179,9 @@ class Trainer:
         self.sharded = getattr(opt, "sharding", "ddp") == "fsdp"
         self.emas = {"generator": copy.deepcopy(self.nets["generator"]).requires_grad_(False)} \
             if opt.ema_decay > 0 else {}
+        self.skeletons: dict = {}  # FSDP: meta copies of the LoRA networks, for the export
         if self.sharded:  # before the optimisers: fully_shard replaces the parameters
-            shard_all(method, self.nets, self.emas, self.info)
+            self.skeletons = shard_all(method, self.nets, self.emas, self.info)
         self.params = {n: [p for p in m.parameters() if p.requires_grad] for n, m in self.nets.items()}
         self.optimizers = {n: torch.optim.AdamW(self.params[n], lr=method.lr(n), betas=tuple(opt.betas),
                                                 weight_decay=method.weight_decay(n))
@@ -226,7 +227,12 @@ class Trainer:
         fewstep.engine.run.export; a collective, so every rank calls it."""
         full = {n: fsdp.full_state_dict(m) for n, m in self.nets.items()}
         full.update({n: fsdp.full_state_dict(m) for n, m in self.emas.items()})
-        self.exported = full if self.info.main else None
+        if not self.info.main:
+            self.exported = None
+            return
+        for name, frame in self.skeletons.items():  # the EMA has its generator's structure
+            full[name] = fsdp.merged_full(frame, full[name])
+        self.exported = full
 
     # -- one iteration -----------------------------------------------------------------------------
     def update(self, net: str, scratch: dict) -> dict:
@@ -323,14 +329,18 @@ class Trainer:
         return self.state
 
 
-def shard_all(method: Method, nets: dict, emas: dict, info: DistInfo) -> None:
-    """FSDP2 over the trained networks and the EMA, from rank 0's initial weights."""
+def shard_all(method: Method, nets: dict, emas: dict, info: DistInfo) -> dict:
+    """FSDP2 over the trained networks and the EMA, from rank 0's initial weights; LoRA adapters
+    are sharded with their (frozen) base blocks. Returns {name: meta skeleton} of the networks
+    with LoRA adapters, for merging them at export."""
     fsdp.check_shardable(method)
     fsdp.ensure_group(info)
     policy = fsdp.precision_policy(method.opt, info.device)
+    skeletons = {n: fsdp.skeleton(m) for n, m in nets.items() if fsdp.has_lora(m)}
     for module in list(nets.values()) + list(emas.values()):
         broadcast_module(module, info)
         fsdp.shard(module, policy)
+    return skeletons
 
 
 def _log_rows(path: Path) -> list[tuple[str, dict]]:
