@@ -167,3 +167,18 @@ def test_missing_packages_are_named_at_the_top(monkeypatch):
     lines = gpu_check.header_lines(args, None, "CPU")
     assert lines[-1] == "missing Python packages (their rows will fail): fairscale==0.4.13"
     assert gpu_check.missing_packages() == ["fairscale==0.4.13"]
+
+
+def test_the_batch_is_halved_until_the_plan_fits(monkeypatch):
+    """fitted: the family's batch (2), else 1 with a note, else a skipped row."""
+    import gpu_check_train as gt
+
+    monkeypatch.setattr(gt, "plan_gib", lambda opt, *a: 10.0 * opt.batch)
+    monkeypatch.setattr(gt, "device_memory_gib", lambda device: 40.0)
+    assert gt.fitted(None, "sdxl", "full", "cuda:0", True, "ddp") == (2, 20.0, "")
+    monkeypatch.setattr(gt, "device_memory_gib", lambda device: 10.0 + gt.SPARE_GIB)
+    assert gt.fitted(None, "sdxl", "full", "cuda:0", True, "ddp") == \
+        (1, 10.0, " (batch 2 would need 20 GiB)")
+    monkeypatch.setattr(gt, "device_memory_gib", lambda device: 9.0)
+    with pytest.raises(gt.Skip, match="needs 10.0 GiB at one rank and batch 1"):
+        gt.fitted(None, "sdxl", "full", "cuda:0", False, "fsdp")

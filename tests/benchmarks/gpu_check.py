@@ -8,9 +8,11 @@ SD VAE; no weights needed):
   trains the full generator and says so). Seconds per iteration (mean over one TTUR cycle, after
   two warm-up iterations), peak memory (torch.cuda.max_memory_allocated; on the CPU the process's
   peak RSS), the memory plan's estimate for the same run (fewstep.engine.memory), FLOPs
-  (FlopCounterMode) and MFU against the GPU's dense bf16 peak. A run the plan says cannot fit
-  this GPU is not started: its row says so (FSDP's full fine-tune of SDXL or SD3 at one rank
-  needs more than 80 GB; it needs more ranks).
+  (FlopCounterMode) and MFU against the GPU's dense bf16 peak. Batch per GPU: DMD2's 2 (SDXL,
+  SD3; SiT 8), halved while the plan (+3 GiB spare) exceeds the GPU's memory (the harness runs
+  DMD2's critic without checkpointing: SDXL and SD3 need batch 1 on 80 GB); a run that does not
+  fit at batch 1 is not started and its row says so (FSDP's full fine-tune of SDXL or SD3 at one
+  rank: it needs more ranks).
 * sample <family> student / teacher: images per second of the harness's samplers against
   diffusers' own pipeline on the same modules and settings, and their ratio (SiT: no pipeline).
 * score hpsv2.1 / imagereward: images per second at batch 32 of the harness's metrics against the

@@ -20,6 +20,7 @@ import torch
 PRESETS = {"sdxl": "dmd2-sdxl4-paper", "sd3": "dmd2-sd3-ext", "sit": "dmd2-sit-ext"}
 BATCH = {"full": {"sdxl": 2, "sd3": 2, "sit": 8}, "toy": {"sdxl": 2, "sd3": 2, "sit": 2}}
 LORA = {"full": (64, 8.0), "toy": (4, 4.0)}  # DMD2's released SDXL LoRA: rank 64, alpha 8
+SPARE_GIB = 3.0  # CUDA context and fragmentation (`fewstep plan`'s legend: keep 3-5 GiB spare)
 TOY_TOKENS = {"sdxl": 16, "sd3": 32, "sit": 0}  # the toy text stacks' sequence lengths
 GIB = 2 ** 30
 
@@ -33,9 +34,9 @@ class TrainResult:
     note: str = ""
 
 
-def overrides(family: str, size: str, lora: bool, sharding: str) -> dict:
+def overrides(family: str, size: str, lora: bool, sharding: str, batch: int) -> dict:
     rank, alpha = LORA[size] if lora else (0, 0.0)
-    return {"batch": BATCH[size][family], "lora_rank": rank, "lora_alpha": alpha,
+    return {"batch": batch, "lora_rank": rank, "lora_alpha": alpha,
             "grad_checkpointing": family != "sit",  # SiTNet has no checkpointing switch
             "sharding": sharding, "steps": 10 ** 6, "checkpoint_every": 10 ** 6, "bf16": True}
 
@@ -87,26 +88,30 @@ class Skip(Exception):
         self.plan, self.note = plan, note
 
 
-def options(family: str, size: str, lora: bool, sharding: str):
+def options(family: str, size: str, lora: bool, sharding: str, batch: int):
     from fewstep.options import resolve
     from fewstep.registry import METHODS
 
     cls = METHODS.get("dmd2")
     return resolve(cls.Options, cls.PRESETS, PRESETS[family],
-                   overrides(family, size, lora, sharding), method="dmd2")
+                   overrides(family, size, lora, sharding, batch), method="dmd2")
 
 
-def planned(teacher, family: str, size: str, device, lora: bool, sharding: str,
-            why: str = "") -> float:
-    """The memory plan of this run (GiB); Skip when it exceeds the GPU's memory."""
-    plan = plan_gib(options(family, size, lora, sharding), teacher, family, size)
-    have = device_memory_gib(device)
-    if have is not None:
-        if plan > have:
-            raise Skip(plan, f"{why}not run: the memory plan needs {plan:.1f} GiB at one rank, "
-                             f"this GPU has {have:.1f} GiB" +
+def fitted(teacher, family: str, size: str, device, lora: bool, sharding: str,
+           why: str = "") -> tuple[int, float, str]:
+    """(batch, plan GiB, note): the family's batch, halved while the memory plan (plus SPARE_GIB)
+    exceeds the GPU's memory; Skip when batch 1 does not fit either."""
+    batch, have, note = BATCH[size][family], device_memory_gib(device), ""
+    while True:
+        plan = plan_gib(options(family, size, lora, sharding, batch), teacher, family, size)
+        if have is None or plan + SPARE_GIB <= have:
+            return batch, plan, note
+        note = note or f" (batch {batch} would need {plan:.0f} GiB)"
+        if batch == 1:
+            raise Skip(plan, f"{why}not run: the memory plan needs {plan:.1f} GiB at one rank and "
+                             f"batch 1, this GPU has {have:.1f} GiB" +
                              (" (FSDP over more ranks shards it)" if sharding == "fsdp" else ""))
-    return plan
+        batch //= 2
 
 
 def device_memory_gib(device) -> float | None:
@@ -116,13 +121,14 @@ def device_memory_gib(device) -> float | None:
     return torch.cuda.get_device_properties(torch.device(device)).total_memory / GIB
 
 
-def build_trainer(teacher, family: str, size: str, device, lora: bool, sharding: str):
+def build_trainer(teacher, family: str, size: str, device, lora: bool, sharding: str,
+                  batch: int):
     from fewstep.engine.distributed import DistInfo
     from fewstep.engine.loop import Trainer
     from fewstep.engine.run import build_method
 
     method = build_method("dmd2", teacher, context(teacher, family, device), PRESETS[family],
-                          overrides(family, size, lora, sharding))
+                          overrides(family, size, lora, sharding, batch))
     info = DistInfo(device=torch.device(device))
     return Trainer(method, Path(tempfile.mkdtemp(prefix="gpu-check-")) / "run", info)
 
@@ -132,16 +138,17 @@ def fsdp_trainer(teacher, family: str, size: str, device):
     refuses LoRA under FSDP, of the full fine-tune instead, and the note says so."""
     from fewstep.errors import FewstepError
 
-    plan = planned(teacher, family, size, device, True, "fsdp")
+    batch, plan, fit = fitted(teacher, family, size, device, True, "fsdp")
     try:
-        return build_trainer(teacher, family, size, device, True, "fsdp"), "FSDP + LoRA", plan
+        trainer = build_trainer(teacher, family, size, device, True, "fsdp", batch)
+        return trainer, "FSDP + LoRA" + fit, plan
     except FewstepError as err:
         if "lora" not in str(err).lower():
             raise
         note = f"LoRA off (refused: {str(err).split(';')[0]})"
     free_memory()
-    plan = planned(teacher, family, size, device, False, "fsdp", why=note + "; ")
-    return build_trainer(teacher, family, size, device, False, "fsdp"), note, plan
+    batch, plan, fit = fitted(teacher, family, size, device, False, "fsdp", why=note + "; ")
+    return build_trainer(teacher, family, size, device, False, "fsdp", batch), note + fit, plan
 
 
 def free_memory() -> None:
@@ -197,9 +204,9 @@ def measure(trainer, device) -> tuple[float, float, float]:
 
 
 def plan_gib(opt, teacher, family: str, size: str) -> float:
-    """fewstep.engine.memory's per-GPU estimate of a DMD2 run with options `opt` at one rank
-    (activation checkpointing as set): the real architecture's census and meta-device trace at
-    full size, the toy teacher's own at toy size."""
+    """fewstep.engine.memory's per-GPU estimate of a DMD2 run with options `opt` at one rank:
+    the real architecture's census and meta-device trace at full size, the toy teacher's own at
+    toy size; activations as the harness runs DMD2 (harness_activations)."""
     from fewstep.engine import memory as m
 
     if size == "full":
@@ -213,19 +220,34 @@ def plan_gib(opt, teacher, family: str, size: str) -> float:
                                          latent=teacher.latent_shape, tokens=TOY_TOKENS[family])
                   for mode in ("full", "features")}
     static = m.static_of("dmd2", opt, denoiser, teacher.lora_targets, head, extras)
-    acts = m.activations("dmd2", opt, opt.batch, traces)
-    row = m.engine_row("gpu-check", static, opt.sharding, "replicated", 1, opt.batch, acts,
-                       m.largest_block(denoiser), bool(opt.bf16) and size == "full")
-    return (row.total_ckpt if opt.grad_checkpointing else row.total_full) / GIB
+    acts = harness_activations(opt, traces)
+    row = m.engine_row("gpu-check", static, opt.sharding, "replicated", 1, opt.batch,
+                       (acts, acts), m.largest_block(denoiser), bool(opt.bf16) and size == "full")
+    return (row.static + acts) / GIB
+
+
+def harness_activations(opt, traces: dict) -> int:
+    """Saved activations of the heaviest update as the harness runs DMD2: the generator's
+    forwards checkpointed per block under grad_checkpointing, the critic's (and the GAN features
+    through it) not (`fewstep plan`'s legend: DMD2 critics run without checkpointing)."""
+    from fewstep.engine.memory import method_forwards
+
+    def saved(net: str, mode: str) -> int:
+        trace = traces[mode]
+        return trace.checkpointed if net == "generator" and opt.grad_checkpointing else trace.full
+
+    return max(sum(n * opt.batch * saved(net, mode) for net, mode, n in forwards)
+               for forwards in method_forwards("dmd2", opt).values())
 
 
 def train_row(teacher, family: str, size: str, device, sharding: str) -> TrainResult:
     if sharding == "fsdp":
         trainer, note, plan = fsdp_trainer(teacher, family, size, device)
     else:
-        plan = planned(teacher, family, size, device, True, "ddp")
-        trainer, note = build_trainer(teacher, family, size, device, True, "ddp"), "LoRA"
+        batch, plan, fit = fitted(teacher, family, size, device, True, "ddp")
+        trainer = build_trainer(teacher, family, size, device, True, "ddp", batch)
+        note = "LoRA" + fit
     seconds, flops, peak = measure(trainer, device)
     opt = trainer.method.opt
-    note += f", batch {opt.batch}, TTUR 1:{opt.generator_every}"
-    return TrainResult(seconds, flops, peak, plan, note)
+    return TrainResult(seconds, flops, peak, plan,
+                       note + f"; batch {opt.batch}, TTUR 1:{opt.generator_every}")
