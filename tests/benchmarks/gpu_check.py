@@ -11,8 +11,8 @@ SD VAE; no weights needed):
   (FlopCounterMode) and MFU against the GPU's dense bf16 peak. Batch per GPU: DMD2's 2 (SDXL,
   SD3; SiT 8), halved while the plan (+3 GiB spare) exceeds the GPU's memory (the harness runs
   DMD2's critic without checkpointing: SDXL and SD3 need batch 1 on 80 GB); a run that does not
-  fit at batch 1 is not started and its row says so (FSDP's full fine-tune of SDXL or SD3 at one
-  rank: it needs more ranks).
+  fit at batch 1 is not started and its row says so (e.g. a full fine-tune of SDXL or SD3 under
+  FSDP at one rank: it needs more ranks).
 * sample <family> student / teacher: images per second of the harness's samplers against
   diffusers' own pipeline on the same modules and settings, and their ratio (SiT: no pipeline).
 * score hpsv2.1 / imagereward: images per second at batch 32 of the harness's metrics against the
