@@ -65,6 +65,10 @@ class TrainOptions:
     # or fsdp (FSDP2: weights, gradients, optimiser states and EMA sharded per block;
     # fewstep.engine.fsdp)
     sharding: str = choice("ddp", "fsdp")
+    # the frozen teacher under sharding = fsdp: replicate (each rank holds it whole, at its own
+    # dtype: bf16 for a real teacher) or shard (fully_shard per block, the trained networks'
+    # mixed-precision policy, frozen); the same numbers either way
+    fsdp_teacher: str = choice("replicate", "shard")
     lora_rank: int = 0                # 0: full fine-tune of the generator; > 0: peft LoRA
     lora_alpha: float = 0.0           # required with lora_rank > 0 (the update is alpha / rank)
     lora_targets: tuple[str, ...] = ()  # module-name patterns; () = the family's defaults

@@ -177,6 +177,10 @@ class Trainer:
         opt = method.opt
         self.nets = method.networks()
         self.sharded = getattr(opt, "sharding", "ddp") == "fsdp"
+        if getattr(opt, "fsdp_teacher", "replicate") == "shard" and not self.sharded:
+            raise FewstepError(f"fsdp_teacher = shard needs sharding = fsdp (this run has "
+                               f"sharding = {opt.sharding}): give sharding = fsdp, or "
+                               "fsdp_teacher = replicate")
         self.emas = {"generator": copy.deepcopy(self.nets["generator"]).requires_grad_(False)} \
             if opt.ema_decay > 0 else {}
         self.skeletons: dict = {}  # FSDP: meta copies of the LoRA networks, for the export
@@ -340,6 +344,8 @@ def shard_all(method: Method, nets: dict, emas: dict, info: DistInfo) -> dict:
     for module in list(nets.values()) + list(emas.values()):
         broadcast_module(module, info)
         fsdp.shard(module, policy)
+    if method.opt.fsdp_teacher == "shard":  # frozen: its DTensors join no optimiser
+        fsdp.shard(method.teacher.denoiser, policy)
     return skeletons
 
 
