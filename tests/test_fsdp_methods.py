@@ -68,9 +68,12 @@ def test_fsdp_trains_cdm_like_ddp(tmp_path):
     its merge toward the student, made large here (m = 0.5, lr 1e-4; the paper's m = 0.999 at
     lr 1e-5 moves the fake teacher by ~1e-8, below the tolerance) so a merge skipped or wrong
     on the shards shows: measured, FSDP's weights are within 2.8e-7 of DDP's, while the same DDP
-    run without the merge (m = 1) differs by 4e-4 in both exported networks."""
+    run without the merge (m = 1) differs by 4e-4 in both exported networks. A checkpoint after
+    every iteration: the first is saved before the student's first step (its AdamW has no state
+    yet, which DCP's state-dict API would otherwise fill by a zero step, shifting AdamW's bias
+    correction of the student's first real step)."""
     rows = like_ddp(tmp_path, "cdm", "sd3", 8, steps=4, batch=2, warmup=1, schedule_len=[1, 3],
-                    lr=1e-4, critic_lr=1e-4, ft_ema_from_student=0.5, checkpoint_every=1000,
+                    lr=1e-4, critic_lr=1e-4, ft_ema_from_student=0.5, checkpoint_every=1,
                     log_every=1)
     assert {key for _, key, _ in _losses(rows)} == {"generator/loss", "critic/loss"}
 

@@ -146,6 +146,20 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
                                                                  cpu_offload=True))
 
 
+def full_optimizer_state(module: nn.Module, optimizer) -> dict:
+    """A copy of the unsharded optimiser state of a sharded network, keyed by parameter names, on
+    CPU (a collective: every rank calls it; rank 0 gets it): what a resume at any world size
+    restores. An optimiser that has not stepped keeps its empty state (forget_state)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    stepped = bool(optimizer.state)
+    full = get_optimizer_state_dict(module, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))
+    if not stepped:
+        optimizer.state.clear()
+    return copy.deepcopy(full)  # on one process the CPU tensors are the optimiser's own
+
+
 # -- LoRA export ------------------------------------------------------------------------------------
 def has_lora(module: nn.Module) -> bool:
     return any("lora_" in name for name, _ in module.named_parameters())
@@ -187,6 +201,14 @@ def _app_state(nets: dict, emas: dict, optimizers: dict) -> dict:
     return state
 
 
+def forget_state(optimizers: dict, names) -> None:
+    """Empty the state of optimisers that had not stepped: DCP's state-dict API fills an empty
+    AdamW state by a step on zero gradients at lr 0 (weights unchanged, but its step count 1
+    would shift the bias correction of the network's first real step away from DDP's)."""
+    for name in names:
+        optimizers[name].state.clear()
+
+
 def save(run_dir: Path, step: int, nets: dict, emas: dict, optimizers: dict, schedulers: dict,
          extra: dict, main: bool) -> Path:
     """Every rank writes its shards into a hidden folder; rank 0 adds state, rng and the
@@ -205,11 +227,14 @@ def save(run_dir: Path, step: int, nets: dict, emas: dict, optimizers: dict, sch
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
+    unstepped = sorted(n for n, o in optimizers.items() if not o.state)
     dcp.save(_app_state(nets, emas, optimizers), checkpoint_id=str(tmp))
+    forget_state(optimizers, unstepped)
     if main:
         save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
         state = {"step": step, "format": FORMAT, "world_size": dist.get_world_size(),
-                 "schedulers": {n: s.state_dict() for n, s in schedulers.items()}, "extra": extra}
+                 "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
+                 "unstepped": unstepped, "extra": extra}
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=str))
         checkpoint.write_manifest(tmp)  # last: its presence says every other file is whole
         if folder.exists():
@@ -249,6 +274,7 @@ def load(folder: Path, nets: dict, emas: dict, optimizers: dict, schedulers: dic
                        optim_state_dict=app[f"optim.{name}"])
     for name, module in emas.items():
         set_model_state_dict(module, app[f"ema.{name}"])
+    forget_state(optimizers, state.get("unstepped", []))
     for name, sched in schedulers.items():
         sched.load_state_dict(state["schedulers"][name])
     torch.set_rng_state(load_file(str(Path(folder) / "rng.safetensors"))["torch"])
