@@ -35,6 +35,11 @@ def write_pairs(folder, family, res, guidance=2.0, n=4):
     return str(folder / "pairs.safetensors")
 
 
+def grad_norms(rows):
+    return [(row["step"], key, row[key]) for row in rows for key in sorted(row)
+            if key.endswith("/grad_norm")]
+
+
 def like_ddp(tmp_path, method, family, res, **options):
     """Train the same cell with DDP and FSDP at 2 ranks; both networks' losses and the exported
     weights agree (tolerances: module docstring). Returns the FSDP run's rows."""
@@ -44,6 +49,8 @@ def like_ddp(tmp_path, method, family, res, **options):
     assert _losses(ddp_rows), "nothing logged"
     for (step, key, a), (_, _, b) in zip(_losses(ddp_rows), _losses(fsdp_rows), strict=True):
         assert b == pytest.approx(a, rel=1e-5), (step, key)
+    for (step, key, a), (_, _, b) in zip(grad_norms(ddp_rows), grad_norms(fsdp_rows), strict=True):
+        assert b == pytest.approx(a, rel=1e-5), (step, key)  # clipping's norm: global, not a shard's
     files = sorted(p.name for p in (tmp_path / "ddp_out").glob("*.safetensors"))
     assert files == sorted(p.name for p in (tmp_path / "fsdp_out").glob("*.safetensors"))
     like_ddp.exported = {}
@@ -76,6 +83,7 @@ def test_fsdp_trains_cdm_like_ddp(tmp_path):
                     lr=1e-4, critic_lr=1e-4, ft_ema_from_student=0.5, checkpoint_every=1,
                     log_every=1)
     assert {key for _, key, _ in _losses(rows)} == {"generator/loss", "critic/loss"}
+    assert {key for _, key, _ in grad_norms(rows)} == {"generator/grad_norm", "critic/grad_norm"}
 
 
 def test_fsdp_trains_amd_like_ddp(tmp_path):

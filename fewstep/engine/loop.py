@@ -245,9 +245,13 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         with method.ctx.autocast():
             loss, scalars = method.loss(net, scratch)
-        if not torch.isfinite(loss.detach()).all():
+        finite = bool(torch.isfinite(loss.detach()).all())
+        # FSDP: every rank stops together (a rank left behind would wait in the reduce-scatter)
+        stop = any_rank(not finite, self.info) if self.sharded else not finite
+        if stop:
+            where = f"{loss.item()}" if not finite else f"{loss.item()} here, not finite on another rank"
             raise NonFiniteLossError(f"iteration {step}: the {net} loss of {method.name} is "
-                                     f"{loss.item()}; stopping (last checkpoint kept)")
+                                     f"{where}; stopping (last checkpoint kept)")
         if self.sharded:
             # FSDP's graph holds the unsharded parameters, not these DTensors, so no `inputs`:
             # other networks may get gradients too; each optimiser zeroes its own before use
