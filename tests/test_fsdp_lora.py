@@ -1,16 +1,13 @@
 """LoRA under FSDP2 (sharding = fsdp): the adapters are sharded with their base blocks (the base
 frozen), and the export merges them into the gathered full weights on rank 0.
 
-At 2 gloo ranks each run equals DDP with the same LoRA: losses rel 1e-5, every exported (merged)
+CDM's per-step merge of the LoRA student into its full fake teacher is computed on the shards
+(fewstep.engine.adapt.merged_sharded). At 2 gloo ranks each run equals DDP with the same LoRA: losses rel 1e-5, every exported (merged)
 network atol 1e-6 (tolerances: tests/test_fsdp.py's module docstring, FSDP's reduce-scatter
 rounds its sums in another order than DDP's all-reduce).
 """
-import pytest
-
-from test_fsdp import _toy_method
+from test_fsdp import _losses
 from test_fsdp_methods import like_ddp
-
-from fewstep.errors import FewstepError
 
 
 def test_fsdp_trains_a_dmd2_lora_like_ddp(tmp_path):
@@ -31,11 +28,11 @@ def test_fsdp_trains_rtdmd_loras_like_ddp(tmp_path):
         assert not any("lora_" in key for key in like_ddp.exported[name])
 
 
-def test_fsdp_refuses_cdm_with_a_lora_naming_the_option():
-    """CDM merges the student (LoRA merged) into the fake teacher after every step: on shards
-    that needs a sharded merge not written yet, so it is refused, naming the option."""
-    with pytest.raises(FewstepError, match="sharding = fsdp with cdm lora_rank = 4"):
-        from fewstep.engine import fsdp
-
-        fsdp.check_shardable(_toy_method(name="cdm", sharding="fsdp", batch=2, steps=1,
-                                         lora_rank=4, lora_alpha=4.0))
+def test_fsdp_trains_a_cdm_lora_like_ddp(tmp_path):
+    """CDM merges the LoRA student into its full fake teacher after every fake-teacher step: on
+    shards the merge is computed on the DTensors (peft's delta, sharded like the base weight).
+    The merge made large (m = 0.5, lr 1e-4) as in test_fsdp_methods' CDM check."""
+    rows = like_ddp(tmp_path, "cdm", "sd3", 8, steps=4, batch=2, warmup=1, schedule_len=[1, 3],
+                    lr=1e-4, critic_lr=1e-4, ft_ema_from_student=0.5, lora_rank=4,
+                    lora_alpha=8.0, checkpoint_every=1000, log_every=1)
+    assert {key for _, key, _ in _losses(rows)} == {"generator/loss", "critic/loss"}

@@ -127,6 +127,8 @@ def enable_checkpointing(denoiser: nn.Module) -> None:
 def merged_state_dict(denoiser: nn.Module, in_place: bool = False) -> dict[str, torch.Tensor]:
     """The denoiser's weights with any LoRA merged, under the base architecture's key names;
     `in_place` merges into the denoiser itself (a throwaway copy: FSDP's export) instead of a copy."""
+    if any(hasattr(p, "full_tensor") for p in denoiser.parameters()):
+        return merged_sharded(denoiser)
     work = denoiser if in_place else copy.deepcopy(denoiser)
     lora_layers = [m for m in work.modules() if hasattr(m, "merge") and hasattr(m, "base_layer")]
     for layer in lora_layers:
@@ -136,4 +138,25 @@ def merged_state_dict(denoiser: nn.Module, in_place: bool = False) -> dict[str, 
         if "lora_" in key:
             continue
         out[key.replace(".base_layer.", ".")] = value.detach().contiguous().cpu()
+    return out
+
+
+@torch.no_grad()
+def merged_sharded(denoiser: nn.Module) -> dict[str, torch.Tensor]:
+    """merged_state_dict of an FSDP-sharded denoiser, without a copy: each LoRA layer's base
+    weight plus peft's own delta (get_delta_weight: B A alpha/rank) computed on the DTensors, so
+    the merged weights stay sharded like the base (CDM's fake-teacher merge). A collective: every
+    rank calls it, in the same order."""
+    layers = {name: m for name, m in denoiser.named_modules()
+              if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer")}
+    out = {}
+    for key, value in denoiser.state_dict().items():
+        if "lora_" in key:
+            continue
+        owner, mark, leaf = key.rpartition(".base_layer.")
+        if mark and leaf == "weight":
+            layer = layers[owner]
+            for adapter in layer.active_adapters:
+                value = (value + layer.get_delta_weight(adapter)).to(value.dtype)
+        out[key.replace(".base_layer.", ".")] = value.detach()
     return out

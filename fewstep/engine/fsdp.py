@@ -12,12 +12,18 @@ fp32 master weights on CUDA when `bf16` is on (FSDP2's MixedPrecisionPolicy); fp
 the loop's autocast. LoRA adapters are sharded with their base blocks (the base frozen: FSDP2
 keeps frozen and trained parameters in one group); the export gathers the full weights on rank 0
 and merges the adapters there with peft's merge, into a meta skeleton of the network taken before
-sharding (so no unsharded copy is held while training).
+sharding (so no unsharded copy is held while training). The frozen teacher is replicated
+(`fsdp_teacher = replicate`, the default: each rank holds it whole at its own dtype, bf16 for a
+real teacher) or sharded per block like the trained networks (`shard`: frozen, outside every
+optimiser and checkpoint; its forwards all-gather the exact weights, so the numbers are the same).
+A loss that is not finite on one rank stops every rank (the loop all-reduces the guard's flag).
 
 Checkpoints are torch.distributed.checkpoint folders (each rank writes its part) with the same
 manifest rule as fewstep.engine.checkpoint: the folder is assembled under a hidden name and
 renamed once every rank has written, and its manifest is written last, so a half-written
-checkpoint is never the latest. A checkpoint resumes at another world size too (DCP reshards).
+checkpoint is never the latest. A checkpoint resumes at another world size too (DCP reshards
+weights, EMA and AdamW states). An optimiser that has not stepped yet is saved and restored as
+unstepped (forget_state), as the DDP checkpoint does.
 """
 from __future__ import annotations
 
@@ -78,16 +84,10 @@ def unchecked(method) -> str | None:
 
 def check_shardable(method) -> None:
     """Refuse what this FSDP slice cannot train, naming the option and value."""
-    opt = method.opt
     what = unchecked(method)
     if what:
         raise FewstepError(f"sharding = fsdp is not checked for {what} yet (checked: "
                            f"{checked_list()}); use sharding = ddp")
-    if method.name == "cdm" and opt.lora_rank > 0:
-        raise FewstepError(f"sharding = fsdp with cdm lora_rank = {opt.lora_rank}: CDM merges the "
-                           "LoRA student into its full fake teacher after every step, which is not "
-                           "written for sharded weights yet; give lora_rank = 0 (a full "
-                           "fine-tune, CDM's shipped configs) or sharding = ddp")
     for name, module in method.networks().items():
         if not shard_units(module):
             raise FewstepError(f"sharding = fsdp: {method.name}'s {name} network "
