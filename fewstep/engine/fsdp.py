@@ -113,7 +113,9 @@ def shard(module: nn.Module, policy) -> nn.Module:
         for child in module.children():                   # and GAN head): each one alone
             shard(child, policy)
         return module
-    for unit in shard_units(module):
+    # innermost first: the SDXL UNet's down/up blocks hold transformer blocks that are units too
+    # (shard_units lists them after their block), and fully_shard refuses a sharded parameter
+    for unit in reversed(shard_units(module)):
         fully_shard(unit, mp_policy=policy)
     fully_shard(module, mp_policy=policy)
     return module
