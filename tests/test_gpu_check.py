@@ -29,12 +29,6 @@ ORDER = [n for f in FAMILIES for n in [f"train {f} lora", f"train {f} fsdp",
                                                    f"sample {f} student", f"sample {f} teacher"]]
 ORDER += SCORE
 TRAIN_KEYS = ("s_per_iter", "peak_gib", "plan_gib", "tflop_per_iter", "mfu_pct")
-# fewstep/engine/fsdp.py shards a UNet's blocks outer first (down_blocks before the
-# BasicTransformerBlocks inside them), which fully_shard refuses; innermost first fixes it
-NESTED_UNITS = pytest.mark.xfail(reason="fsdp.shard: nested UNet units sharded outer first",
-                                 strict=False)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-check") / "rows.json"
@@ -61,8 +55,7 @@ def positive(values: dict, keys) -> None:
         assert math.isfinite(values[key]) and values[key] > 0, (key, values)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=NESTED_UNITS) if n == "train sdxl fsdp"
-                                  else n for n in TRAIN])
+@pytest.mark.parametrize("name", TRAIN)
 def test_a_training_row_measures_time_memory_plan_and_mfu(run, name):
     row = run[1][name]
     assert not row["error"] and not row["skipped"], row
