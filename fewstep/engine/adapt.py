@@ -143,10 +143,12 @@ def merged_state_dict(denoiser: nn.Module, in_place: bool = False) -> dict[str, 
 
 @torch.no_grad()
 def merged_sharded(denoiser: nn.Module) -> dict[str, torch.Tensor]:
-    """merged_state_dict of an FSDP-sharded denoiser, without a copy: each LoRA layer's base
-    weight plus peft's own delta (get_delta_weight: B A alpha/rank) computed on the DTensors, so
-    the merged weights stay sharded like the base (CDM's fake-teacher merge). A collective: every
-    rank calls it, in the same order."""
+    """merged_state_dict of an FSDP-sharded denoiser without a copy of it (CDM's fake-teacher
+    merge): per LoRA layer, its base weight gathered plus peft's own delta (get_delta_weight, on
+    the gathered adapters: linear and convolution layers alike), sharded again like the base.
+    The same sums as the unsharded merge; a collective: every rank calls it, in the same order."""
+    from torch.distributed.tensor import distribute_tensor
+
     layers = {name: m for name, m in denoiser.named_modules()
               if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer")}
     out = {}
@@ -154,9 +156,24 @@ def merged_sharded(denoiser: nn.Module) -> dict[str, torch.Tensor]:
         if "lora_" in key:
             continue
         owner, mark, leaf = key.rpartition(".base_layer.")
-        if mark and leaf == "weight":
-            layer = layers[owner]
-            for adapter in layer.active_adapters:
-                value = (value + layer.get_delta_weight(adapter)).to(value.dtype)
+        if mark and leaf == "weight" and hasattr(value, "full_tensor"):
+            full = value.full_tensor()
+            for adapter in layers[owner].active_adapters:
+                full = (full + gathered_delta(layers[owner], adapter)).to(full.dtype)
+            value = distribute_tensor(full, value.device_mesh, value.placements)
         out[key.replace(".base_layer.", ".")] = value.detach()
     return out
+
+
+def gathered_delta(layer: nn.Module, adapter: str) -> torch.Tensor:
+    """peft's delta weight of one LoRA layer with its adapter weights gathered (unsharded) for
+    the call; the sharded parameters are put back after it."""
+    parts = [layer.lora_A[adapter], layer.lora_B[adapter]]
+    kept = [part.weight for part in parts]
+    try:
+        for part, weight in zip(parts, kept):
+            part.weight = nn.Parameter(weight.full_tensor(), requires_grad=False)
+        return layer.get_delta_weight(adapter)
+    finally:
+        for part, weight in zip(parts, kept):
+            part.weight = weight
