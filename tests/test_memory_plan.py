@@ -169,7 +169,7 @@ def test_dmd2_sdxl_full_weights_grads_adamw_are_the_issue_figure():
 
 
 def test_fsdp_divides_the_trained_state_by_the_world_size():
-    ddp, fsdp = memory.plan_preset("dmd2-sit-ext", [8], teachers=("sharded",))
+    ddp, fsdp = memory.plan_preset("dmd2-sit-ext", [8], teachers=("shard",))
     assert fsdp.optimiser == -(-ddp.optimiser // 8) and fsdp.gradients < ddp.gradients / 8
     assert fsdp.weights < ddp.weights
 

@@ -14,7 +14,8 @@ LEGEND = """\
 GiB per GPU. N: world size; batch/GPU: the preset's global_batch / N (else its per-rank batch).
 weights: trained networks in fp32 (LoRA: base bf16, adapters fp32), frozen teacher denoiser and
   text encoders bf16, one fp32 VAE per backbone copy (teacher, generator, critic), reward models
-  and LPIPS fp32. FSDP: trained networks / N; teacher / N (fsdp/sharded) or whole (fsdp/replicated).
+  and LPIPS fp32. FSDP: trained networks / N; teacher whole (fsdp/replicate, the
+  default fsdp_teacher) or / N (fsdp/shard).
 grads: fp32 per trainable parameter, every network's alive at once; DDP at N > 1 adds the flat
   all-reduce buffer of the largest network. FSDP: / N.
 optim: AdamW exp_avg + exp_avg_sq fp32 + a step scalar per tensor (trained weights are the fp32
@@ -41,7 +42,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU (GiB)")
     parser.add_argument("--engine", choices=memory.ENGINES + ("both",), default="both")
     parser.add_argument("--teacher", choices=memory.TEACHER_PLACEMENT + ("both",),
-                        default="sharded", help="FSDP: the frozen teacher sharded or replicated")
+                        default="replicate",
+                        help="FSDP: the frozen teacher replicated (fsdp_teacher's default) or "
+                             "sharded (fsdp_teacher = shard)")
 
 
 def run(args) -> int:

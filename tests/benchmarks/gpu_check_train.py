@@ -221,7 +221,7 @@ def plan_gib(opt, teacher, family: str, size: str) -> float:
                   for mode in ("full", "features")}
     static = m.static_of("dmd2", opt, denoiser, teacher.lora_targets, head, extras)
     acts = harness_activations(opt, traces)
-    row = m.engine_row("gpu-check", static, opt.sharding, "replicated", 1, opt.batch,
+    row = m.engine_row("gpu-check", static, opt.sharding, "replicate", 1, opt.batch,
                        (acts, acts), m.largest_block(denoiser), bool(opt.bf16) and size == "full")
     return (row.static + acts) / GIB
 

@@ -32,8 +32,8 @@ For a method preset, an engine (DDP or FSDP) and a world size it estimates, in b
   (method_forwards); the run's peak is its heaviest update. No-grad forwards (teacher, critic's DM
   prediction, rollouts) keep no activations; their transient workspace is not counted.
 * FSDP (torch.distributed.fsdp.fully_shard): weights, gradients, optimiser states and EMA of the
-  trained networks are divided by the world size; the frozen teacher denoiser is sharded (/N) or
-  replicated, in bf16; text encoders, VAE, reward and LPIPS stay replicated.
+  trained networks are divided by the world size; the frozen teacher denoiser is replicated
+  (fsdp_teacher = replicate, the default) or sharded (/N, fsdp_teacher = shard), in bf16; text encoders, VAE, reward and LPIPS stay replicated.
 Batch per GPU: global_batch / N where the preset gives global_batch, else its (per-rank) batch.
 Not counted: the CUDA context and allocator fragmentation (leave a few GiB), the VAE decoder and
 reward model activations of DMD's LPIPS regression, DMD2's warm start and RTDMD stage 2's reward

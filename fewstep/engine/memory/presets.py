@@ -69,7 +69,7 @@ def real_extras(method: str, options, family: str) -> dict:
     return extras
 
 
-def plan_preset(preset: str, worlds, engines=ENGINES, teachers=("sharded",)) -> list[Row]:
+def plan_preset(preset: str, worlds, engines=ENGINES, teachers=("replicate",)) -> list[Row]:
     """The rows of one paper preset: each world size, engine (and FSDP teacher placement)."""
     from fewstep.registry import BACKBONES
 
@@ -84,7 +84,7 @@ def plan_preset(preset: str, worlds, engines=ENGINES, teachers=("sharded",)) -> 
                            real_extras(method, options, family))
         acts = activations(method, options, options.batch, traces)
         for engine in engines:
-            for teacher in (teachers if engine == "fsdp" else ("replicated",)):
+            for teacher in (teachers if engine == "fsdp" else ("replicate",)):
                 rows.append(engine_row(preset, static, engine, teacher, world, options.batch, acts,
                                        largest_block(denoiser), bool(options.bf16)))
     return rows

@@ -11,7 +11,7 @@ from fewstep.engine.memory.networks import Network, frozen_networks, trained_net
 from fewstep.engine.memory.trace import CHECKPOINT_BLOCKS
 
 ENGINES = ("ddp", "fsdp")
-TEACHER_PLACEMENT = ("sharded", "replicated")
+TEACHER_PLACEMENT = ("replicate", "shard")  # the fsdp_teacher option's values, its default first
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def largest_block(denoiser: nn.Module) -> int:
 class Row:
     preset: str
     engine: str          # ddp, fsdp
-    teacher: str         # replicated, sharded
+    teacher: str         # fsdp_teacher: replicate, shard (DDP: replicate)
     world: int
     batch: int           # per GPU
     weights: int
@@ -93,9 +93,9 @@ def engine_row(preset: str, static: Static, engine: str, teacher: str, world: in
     if engine == "ddp":
         flat = max((FP32 * n.census.trained for n in static.trained), default=0) if world > 1 else 0
         cast = BF16 * sum(n.census.trained for n in static.trained) if autocast else 0
-        return Row(preset, engine, "replicated", world, batch, trained_w + teacher_bytes + frozen_other,
+        return Row(preset, engine, "replicate", world, batch, trained_w + teacher_bytes + frozen_other,
                    static.gradients() + flat, static.optimiser(), static.ema(), cast, *acts)
-    shard = _ceil_div(teacher_bytes, world) if teacher == "sharded" else teacher_bytes
+    shard = _ceil_div(teacher_bytes, world) if teacher == "shard" else teacher_bytes
     gathered = (BF16 + BF16 + FP32) * block_params  # block in use + prefetched, its fp32 grads
     return Row(preset, engine, teacher, world, batch,
                _ceil_div(trained_w, world) + shard + frozen_other,
