@@ -186,7 +186,8 @@ class CDM(Method):
         validate(options)
         super().__init__(teacher, options, ctx)
         self._generator = trainable_copy(teacher, options)
-        self.critic = trainable_copy(teacher)  # F_phi: the student at init (sec. 2), full weights
+        # F_phi: the student at init (sec. 2), full weights; checkpointed like the student
+        self.critic = trainable_copy(teacher, checkpointing=options.grad_checkpointing)
         self.discrete = teacher.schedule.kind != "flow"
         self.shift = grid_shift(teacher, options)
 

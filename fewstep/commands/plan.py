@@ -26,9 +26,9 @@ act: tensors saved for backward by the heaviest update's forwards with gradient,
   on the meta device in bf16 with flash attention; ckpt: per-block activation checkpointing
   (outside + block inputs + the largest block; blocks: ResnetBlock2D, BasicTransformerBlock,
   JointTransformerBlock, SiTBlock), full: none. Not counted: CUDA context and
-  fragmentation (keep ~3-5 GiB spare), no-grad workspace, data loading. The harness today
-  checkpoints the generator when grad_checkpointing is set (RTDMD its critic too); DMD, DMD2, AMD
-  and CDM critics run without: "ckpt" is every network checkpointed per block (the FSDP plan).
+  fragmentation (keep ~3-5 GiB spare), no-grad workspace, data loading. "ckpt" is the
+  grad_checkpointing option on: the harness then checkpoints every trained network per block
+  (generator and critic; SiT's network has no switch).
 Assumed: text encoders stay loaded (real captions are encoded per batch); AMD's reward is its
   reward_model (hpsv2.1: OpenCLIP ViT-H-14; dinov2_cls: DINOv2 ViT-L/14), RTDMD stage 2's HPSv2.1.
 Samples per update with gradient, per batch sample (the heaviest update sets "act"):"""

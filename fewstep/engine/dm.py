@@ -48,7 +48,9 @@ class DistributionMatching(Method):
         super().__init__(teacher, options, ctx)
         self.grid = student_grid(teacher, options.generator_grid, options.grid_shift)
         self._generator = trainable_copy(self.initial_generator(), options)
-        self.critic = trainable_copy(teacher)  # full copy: LoRA applies to the generator only
+        # full copy (LoRA applies to the generator only), checkpointed per block under the same
+        # flag as the generator (DMD2's guidance model does so for its fake UNet)
+        self.critic = trainable_copy(teacher, checkpointing=options.grad_checkpointing)
         discrete = teacher.schedule.kind != "flow"
         lo, hi = options.dm_t_range
         self.dm_times = TimeSampler("grid", lo, hi) if discrete else \

@@ -9,8 +9,8 @@ SD VAE; no weights needed):
   two warm-up iterations), peak memory (torch.cuda.max_memory_allocated; on the CPU the process's
   peak RSS), the memory plan's estimate for the same run (fewstep.engine.memory), FLOPs
   (FlopCounterMode) and MFU against the GPU's dense bf16 peak. Batch per GPU: DMD2's 2 (SDXL,
-  SD3; SiT 8), halved while the plan (+3 GiB spare) exceeds the GPU's memory (the harness runs
-  DMD2's critic without checkpointing: SDXL and SD3 need batch 1 on 80 GB); a run that does not
+  SD3; SiT 8), halved while the plan (+3 GiB spare) exceeds the GPU's memory (grad_checkpointing
+  on for SDXL and SD3: generator and critic checkpointed per block); a run that does not
   fit at batch 1 is not started and its row says so (e.g. a full fine-tune of SDXL or SD3 under
   FSDP at one rank: it needs more ranks).
 * sample <family> student / teacher: images per second of the harness's samplers against

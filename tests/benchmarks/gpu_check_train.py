@@ -227,14 +227,13 @@ def plan_gib(opt, teacher, family: str, size: str) -> float:
 
 
 def harness_activations(opt, traces: dict) -> int:
-    """Saved activations of the heaviest update as the harness runs DMD2: the generator's
-    forwards checkpointed per block under grad_checkpointing, the critic's (and the GAN features
-    through it) not (`fewstep plan`'s legend: DMD2 critics run without checkpointing)."""
+    """Saved activations of the heaviest update as the harness runs DMD2: every network's
+    forwards (the critic's GAN features too) checkpointed per block under grad_checkpointing."""
     from fewstep.engine.memory import method_forwards
 
     def saved(net: str, mode: str) -> int:
         trace = traces[mode]
-        return trace.checkpointed if net == "generator" and opt.grad_checkpointing else trace.full
+        return trace.checkpointed if opt.grad_checkpointing else trace.full
 
     return max(sum(n * opt.batch * saved(net, mode) for net, mode, n in forwards)
                for forwards in method_forwards("dmd2", opt).values())
