@@ -11,7 +11,7 @@ import jsonschema
 import yaml
 
 from fewstep.errors import FewstepError
-from fewstep.planning import world_size
+from fewstep.planning import trained_presets, training_seeds, world_size
 from fewstep.registry import BACKBONES, METHODS, METRICS, UnknownNameError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,15 +75,6 @@ def validate(config: dict, source: str = "config") -> dict:
     return config
 
 
-def trained_presets(config: dict) -> dict[str, list[str]]:
-    """method -> the presets its training runs use (its stages, else distill/preset); methods
-    released on every run family train nothing."""
-    distill = config["distill"]
-    released = distill.get("released", {})
-    return {m: distill["stages"].get(m, [distill["preset"]]) for m in distill["methods"]
-            if any(f not in released.get(m, {}) for f in config["families"])}
-
-
 def _check_reference_metrics(config: dict, source: str) -> None:
     """World real: precision and recall read the FID's reference features, which the DAG builds
     once for `fid` (its fid_reference rule, with metric_options.fid)."""
@@ -92,11 +83,6 @@ def _check_reference_metrics(config: dict, source: str) -> None:
         raise ConfigError(f"{source}: metrics {readers} read the FID's reference features; add fid "
                           "to metrics (and give them metric_options.fid's reference, crop, "
                           "eval_resolution and mode)")
-
-
-def training_seeds(config: dict) -> list[int]:
-    """The training seeds every trained cell runs with (distill/seeds; one seed, 0, by default)."""
-    return list(config["distill"].get("seeds", [0]))
 
 
 def _check_seeds(config: dict, source: str) -> None:

@@ -81,11 +81,18 @@ def runs(config: dict) -> dict[str, Run]:
     return plan
 
 
+def trained_presets(config: dict) -> dict[str, list[str]]:
+    """method -> the presets its training runs use (its stages, else distill/preset); methods
+    released on every run family train nothing."""
+    distill = config["distill"]
+    released = distill.get("released", {})
+    return {m: distill["stages"].get(m, [distill["preset"]]) for m in distill["methods"]
+            if any(f not in released.get(m, {}) for f in config["families"])}
+
+
 def trained_runs(config: dict) -> list[str]:
     """The runs some family trains: a method released on every run family trains nothing, and
     its (unvalidated, unused) training preset is never resolved."""
-    from fewstep.config import trained_presets
-
     trained = trained_presets(config)
     return [name for name, run in runs(config).items() if run.method in trained]
 
@@ -97,9 +104,8 @@ def released(config: dict) -> dict:
 
 
 def training_seeds(config: dict) -> list[int]:
-    from fewstep.config import training_seeds as seeds
-
-    return seeds(config)
+    """The training seeds every trained cell runs with (distill/seeds; one seed, 0, by default)."""
+    return list(config["distill"].get("seeds", [0]))
 
 
 def replicate_name(seed: int | None) -> str:

@@ -13,15 +13,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from metrics.base import MetricResult
-
-if TYPE_CHECKING:
-    from metrics.fid_reference import ReferenceStats
 
 
 def single_blas_thread():
@@ -82,9 +78,11 @@ def kid_from_features(feats1: np.ndarray, feats2: np.ndarray, seed: int = 0) -> 
         np.random.set_state(state)
 
 
-def fid_resampler(feats: np.ndarray, ref: ReferenceStats, device="cpu"):
-    """fid(idx): FID of the rows idx (duplicates allowed) against the reference, same formula as
-    frechet_distance, in float64 torch on `device` (2048-d resamples are far faster on a GPU)."""
+def fid_resampler(feats: np.ndarray, ref, device="cpu"):
+    """fid(idx): FID of the rows idx (duplicates allowed) against the reference `ref` (its mu,
+    sigma and sqrt_sigma: a metrics.fid_reference.ReferenceStats, whose module imports this one),
+    same formula as frechet_distance, in float64 torch on `device` (2048-d resamples are far
+    faster on a GPU)."""
     dev = torch.device(device)
     x = torch.as_tensor(np.asarray(feats, np.float64), device=dev)
     mu_ref = torch.as_tensor(ref.mu, device=dev)

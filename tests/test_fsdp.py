@@ -210,3 +210,29 @@ def test_fsdp_refuses_a_checkpoint_of_the_other_engine(tmp_path):
     (folder / "state.json").write_text(json.dumps({**state, "format": fsdp.FORMAT}))
     with pytest.raises(FewstepError, match="sharding = fsdp and this run has sharding = ddp"):
         fsdp.check_format(folder, sharded=False)
+
+
+ONE_PROCESS_GROUP = """
+import os, socket, sys
+from fewstep.engine import fsdp
+from fewstep.engine.distributed import DistInfo
+busy = socket.socket()
+busy.bind(("127.0.0.1", 0))
+busy.listen()
+os.environ["MASTER_PORT"] = str(busy.getsockname()[1])  # left over from another group
+fsdp.ensure_group(DistInfo(world_size=1))
+import torch.distributed as dist
+print("group", dist.get_world_size())
+"""
+
+
+def test_a_one_process_fsdp_group_needs_no_port(tmp_path):
+    """A 1-process group (one-GPU runs, the GPU check) meets in memory, not on a TCP port: an
+    inherited MASTER_PORT that another process holds (a test's group, a second job on the node)
+    made it fail with EADDRINUSE."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", ONE_PROCESS_GROUP], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "group 1" in out.stdout, out.stderr[-2000:]

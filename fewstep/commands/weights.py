@@ -164,7 +164,7 @@ def train_data_needs(data: dict) -> list[Need]:
 def method_needs(config: dict) -> dict[str, list[Need]]:
     """Files each trained preset's options need (e.g. DMD's LPIPS trunk), from the method class's
     `weight_files(options)` when it has one; the groups are keyed "method <name> (<preset>)"."""
-    from fewstep.config import trained_presets
+    from fewstep.planning import trained_presets
     from fewstep.options import resolve
     from fewstep.registry import METHODS
 

@@ -125,11 +125,15 @@ def ensure_group(info) -> None:
     """FSDP needs a process group even for one process (tests, one-GPU runs)."""
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group("nccl" if info.device.type == "cuda" else "gloo",
-                                rank=info.rank, world_size=info.world_size)
+    if dist.is_initialized():
+        return
+    backend = "nccl" if info.device.type == "cuda" else "gloo"
+    if info.world_size == 1:  # meets in memory: an inherited MASTER_PORT may be another's
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    dist.init_process_group(backend, rank=info.rank, world_size=info.world_size)
 
 
 def _free_port() -> int:
