@@ -33,29 +33,20 @@ def toy_reward(images, metas):  # RTDMD's reward: a fixed differentiable functio
     return -((images - 0.5) ** 2).mean((1, 2, 3))
 
 
-def _worker(rank, world, port, run_dir, out, method, overrides, queue, family="sit", res=16):
+def _rank_main(rank, world, port, body, args, queue):
+    """One spawned rank: torchrun's environment, a gloo group, then body(info, *args), whose
+    message (or error, named for the parent instead of a hang) goes to the queue."""
     import os
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from fewstep.engine import distributed
-    from fewstep.engine.loop import Trainer
-    from fewstep.engine.run import build_method, export, toy_context
-    from fewstep.toy import teachers
 
     info = distributed.init("cpu")
     try:
-        teacher = teachers.build(family, resolution=res, seed=0)
-        reward = toy_reward if method in ("rtdmd", "amd") else None
-        ctx = toy_context(teacher, family, res, 0, info, reward=reward, autocast=False)
-        trainer = Trainer(build_method(method, teacher, ctx, "toy", overrides), Path(run_dir), info)
-        trainer.run(progress=False)
-        if info.main:
-            export(trainer.method, trainer, Path(out), {})
-        distributed.barrier(info)
-        queue.put((rank, f"ok from {trainer.state.resumed_from}"))
-    except Exception as err:  # the parent names it instead of waiting for a result
+        queue.put((rank, body(info, *args)))
+    except Exception as err:
         queue.put((rank, f"{type(err).__name__}: {err}"))
     finally:
         import torch.distributed as dist
@@ -64,20 +55,43 @@ def _worker(rank, world, port, run_dir, out, method, overrides, queue, family="s
             dist.destroy_process_group()
 
 
-def launch(world, run_dir, out, method="dmd2", family="sit", res=16, **overrides):
-    """Train on `world` gloo ranks; returns rank 0's logged rows and the exported weights."""
+def spawn_ranks(world: int, body, *args) -> dict[int, str]:
+    """body(info, *args) on `world` spawned gloo ranks; {rank: its message}."""
     import torch.multiprocessing as mp
 
     ctx, port = mp.get_context("spawn"), _free_port()
     queue = ctx.Queue()
-    options = {**(TRAIN if method == "dmd2" else {}), **overrides}
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(run_dir), str(out), method,
-                                               options, queue, family, res)) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, body, args, queue))
+             for r in range(world)]
     for p in procs:
         p.start()
     results = dict(queue.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(timeout=60)
+    return results
+
+
+def _train(info, run_dir, out, method, overrides, family, res):
+    from fewstep.engine import distributed
+    from fewstep.engine.loop import Trainer
+    from fewstep.engine.run import build_method, export, toy_context
+    from fewstep.toy import teachers
+
+    teacher = teachers.build(family, resolution=res, seed=0)
+    reward = toy_reward if method in ("rtdmd", "amd") else None
+    ctx = toy_context(teacher, family, res, 0, info, reward=reward, autocast=False)
+    trainer = Trainer(build_method(method, teacher, ctx, "toy", overrides), Path(run_dir), info)
+    trainer.run(progress=False)
+    if info.main:
+        export(trainer.method, trainer, Path(out), {})
+    distributed.barrier(info)
+    return f"ok from {trainer.state.resumed_from}"
+
+
+def launch(world, run_dir, out, method="dmd2", family="sit", res=16, **overrides):
+    """Train on `world` gloo ranks; returns rank 0's logged rows and the exported weights."""
+    options = {**(TRAIN if method == "dmd2" else {}), **overrides}
+    results = spawn_ranks(world, _train, str(run_dir), str(out), method, options, family, res)
     assert all(v.startswith("ok") for v in results.values()), results
     launch.resumed_from = results[0].removeprefix("ok from ")  # None: it started afresh
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

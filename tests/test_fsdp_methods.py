@@ -13,26 +13,17 @@ What each adds beyond DMD2's check:
 """
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from test_dmd2_fidelity import write_pairs as pairs_file
 from test_fsdp import TRAIN, _losses, launch
-
-from fewstep.io import write_json
 
 
 def write_pairs(folder, family, res, guidance=2.0, n=4):
-    """A pairs file as `fewstep pairs` writes it (noise, teacher sample, prompt rows)."""
-    from fewstep.toy import teachers, world
+    """A pairs file as `fewstep pairs` writes it, for the toy teacher of `family` at `res`."""
+    from fewstep.toy import teachers
 
-    teacher = teachers.build(family, resolution=res, seed=0)
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(5)
-    z = torch.randn(n, *teacher.latent_shape, generator=g)
-    y = torch.randn(n, *teacher.latent_shape, generator=g)
-    save_file({"z": z, "y": y, "prompt_index": torch.arange(n)}, str(folder / "pairs.safetensors"))
-    write_json(folder / "pairs.json", {"metas": world.prompt_set("train", n=n, seed=1),
-                                       "guidance": guidance})
-    return str(folder / "pairs.safetensors")
+    return pairs_file(folder, teachers.build(family, resolution=res, seed=0), guidance, n)
 
 
 def grad_norms(rows):

@@ -8,62 +8,38 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_fsdp import TRAIN, _free_port
+from test_fsdp import TRAIN, spawn_ranks
 
 
-def _worker(rank, world, port, run_dir, out, steps, dump, queue):
-    import os
-
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _resume_run(info, run_dir, out, steps, dump):
     from fewstep.engine import distributed, fsdp
     from fewstep.engine.loop import Trainer
     from fewstep.engine.run import build_method, export, toy_context
     from fewstep.toy import teachers
 
-    info = distributed.init("cpu")
-    try:
-        teacher = teachers.build("sit", resolution=16, seed=0)
-        ctx = toy_context(teacher, "sit", 16, 0, info, autocast=False)
-        options = {**TRAIN, "sharding": "fsdp", "steps": steps, "checkpoint_every": 2}
-        trainer = Trainer(build_method("dmd2", teacher, ctx, "toy", options), Path(run_dir), info)
-        trainer.resume()  # run() resumes again from the same checkpoint: the same state
+    teacher = teachers.build("sit", resolution=16, seed=0)
+    ctx = toy_context(teacher, "sit", 16, 0, info, autocast=False)
+    options = {**TRAIN, "sharding": "fsdp", "steps": steps, "checkpoint_every": 2}
+    trainer = Trainer(build_method("dmd2", teacher, ctx, "toy", options), Path(run_dir), info)
+    trainer.resume()  # run() resumes again from the same checkpoint: the same state
 
-        def states():  # collectives: every rank gathers
-            return {n: fsdp.full_optimizer_state(m, trainer.optimizers[n])
-                    for n, m in trainer.nets.items()}
-        loaded = states()
-        trainer.run(progress=False)
-        saved = states()
-        if info.main:
-            torch.save({"loaded": loaded, "saved": saved}, dump)
-            export(trainer.method, trainer, Path(out), {})
-        distributed.barrier(info)
-        queue.put((rank, f"ok from {trainer.state.resumed_from}"))
-    except Exception as err:
-        queue.put((rank, f"{type(err).__name__}: {err}"))
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    def states():  # collectives: every rank gathers
+        return {n: fsdp.full_optimizer_state(m, trainer.optimizers[n])
+                for n, m in trainer.nets.items()}
+    loaded = states()
+    trainer.run(progress=False)
+    saved = states()
+    if info.main:
+        torch.save({"loaded": loaded, "saved": saved}, dump)
+        export(trainer.method, trainer, Path(out), {})
+    distributed.barrier(info)
+    return f"ok from {trainer.state.resumed_from}"
 
 
 def train(world, run_dir, out, steps, dump):
     """Train (or resume) to `steps` at `world` ranks; (resumed_from, optimiser states gathered
     after the load and at the end, metrics rows)."""
-    import torch.multiprocessing as mp
-
-    ctx, port = mp.get_context("spawn"), _free_port()
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(run_dir), str(out), steps,
-                                               str(dump), queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results = spawn_ranks(world, _resume_run, str(run_dir), str(out), steps, str(dump))
     assert all(v.startswith("ok") for v in results.values()), results
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return results[0].removeprefix("ok from "), torch.load(dump, weights_only=True), rows
